@@ -1,0 +1,101 @@
+"""The FastAPI application: ``create_app(settings)``; ``uvicorn --factory api.main:create_app``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.metrics import ApiMetrics
+from api.routes import ads, clicks, health, lift, model, recommend, users
+from infra.kafka import QueuedProducer
+from infra.settings import Settings
+from infra.store import connect
+from ranker.service import Recommender
+
+log = logging.getLogger(__name__)
+
+
+def _field(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or str(loc[0] if loc else "body")
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+    fields = [{"field": _field(e.get("loc", ())), "message": e.get("msg", "")} for e in errors]
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "fields": fields,
+                                                  "detail": errors})
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "detail": exc.detail},
+                        headers=getattr(exc, "headers", None))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; settings are read here, at start-up, unless given."""
+    settings = settings or Settings()
+    metrics = ApiMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
+        recommender = Recommender(settings, redis, producer)
+        app.state.recommender = recommender
+        follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
+        try:
+            await asyncio.wait_for(recommender.ready.wait(), timeout=30)
+        except TimeoutError:
+            log.warning("no model version yet; serving the initial projector over the catalog log")
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await asyncio.to_thread(producer.close, 10.0)
+            await redis.aclose()
+
+    app = FastAPI(title="PrivAds", version="0.1.0", lifespan=lifespan,
+                  description="Streaming, online-learning, privacy-preserving ad recommender.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    async def refresh_metrics() -> None:
+        rec: Recommender = app.state.recommender
+        metrics.impressions_queued.set(rec.producer.depth)
+        metrics.impressions_dropped.set(rec.producer.dropped)
+        metrics.produce_failed.set(rec.producer.failed)
+        info = rec.model_info()
+        metrics.catalog_size.set(info["index"]["size"])
+        metrics.model.info({"version": str(info["version"])})
+        for topic, n in (await rec.worker_counters()).items():
+            metrics.events_processed.labels(topic=topic).set(n)
+
+    app.state.refresh_metrics = refresh_metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.latency.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
+            time.perf_counter() - start)
+        return response
+
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for module in (recommend, clicks, ads, users, lift, model, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,26 @@
+"""Prometheus metrics of the API process, defined once."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+
+class ApiMetrics:
+    """One registry per app, so several apps (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "privads_request_seconds", "HTTP request latency", ["method", "route", "status"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.recommendations = Counter("privads_recommendations", "recommendations served", ["policy"], registry=r)
+        self.impressions_queued = Gauge("privads_impression_queue_depth", "records waiting for Kafka", registry=r)
+        self.impressions_dropped = Gauge("privads_impressions_dropped_total", "records dropped: queue full", registry=r)
+        self.produce_failed = Gauge("privads_produce_failed_total", "records Kafka refused", registry=r)
+        self.catalog_size = Gauge("privads_index_size", "ads in the served index", registry=r)
+        self.events_processed = Gauge("privads_events_processed_total", "events processed by the stream workers",
+                                      ["topic"], registry=r)
+        self.consumer_lag = Gauge("privads_consumer_lag", "messages not yet consumed by the stream workers",
+                                  ["topic"], registry=r)
+        self.model = Info("privads_model", "served model version", registry=r)

@@ -1,0 +1,17 @@
+"""GET /model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import RecommenderDep
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/model")
+async def model(recommender: RecommenderDep) -> dict[str, Any]:
+    """Versions and sizes of the served projector, ranker and index."""
+    return recommender.model_info()

@@ -1,0 +1,18 @@
+"""DELETE /users/{user_id}."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
+
+from api.deps import RecommenderDep
+
+router = APIRouter(tags=["users"])
+
+
+@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+async def erase_user(user_id: Annotated[str, Path(min_length=1, max_length=128)], recommender: RecommenderDep) -> Response:
+    """Erase every learned trace of a user."""
+    await recommender.erase_user(user_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,144 @@
+"""The ``privads`` command line (contract §5). Every failure exits non-zero with one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from infra.processes import port_open
+from infra.settings import Settings
+
+
+def _running(settings: Settings) -> Settings:
+    """Settings pointing at a running stack: the configured URLs, else the embedded defaults if up."""
+    updates = {}
+    if not settings.kafka:
+        if not port_open("127.0.0.1", settings.embedded_kafka_port):
+            raise RuntimeError("PRIVADS_KAFKA is not set and no embedded broker is running (start `privads up`)")
+        updates["kafka"] = f"127.0.0.1:{settings.embedded_kafka_port}"
+    if not settings.redis:
+        if not port_open("127.0.0.1", settings.embedded_redis_port):
+            raise RuntimeError("PRIVADS_REDIS is not set and no embedded redis-server is running (start `privads up`)")
+        updates["redis"] = f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
+    return settings.model_copy(update=updates)
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.supervisor import up
+
+    return up(settings)
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+
+    run_worker(_running(settings))
+    return 0
+
+
+def cmd_learner(settings: Settings, args: argparse.Namespace) -> int:
+    from learner.cycle import run_loop
+
+    run_loop(_running(settings))
+    return 0
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from learner.cycle import run_cycle
+
+    manifest = asyncio.run(run_cycle(_running(settings), reason="manual"))
+    print(json.dumps({"version": manifest["version"], "index": manifest["index"], "path": manifest["path"]}))
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    settings = _running(settings)
+    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.kafka import create_topics
+
+    created = create_topics(_running(settings).kafka_servers, settings.partitions)
+    print(json.dumps({"created": created}))
+    return 0
+
+
+def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.produce import produce_file
+
+    counts = produce_file(_running(settings).kafka_servers, args.topic, args.file)
+    print(json.dumps({"topic": args.topic, "produced": counts.produced, "invalid": counts.invalid}))
+    return 0
+
+
+def cmd_lift(settings: Settings, args: argparse.Namespace) -> int:
+    import httpx
+
+    r = httpx.get(f"{settings.api}/lift", params={"window": args.window}, timeout=10)
+    if r.status_code != 200:
+        raise RuntimeError(f"GET /lift answered {r.status_code}: {r.text[:200]}")
+    body = r.json()
+    print(f"{'arm':<12}{'impressions':>12}{'clicks':>10}{'ctr':>10}  ci95")
+    for name, a in sorted(body["arms"].items()):
+        lo, hi = a["ci95"]
+        print(f"{name:<12}{a['impressions']:>12}{a['clicks']:>10}{a['ctr']:>10.4f}  [{lo:.4f}, {hi:.4f}]")
+    if body["lift"] is None:
+        print("lift: n/a (needs clicks in both arms)")
+    else:
+        lo, hi = body["lift_ci95"]
+        print(f"lift: {body['lift']:+.2%}  ci95 [{lo:+.2%}, {hi:+.2%}]  p={body['p_value']:.4g}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="privads", description="PrivAds: streaming, online-learning ad recommender")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="the whole stack, foreground; Ctrl-C stops it").set_defaults(fn=cmd_up)
+    sub.add_parser("worker", help="the stream worker (Faust agents)").set_defaults(fn=cmd_worker)
+    sub.add_parser("learner", help="the periodic learner loop").set_defaults(fn=cmd_learner)
+    sub.add_parser("train", help="one learner cycle now").set_defaults(fn=cmd_train)
+    a = sub.add_parser("api", help="the HTTP API (uvicorn)")
+    a.add_argument("--host", default=None)
+    a.add_argument("--port", type=int, default=None)
+    a.set_defaults(fn=cmd_api)
+    sub.add_parser("topics", help="create the topics with explicit partition counts").set_defaults(fn=cmd_topics)
+    pr = sub.add_parser("produce", help="produce JSON-lines events from FILE or stdin")
+    pr.add_argument("topic")
+    pr.add_argument("file", nargs="?", type=Path, default=None)
+    pr.set_defaults(fn=cmd_produce)
+    lf = sub.add_parser("lift", help="online CTR per arm and lift, as a table")
+    lf.add_argument("--window", type=float, default=3600.0)
+    lf.set_defaults(fn=cmd_lift)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+        return args.fn(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, non-zero, whatever went wrong
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"privads {args.command}: {msg}", file=sys.stderr)
+        logging.getLogger("privads").debug("details", exc_info=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

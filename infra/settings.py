@@ -1,0 +1,102 @@
+"""The one settings object. Built once at start-up (``Settings()``), then passed down.
+
+Nothing else in PrivAds reads ``os.environ``: child processes receive their
+configuration through the environment that the supervisor hands them, which this
+object reads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """PrivAds configuration, from ``PRIVADS_*`` environment variables (contract §2)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRIVADS_", extra="ignore")
+
+    # contract §2
+    kafka: str | None = Field(None, description="bootstrap servers; unset → embedded broker")
+    redis: str | None = Field(None, description="Redis URL; unset → embedded redis-server")
+    data: Path = Field(Path("./.privads"), description="data dir")
+    api: str = Field("http://127.0.0.1:8000", description="where the CLI finds the API")
+
+    catalog: Path | None = Field(Path("data/sample_ads.jsonl"), description="sample catalog loaded by `up`")
+
+    # embedded infrastructure
+    embedded_kafka_port: int = 9092
+    embedded_redis_port: int = 6379
+    partitions: int = Field(4, ge=1, le=256, description="partitions per source topic")
+
+    # model
+    d_user: int = Field(64, ge=2, le=1024)
+    d_ad: int = 384
+    seed: int = 0
+
+    # online learning (per labelled impression)
+    learning_rate: float = Field(0.8, gt=0)
+    max_step: float = Field(1.0, gt=0, description="clip on the norm of one update step")
+    l2_prior: float = Field(0.01, ge=0, description="pull toward the population mean")
+    prior_precision: float = Field(16.0, gt=0, description="initial diagonal precision")
+    base_rate: float = Field(0.05, gt=0, lt=1, description="prior CTR (global bias)")
+    attribution_window_s: float = Field(1800.0, gt=0)
+    dedupe_ttl_s: float = Field(86400.0, gt=0)
+
+    # serving
+    candidates: int = Field(500, ge=1, le=10000)
+    propensity_draws: int = Field(64, ge=1, le=4096)
+    exploration: float = Field(1.0, ge=0, description="scale of Thompson-sampling noise")
+    control_share: float = Field(0.1, ge=0, le=1, description="share of users in the control arm")
+    control_policy: str = Field("random", pattern="^(random|popularity)$")
+    arm_salt: str = "privads-arm-v1"
+    impression_queue: int = Field(100_000, ge=1)
+
+    # learner
+    learner_interval_s: float = Field(300.0, gt=0)
+    keep_versions: int = Field(3, ge=1)
+
+    # supervisor
+    stop_timeout_s: float = Field(25.0, gt=0)
+
+    @field_validator("kafka", "redis")
+    @classmethod
+    def _blank_is_unset(cls, v: str | None) -> str | None:
+        return v or None
+
+    @property
+    def api_host(self) -> str:
+        return urlparse(self.api).hostname or "127.0.0.1"
+
+    @property
+    def api_port(self) -> int:
+        return urlparse(self.api).port or 8000
+
+    @property
+    def kafka_servers(self) -> str:
+        """Bootstrap servers, once infrastructure is resolved."""
+        if not self.kafka:
+            raise RuntimeError("PRIVADS_KAFKA is not set and no embedded broker is running")
+        return self.kafka
+
+    @property
+    def redis_url(self) -> str:
+        if not self.redis:
+            raise RuntimeError("PRIVADS_REDIS is not set and no embedded redis-server is running")
+        return self.redis
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data / "models"
+
+    def child_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            env[f"PRIVADS_{name.upper()}"] = str(value)
+        return env

@@ -1,0 +1,155 @@
+"""``privads up``: the whole stack in the foreground; Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import httpx
+
+from infra.kafka import create_topics
+from infra.produce import produce_file
+from infra.processes import (
+    Process,
+    StartError,
+    broker_process,
+    port_open,
+    python_process,
+    redis_process,
+    wait_port_free,
+)
+from infra.settings import Settings
+
+log = logging.getLogger("privads.up")
+MAX_RESTARTS = 5
+
+
+class Stack:
+    """The processes of one ``privads up``, started in order and stopped in reverse."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.model_copy(update={"data": settings.data.resolve()})
+        self.logs = self.settings.data / "logs"
+        self.infra: list[Process] = []
+        self.apps: list[Process] = []
+        self.restarts: dict[str, int] = {}
+        self.stopping = False
+
+    # --- start ------------------------------------------------------------------
+
+    def _embedded(self) -> None:
+        s = self.settings
+        updates: dict[str, str] = {}
+        if not s.kafka:
+            port = s.embedded_kafka_port
+            if port_open("127.0.0.1", port):
+                raise StartError(f"port {port} is in use: stop what holds it, or set PRIVADS_KAFKA to use it")
+            broker = broker_process(port, self.logs / "broker.log")
+            broker.start(timeout=30)
+            self.infra.append(broker)
+            updates["kafka"] = f"127.0.0.1:{port}"
+            log.info("embedded broker (tansu) on 127.0.0.1:%d", port)
+        if not s.redis:
+            port = s.embedded_redis_port
+            if port_open("127.0.0.1", port):
+                raise StartError(f"port {port} is in use: stop what holds it, or set PRIVADS_REDIS to use it")
+            redis = redis_process(port, s.data / "redis", self.logs / "redis.log")
+            redis.start(timeout=30)
+            self.infra.append(redis)
+            updates["redis"] = f"redis://127.0.0.1:{port}/0"
+            log.info("embedded redis-server on 127.0.0.1:%d (AOF in %s)", port, s.data / "redis")
+        self.settings = s.model_copy(update=updates)
+
+    def _app(self, name: str, args: list[str], ready: object = None, timeout: float = 120) -> Process:
+        p = python_process(name, args, self.logs / f"{name}.log", self.settings.child_env(), ready=ready)
+        p.start(timeout=timeout)
+        self.apps.append(p)
+        return p
+
+    def start(self) -> None:
+        s = self.settings
+        s.data.mkdir(parents=True, exist_ok=True)
+        self._embedded()
+        s = self.settings
+        created = create_topics(s.kafka_servers, s.partitions)
+        log.info("topics ready (%d created)", len(created))
+        self._app("worker", ["worker"])
+        self._app("learner", ["learner"])
+        if port_open(s.api_host, s.api_port):
+            raise StartError(f"port {s.api_port} is in use: stop what holds it, or set PRIVADS_API")
+        self._app("api", ["api"], ready=lambda: httpx.get(f"{s.api}/healthz", timeout=1).status_code == 200)
+        catalog = s.catalog
+        if catalog and catalog.is_file():
+            counts = produce_file(s.kafka_servers, "privads.ads", catalog)
+            log.info("sample catalog: %d ads produced from %s", counts.produced, catalog)
+        else:
+            log.warning("no sample catalog at %s; the catalog starts empty", catalog)
+
+    # --- run and stop ---------------------------------------------------------------
+
+    def supervise(self) -> int:
+        """Watch the children until asked to stop; restart a crashed app process, report it."""
+        while not self.stopping:
+            for p in self.infra:
+                code = p.poll()
+                if code is not None:
+                    log.error("%s exited with code %s; see %s. Stopping the stack.", p.name, code, p.log)
+                    return 1
+            for i, p in enumerate(self.apps):
+                code = p.poll()
+                if code is None:
+                    continue
+                n = self.restarts.get(p.name, 0) + 1
+                self.restarts[p.name] = n
+                if n > MAX_RESTARTS:
+                    log.error("%s crashed %d times (last code %s); see %s. Stopping the stack.", p.name, n, code, p.log)
+                    return 1
+                log.error("%s exited with code %s; restarting (%d/%d); see %s", p.name, code, n, MAX_RESTARTS, p.log)
+                fresh = Process(p.name, p.argv, p.log, env=p.env)
+                fresh.start()
+                self.apps[i] = fresh
+            time.sleep(0.5)
+        return 0
+
+    def stop(self) -> None:
+        self.stopping = True
+        for p in reversed(self.apps):
+            code = p.stop(self.settings.stop_timeout_s)
+            log.info("%s stopped (%s)", p.name, code)
+        for p in reversed(self.infra):
+            p.stop(10)
+            log.info("%s stopped", p.name)
+        if self.infra and not self.settings_has_external_kafka:
+            wait_port_free("127.0.0.1", self.settings.embedded_kafka_port)
+        wait_port_free(self.settings.api_host, self.settings.api_port)
+
+    @property
+    def settings_has_external_kafka(self) -> bool:
+        return not any(p.name == "broker" for p in self.infra)
+
+
+def up(settings: Settings) -> int:
+    """Start everything, serve until SIGINT/SIGTERM, stop everything."""
+    stack = Stack(settings)
+
+    def _signal(signum: int, _frame: object) -> None:
+        stack.stopping = True
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    code = 0
+    try:
+        stack.start()
+        print(f"PrivAds is serving on {stack.settings.api}  (logs in {stack.logs}; Ctrl-C stops)", flush=True)
+        code = stack.supervise()
+    except StartError as e:
+        print(f"privads up: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+        stack.stop()
+        print("PrivAds stopped.", flush=True)
+    return code
+

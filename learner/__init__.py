@@ -1,0 +1,1 @@
+"""Learner: ad encoder, projector, model artifacts and the periodic cycle."""

@@ -1,0 +1,81 @@
+"""Versioned model artifacts under ``PRIVADS_DATA/models/<version>/``.
+
+A version directory is written completely under a temporary name and renamed
+into place, then announced (Redis pointer + ``privads.model-updates``), so a
+reader never sees half a version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from learner.projector import Projector
+from ranker.index import ServingCatalog
+
+MANIFEST = "manifest.json"
+
+
+def new_version() -> str:
+    """Sortable, unique-enough version name: ``v<unix ms>``."""
+    return f"v{int(time.time() * 1000)}"
+
+
+@dataclass
+class ModelVersion:
+    """One consistent set of served artifacts."""
+
+    manifest: dict
+    projector: Projector
+    catalog: ServingCatalog
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+
+def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict) -> dict:
+    """Write a version directory atomically; returns its manifest."""
+    version = new_version()
+    final = models_dir / version
+    while final.exists():  # two cycles in the same millisecond
+        version = new_version() + "b"
+        final = models_dir / version
+    tmp = models_dir / f".tmp-{version}"
+    tmp.mkdir(parents=True)
+    projector.save(tmp / "projector.npz")
+    catalog.save(tmp)
+    manifest = {
+        "version": version,
+        "path": str(final.resolve()),
+        "built_at": time.time(),
+        "projector": {"type": "linear", "d_in": int(projector.weight.shape[0]), "d_out": projector.d_user},
+        "index": {"type": catalog.index_type, "size": len(catalog), "ads": len(catalog.ad_ids)},
+        **info,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp.rename(final)
+    return manifest
+
+
+def load_version(manifest: dict) -> ModelVersion:
+    path = Path(manifest["path"])
+    projector = Projector.load(path / "projector.npz")
+    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user))
+
+
+def collect_garbage(models_dir: Path, keep: int, current: str) -> list[str]:
+    """Remove all but the newest ``keep`` versions (never the current one); returns the removed."""
+    versions = sorted((p for p in models_dir.glob("v*") if p.is_dir()), key=lambda p: p.name)
+    removed = []
+    for p in versions[:-keep] if keep else versions:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    for p in models_dir.glob(".tmp-*"):
+        if time.time() - p.stat().st_mtime > 3600:
+            shutil.rmtree(p, ignore_errors=True)
+    return removed

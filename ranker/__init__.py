@@ -1,0 +1,1 @@
+"""Ranker: retrieval, Thompson-sampling scoring, propensities, A/B arms; the serving service."""

@@ -1,0 +1,154 @@
+"""Topics and event records, defined once (contract §3).
+
+Decoding is strict on the fields the contract names and lenient on everything
+else: unknown extra fields are kept in ``extra`` (never rejected).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+import orjson
+
+# --- topics -----------------------------------------------------------------
+
+IMPRESSIONS = "privads.impressions"
+CLICKS = "privads.clicks"
+ADS = "privads.ads"
+DEAD_LETTER = "privads.dead-letter"
+MODEL_UPDATES = "privads.model-updates"
+# internal: attributed impressions, keyed by user_id with the murmur2 partitioner
+# so that one worker owns each user whatever client produced the click
+LABELLED = "privads.labelled"
+
+CONTRACT_TOPICS = (IMPRESSIONS, CLICKS, ADS, DEAD_LETTER, MODEL_UPDATES)
+ALL_TOPICS = CONTRACT_TOPICS + (LABELLED,)
+# topics whose order matters across the whole stream get one partition
+SINGLE_PARTITION = (MODEL_UPDATES,)
+
+
+def topic_partitions(partitions: int) -> dict[str, int]:
+    """Partition count per topic for a deployment with ``partitions`` per source topic."""
+    return {t: (1 if t in SINGLE_PARTITION else partitions) for t in ALL_TOPICS}
+
+
+# --- records ----------------------------------------------------------------
+
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Ts = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Impression(msgspec.Struct, kw_only=True):
+    event_id: NonEmpty
+    ts: Ts
+    user_id: UserId
+    ad_id: NonEmpty
+    position: Annotated[int, msgspec.Meta(ge=0)]
+    propensity: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    policy: NonEmpty
+    model_version: str | None = None
+    request_id: NonEmpty
+    context: dict[str, Any] | None = None
+
+
+class Click(msgspec.Struct, kw_only=True):
+    event_id: NonEmpty
+    ts: Ts
+    impression_id: NonEmpty
+    user_id: UserId
+    ad_id: NonEmpty
+    value: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+class Ad(msgspec.Struct, kw_only=True):
+    ad_id: NonEmpty
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+    bid: Annotated[float, msgspec.Meta(ge=0)]
+    category: str | None = None
+    active: bool = True
+    ts: Ts = 0.0
+
+
+class Labelled(msgspec.Struct, kw_only=True, array_like=True):
+    """An impression whose outcome is known: clicked, or its window closed."""
+
+    impression_id: str
+    user_id: str
+    ad_id: str
+    ts: float
+    clicked: bool
+    policy: str
+    position: int
+    propensity: float | None
+    value: float = 0.0
+
+
+RECORDS: dict[str, type[msgspec.Struct]] = {IMPRESSIONS: Impression, CLICKS: Click, ADS: Ad}
+
+
+class InvalidEvent(ValueError):
+    """A message that cannot be decoded or validated; the text names what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    record: Any
+    extra: dict[str, Any]
+
+
+def decode(topic: str, payload: bytes | None) -> Decoded:
+    """Decode and validate one message of a contract topic.
+
+    Raises
+    ------
+    InvalidEvent
+        With a human-readable reason naming the field.
+    """
+    cls = RECORDS[topic]
+    if payload is None:
+        raise InvalidEvent("empty message (null value)")
+    try:
+        raw = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise InvalidEvent(f"not JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(raw).__name__}")
+    try:
+        record = msgspec.convert(raw, cls)
+    except msgspec.ValidationError as e:
+        raise InvalidEvent(str(e)) from None
+    for name in ("ts", "bid", "value", "propensity"):
+        v = getattr(record, name, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidEvent(f"`{name}` must be finite - at `$.{name}`")
+    known = cls.__struct_fields__
+    return Decoded(record, {k: v for k, v in raw.items() if k not in known})
+
+
+def encode(record: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(record)
+
+
+def dead_letter(topic: str, partition: int, offset: int, error: str, payload: bytes | None) -> bytes:
+    """The dead-letter record for a message that failed to decode or validate."""
+    body: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset, "error": error}
+    if payload is None:
+        body.update(payload=None, payload_encoding=None)
+    else:
+        try:
+            body.update(payload=payload.decode("utf-8"), payload_encoding="utf-8")
+        except UnicodeDecodeError:
+            body.update(payload=base64.b64encode(payload).decode("ascii"), payload_encoding="base64")
+    return orjson.dumps(body)
+
+
+_labelled_decoder = msgspec.json.Decoder(Labelled)
+
+
+def decode_labelled(payload: bytes) -> Labelled:
+    return _labelled_decoder.decode(payload)
