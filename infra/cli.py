@@ -13,14 +13,14 @@ from infra.processes import port_open
 from infra.settings import Settings
 
 
-def _running(settings: Settings) -> Settings:
+def _running(settings: Settings, need_redis: bool = True) -> Settings:
     """Settings pointing at a running stack: the configured URLs, else the embedded defaults if up."""
     updates = {}
     if not settings.kafka:
         if not port_open("127.0.0.1", settings.embedded_kafka_port):
             raise RuntimeError("PRIVADS_KAFKA is not set and no embedded broker is running (start `privads up`)")
         updates["kafka"] = f"127.0.0.1:{settings.embedded_kafka_port}"
-    if not settings.redis:
+    if need_redis and not settings.redis:
         if not port_open("127.0.0.1", settings.embedded_redis_port):
             raise RuntimeError("PRIVADS_REDIS is not set and no embedded redis-server is running (start `privads up`)")
         updates["redis"] = f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
@@ -69,7 +69,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from infra.kafka import create_topics
 
-    created = create_topics(_running(settings).kafka_servers, settings.partitions)
+    created = create_topics(_running(settings, need_redis=False).kafka_servers, settings.partitions)
     print(json.dumps({"created": created}))
     return 0
 
@@ -77,7 +77,7 @@ def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from infra.produce import produce_file
 
-    counts = produce_file(_running(settings).kafka_servers, args.topic, args.file)
+    counts = produce_file(_running(settings, need_redis=False).kafka_servers, args.topic, args.file)
     print(json.dumps({"topic": args.topic, "produced": counts.produced, "invalid": counts.invalid}))
     return 0
 

@@ -13,6 +13,7 @@
 | ``emb:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent |
 | ``ads`` | set of all ad ids | catalog agent |
 | ``catalog:log`` | stream of catalog changes (``ad_id``) | catalog agent |
+| ``workers`` | hash worker id → last heartbeat (ts, partitions owned) | stream workers |
 | ``model:current`` | JSON manifest of the served model version | learner |
 """
 
@@ -28,6 +29,7 @@ ADS = "ads"
 CATALOG_LOG = "catalog:log"
 MODEL_CURRENT = "model:current"
 STATS = "stats"
+WORKERS = "workers"
 ARM_BUCKET_S = 60
 
 

@@ -259,6 +259,23 @@ class AttributionStore:
         return out
 
 
+# --- worker heartbeats ----------------------------------------------------------------
+
+
+class WorkerRegistry:
+    """Heartbeats of the stream workers: when each was last alive and how many partitions it owns."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+
+    async def beat(self, worker_id: str, partitions: int, now: float) -> None:
+        await self.r.hset(keys.WORKERS, worker_id, orjson.dumps({"ts": now, "partitions": partitions}))
+
+    async def alive(self, now: float, within_s: float = 5.0) -> dict[str, dict]:
+        beats = {k.decode(): orjson.loads(v) for k, v in (await self.r.hgetall(keys.WORKERS)).items()}
+        return {k: v for k, v in beats.items() if now - v["ts"] <= within_s}
+
+
 # --- model pointer -------------------------------------------------------------
 
 

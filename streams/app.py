@@ -6,7 +6,10 @@ dead-letter topic with a reason), drops duplicates, calls one service, writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import faust
 
 from infra.settings import Settings
-from infra.store import AttributionStore, CatalogStore, ModelPointer, UserStore, connect, count_processed, first_seen
+from infra.store import AttributionStore, CatalogStore, ModelPointer, UserStore, WorkerRegistry, connect, count_processed, first_seen
 from learner.encoder import AdEncoder
 from streams import records
 from streams.records import InvalidEvent
@@ -107,6 +110,19 @@ def create_app(settings: Settings) -> faust.App:
     async def close_windows() -> None:
         """Impressions whose attribution window closed unclicked become negatives."""
         await emit(await attribution.close_windows(time.time()))
+
+    workers = WorkerRegistry(r)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}"
+
+    @app.task
+    async def warm_encoder() -> None:
+        """Load MiniLM in the background so the first catalog batch does not wait for it."""
+        await asyncio.get_running_loop().run_in_executor(None, indexer.encoder.warm)
+
+    @app.timer(1.0)
+    async def heartbeat() -> None:
+        """Tell readers this worker is alive and how many partitions it owns."""
+        await workers.beat(worker_id, len(app.consumer.assignment()), time.time())
 
     @app.timer(1.0)
     async def follow_model() -> None:

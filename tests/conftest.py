@@ -1,0 +1,124 @@
+"""Integration fixtures: a real tansu broker and a real redis-server on free ports.
+
+Each test module that asks for ``infra`` gets its own broker and redis-server
+(both start in well under a second), so modules never see each other's events
+or state. PrivAds' own processes (worker, API) run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from infra.kafka import create_topics
+from infra.processes import (
+    Process,
+    broker_process,
+    free_port,
+    python_process,
+    redis_process,
+    wait_port_free,
+)
+from infra.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CATALOG = REPO / "data" / "sample_ads.jsonl"
+
+
+@dataclass
+class Infra:
+    kafka: str
+    redis_url: str
+    data: Path
+    broker: Process
+    redis: Process
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 0.1) -> object:
+    """Poll ``check`` until it returns something truthy; fail the test naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last error
+            last_error = e
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+
+
+@pytest.fixture(scope="module")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+    data = tmp_path_factory.mktemp("privads")
+    kport, rport = free_port(), free_port()
+    broker = broker_process(kport, data / "logs" / "broker.log")
+    broker.start(timeout=30)
+    red = redis_process(rport, data / "redis", data / "logs" / "redis.log")
+    red.start(timeout=30)
+    kafka = f"127.0.0.1:{kport}"
+    create_topics(kafka, partitions=2)
+    try:
+        yield Infra(kafka, f"redis://127.0.0.1:{rport}/0", data, broker, red)
+    finally:
+        red.stop(10)
+        broker.stop(10)
+        wait_port_free("127.0.0.1", kport)
+
+
+@pytest.fixture(scope="module")
+def settings(infra: Infra) -> Settings:
+    return Settings(kafka=infra.kafka, redis=infra.redis_url, data=infra.data, partitions=2,
+                    control_share=0.0, catalog=None, seed=7, api=f"http://127.0.0.1:{free_port()}")
+
+
+@pytest.fixture(scope="module")
+def rds(infra: Infra) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(infra.redis_url)
+    yield r
+    r.close()
+
+
+def _worker_ready(r: redis.Redis, since: float) -> bool:
+    beats = [json.loads(v) for v in r.hgetall("workers").values()]
+    return any(b["ts"] >= since and b["partitions"] > 0 for b in beats)
+
+
+def start_worker(settings: Settings, r: redis.Redis, name: str = "worker") -> Process:
+    """A real stream worker subprocess, returned once it owns partitions."""
+    since = time.time()
+    p = python_process(name, ["worker"], settings.data / "logs" / f"{name}.log", settings.child_env(),
+                       ready=lambda: _worker_ready(r, since))
+    p.start(timeout=90)
+    return p
+
+
+def start_api(settings: Settings) -> Process:
+    """A real API subprocess (uvicorn), returned once /healthz answers."""
+    p = python_process("api", ["api"], settings.data / "logs" / "api.log", settings.child_env(),
+                       ready=lambda: httpx.get(f"{settings.api}/healthz", timeout=1).status_code == 200)
+    p.start(timeout=90)
+    return p
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings, rds: redis.Redis) -> Iterator[Process]:
+    p = start_worker(settings, rds)
+    yield p
+    p.stop(20)
+
+
+@pytest.fixture(scope="module")
+def api(settings: Settings, worker: Process) -> Iterator[httpx.Client]:
+    p = start_api(settings)
+    with httpx.Client(base_url=settings.api, timeout=10) as client:
+        yield client
+    p.stop(20)

@@ -1,0 +1,64 @@
+"""Plain helpers for integration tests: produce and read real Kafka topics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CATALOG = REPO / "data" / "sample_ads.jsonl"
+
+
+def produce(servers: str, topic: str, messages: list[tuple[str | None, bytes | dict]]) -> None:
+    """Produce (key, value) pairs with kafka-python and wait until the broker has them."""
+    producer = KafkaProducer(bootstrap_servers=servers, acks=1)
+    try:
+        for key, value in messages:
+            raw = json.dumps(value).encode() if isinstance(value, dict) else value
+            producer.send(topic, key=key.encode() if key is not None else None, value=raw)
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=5)
+
+
+def read_topic(servers: str, topic: str, timeout: float = 2.0) -> list[dict]:
+    """Every message currently in ``topic`` (all partitions, from the start), JSON-decoded."""
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, consumer_timeout_ms=int(timeout * 1000))
+    try:
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        return [json.loads(m.value) for m in consumer]
+    finally:
+        consumer.close()
+
+
+def sample_ads(categories: list[str], per_category: int, bid: float | None = None) -> list[dict]:
+    """Active ads of the committed sample catalog, ``per_category`` of each category."""
+    out: dict[str, list[dict]] = {c: [] for c in categories}
+    for line in SAMPLE_CATALOG.read_text().splitlines():
+        ad = json.loads(line)
+        if ad["category"] in out and ad["active"] and len(out[ad["category"]]) < per_category:
+            if bid is not None:
+                ad["bid"] = bid
+            out[ad["category"]].append(ad)
+    return [a for c in categories for a in out[c]]
+
+
+def impression(user_id: str, ad_id: str, *, event_id: str | None = None, ts: float | None = None,
+               policy: str = "treatment", position: int = 0, propensity: float | None = 0.5) -> dict:
+    return {"event_id": event_id or uuid.uuid4().hex, "ts": ts if ts is not None else time.time(),
+            "user_id": user_id, "ad_id": ad_id, "position": position, "propensity": propensity,
+            "policy": policy, "model_version": None, "request_id": uuid.uuid4().hex}
+
+
+def click(imp: dict, *, event_id: str | None = None, value: float | None = None) -> dict:
+    out = {"event_id": event_id or uuid.uuid4().hex, "ts": time.time(), "impression_id": imp["event_id"],
+           "user_id": imp["user_id"], "ad_id": imp["ad_id"]}
+    if value is not None:
+        out["value"] = value
+    return out

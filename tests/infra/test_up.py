@@ -1,0 +1,82 @@
+"""`privads up` as a user runs it: starts everything, serves, and Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import wait_until
+from helpers import SAMPLE_CATALOG
+from infra.processes import free_port, port_open
+
+pytestmark = pytest.mark.integration
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """PIDs whose environment contains ``marker`` (the test's unique data dir)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    kport, rport, aport = free_port(), free_port(), free_port()
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("\n".join(SAMPLE_CATALOG.read_text().splitlines()[:40]) + "\n")
+    data = tmp_path / "data"
+    env = {**os.environ, "PRIVADS_DATA": str(data), "PRIVADS_API": f"http://127.0.0.1:{aport}",
+           "PRIVADS_EMBEDDED_KAFKA_PORT": str(kport), "PRIVADS_EMBEDDED_REDIS_PORT": str(rport),
+           "PRIVADS_CATALOG": str(catalog)}
+    env.pop("PRIVADS_KAFKA", None)
+    env.pop("PRIVADS_REDIS", None)
+    up = subprocess.Popen([sys.executable, "-m", "infra.cli", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    try:
+        api = f"http://127.0.0.1:{aport}"
+        wait_until(lambda: httpx.get(f"{api}/healthz", timeout=1).status_code == 200, 120, "/healthz")
+        active = sum('"active": true' in line for line in catalog.read_text().splitlines())
+        wait_until(lambda: httpx.get(f"{api}/healthz", timeout=1).json()["ads"] == active, 60, "the sample catalog")
+        r = httpx.post(f"{api}/recommend", json={"user_id": "someone", "k": 4}, timeout=5)
+        assert r.status_code == 200 and len(r.json()["ads"]) == 4
+        assert (data / "redis" / "appendonlydir").is_dir()  # AOF persistence in the data dir
+        assert len(processes_with_env(str(data))) >= 5  # up, broker, redis, worker, learner, api
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            out, _ = up.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            out, _ = up.communicate()
+            pytest.fail("privads up did not stop within 30 s of Ctrl-C:\n" + out.decode(errors="replace")[-3000:])
+    assert up.returncode == 0, out.decode(errors="replace")[-3000:]
+    time.sleep(0.5)
+    assert not [p for p in (kport, rport, aport) if port_open("127.0.0.1", p)], "a port is still open"
+    assert processes_with_env(str(data)) == [], "a child process outlived privads up"
+
+
+def test_up_refuses_a_busy_port_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        env = {**os.environ, "PRIVADS_DATA": str(tmp_path), "PRIVADS_EMBEDDED_KAFKA_PORT": str(busy)}
+        env.pop("PRIVADS_KAFKA", None)
+        r = subprocess.run([sys.executable, "-m", "infra.cli", "up"], env=env, capture_output=True, timeout=60)
+    assert r.returncode != 0
+    assert f"port {busy} is in use" in r.stderr.decode()

@@ -1,0 +1,154 @@
+"""Unit tests for A/B arm assignment and lift statistics (``ranker.experiment``)."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import pytest
+
+from ranker.experiment import CONTROL, TREATMENT, Z95, assign_arm, lift, wilson
+
+# --- wilson ---------------------------------------------------------------------------
+#
+# Wilson score interval: the roots in p of (p̂ − p)² = z² p(1 − p)/n, i.e.
+#   (1 + z²/n) p² − (2p̂ + z²/n) p + p̂² = 0,  z = 1.959964 (z² = 3.841459)
+# 0/10:   p̂ = 0 → roots 0 and z²/(n + z²) = 3.841459/13.841459 = 0.2775
+# 10/100: a = 1.0384146, b = −0.2384146, c = 0.01 → disc = 0.0153046, roots (0.2384146 ∓ 0.1237118)/2.0768292
+#         = 0.0552, 0.1744
+# 50/100: centre 0.5, half-width z·sqrt(0.0025 + z²/40000)/1.0384146 = 0.0962 → 0.4038, 0.5962
+# The last four rows are the Wilson (method 3) intervals published in Newcombe, "Two-sided confidence
+# intervals for the single proportion: comparison of seven methods", Stat Med 17:857–872 (1998), Table I.
+WILSON_CASES = [
+    (0, 10, 0.0, 0.2775),
+    (10, 100, 0.0552, 0.1744),
+    (50, 100, 0.4038, 0.5962),
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+]
+
+
+@pytest.mark.parametrize(("clicks", "n", "lo", "hi"), WILSON_CASES)
+def test_wilson_known_values(clicks, n, lo, hi):
+    got = wilson(clicks, n)
+    assert got[0] == pytest.approx(lo, abs=5e-5)
+    assert got[1] == pytest.approx(hi, abs=5e-5)
+
+
+def test_wilson_all_successes_clipped_to_one():
+    # 29/29 by symmetry with 0/29: lower = 29/(29 + z²) = 29/32.841459 = 0.8830, upper = 1
+    lo, hi = wilson(29, 29)
+    assert lo == pytest.approx(29 / (29 + Z95 ** 2), abs=1e-12)
+    assert hi == 1.0
+
+
+def test_wilson_empty_is_whole_unit_interval():
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_wilson_contains_point_and_narrows_with_n():
+    for n in (10, 100, 1000, 10000):
+        lo, hi = wilson(n // 10, n)
+        assert lo < 0.1 < hi
+    widths = [wilson(n // 10, n)[1] - wilson(n // 10, n)[0] for n in (10, 100, 1000, 10000)]
+    assert widths == sorted(widths, reverse=True)
+
+
+# --- lift ------------------------------------------------------------------------------
+#
+# 60/1000 treatment vs 40/1000 control: p_t = 0.06, p_c = 0.04, ratio 1.5 → lift 0.5
+# log-ratio SE = sqrt(0.94/60 + 0.96/40) = sqrt(0.0396667) = 0.199165
+# CI = 1.5·exp(∓1.959964·0.199165) − 1 = 1.5·(0.676816, 1.477507) − 1 = (0.0152, 1.2163)
+# pooled p = 100/2000 = 0.05, SE = sqrt(0.05·0.95·(2/1000)) = 0.0097468, z = 0.02/0.0097468 = 2.05196
+# two-sided p = 2·(1 − Φ(2.05196)) = 0.0402
+
+
+def test_lift_hand_computed():
+    r = lift(60, 1000, 40, 1000)
+    assert r.lift == pytest.approx(0.5, abs=1e-12)
+    assert r.ci95[0] == pytest.approx(0.0152, abs=1e-4)
+    assert r.ci95[1] == pytest.approx(1.2163, abs=1e-4)
+    assert r.p_value == pytest.approx(0.0402, abs=1e-4)
+
+
+def test_lift_p_value_matches_pooled_z_test():
+    # independent implementation of the pooled two-proportion z-test with statistics.NormalDist
+    for ct, nt, cc, nc in [(60, 1000, 40, 1000), (5, 200, 9, 150), (300, 10000, 310, 10000), (12, 80, 3, 95)]:
+        pt, pc = ct / nt, cc / nc
+        pooled = (ct + cc) / (nt + nc)
+        z = abs(pt - pc) / math.sqrt(pooled * (1 - pooled) * (1 / nt + 1 / nc))
+        want = 2 * (1 - NormalDist().cdf(z))
+        r = lift(ct, nt, cc, nc)
+        assert r.p_value == pytest.approx(want, abs=1e-9)
+        assert r.lift == pytest.approx(pt / pc - 1, rel=1e-12)
+        assert r.ci95[0] < r.lift < r.ci95[1]
+
+
+def test_lift_equal_rates_has_p_value_one_and_zero_lift():
+    r = lift(50, 1000, 100, 2000)
+    assert r.lift == pytest.approx(0.0, abs=1e-12)
+    assert r.p_value == pytest.approx(1.0, abs=1e-12)
+    assert r.ci95[0] < 0.0 < r.ci95[1]
+
+
+def test_lift_negative_when_treatment_worse():
+    r = lift(40, 1000, 60, 1000)
+    assert r.lift == pytest.approx(40 / 60 - 1, abs=1e-12)  # −1/3
+    assert r.ci95[0] < r.lift < r.ci95[1] < 0.1
+
+
+def test_lift_all_clicks_does_not_divide_by_zero():
+    # pooled p = 1 → pooled SE 0 → p-value defined as 1; log-ratio SE 0 → degenerate interval at 0
+    r = lift(10, 10, 20, 20)
+    assert r.lift == 0.0 and r.p_value == 1.0 and r.ci95 == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("args", [(0, 100, 5, 100), (5, 100, 0, 100), (0, 0, 5, 100), (5, 100, 0, 0), (0, 0, 0, 0)])
+def test_lift_undefined_without_clicks_in_both_arms(args):
+    r = lift(*args)
+    assert r.lift is None and r.ci95 is None and r.p_value is None
+
+
+# --- assign_arm --------------------------------------------------------------------------
+
+
+def test_assign_arm_is_sticky():
+    for i in range(200):
+        uid = f"user-{i}"
+        assert assign_arm(uid, "salt", 0.5) == assign_arm(uid, "salt", 0.5)
+    assert {assign_arm(f"user-{i}", "salt", 0.5) for i in range(200)} == {CONTROL, TREATMENT}
+
+
+def test_assign_arm_extreme_shares():
+    ids = [f"u{i}" for i in range(2000)] + ["", "é", "x" * 128]
+    assert all(assign_arm(u, "s", 0.0) == TREATMENT for u in ids)
+    assert all(assign_arm(u, "s", 1.0) == CONTROL for u in ids)
+
+
+def test_assign_arm_control_fraction():
+    # 20 000 ids at share 0.1: SE = sqrt(0.1·0.9/20000) = 0.00212; allow 4 SE = 0.0085
+    n = 20_000
+    frac = sum(assign_arm(f"user-{i}", "privads-arm-v1", 0.1) == CONTROL for i in range(n)) / n
+    assert abs(frac - 0.1) < 4 * math.sqrt(0.1 * 0.9 / n)
+
+
+def test_assign_arm_control_sets_are_nested_in_share():
+    # the same user hash is compared to the share, so raising the share only moves users into control
+    ids = [f"u{i}" for i in range(5000)]
+    c10 = {u for u in ids if assign_arm(u, "s", 0.1) == CONTROL}
+    c20 = {u for u in ids if assign_arm(u, "s", 0.2) == CONTROL}
+    assert c10 < c20
+
+
+def test_changing_salt_reshuffles():
+    # independent hashes: at share 0.5 about half the users switch arm (SE 0.0035 at n = 20 000);
+    # at share 0.1 only ≈ 10 % of the old control stays in control
+    n = 20_000
+    ids = [f"user-{i}" for i in range(n)]
+    moved = sum(assign_arm(u, "a", 0.5) != assign_arm(u, "b", 0.5) for u in ids) / n
+    assert 0.47 < moved < 0.53
+    ca = {u for u in ids if assign_arm(u, "a", 0.1) == CONTROL}
+    cb = {u for u in ids if assign_arm(u, "b", 0.1) == CONTROL}
+    assert len(ca & cb) / len(ca) < 0.2

@@ -1,0 +1,244 @@
+"""Unit tests for scoring, Thompson sampling and propensities (``ranker.scoring``)."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from ranker.scoring import expected_value, sample_users, thompson_rank, top_k, uniform_rank
+
+LN3 = math.log(3.0)
+
+
+def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# --- top_k -------------------------------------------------------------------------
+
+
+def test_top_k_order_best_first():
+    s = np.array([[0.1, 0.9, 0.5, 0.7],
+                  [4.0, -1.0, 3.0, 2.0]])
+    np.testing.assert_array_equal(top_k(s, 2), [[1, 3], [0, 2]])
+    np.testing.assert_array_equal(top_k(s, 4), [[1, 3, 2, 0], [0, 2, 3, 1]])
+    np.testing.assert_array_equal(top_k(s, 1), [[1], [0]])
+
+
+def test_top_k_truncates_when_k_exceeds_candidates():
+    s = np.array([[0.3, 0.1, 0.2]])
+    out = top_k(s, 10)
+    assert out.shape == (1, 3)
+    np.testing.assert_array_equal(out, [[0, 2, 1]])
+
+
+def test_top_k_ties_return_distinct_indices_with_non_increasing_scores():
+    # tie order is unspecified, but the selected scores must be the k largest and the indices distinct
+    s = np.array([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
+    for k in range(1, 7):
+        out = top_k(s, k)[0]
+        assert len(set(out.tolist())) == k
+        got = s[0, out]
+        assert np.all(np.diff(got) <= 0)
+        np.testing.assert_array_equal(got, np.sort(s[0])[::-1][:k])
+    assert set(top_k(s, 3)[0].tolist()) == {1, 2, 4}
+    assert set(top_k(s, 4)[0].tolist()) == {1, 2, 3, 4} and top_k(s, 4)[0, 3] == 3
+
+
+def test_top_k_matches_full_argsort_on_random_scores():
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((50, 40))
+    for k in (1, 5, 17, 40):
+        np.testing.assert_array_equal(top_k(s, k), np.argsort(-s, axis=1)[:, :k])
+
+
+# --- expected_value -------------------------------------------------------------------
+
+
+def test_expected_value_hand_computed():
+    # users u1 = (ln 3, 0), u2 = (0, −ln 3); ads e1 = (1, 0), e2 = (0, 1); bids (2, 4); bias 0
+    # u1: σ(ln 3)·2 = 0.75·2 = 1.5;  σ(0)·4 = 0.5·4 = 2.0
+    # u2: σ(0)·2 = 1.0;              σ(−ln 3)·4 = 0.25·4 = 1.0
+    users = np.array([[LN3, 0.0], [0.0, -LN3]])
+    ads = np.array([[1.0, 0.0], [0.0, 1.0]])
+    bids = np.array([2.0, 4.0])
+    np.testing.assert_allclose(expected_value(users, ads, bids, 0.0), [[1.5, 2.0], [1.0, 1.0]], atol=1e-12)
+    # with bias ln 3 and the zero user: both pCTRs are 0.75 → (1.5, 3.0)
+    np.testing.assert_allclose(expected_value(np.zeros((1, 2)), ads, bids, LN3), [[1.5, 3.0]], atol=1e-12)
+
+
+# --- sample_users ----------------------------------------------------------------------
+
+
+def test_sample_users_scale_zero_returns_mean():
+    mean = np.array([0.5, -1.25, 3.0], np.float32)
+    prec = np.array([1.0, 4.0, 16.0], np.float32)
+    out = sample_users(mean, prec, 7, 0.0, np.random.default_rng(0))
+    assert out.shape == (7, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.broadcast_to(mean, (7, 3)))
+
+
+def test_sample_users_seeded_runs_agree_and_seeds_differ():
+    mean = np.zeros(4, np.float32)
+    prec = np.full(4, 2.0, np.float32)
+    a = sample_users(mean, prec, 10, 1.0, np.random.default_rng(42))
+    b = sample_users(mean, prec, 10, 1.0, np.random.default_rng(42))
+    c = sample_users(mean, prec, 10, 1.0, np.random.default_rng(43))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_sample_users_moments():
+    # N(mean, scale²/precision): scale 2, precision (1, 4, 16) → variance (4, 1, 0.25)
+    # n = 200 000 draws: relative SE of a sample variance is sqrt(2/n) ≈ 0.0032 → rtol 0.02 (> 6 SE);
+    # SE of the sample mean is sqrt(var/n) ≤ 0.0045 → atol 0.03 (> 6 SE)
+    n = 200_000
+    mean = np.array([1.0, -2.0, 0.5], np.float32)
+    prec = np.array([1.0, 4.0, 16.0], np.float32)
+    x = sample_users(mean, prec, n, 2.0, np.random.default_rng(7)).astype(np.float64)
+    np.testing.assert_allclose(x.var(axis=0, ddof=1), [4.0, 1.0, 0.25], rtol=0.02)
+    np.testing.assert_allclose(x.mean(axis=0), mean, atol=0.03)
+
+
+# --- thompson_rank ---------------------------------------------------------------------
+
+
+def test_thompson_scale_zero_is_exact_ev_ranking():
+    rng = np.random.default_rng(5)
+    d, c, k = 8, 30, 6
+    mean = rng.standard_normal(d).astype(np.float32)
+    prec = np.full(d, 16.0, np.float32)
+    ads = _unit_rows(rng, c, d)
+    bids = rng.uniform(0.1, 2.0, c).astype(np.float32)
+    bias = -2.9
+    ev = bids / (1.0 + np.exp(-(ads.astype(np.float64) @ mean + bias)))  # σ(m·p + b)·bid, by hand
+    want = np.argsort(-ev)[:k]
+    r = thompson_rank(mean, prec, ads, bids, k, bias=bias, draws=32, scale=0.0, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(r.index, want)
+    np.testing.assert_allclose(r.score, ev[want], rtol=1e-5)
+    np.testing.assert_array_equal(r.propensity, np.ones(k))
+
+
+def test_thompson_truncates_k_to_candidates():
+    rng = np.random.default_rng(0)
+    ads = _unit_rows(rng, 3, 4)
+    r = thompson_rank(np.zeros(4, np.float32), np.ones(4, np.float32), ads, np.ones(3, np.float32), 10,
+                      bias=0.0, draws=8, scale=1.0, rng=rng)
+    assert sorted(r.index.tolist()) == [0, 1, 2]
+    assert r.score.shape == (3,) and r.propensity.shape == (3,)
+
+
+def test_thompson_propensities_in_range_and_multiples_of_one_over_draws():
+    # the served draw is one of S → every propensity ≥ 1/S; each is (count of draws)/S ≤ 1
+    rng = np.random.default_rng(11)
+    d, c, k, draws = 4, 12, 5, 16
+    ads = _unit_rows(rng, c, d)
+    bids = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    seen_below_one = False
+    for _ in range(300):
+        mean = rng.standard_normal(d).astype(np.float32) * 0.3
+        prec = rng.uniform(0.5, 4.0, d).astype(np.float32)
+        r = thompson_rank(mean, prec, ads, bids, k, bias=0.0, draws=draws, scale=1.0, rng=rng)
+        assert len(set(r.index.tolist())) == k
+        assert np.all(r.propensity >= 1.0 / draws - 1e-12) and np.all(r.propensity <= 1.0)
+        np.testing.assert_allclose(r.propensity * draws, np.round(r.propensity * draws), atol=1e-9)
+        seen_below_one |= bool(np.any(r.propensity < 1.0))
+    assert seen_below_one  # exploration actually happens at scale 1
+
+
+def test_thompson_position0_frequency_matches_analytic_probability_and_logged_propensity():
+    # Two ads e1 = (1, 0), e2 = (0, 1) with equal bids: e1 is ranked first iff u0 > u1.
+    # u ~ N(m, s²·diag(1/q)) → u0 − u1 ~ N(m0 − m1, s²(1/q0 + 1/q1)).
+    # m = (0.3, 0), q = (2, 8), s = 0.5: var = 0.25·(0.5 + 0.125) = 0.15625, sd = 0.3953,
+    # π = Φ(0.3 / 0.3953) = Φ(0.759) ≈ 0.776.
+    #
+    # Over N requests, the frequency f of e1 at position 0 has SE sqrt(π(1 − π)/N) ≈ 0.0066 at N = 4000.
+    # The logged propensity of e1 (when served at 0) is (1 + Binomial(S − 1, π))/S, whose mean is
+    # π + (1 − π)/S: a bias ≤ 1/S = 0.0156 at S = 64; its average over ≈ πN requests has SE
+    # sqrt(π(1 − π)/S)/sqrt(πN) ≈ 0.001. Tolerances: 4 SE for f vs π (0.027), and
+    # 4 SE(f) + 4 SE(mean) + 1/S ≈ 0.047 for f vs mean logged propensity. A wrong propensity (e.g.
+    # always 1, or ignoring the posterior scale) is off by > 0.2 here.
+    m = np.array([0.3, 0.0], np.float32)
+    q = np.array([2.0, 8.0], np.float32)
+    s, draws, n = 0.5, 64, 4000
+    ads = np.eye(2, dtype=np.float32)
+    bids = np.ones(2, np.float32)
+    pi = NormalDist().cdf(0.3 / math.sqrt(s * s * (1 / 2 + 1 / 8)))
+    rng = np.random.default_rng(2024)
+    first = np.empty(n, dtype=np.int64)
+    prop0 = np.empty(n)
+    for i in range(n):
+        r = thompson_rank(m, q, ads, bids, 2, bias=0.0, draws=draws, scale=s, rng=rng)
+        first[i], prop0[i] = r.index[0], r.propensity[0]
+        assert r.propensity[0] == r.propensity[1]  # with two ads the whole list is decided by position 0
+    se_f = math.sqrt(pi * (1 - pi) / n)
+    for ad, p_ad in ((0, pi), (1, 1 - pi)):
+        served = first == ad
+        f = served.mean()
+        assert abs(f - p_ad) < 4 * se_f
+        se_mean = math.sqrt(p_ad * (1 - p_ad) / draws) / math.sqrt(served.sum())
+        assert abs(prop0[served].mean() - f) < 4 * se_f + 4 * se_mean + 1.0 / draws
+
+
+def test_thompson_position0_frequency_matches_mean_logged_propensity_many_ads():
+    # Same check without a closed form: 5 ads, the share of requests serving ad a at position 0
+    # versus the mean logged propensity of a when it is served there (tolerance as above,
+    # with p(1 − p) ≤ 1/4: 4·0.5/sqrt(N) + 4 SE(mean) + 1/S).
+    rng = np.random.default_rng(99)
+    d, c, draws, n = 3, 5, 64, 4000
+    ads = _unit_rows(rng, c, d)
+    bids = rng.uniform(0.8, 1.2, c).astype(np.float32)
+    mean = np.array([0.2, -0.1, 0.1], np.float32)
+    prec = np.array([3.0, 2.0, 5.0], np.float32)
+    first = np.empty(n, dtype=np.int64)
+    prop0 = np.empty(n)
+    for i in range(n):
+        r = thompson_rank(mean, prec, ads, bids, 3, bias=-1.0, draws=draws, scale=1.0, rng=rng)
+        first[i], prop0[i] = r.index[0], r.propensity[0]
+    assert len(np.unique(first)) >= 2  # the test is only meaningful if exploration happens
+    for ad in np.unique(first):
+        served = first == ad
+        f = served.mean()
+        if served.sum() < 50:
+            continue
+        se_mean = 0.5 / math.sqrt(draws) / math.sqrt(served.sum())
+        assert abs(prop0[served].mean() - f) < 4 * 0.5 / math.sqrt(n) + 4 * se_mean + 1.0 / draws
+
+
+# --- uniform_rank -----------------------------------------------------------------------
+
+
+def test_uniform_rank_distinct_and_propensity():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        r = uniform_rank(10, 4, rng)
+        assert r.index.shape == (4,) and len(set(r.index.tolist())) == 4
+        assert np.all((r.index >= 0) & (r.index < 10))
+        np.testing.assert_array_equal(r.propensity, np.full(4, 0.1))
+        np.testing.assert_array_equal(r.score, np.zeros(4))
+
+
+def test_uniform_rank_k_larger_than_n():
+    r = uniform_rank(3, 5, np.random.default_rng(1))
+    assert sorted(r.index.tolist()) == [0, 1, 2]
+    np.testing.assert_allclose(r.propensity, np.full(3, 1 / 3))
+
+
+def test_uniform_rank_position_frequencies_are_one_over_n():
+    # each ad is at position 0 with probability 1/n = 0.2; 10 000 draws → SE sqrt(0.16/10000) = 0.004,
+    # tolerance 5 SE = 0.02
+    rng = np.random.default_rng(3)
+    firsts = np.array([uniform_rank(5, 2, rng).index[0] for _ in range(10_000)])
+    freq = np.bincount(firsts, minlength=5) / firsts.size
+    np.testing.assert_allclose(freq, np.full(5, 0.2), atol=0.02)
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_uniform_rank_seeded_is_deterministic(n):
+    a = uniform_rank(n, 3, np.random.default_rng(5)).index
+    b = uniform_rank(n, 3, np.random.default_rng(5)).index
+    np.testing.assert_array_equal(a, b)

@@ -1,0 +1,205 @@
+"""Unit tests for topic records, strict decoding and dead letters (``streams.records``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from streams import records
+from streams.records import (
+    ADS,
+    CLICKS,
+    IMPRESSIONS,
+    MODEL_UPDATES,
+    Ad,
+    Click,
+    Impression,
+    InvalidEvent,
+    Labelled,
+    dead_letter,
+    decode,
+    decode_labelled,
+    encode,
+    topic_partitions,
+)
+
+
+def _impression(**over) -> dict:
+    body = {"event_id": "e1", "ts": 1700000000.5, "user_id": "u1", "ad_id": "a1", "position": 0,
+            "propensity": 0.25, "policy": "thompson", "model_version": "v1", "request_id": "r1"}
+    body.update(over)
+    return body
+
+
+def _click(**over) -> dict:
+    body = {"event_id": "c1", "ts": 1700000001.0, "impression_id": "e1", "user_id": "u1", "ad_id": "a1"}
+    body.update(over)
+    return body
+
+
+def _ad(**over) -> dict:
+    body = {"ad_id": "a1", "text": "running shoes", "bid": 0.5, "category": "sport"}
+    body.update(over)
+    return body
+
+
+def _bytes(d) -> bytes:
+    return json.dumps(d).encode()
+
+
+def _drop(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+# --- valid messages -------------------------------------------------------------
+
+
+def test_decode_valid_impression():
+    dec = decode(IMPRESSIONS, _bytes(_impression()))
+    r = dec.record
+    assert isinstance(r, Impression)
+    assert (r.event_id, r.user_id, r.ad_id, r.position, r.policy, r.request_id) == ("e1", "u1", "a1", 0, "thompson", "r1")
+    assert r.ts == 1700000000.5 and r.propensity == 0.25 and r.model_version == "v1"
+    assert dec.extra == {}
+
+
+def test_decode_impression_optional_fields_default_to_none():
+    body = _drop(_drop(_drop(_impression(), "propensity"), "model_version"), "context")
+    r = decode(IMPRESSIONS, _bytes(body)).record
+    assert r.propensity is None and r.model_version is None and r.context is None
+    assert decode(IMPRESSIONS, _bytes(_impression(propensity=None))).record.propensity is None
+
+
+def test_decode_accepts_ints_for_floats():
+    # ts, propensity (1 is the inclusive upper bound), value and bid given as JSON integers
+    r = decode(IMPRESSIONS, _bytes(_impression(ts=1700000000, propensity=1))).record
+    assert r.ts == 1700000000.0 and isinstance(r.ts, float)
+    assert r.propensity == 1.0 and isinstance(r.propensity, float)
+    c = decode(CLICKS, _bytes(_click(ts=5, value=2))).record
+    assert isinstance(c, Click) and c.ts == 5.0 and c.value == 2.0 and isinstance(c.value, float)
+    a = decode(ADS, _bytes(_ad(bid=3))).record
+    assert isinstance(a, Ad) and a.bid == 3.0 and isinstance(a.bid, float)
+
+
+def test_decode_valid_click_and_ad_defaults():
+    c = decode(CLICKS, _bytes(_click())).record
+    assert (c.event_id, c.impression_id, c.user_id, c.ad_id, c.value) == ("c1", "e1", "u1", "a1", None)
+    a = decode(ADS, _bytes(_drop(_ad(), "category"))).record
+    assert a.active is True and a.ts == 0.0 and a.category is None
+    a = decode(ADS, _bytes(_ad(active=False, ts=12.5))).record
+    assert a.active is False and a.ts == 12.5 and a.category == "sport"
+
+
+def test_unknown_extra_fields_are_kept():
+    extra = {"campaign": {"id": 7, "tags": ["x"]}, "note": None, "score": 1.5}
+    dec = decode(IMPRESSIONS, _bytes(_impression(**extra)))
+    assert dec.extra == extra
+    assert dec.record.user_id == "u1"
+    dec = decode(ADS, _bytes(_ad(foo="bar")))
+    assert dec.extra == {"foo": "bar"}
+
+
+def test_user_id_boundary_128_chars_is_valid():
+    assert decode(IMPRESSIONS, _bytes(_impression(user_id="x" * 128))).record.user_id == "x" * 128
+
+
+# --- rejected messages ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "needle"),
+    [
+        (IMPRESSIONS, b"{not json", "not JSON"),
+        (IMPRESSIONS, b"", "not JSON"),
+        (IMPRESSIONS, _bytes([_impression()]), "JSON object"),
+        (IMPRESSIONS, b'"a string"', "JSON object"),
+        (IMPRESSIONS, _bytes(_drop(_impression(), "user_id")), "user_id"),
+        (IMPRESSIONS, _bytes(_impression(user_id="")), "user_id"),
+        (IMPRESSIONS, _bytes(_impression(user_id="x" * 129)), "user_id"),
+        (IMPRESSIONS, _bytes(_impression(position=-1)), "position"),
+        (IMPRESSIONS, _bytes(_impression(position=1.5)), "position"),
+        (IMPRESSIONS, _bytes(_impression(propensity=0)), "propensity"),
+        (IMPRESSIONS, _bytes(_impression(propensity=1.5)), "propensity"),
+        (IMPRESSIONS, _bytes(_impression(ts=-1)), "ts"),
+        (IMPRESSIONS, _bytes(_impression(ts="1700000000")), "ts"),
+        (CLICKS, _bytes(_drop(_click(), "impression_id")), "impression_id"),
+        (CLICKS, _bytes(_click(value=-0.5)), "value"),
+        (ADS, _bytes(_ad(bid=-1)), "bid"),
+        (ADS, _bytes(_ad(text="")), "text"),
+        (ADS, _bytes(_drop(_ad(), "bid")), "bid"),
+    ],
+)
+def test_decode_rejects_with_reason_naming_the_field(topic, payload, needle):
+    with pytest.raises(InvalidEvent) as err:
+        decode(topic, payload)
+    assert needle in str(err.value)
+
+
+def test_nan_ts_is_not_json():
+    # orjson follows RFC 8259 strictly: NaN / Infinity / 1e400 are not JSON, so they never reach validation
+    for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+        payload = b'{"event_id":"e1","ts":' + literal + b',"user_id":"u","ad_id":"a","position":0,' \
+                  b'"policy":"p","request_id":"r"}'
+        with pytest.raises(InvalidEvent, match="not JSON"):
+            decode(IMPRESSIONS, payload)
+
+
+def test_null_payload_rejected():
+    with pytest.raises(InvalidEvent, match="null"):
+        decode(IMPRESSIONS, None)
+
+
+def test_invalid_event_is_a_value_error():
+    assert issubclass(InvalidEvent, ValueError)
+
+
+# --- dead letters -------------------------------------------------------------------
+
+
+def test_dead_letter_utf8_payload():
+    payload = '{"user_id": "é", broken'.encode()
+    body = json.loads(dead_letter(IMPRESSIONS, 3, 42, "not JSON: boom", payload))
+    assert body == {"topic": IMPRESSIONS, "partition": 3, "offset": 42, "error": "not JSON: boom",
+                    "payload": '{"user_id": "é", broken', "payload_encoding": "utf-8"}
+    assert body["payload"].encode("utf-8") == payload
+
+
+def test_dead_letter_base64_for_invalid_utf8_round_trips():
+    payload = b"\xff\xfe\x00binary\x80"
+    body = json.loads(dead_letter(CLICKS, 0, 7, "not JSON", payload))
+    assert body["payload_encoding"] == "base64"
+    assert base64.b64decode(body["payload"], validate=True) == payload
+    assert (body["topic"], body["partition"], body["offset"]) == (CLICKS, 0, 7)
+
+
+def test_dead_letter_null_payload():
+    body = json.loads(dead_letter(ADS, 1, 2, "empty message (null value)", None))
+    assert body["payload"] is None and body["payload_encoding"] is None
+
+
+# --- topics and internal records --------------------------------------------------------
+
+
+def test_topic_partitions():
+    parts = topic_partitions(8)
+    assert set(parts) == set(records.ALL_TOPICS)
+    assert parts[MODEL_UPDATES] == 1
+    assert all(n == 8 for t, n in parts.items() if t != MODEL_UPDATES)
+    assert topic_partitions(1)[MODEL_UPDATES] == 1
+    assert set(records.CONTRACT_TOPICS) <= set(records.ALL_TOPICS)
+
+
+@pytest.mark.parametrize("propensity", [0.125, None])
+def test_labelled_round_trip(propensity):
+    lab = Labelled(impression_id="i1", user_id="u1", ad_id="a1", ts=12.5, clicked=True, policy="thompson",
+                   position=2, propensity=propensity, value=1.25)
+    blob = encode(lab)
+    assert blob.startswith(b"[")  # array-like: compact positional encoding
+    assert decode_labelled(blob) == lab
+
+
+def test_encode_record_then_decode_is_identity():
+    r = decode(IMPRESSIONS, _bytes(_impression())).record
+    assert decode(IMPRESSIONS, encode(r)).record == r
