@@ -16,10 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import ApiMetrics
 from api.routes import ads, clicks, health, lift, model, recommend, users
-from infra.kafka import QueuedProducer
+from infra.kafka import QueuedProducer, consumer_lag
 from infra.settings import Settings
 from infra.store import connect
 from ranker.service import Recommender
+from streams.records import CONSUMED_TOPICS, WORKER_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recommender = Recommender(settings, redis, producer)
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
+        lag_watch = asyncio.create_task(watch_lag(), name="consumer-lag")
         try:
             await asyncio.wait_for(recommender.ready.wait(), timeout=30)
         except TimeoutError:
@@ -61,9 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for task in (follower, lag_watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(producer.close, 10.0)
             await redis.aclose()
 
@@ -84,6 +87,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.events_processed.labels(topic=topic).set(n)
 
     app.state.refresh_metrics = refresh_metrics
+
+    async def watch_lag(every_s: float = 5.0) -> None:
+        """Refresh the workers' consumer lag off the request path (it takes Kafka round trips)."""
+        while True:
+            try:
+                lag = await asyncio.to_thread(consumer_lag, settings.kafka_servers, WORKER_GROUP, CONSUMED_TOPICS)
+                for topic, n in lag.items():
+                    metrics.consumer_lag.labels(topic=topic).set(n)
+            except Exception as e:  # noqa: BLE001 - a metric must never take the API down
+                log.debug("consumer lag unavailable: %s", e)
+            await asyncio.sleep(every_s)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # noqa: ANN001, ANN202

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -50,6 +50,25 @@ def create_topics(servers: str, partitions: int, timeout: float = 30.0) -> list[
         return created
     finally:
         admin.close()
+
+
+def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> dict[str, int]:
+    """Messages in ``topics`` not yet committed by consumer ``group``, per topic.
+
+    Reads the group's committed offsets without joining the group.
+    """
+    topics = list(topics)
+    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=group, client_id="privads-lag",
+                             enable_auto_commit=False, request_timeout_ms=5000)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or ())]
+        ends = consumer.end_offsets(parts)
+        lag: dict[str, int] = {t: 0 for t in topics}
+        for tp, end in ends.items():
+            lag[tp.topic] += max(0, end - (consumer.committed(tp) or 0))
+        return lag
+    finally:
+        consumer.close(autocommit=False)
 
 
 def make_producer(servers: str, **overrides: object) -> KafkaProducer:

@@ -62,10 +62,10 @@ class Settings(BaseSettings):
     # supervisor
     stop_timeout_s: float = Field(25.0, gt=0)
 
-    @field_validator("kafka", "redis")
+    @field_validator("kafka", "redis", "catalog", mode="before")
     @classmethod
-    def _blank_is_unset(cls, v: str | None) -> str | None:
-        return v or None
+    def _blank_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
 
     @property
     def api_host(self) -> str:
@@ -94,9 +94,6 @@ class Settings(BaseSettings):
 
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
-        env = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            env[f"PRIVADS_{name.upper()}"] = str(value)
-        return env
+        # None is written as "" (blank means unset), so that it overrides a value inherited from the parent
+        return {f"PRIVADS_{name.upper()}": "" if value is None else str(value)
+                for name, value in self.model_dump().items()}

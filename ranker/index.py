@@ -64,6 +64,12 @@ class ServingCatalog:
         active : ndarray of bool, shape (n,)
         categories : list of str or None, length n
         """
+        last = {a: i for i, a in enumerate(ad_ids)}  # an id twice in one batch: the last one wins
+        if len(last) < len(ad_ids):
+            keep = sorted(last.values())
+            ad_ids = [ad_ids[i] for i in keep]
+            categories = [categories[i] for i in keep]
+            vectors, bids, active = vectors[keep], bids[keep], active[keep]
         rows = []
         for ad_id, cat in zip(ad_ids, categories):
             r = self.row.get(ad_id)

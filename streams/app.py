@@ -47,7 +47,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> faust.App:
     """Build the worker app and its agents for these settings."""
-    app = faust.App("privads-worker", **faust_settings(settings))
+    app = faust.App(records.WORKER_GROUP, **faust_settings(settings))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     impressions = app.topic(records.IMPRESSIONS, **raw)
     clicks = app.topic(records.CLICKS, **raw)

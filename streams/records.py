@@ -25,6 +25,11 @@ MODEL_UPDATES = "privads.model-updates"
 # so that one worker owns each user whatever client produced the click
 LABELLED = "privads.labelled"
 
+# the stream workers' consumer group (Faust app id)
+WORKER_GROUP = "privads-worker"
+# what the workers consume, for lag reporting
+CONSUMED_TOPICS = (IMPRESSIONS, CLICKS, ADS, LABELLED)
+
 CONTRACT_TOPICS = (IMPRESSIONS, CLICKS, ADS, DEAD_LETTER, MODEL_UPDATES)
 ALL_TOPICS = CONTRACT_TOPICS + (LABELLED,)
 # topics whose order matters across the whole stream get one partition

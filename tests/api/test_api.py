@@ -152,6 +152,9 @@ def test_health_model_lift_metrics(client: httpx.Client) -> None:
     assert 'privads_request_seconds_bucket{le="0.01",method="POST",route="/recommend",status="200"}' in text
     assert 'privads_events_processed_total{topic="privads.clicks"}' in text
     assert "privads_impressions_dropped_total 0.0" in text
+    lag = wait_until(lambda: 'privads_consumer_lag{topic="privads.clicks"}' in client.get("/metrics").text, 20,
+                     "the consumer lag metric")
+    assert lag
     spec = client.get("/openapi.json").json()
     assert {"/recommend", "/clicks", "/ads/{ad_id}", "/users/{user_id}", "/lift", "/model", "/healthz",
             "/metrics"} <= set(spec["paths"])

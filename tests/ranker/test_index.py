@@ -166,10 +166,10 @@ def test_save_load_empty(tmp_path):
     assert len(back) == 0 and back.ad_ids == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: upsert with the same ad_id twice in one batch adds the row to the "
-                                       "FAISS index twice (len 2 for one ad, search returns the row twice)")
+# the same ad twice in one batch: indexed once, the last occurrence wins
 def test_duplicate_ad_id_in_one_batch_is_indexed_once():
     cat = ServingCatalog(2)
     _add(cat, ["a", "a"], [[1, 0], [0, 1]], bids=[1.0, 2.0])
     assert len(cat) == 1
     assert cat.search(np.array([0, 1], np.float32), 5).tolist() == [0]
+    assert cat.bids[0] == 2.0 and cat.vectors[0].tolist() == [0.0, 1.0]

@@ -1,0 +1,126 @@
+"""Unit tests for the settings object (``infra.settings``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from infra.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # settings must not depend on whatever PRIVADS_* variables the test runner inherited
+    for name in list(os.environ):
+        if name.upper().startswith("PRIVADS_"):
+            monkeypatch.delenv(name)
+
+
+def _from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Settings:
+    """What a child process started with ``env`` would build."""
+    for name in list(os.environ):
+        if name.upper().startswith("PRIVADS_"):
+            monkeypatch.delenv(name)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return Settings()
+
+
+def test_contract_defaults():
+    s = Settings()
+    assert s.data == Path("./.privads")
+    assert s.api == "http://127.0.0.1:8000"
+    assert s.kafka is None and s.redis is None
+    assert s.api_host == "127.0.0.1" and s.api_port == 8000
+    assert s.models_dir == Path("./.privads") / "models"
+    assert s.d_user == 64 and s.d_ad == 384
+
+
+def test_unresolved_infrastructure_raises():
+    s = Settings()
+    with pytest.raises(RuntimeError, match="PRIVADS_KAFKA"):
+        s.kafka_servers
+    with pytest.raises(RuntimeError, match="PRIVADS_REDIS"):
+        s.redis_url
+
+
+def test_env_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRIVADS_KAFKA", "broker-1:9092,broker-2:9092")
+    monkeypatch.setenv("PRIVADS_REDIS", "redis://cache:6379/2")
+    monkeypatch.setenv("PRIVADS_D_USER", "32")
+    monkeypatch.setenv("PRIVADS_DATA", str(tmp_path))
+    monkeypatch.setenv("PRIVADS_EXPLORATION", "0.25")
+    s = Settings()
+    assert s.kafka == "broker-1:9092,broker-2:9092" and s.kafka_servers == s.kafka
+    assert s.redis == "redis://cache:6379/2" and s.redis_url == s.redis
+    assert s.d_user == 32 and isinstance(s.d_user, int)
+    assert s.data == tmp_path and s.models_dir == tmp_path / "models"
+    assert s.exploration == 0.25
+
+
+def test_blank_kafka_and_redis_count_as_unset(monkeypatch):
+    monkeypatch.setenv("PRIVADS_KAFKA", "")
+    monkeypatch.setenv("PRIVADS_REDIS", "")
+    s = Settings()
+    assert s.kafka is None and s.redis is None
+    assert Settings(kafka="", redis="").kafka is None
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("PRIVADS_D_USER", "abc"),
+    ("PRIVADS_D_USER", "1"),
+    ("PRIVADS_PARTITIONS", "0"),
+    ("PRIVADS_CONTROL_SHARE", "1.5"),
+    ("PRIVADS_BASE_RATE", "1"),
+    ("PRIVADS_CONTROL_POLICY", "greedy"),
+    ("PRIVADS_LEARNING_RATE", "0"),
+])
+def test_invalid_values_raise_validation_error(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+@pytest.mark.parametrize(("api", "host", "port"), [
+    ("http://example.org:9001", "example.org", 9001),
+    ("http://10.0.0.5", "10.0.0.5", 8000),
+    ("http://[::1]:8123", "::1", 8123),
+    ("http://api.internal:80/", "api.internal", 80),
+])
+def test_api_host_and_port(monkeypatch, api, host, port):
+    monkeypatch.setenv("PRIVADS_API", api)
+    s = Settings()
+    assert (s.api_host, s.api_port) == (host, port)
+
+
+def test_child_env_shape():
+    env = Settings(kafka="k:9092").child_env()
+    assert all(k.startswith("PRIVADS_") and k == k.upper() for k in env)
+    assert all(isinstance(v, str) for v in env.values())
+    assert env["PRIVADS_KAFKA"] == "k:9092" and env["PRIVADS_D_USER"] == "64"
+    # None is written blank, which reads back as unset and overrides a value the child would inherit
+    assert env["PRIVADS_REDIS"] == ""
+
+
+def test_child_env_round_trip_defaults(monkeypatch):
+    s = Settings()
+    assert _from_env(monkeypatch, s.child_env()) == s
+
+
+def test_child_env_round_trip_customised(monkeypatch, tmp_path):
+    s = Settings(kafka="127.0.0.1:19092", redis="redis://127.0.0.1:16379/0", data=tmp_path / "d",
+                 api="http://127.0.0.1:8123", d_user=32, partitions=2, control_share=0.0, seed=7,
+                 exploration=0.3, learning_rate=0.123456789, control_policy="popularity",
+                 catalog=tmp_path / "ads.jsonl")
+    back = _from_env(monkeypatch, s.child_env())
+    assert back == s
+    assert back.d_user == 32 and back.api_port == 8123 and back.learning_rate == 0.123456789
+
+
+# a None setting (catalog=None: load no sample catalog) must survive the trip to a child
+def test_child_env_round_trip_catalog_none(monkeypatch):
+    s = Settings(catalog=None)
+    assert _from_env(monkeypatch, s.child_env()) == s
