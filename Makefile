@@ -18,6 +18,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 exec $(VENV)/bin/privads up
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check streams learner ranker api infra tests
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 clean:

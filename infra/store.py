@@ -113,7 +113,9 @@ class CatalogStore:
         last = await self.r.xrevrange(keys.CATALOG_LOG, count=1)
         return last[0][0].decode() if last else "0-0"
 
-    async def changes_since(self, change_id: str, block_ms: int | None = None, count: int = 10_000) -> tuple[str, list[str]]:
+    async def changes_since(
+        self, change_id: str, block_ms: int | None = None, count: int = 10_000
+    ) -> tuple[str, list[str]]:
         """Ad ids changed after ``change_id``; returns (newest change id, ad ids)."""
         res = await self.r.xread({keys.CATALOG_LOG: change_id}, count=count, block=block_ms)
         if not res:

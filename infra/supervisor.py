@@ -10,7 +10,6 @@ import time
 import httpx
 
 from infra.kafka import create_topics
-from infra.produce import produce_file
 from infra.processes import (
     Process,
     StartError,
@@ -20,6 +19,7 @@ from infra.processes import (
     redis_process,
     wait_port_free,
 )
+from infra.produce import produce_file
 from infra.settings import Settings
 
 log = logging.getLogger("privads.up")

@@ -14,7 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 from infra.kafka import make_producer
@@ -47,10 +46,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled") -> dict:
         serving = ServingCatalog(projector.d_user)
         for i in range(0, len(ids), READ_CHUNK):
             entries, emb = await catalog_store.read(ids[i:i + READ_CHUNK])
-            if entries:
-                serving.upsert([e.ad_id for e in entries], projector.project(emb),
-                               np.array([e.bid for e in entries], dtype=np.float32),
-                               np.array([e.active for e in entries]), [e.category for e in entries])
+            serving.upsert_entries(entries, projector.project(emb))
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason,

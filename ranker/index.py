@@ -7,7 +7,9 @@ active ones. Updates are in place, so the catalog is owned by one event loop.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -92,6 +94,19 @@ class ServingCatalog:
         on = rows_a[active]
         if on.size:
             self.index.add_with_ids(self.vectors[on], on)
+
+    def upsert_entries(self, entries: Sequence[Any], vectors: np.ndarray) -> None:
+        """Upsert catalog entries (with ``ad_id``, ``bid``, ``active``, ``category``) and their projected vectors.
+
+        Parameters
+        ----------
+        entries : sequence of catalog entries, length n
+        vectors : ndarray, shape (n, d)
+        """
+        if not entries:
+            return
+        self.upsert([e.ad_id for e in entries], vectors, np.array([e.bid for e in entries], dtype=np.float32),
+                    np.array([e.active for e in entries], dtype=bool), [e.category for e in entries])
 
     def search(self, query: np.ndarray, n: int) -> np.ndarray:
         """Rows of the ``n`` active ads with the largest inner product with ``query`` (shape (d,))."""

@@ -30,10 +30,6 @@ from streams.updates import logit
 log = logging.getLogger(__name__)
 
 
-class UnknownAd(LookupError):
-    """An ad id that the catalog does not hold."""
-
-
 @dataclass(frozen=True, slots=True)
 class ShownAd:
     ad_id: str
@@ -93,11 +89,7 @@ class Recommender:
 
     async def _apply_changes(self, version: ModelVersion, ad_ids: list[str]) -> None:
         entries, emb = await self.catalog.read(ad_ids)
-        if entries:
-            version.catalog.upsert(
-                [e.ad_id for e in entries], version.projector.project(emb),
-                np.array([e.bid for e in entries], dtype=np.float32),
-                np.array([e.active for e in entries]), [e.category for e in entries])
+        version.catalog.upsert_entries(entries, version.projector.project(emb))
 
     async def _catch_up(self, version: ModelVersion, change_id: str, block_ms: int | None) -> str:
         while True:

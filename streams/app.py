@@ -17,7 +17,16 @@ from typing import Any
 import faust
 
 from infra.settings import Settings
-from infra.store import AttributionStore, CatalogStore, ModelPointer, UserStore, WorkerRegistry, connect, count_processed, first_seen
+from infra.store import (
+    AttributionStore,
+    CatalogStore,
+    ModelPointer,
+    UserStore,
+    WorkerRegistry,
+    connect,
+    count_processed,
+    first_seen,
+)
 from learner.encoder import AdEncoder
 from streams import records
 from streams.records import InvalidEvent

@@ -27,7 +27,8 @@ def produce(servers: str, topic: str, messages: list[tuple[str | None, bytes | d
 
 def read_topic(servers: str, topic: str, timeout: float = 2.0) -> list[dict]:
     """Every message currently in ``topic`` (all partitions, from the start), JSON-decoded."""
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, consumer_timeout_ms=int(timeout * 1000))
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False,
+                             consumer_timeout_ms=int(timeout * 1000))
     try:
         parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
         consumer.assign(parts)

@@ -12,7 +12,9 @@ router = APIRouter(tags=["users"])
 
 
 @router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
-async def erase_user(user_id: Annotated[str, Path(min_length=1, max_length=128)], recommender: RecommenderDep) -> Response:
+async def erase_user(
+    user_id: Annotated[str, Path(min_length=1, max_length=128)], recommender: RecommenderDep
+) -> Response:
     """Erase every learned trace of a user."""
     await recommender.erase_user(user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -33,6 +33,18 @@ def processes_with_env(marker: str) -> list[int]:
     return found
 
 
+def child(marker: str, role: str) -> int | None:
+    """PID of the ``privads <role>`` child among the processes of this test's stack."""
+    for pid in processes_with_env(marker):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"infra.cli" in argv and role.encode() in argv:
+            return pid
+    return None
+
+
 def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     kport, rport, aport = free_port(), free_port(), free_port()
     catalog = tmp_path / "catalog.jsonl"
@@ -54,6 +66,11 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         assert r.status_code == 200 and len(r.json()["ads"]) == 4
         assert (data / "redis" / "appendonlydir").is_dir()  # AOF persistence in the data dir
         assert len(processes_with_env(str(data))) >= 5  # up, broker, redis, worker, learner, api
+        # a crashed child is reported and restarted, not silently left
+        crashed = child(str(data), "worker")
+        assert crashed is not None
+        os.kill(crashed, signal.SIGKILL)
+        wait_until(lambda: child(str(data), "worker") not in (None, crashed), 30, "the worker to be restarted")
     finally:
         up.send_signal(signal.SIGINT)
         try:
@@ -62,7 +79,9 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
             up.kill()
             out, _ = up.communicate()
             pytest.fail("privads up did not stop within 30 s of Ctrl-C:\n" + out.decode(errors="replace")[-3000:])
-    assert up.returncode == 0, out.decode(errors="replace")[-3000:]
+    log = out.decode(errors="replace")
+    assert up.returncode == 0, log[-3000:]
+    assert "worker exited with code -9; restarting" in log
     time.sleep(0.5)
     assert not [p for p in (kport, rport, aport) if port_open("127.0.0.1", p)], "a port is still open"
     assert processes_with_env(str(data)) == [], "a child process outlived privads up"

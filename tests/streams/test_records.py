@@ -60,7 +60,8 @@ def test_decode_valid_impression():
     dec = decode(IMPRESSIONS, _bytes(_impression()))
     r = dec.record
     assert isinstance(r, Impression)
-    assert (r.event_id, r.user_id, r.ad_id, r.position, r.policy, r.request_id) == ("e1", "u1", "a1", 0, "thompson", "r1")
+    assert (r.event_id, r.user_id, r.ad_id, r.position, r.policy, r.request_id) == (
+        "e1", "u1", "a1", 0, "thompson", "r1")
     assert r.ts == 1700000000.5 and r.propensity == 0.25 and r.model_version == "v1"
     assert dec.extra == {}
 
