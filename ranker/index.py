@@ -1,7 +1,9 @@
 """The serving catalog: ad vectors, bids and a FAISS inner-product index over them.
 
 Ads get dense integer ids (their row in ``vectors``); the index holds only the
-active ones. Updates are in place, so the catalog is owned by one event loop.
+active ones, keyed by ``[p, log bid]`` (``ranker.scoring.retrieval_keys``) so that
+one index serves both plain similarity and expected-value retrieval. Updates
+are in place, so the catalog is owned by one event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from ranker.scoring import retrieval_keys, retrieval_query
 
 
 class ServingCatalog:
@@ -32,7 +36,7 @@ class ServingCatalog:
         self.bids = np.zeros(0, dtype=np.float32)
         self.active = np.zeros(0, dtype=bool)
         self.categories: list[str | None] = []
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
 
     @property
     def index_type(self) -> str:
@@ -93,7 +97,7 @@ class ServingCatalog:
         self.active[rows_a] = active
         on = rows_a[active]
         if on.size:
-            self.index.add_with_ids(self.vectors[on], on)
+            self.index.add_with_ids(retrieval_keys(self.vectors[on], self.bids[on]), on)
 
     def upsert_entries(self, entries: Sequence[Any], vectors: np.ndarray) -> None:
         """Upsert catalog entries (with ``ad_id``, ``bid``, ``active``, ``category``) and their projected vectors.
@@ -110,10 +114,17 @@ class ServingCatalog:
 
     def search(self, query: np.ndarray, n: int) -> np.ndarray:
         """Rows of the ``n`` active ads with the largest inner product with ``query`` (shape (d,))."""
+        return self._search(retrieval_query(query, 0.0), n)
+
+    def retrieve(self, user: np.ndarray, n: int) -> np.ndarray:
+        """Rows of the ``n`` active ads with the largest approximate expected value for ``user`` (shape (d,))."""
+        return self._search(retrieval_query(user, 1.0), n)
+
+    def _search(self, query: np.ndarray, n: int) -> np.ndarray:
         n = min(n, len(self))
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        _, ids = self.index.search(query.reshape(1, -1).astype(np.float32), n)
+        _, ids = self.index.search(query.reshape(1, -1), n)
         return ids[0][ids[0] >= 0]
 
     def active_rows(self) -> np.ndarray:

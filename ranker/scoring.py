@@ -75,6 +75,33 @@ def expected_value(users: np.ndarray, ads: np.ndarray, bids: np.ndarray, bias: f
     return sigmoid(users @ ads.T + bias) * bids[None, :]
 
 
+MIN_BID = 1e-6
+
+
+def retrieval_keys(ads: np.ndarray, bids: np.ndarray) -> np.ndarray:
+    """Index keys that make inner-product search approximate expected-value search.
+
+    At ad click-through rates ``σ(z) ≈ e^z``, so ``log EV ≈ u·p + b + log(bid)``:
+    the key ``[p, log bid]`` against the query ``[u, 1]`` orders ads by that.
+
+    Parameters
+    ----------
+    ads : ndarray, shape (n, D)
+    bids : ndarray, shape (n,)
+
+    Returns
+    -------
+    ndarray, shape (n, D + 1), float32
+    """
+    log_bid = np.log(np.maximum(bids, MIN_BID)).astype(np.float32)
+    return np.hstack([ads.astype(np.float32, copy=False), log_bid[:, None]])
+
+
+def retrieval_query(user: np.ndarray, bid_weight: float = 1.0) -> np.ndarray:
+    """Query for ``retrieval_keys``: ``[u, bid_weight]``, shape (D + 1,); weight 0 is plain similarity."""
+    return np.append(user.astype(np.float32, copy=False), np.float32(bid_weight))
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest entries of each row, best first.
 

@@ -144,7 +144,7 @@ class Recommender:
         else:
             (state,) = await self.users.get_many([user_id])
             mean, precision = (state[0], state[1]) if state else (self.prior_mean, self.prior_precision)
-            cand = rows if rows.size <= self.settings.candidates else cat.search(mean, self.settings.candidates)
+            cand = rows if rows.size <= self.settings.candidates else cat.retrieve(mean, self.settings.candidates)
             ranked = scoring.thompson_rank(
                 mean, precision, cat.vectors[cand], cat.bids[cand], k, bias=self.bias,
                 draws=self.settings.propensity_draws, scale=self.settings.exploration, rng=self.rng)
