@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,15 +125,12 @@ class Recommender:
 
     # --- requests -----------------------------------------------------------------
 
-    def _request_id(self) -> str:
-        return str(uuid.UUID(bytes=self.rng.bytes(16), version=4))
-
     async def recommend(self, user_id: str, k: int, context: dict[str, Any] | None) -> Recommendation:
         """Top-k ads for a user: Thompson sampling for treatment, the control policy otherwise."""
         version = self.served
         cat = version.catalog
         policy = experiment.assign_arm(user_id, self.settings.arm_salt, self.settings.control_share)
-        request_id = self._request_id()
+        request_id = records.new_event_id()
         rows = cat.active_rows()
         if rows.size == 0:
             return Recommendation(request_id, policy, version.version, [])
@@ -152,7 +148,7 @@ class Recommender:
         shown = []
         for pos, (i, score, prop) in enumerate(zip(ranked.index, ranked.score, ranked.propensity)):
             ad_id = cat.ad_ids[int(cand[i])]
-            shown.append(ShownAd(ad_id, pos, float(score), float(prop), self._request_id()))
+            shown.append(ShownAd(ad_id, pos, float(score), float(prop), records.new_event_id()))
         self.producer.send_many(
             (records.IMPRESSIONS, user_id, records.encode(records.Impression(
                 event_id=s.impression_id, ts=now, user_id=user_id, ad_id=s.ad_id, position=s.position,
@@ -163,7 +159,7 @@ class Recommender:
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
         """Queue a click for ``privads.clicks``; returns its event id."""
-        event_id = self._request_id()
+        event_id = records.new_event_id()
         click = records.Click(event_id=event_id, ts=time.time(), impression_id=impression_id,
                               user_id=user_id, ad_id=ad_id, value=value)
         self.producer.send(records.CLICKS, user_id, records.encode(click))

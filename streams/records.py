@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -94,6 +95,12 @@ class Labelled(msgspec.Struct, kw_only=True, array_like=True):
 
 
 RECORDS: dict[str, type[msgspec.Struct]] = {IMPRESSIONS: Impression, CLICKS: Click, ADS: Ad}
+
+
+def new_event_id() -> str:
+    """A globally unique event id (random UUID), never derived from a seeded generator:
+    seeded ids would repeat across restarts and replicas, and dedupe would drop real events."""
+    return str(uuid.uuid4())
 
 
 class InvalidEvent(ValueError):
