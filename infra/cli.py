@@ -34,7 +34,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.app import run_worker
+    from streams.worker import run_worker
 
     run_worker(_running(settings))
     return 0

@@ -3,11 +3,15 @@
 | key | type | owner |
 | --- | --- | --- |
 | ``u:{user_id}`` | packed user state (see ``pack_user``) | stream workers |
-| ``imp:{impression_id}`` | pending impression (JSON), TTL = window + margin | stream workers |
-| ``pending`` | zset impression_id → ts, impressions awaiting their window | stream workers |
-| ``orphan:{impression_id}`` | click that arrived before its impression, TTL | stream workers |
-| ``seen:{topic}:{event_id}`` | dedupe marker, TTL | stream workers |
+| ``ckpt:{p}`` | hash: input offset per topic, ``seq`` (bumped by every writer), clock, closed buckets | owner of p |
+| ``pb:{p}`` | set of pending-bucket indexes of partition p | partition p's owner |
+| ``pend:{p}:{b}`` | hash impression id → packed ``Pending``, bucket b, TTL | partition p's owner |
+| ``orph:{p}`` | hash impression id → packed click that came before its impression | partition p's owner |
+| ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
+| ``erased:{user_id}`` | when the user was erased; older events are ignored | API |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
+| ``adstat`` | hash ``{ad_id}:labelled`` / ``{ad_id}:clicks`` counts (per-ad Beta posteriors) | stream workers |
+| ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
 | ``ad:{ad_id}`` | hash text/bid/category/active/text_hash/ts | catalog agent |
 | ``emb:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent |
@@ -24,7 +28,9 @@ import struct
 import numpy as np
 
 USER_PREFIX = "u:"
-PENDING = "pending"
+ADSTAT = "adstat"
+FRESHNESS = "fresh"
+PARTITIONS = "partitions"
 ADS = "ads"
 CATALOG_LOG = "catalog:log"
 MODEL_CURRENT = "model:current"
@@ -37,16 +43,28 @@ def user(user_id: str) -> str:
     return USER_PREFIX + user_id
 
 
-def impression(impression_id: str) -> str:
-    return "imp:" + impression_id
+def checkpoint(partition: int) -> str:
+    return f"ckpt:{partition}"
 
 
-def orphan(impression_id: str) -> str:
-    return "orphan:" + impression_id
+def buckets(partition: int) -> str:
+    return f"pb:{partition}"
 
 
-def seen(topic: str, event_id: str) -> str:
-    return f"seen:{topic}:{event_id}"
+def pending(partition: int, bucket: int) -> str:
+    return f"pend:{partition}:{bucket}"
+
+
+def orphans(partition: int) -> str:
+    return f"orph:{partition}"
+
+
+def archive(partition: int) -> str:
+    return f"arch:{partition}"
+
+
+def erased(user_id: str) -> str:
+    return "erased:" + user_id
 
 
 def arm(policy: str, bucket: int) -> str:

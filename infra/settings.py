@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     prior_precision: float = Field(16.0, gt=0, description="initial diagonal precision")
     base_rate: float = Field(0.05, gt=0, lt=1, description="prior CTR (global bias)")
     attribution_window_s: float = Field(1800.0, gt=0)
-    dedupe_ttl_s: float = Field(86400.0, gt=0)
+    dedupe_horizon_s: float = Field(1800.0, ge=0, description="impression ids remembered after their window")
+    worker_batch: int = Field(20_000, ge=1, description="max events per worker batch")
+    dp_clip: float | None = Field(None, gt=0, description="set to clip each update (differential privacy)")
+    dp_noise: float = Field(1.0, ge=0, description="DP noise multiplier σ (noise std = σ · clip)")
+    dp_delta: float = Field(1e-6, gt=0, lt=1)
 
     # serving
     candidates: int = Field(500, ge=1, le=10000)
@@ -62,7 +66,7 @@ class Settings(BaseSettings):
     # supervisor
     stop_timeout_s: float = Field(25.0, gt=0)
 
-    @field_validator("kafka", "redis", "catalog", mode="before")
+    @field_validator("kafka", "redis", "catalog", "dp_clip", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if v == "" else v

@@ -8,36 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
 from infra import keys
-from streams.records import Ad, Click, Impression, Labelled
+from streams.records import Ad
 
 
 def connect(url: str) -> aioredis.Redis:
     return aioredis.from_url(url, decode_responses=False, health_check_interval=10)
-
-
-# --- dedupe ------------------------------------------------------------------
-
-
-async def first_seen(r: aioredis.Redis, topic: str, event_ids: Sequence[str], ttl_s: float) -> list[bool]:
-    """Mark event ids as seen; True for those never seen before (a duplicate is applied once)."""
-    pipe = r.pipeline(transaction=False)
-    for eid in event_ids:
-        pipe.set(keys.seen(topic, eid), b"1", nx=True, ex=int(ttl_s))
-    return [bool(x) for x in await pipe.execute()]
-
-
-async def count_processed(r: aioredis.Redis, topic: str, n: int) -> None:
-    """Events of ``topic`` consumed by the workers (for /metrics)."""
-    if n:
-        await r.hincrby(keys.STATS, f"processed:{topic}", n)
 
 
 # --- catalog -----------------------------------------------------------------
@@ -146,96 +128,163 @@ class UserStore:
     async def erased_at(self, user_ids: Sequence[str]) -> list[float | None]:
         if not user_ids:
             return []
-        vals = await self.r.mget([f"erased:{u}" for u in user_ids])
+        vals = await self.r.mget([keys.erased(u) for u in user_ids])
         return [float(v) if v else None for v in vals]
 
     async def erase(self, user_id: str, now: float, ttl_s: float) -> None:
-        """Delete the user's state; events already in flight for it are then ignored."""
+        """Delete the user's state; events for it up to ``now`` are ignored from then on.
+
+        Bumps every partition's ``seq`` so that a worker holding a state read
+        before the erasure cannot write it back (its commit is fenced on seq).
+        """
+        n = int(await self.r.get(keys.PARTITIONS) or 0)
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(keys.user(user_id))
-        pipe.set(f"erased:{user_id}", repr(now), ex=int(ttl_s))
+        pipe.set(keys.erased(user_id), repr(now), ex=int(ttl_s))
+        for p in range(n):
+            pipe.hincrby(keys.checkpoint(p), "seq", 1)
         await pipe.execute()
 
     async def exists(self, user_id: str) -> bool:
         return bool(await self.r.exists(keys.user(user_id)))
 
 
-# --- attribution and arm counters --------------------------------------------
-
-_impression_encoder = msgspec.json.Encoder()
+# --- partition state (the workers' exactly-once unit) -----------------------------------
 
 
-class AttributionStore:
-    """Pending impressions awaiting their clicks, and the per-arm counters for /lift."""
+class Conflict(Exception):
+    """Another writer changed a partition since it was read; the batch must be re-planned."""
 
-    def __init__(self, r: aioredis.Redis, window_s: float) -> None:
+
+@dataclass
+class Checkpoint:
+    """What ``ckpt:{p}`` holds: input offsets per topic and the partition's bookkeeping."""
+
+    offsets: dict[str, int]
+    seq: int
+    closed_before: int | None
+    watermark: float | None
+    watermark_wall: float | None
+
+    @classmethod
+    def parse(cls, h: dict[bytes, bytes]) -> Checkpoint:
+        offsets = {k[4:].decode(): int(v) for k, v in h.items() if k.startswith(b"off:")}
+
+        def num(name: bytes, kind: type) -> object:
+            return kind(h[name]) if name in h else None
+
+        return cls(offsets, int(h.get(b"seq", 0)), num(b"closed", int), num(b"wm", float), num(b"wm_wall", float))
+
+
+@dataclass
+class PartitionWrites:
+    """Everything one partition's batch writes, applied in one transaction."""
+
+    partition: int
+    offsets: dict[str, int]
+    closed_before: int
+    watermark: float
+    watermark_wall: float
+    pending: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    pending_ttl_s: int = 3600
+    put_orphans: dict[str, bytes] = field(default_factory=dict)
+    del_orphans: set[str] = field(default_factory=set)
+    drop_buckets: set[int] = field(default_factory=set)
+    archive: dict[bytes, bytes] | None = None
+
+
+class PartitionStore:
+    """Reads and atomic commits of partition state; every commit bumps ``seq`` and is fenced on it."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
         self.r = r
-        self.window_s = window_s
-        self.ttl = int(window_s) + 600
 
-    async def add_impressions(self, imps: Sequence[Impression]) -> list[Labelled]:
-        """Record impressions; returns positives for clicks that arrived before them."""
+    async def checkpoints(self, partitions: Sequence[int]) -> tuple[dict[int, Checkpoint], dict[int, set[int]]]:
+        """Checkpoint and bucket set of each partition."""
         pipe = self.r.pipeline(transaction=False)
-        for imp in imps:
-            pending = Labelled(impression_id=imp.event_id, user_id=imp.user_id, ad_id=imp.ad_id, ts=imp.ts,
-                               clicked=False, policy=imp.policy, position=imp.position, propensity=imp.propensity)
-            pipe.set(keys.impression(imp.event_id), _impression_encoder.encode(pending), ex=self.ttl)
-            pipe.zadd(keys.PENDING, {imp.event_id: imp.ts})
-            pipe.hincrby(keys.arm(imp.policy, int(imp.ts) // keys.ARM_BUCKET_S), "impressions", 1)
-            pipe.sadd("arms", imp.policy)
-            pipe.get(keys.orphan(imp.event_id))
+        for p in partitions:
+            pipe.hgetall(keys.checkpoint(p))
+            pipe.smembers(keys.buckets(p))
         res = await pipe.execute()
-        early = [(imp, res[i * 5 + 4]) for i, imp in enumerate(imps) if res[i * 5 + 4] is not None]
-        out = []
-        for imp, blob in early:
-            click = msgspec.json.decode(blob, type=Click)
-            labelled = await self._claim_click(imp.event_id, click.value)
-            if labelled is not None:
-                out.append(labelled)
-            await self.r.delete(keys.orphan(imp.event_id))
-            await self.r.hincrby(keys.STATS, "clicks_unattributed", -1)
-        return out
+        ckpts = {p: Checkpoint.parse(res[2 * i]) for i, p in enumerate(partitions)}
+        bkts = {p: {int(b) for b in res[2 * i + 1]} for i, p in enumerate(partitions)}
+        return ckpts, bkts
 
-    async def _claim_click(self, impression_id: str, value: float | None) -> Labelled | None:
-        """Turn a pending impression into a positive, once (ZREM is the claim)."""
-        if not await self.r.zrem(keys.PENDING, impression_id):
-            return None
-        blob = await self.r.get(keys.impression(impression_id))
-        if blob is None:
-            return None
-        pending = msgspec.json.decode(blob, type=Labelled)
-        await self.r.hincrby(keys.arm(pending.policy, int(pending.ts) // keys.ARM_BUCKET_S), "clicks", 1)
-        return msgspec.structs.replace(pending, clicked=True, value=value or 0.0)
-
-    async def add_clicks(self, clicks: Sequence[Click]) -> list[Labelled]:
-        """Join clicks with their impressions; returns the positives."""
-        out = []
-        for click in clicks:
-            if await self.r.exists(keys.impression(click.impression_id)):
-                labelled = await self._claim_click(click.impression_id, click.value)
-                if labelled is None:
-                    await self.r.hincrby(keys.STATS, "clicks_repeated_or_late", 1)
-                else:
-                    out.append(labelled)
-            else:
-                await self.r.set(keys.orphan(click.impression_id), msgspec.json.encode(click), ex=self.ttl)
-                await self.r.hincrby(keys.STATS, "clicks_unattributed", 1)
-        return out
-
-    async def close_windows(self, now: float, limit: int = 10_000) -> list[Labelled]:
-        """Negatives for impressions whose attribution window closed without a click."""
-        due = await self.r.zrangebyscore(keys.PENDING, "-inf", now - self.window_s, start=0, num=limit)
-        if not due:
-            return []
+    async def read(self, requests: Sequence[tuple[str, tuple]]) -> list[object]:
+        """Run a list of read commands ``(name, args)`` in one round trip."""
         pipe = self.r.pipeline(transaction=False)
-        for iid in due:
-            pipe.zrem(keys.PENDING, iid)
-        claimed = [iid.decode() for iid, ok in zip(due, await pipe.execute()) if ok]
-        if not claimed:
-            return []
-        blobs = await self.r.mget([keys.impression(i) for i in claimed])
-        await self.r.delete(*[keys.impression(i) for i in claimed])
-        return [msgspec.json.decode(b, type=Labelled) for b in blobs if b is not None]
+        for name, args in requests:
+            getattr(pipe, name)(*args)
+        return await pipe.execute()
+
+    async def commit(
+        self,
+        expected_seq: dict[int, int],
+        writes: Sequence[PartitionWrites],
+        users: dict[str, bytes],
+        counters: dict[str, dict[str, int]],
+        arms: set[str],
+    ) -> None:
+        """Apply the writes of a batch atomically, if no other writer touched its partitions since they were read.
+
+        Raises
+        ------
+        Conflict
+            If a partition's ``seq`` moved (another worker, or an erasure); nothing was written.
+        """
+        ckeys = [keys.checkpoint(p) for p in expected_seq]
+        async with self.r.pipeline(transaction=True) as pipe:
+            await pipe.watch(*ckeys)
+            for p, want in expected_seq.items():
+                now = int(await pipe.hget(keys.checkpoint(p), "seq") or 0)
+                if now != want:
+                    raise Conflict(f"partition {p}: seq {now} != {want}")
+            pipe.multi()
+            for w in writes:
+                ck = keys.checkpoint(w.partition)
+                mapping: dict[str, object] = {f"off:{t}": o for t, o in w.offsets.items()}
+                mapping.update(closed=w.closed_before, wm=repr(w.watermark), wm_wall=repr(w.watermark_wall))
+                pipe.hset(ck, mapping=mapping)
+                pipe.hincrby(ck, "seq", 1)
+                for b, recs in w.pending.items():
+                    key = keys.pending(w.partition, b)
+                    pipe.hset(key, mapping=recs)
+                    pipe.expire(key, w.pending_ttl_s)
+                if w.pending:
+                    pipe.sadd(keys.buckets(w.partition), *w.pending)
+                if w.drop_buckets:
+                    pipe.srem(keys.buckets(w.partition), *w.drop_buckets)
+                if w.put_orphans:
+                    pipe.hset(keys.orphans(w.partition), mapping=w.put_orphans)
+                if w.del_orphans:
+                    pipe.hdel(keys.orphans(w.partition), *w.del_orphans)
+                if w.archive:
+                    pipe.xadd(keys.archive(w.partition), w.archive)
+            if users:
+                pipe.mset({keys.user(u): blob for u, blob in users.items()})
+            for key, incs in counters.items():
+                for f, n in incs.items():
+                    if n:
+                        pipe.hincrby(key, f, n)
+            if arms:
+                pipe.sadd("arms", *arms)
+            try:
+                await pipe.execute()
+            except aioredis.WatchError as e:
+                raise Conflict(str(e)) from None
+
+    async def set_partitions(self, n: int) -> None:
+        await self.r.set(keys.PARTITIONS, n)
+
+
+# --- counters for /lift and /metrics ------------------------------------------------
+
+
+class Counters:
+    """Read side of the workers' exact counters: per-arm CTR buckets, global stats."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
 
     async def stats(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in (await self.r.hgetall(keys.STATS)).items()}
@@ -259,6 +308,10 @@ class AttributionStore:
                 clicks += int(h.get(b"clicks", 0))
             out[a] = {"impressions": imps, "clicks": clicks}
         return out
+
+    async def freshness(self) -> dict[int, int]:
+        """Histogram of click → user-state latency: upper bound (ms) → count."""
+        return {int(k): int(v) for k, v in (await self.r.hgetall(keys.FRESHNESS)).items()}
 
 
 # --- worker heartbeats ----------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from infra.kafka import QueuedProducer
 from infra.settings import Settings
-from infra.store import AttributionStore, CatalogStore, ModelPointer, UserStore
+from infra.store import CatalogStore, Counters, ModelPointer, UserStore
 from learner.artifacts import ModelVersion, load_version
 from learner.projector import initial_projector
 from ranker import experiment, scoring
@@ -71,7 +71,7 @@ class Recommender:
         self.users = UserStore(redis)
         self.catalog = CatalogStore(redis)
         self.pointer = ModelPointer(redis)
-        self.attribution = AttributionStore(redis, settings.attribution_window_s)
+        self.counters = Counters(redis)
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.bias = logit(settings.base_rate)
@@ -173,7 +173,7 @@ class Recommender:
         await self.users.erase(user_id, time.time(), self.settings.attribution_window_s + 3600)
 
     async def lift(self, window_s: float) -> LiftReport:
-        counts = await self.attribution.arm_counts(window_s)
+        counts = await self.counters.arm_counts(window_s)
         report = LiftReport(window_s=window_s)
         for arm, c in counts.items():
             n, clicks = c["impressions"], c["clicks"]
@@ -186,7 +186,7 @@ class Recommender:
 
     async def worker_counters(self) -> dict[str, int]:
         """Events processed per topic by the stream workers."""
-        stats = await self.attribution.stats()
+        stats = await self.counters.stats()
         return {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("processed:")}
 
     def model_info(self) -> dict[str, Any]:

@@ -22,17 +22,21 @@ CLICKS = "privads.clicks"
 ADS = "privads.ads"
 DEAD_LETTER = "privads.dead-letter"
 MODEL_UPDATES = "privads.model-updates"
-# internal: attributed impressions, keyed by user_id with the murmur2 partitioner
-# so that one worker owns each user whatever client produced the click
-LABELLED = "privads.labelled"
+# internal: impressions and clicks that arrived on a partition that does not own
+# their key (another client's partitioner), forwarded once to the owner; the
+# original topic travels in the ``privads-topic`` header
+REPARTITION = "privads.repartition"
+ORIGIN_HEADER = "privads-topic"
 
 # the stream workers' consumer group (Faust app id)
 WORKER_GROUP = "privads-worker"
 # what the workers consume, for lag reporting
-CONSUMED_TOPICS = (IMPRESSIONS, CLICKS, ADS, LABELLED)
+CONSUMED_TOPICS = (IMPRESSIONS, CLICKS, REPARTITION, ADS)
+# co-partitioned: same partition count, partition p of each is owned by one worker
+EVENT_TOPICS = (IMPRESSIONS, CLICKS, REPARTITION)
 
 CONTRACT_TOPICS = (IMPRESSIONS, CLICKS, ADS, DEAD_LETTER, MODEL_UPDATES)
-ALL_TOPICS = CONTRACT_TOPICS + (LABELLED,)
+ALL_TOPICS = CONTRACT_TOPICS + (REPARTITION,)
 # topics whose order matters across the whole stream get one partition
 SINGLE_PARTITION = (MODEL_UPDATES,)
 
@@ -80,8 +84,19 @@ class Ad(msgspec.Struct, kw_only=True):
     ts: Ts = 0.0
 
 
+class Pending(msgspec.Struct, array_like=True):
+    """What the workers keep of an impression while its attribution window is open."""
+
+    user_id: str
+    ad_id: str
+    policy: str
+    ts: float
+    clicked: bool = False
+    value: float = 0.0
+
+
 class Labelled(msgspec.Struct, kw_only=True, array_like=True):
-    """An impression whose outcome is known: clicked, or its window closed."""
+    """An impression whose outcome is known: clicked, or its window closed unclicked."""
 
     impression_id: str
     user_id: str
@@ -89,8 +104,6 @@ class Labelled(msgspec.Struct, kw_only=True, array_like=True):
     ts: float
     clicked: bool
     policy: str
-    position: int
-    propensity: float | None
     value: float = 0.0
 
 
@@ -159,8 +172,22 @@ def dead_letter(topic: str, partition: int, offset: int, error: str, payload: by
     return orjson.dumps(body)
 
 
-_labelled_decoder = msgspec.json.Decoder(Labelled)
+_pending_encoder = msgspec.msgpack.Encoder()
+_pending_decoder = msgspec.msgpack.Decoder(Pending)
+_click_decoder = msgspec.msgpack.Decoder(Click)
 
 
-def decode_labelled(payload: bytes) -> Labelled:
-    return _labelled_decoder.decode(payload)
+def pack_pending(p: Pending) -> bytes:
+    return _pending_encoder.encode(p)
+
+
+def unpack_pending(blob: bytes) -> Pending:
+    return _pending_decoder.decode(blob)
+
+
+def pack_click(c: Click) -> bytes:
+    return _pending_encoder.encode(c)
+
+
+def unpack_click(blob: bytes) -> Click:
+    return _click_decoder.decode(blob)

@@ -13,6 +13,12 @@ projected ad vector (unit norm) and ``y ∈ {0, 1}`` the click updates it:
   (Chapelle & Li, 2011): ``q ← q + σ(z)(1 − σ(z))·p²``.
 
 Thompson sampling draws ``u ~ N(m, diag(1/q))`` (see ``ranker.scoring``).
+
+Differential privacy (optional, per event): each example's gradient is clipped
+to norm ``C`` and Gaussian noise ``N(0, (σC)² I)`` is added before the step, so
+one event moves a user's vector by a bounded, noised amount; ``dp_epsilon``
+accounts the (ε, δ) of a user's vector after ``T`` updates (Rényi DP of the
+Gaussian mechanism, composed over T steps).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class UpdateParams:
     max_step: float
     l2_prior: float
     bias: float
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
 
 
 def sigmoid(z: np.ndarray | float) -> np.ndarray | float:
@@ -83,3 +91,86 @@ def update_user(
         m -= step
         q += s * (1.0 - s) * p * p
     return m.astype(np.float32), q.astype(np.float32)
+
+
+def update_many(
+    mean: np.ndarray,
+    precision: np.ndarray,
+    user_index: np.ndarray,
+    ads: np.ndarray,
+    clicked: np.ndarray,
+    prior_mean: np.ndarray,
+    params: UpdateParams,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply many users' labelled impressions, vectorised across users.
+
+    Each user's examples are applied in the order given, as ``update_user``
+    would; round ``r`` updates, at once, every user's ``r``-th example.
+
+    Parameters
+    ----------
+    mean, precision : ndarray, shape (U, D)
+        Posteriors of the U users touched (float32; not modified).
+    user_index : ndarray of int, shape (n,)
+        Row of ``mean`` that each example belongs to, in event order.
+    ads : ndarray, shape (n, D)
+        Projected ad vector of each example.
+    clicked : ndarray, shape (n,)
+    prior_mean : ndarray, shape (D,)
+    params : UpdateParams
+    rng : numpy Generator, optional
+        Required when ``params.dp_clip`` is set (the DP noise).
+
+    Returns
+    -------
+    mean, precision : ndarray, shape (U, D), float32
+    """
+    m = mean.astype(np.float64, copy=True)
+    q = precision.astype(np.float64, copy=True)
+    if user_index.size == 0:
+        return m.astype(np.float32), q.astype(np.float32)
+    mu = prior_mean.astype(np.float64, copy=False)
+    p_all = ads.astype(np.float64, copy=False)
+    y_all = clicked.astype(np.float64, copy=False)
+    # rank of each example among its user's examples: 0 for the first, 1 for the second, ...
+    order = np.argsort(user_index, kind="stable")
+    sorted_users = user_index[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, sorted_users.size]))
+    rank = np.empty_like(user_index)
+    rank[order] = np.arange(sorted_users.size) - group_start
+    if params.dp_clip is not None and rng is None:
+        raise ValueError("rng is required for differentially private updates")
+    for r in range(int(rank.max()) + 1):
+        idx = np.flatnonzero(rank == r)
+        u = user_index[idx]
+        p, y = p_all[idx], y_all[idx]
+        s = sigmoid(np.einsum("ij,ij->i", m[u], p) + params.bias)
+        grad = (s - y)[:, None] * p + params.l2_prior * (m[u] - mu)
+        if params.dp_clip is not None:
+            gnorm = np.linalg.norm(grad, axis=1, keepdims=True)
+            grad *= np.minimum(1.0, params.dp_clip / np.maximum(gnorm, 1e-12))
+            grad += rng.standard_normal(grad.shape) * (params.dp_noise * params.dp_clip)
+        step = params.learning_rate * grad
+        norm = np.linalg.norm(step, axis=1, keepdims=True)
+        step *= np.minimum(1.0, params.max_step / np.maximum(norm, 1e-12))
+        m[u] -= step
+        q[u] += (s * (1.0 - s))[:, None] * p * p
+    return m.astype(np.float32), q.astype(np.float32)
+
+
+def dp_epsilon(steps: int, noise_multiplier: float, delta: float) -> float:
+    """ε of a user's vector after ``steps`` clipped, noised updates, at the given δ.
+
+    Rényi DP of the Gaussian mechanism (sensitivity C, noise σC): ``α/(2σ²)``
+    per step at order α, composed over the steps, converted with
+    ``ε = RDP(α) + log(1/δ)/(α − 1)`` minimised over α.
+    """
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    alphas = np.concatenate([np.linspace(1.01, 10, 200), np.linspace(10, 1000, 400)])
+    eps = steps * alphas / (2 * noise_multiplier**2) + np.log(1 / delta) / (alphas - 1)
+    return float(eps.min())

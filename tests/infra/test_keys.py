@@ -56,11 +56,9 @@ def test_unpacked_arrays_are_writable_copies():
     np.testing.assert_array_equal(keys.unpack_user(blob)[0], np.ones(3))
 
 
-def test_key_names():
-    assert keys.user("alice") == "u:alice"
-    assert keys.impression("i1") == "imp:i1"
-    assert keys.orphan("i1") == "orphan:i1"
-    assert keys.seen("privads.clicks", "e1") == "seen:privads.clicks:e1"
-    assert keys.arm("thompson", 28333333) == "arm:thompson:28333333"
-    assert keys.ad("a1") == "ad:a1"
-    assert keys.embedding("abc") == "emb:abc"
+# every kind of state lives in its own namespace: the same id never maps two kinds onto one key
+def test_key_namespaces_never_collide():
+    made = [keys.user("x"), keys.checkpoint(1), keys.buckets(1), keys.pending(1, 1), keys.orphans(1),
+            keys.archive(1), keys.erased("x"), keys.arm("x", 1), keys.ad("x"), keys.embedding("x")]
+    assert len(set(made)) == len(made)
+    assert keys.pending(1, 2) != keys.pending(12, 0) and keys.user("ad:x") != keys.ad("x")

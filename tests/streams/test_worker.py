@@ -1,9 +1,13 @@
-"""The stream worker against a real broker and redis-server: catalog, attribution, learning, dead letters."""
+"""The stream worker against a real broker and redis-server: catalog, attribution, learning, dead letters.
+
+This module runs with a 4 s attribution window (1 s buckets), so windows close within the tests.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -12,10 +16,20 @@ import redis
 from conftest import wait_until
 from helpers import click, impression, produce, read_topic, sample_ads
 from infra import keys
+from infra.processes import free_port
+from infra.settings import Settings
 from streams import records
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "coffee & tea"], per_category=5)
+WINDOW = 4.0
+
+
+@pytest.fixture(scope="module")
+def settings(infra) -> Settings:
+    return Settings(kafka=infra.kafka, redis=infra.redis_url, data=infra.data, partitions=2, control_share=0.0,
+                    catalog=None, seed=7, api=f"http://127.0.0.1:{free_port()}", attribution_window_s=WINDOW,
+                    dedupe_horizon_s=6.0)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +39,21 @@ def catalog(infra, worker, rds: redis.Redis) -> list[dict]:
     return ADS
 
 
-def user_state(r: redis.Redis, user_id: str):
+def state(r: redis.Redis, user_id: str):
     blob = r.get(keys.user(user_id))
     return keys.unpack_user(blob) if blob else None
+
+
+def stat(r: redis.Redis, name: str) -> int:
+    return int(r.hget(keys.STATS, name) or 0)
+
+
+def arm_impressions(r: redis.Redis, policy: str) -> int:
+    return sum(int(r.hget(k, "impressions") or 0) for k in r.scan_iter(f"arm:{policy}:*"))
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def test_catalog_agent_stores_ads_with_text_embeddings(catalog, rds: redis.Redis) -> None:
@@ -37,41 +63,103 @@ def test_catalog_agent_stores_ads_with_text_embeddings(catalog, rds: redis.Redis
         assert float(h[b"bid"]) == pytest.approx(ad["bid"])
         emb = np.frombuffer(rds.get(keys.embedding(h[b"text_hash"].decode())), dtype="<f4")
         assert emb.shape == (384,) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-4)
-    # the change log lets readers follow the catalog
     assert rds.xlen(keys.CATALOG_LOG) >= len(catalog)
 
 
-def test_click_updates_user_embedding_once(infra, catalog, rds: redis.Redis) -> None:
-    imp = impression("u-click", catalog[0]["ad_id"])
-    produce(infra.kafka, records.IMPRESSIONS, [(imp["user_id"], imp)])
-    wait_until(lambda: rds.exists(keys.impression(imp["event_id"])), 30, "the impression to be pending")
+def test_a_click_is_one_positive_and_its_duplicates_change_nothing(infra, catalog, rds: redis.Redis) -> None:
+    user = uid("click")
+    imp = impression(user, catalog[0]["ad_id"])
     c = click(imp)
-    # the same click event twice: applied once
-    produce(infra.kafka, records.CLICKS, [(c["user_id"], c), (c["user_id"], c)])
-    state = wait_until(lambda: user_state(rds, "u-click"), 30, "the user's state to be written")
-    mean, precision, count = state
-    time.sleep(2)  # give a double application the chance to happen
-    assert user_state(rds, "u-click")[2] == 1
-    assert count == 1
+    c2 = {**click(imp), "ts": c["ts"]}  # a second click event on the same impression
+    before = stat(rds, "labelled_clicks")
+    produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
+    produce(infra.kafka, records.CLICKS, [(user, c), (user, c), (user, c2)])
+    mean, precision, count = wait_until(lambda: state(rds, user), 30, "the user's state")
+    time.sleep(WINDOW + 2.5)  # the window closes: a clicked impression must not also become a negative
+    assert state(rds, user)[2] == 1
+    assert stat(rds, "labelled_clicks") == before + 1, rds.hgetall(keys.STATS)
     assert np.linalg.norm(mean) > 0.1  # moved from the zero prior toward the clicked ad
     assert (precision >= 16.0).all() and precision.sum() > 16.0 * mean.size
 
 
-def test_click_before_its_impression_is_joined(infra, catalog, rds: redis.Redis) -> None:
-    imp = impression("u-early", catalog[1]["ad_id"])
+def test_an_unclicked_impression_becomes_a_negative_when_its_window_closes(infra, catalog, rds: redis.Redis) -> None:
+    user = uid("neg")
+    imp = impression(user, catalog[1]["ad_id"])
+    start = time.time()
+    produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
+    mean, _, count = wait_until(lambda: state(rds, user), WINDOW + 10, "the negative to be learned")
+    assert time.time() - start >= WINDOW - 1.5  # not before the window (1 s buckets) closed
+    assert count == 1
+    ad_vec = np.frombuffer(rds.get(keys.embedding(rds.hget(keys.ad(catalog[1]["ad_id"]), "text_hash").decode())),
+                           dtype="<f4")
+    assert np.linalg.norm(mean) > 0  # moved away from the ad it ignored (in projected space)
+    assert ad_vec.size == 384
+
+
+def test_a_click_after_the_window_is_late_not_learned(infra, catalog, rds: redis.Redis) -> None:
+    user = uid("late")
+    imp = impression(user, catalog[2]["ad_id"])
+    produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
+    wait_until(lambda: state(rds, user), WINDOW + 10, "the negative")
+    late = stat(rds, "late_clicks")
     c = click(imp)
-    before = int(rds.hget(keys.STATS, "clicks_unattributed") or 0)
-    produce(infra.kafka, records.CLICKS, [(c["user_id"], c)])
-    wait_until(lambda: int(rds.hget(keys.STATS, "clicks_unattributed") or 0) == before + 1, 30,
-               "the early click to be counted as unattributed")
-    produce(infra.kafka, records.IMPRESSIONS, [(imp["user_id"], imp)])
-    state = wait_until(lambda: user_state(rds, "u-early"), 30, "the late-joined positive to be learned")
-    assert state[2] == 1
-    assert int(rds.hget(keys.STATS, "clicks_unattributed") or 0) == before
+    produce(infra.kafka, records.CLICKS, [(user, c)])
+    wait_until(lambda: stat(rds, "late_clicks") == late + 1, 30, "the late click to be counted")
+    assert state(rds, user)[2] == 1
+
+
+def test_a_click_before_its_impression_is_joined(infra, catalog, rds: redis.Redis) -> None:
+    user = uid("early")
+    imp = impression(user, catalog[3]["ad_id"])
+    c = click(imp)
+    before = stat(rds, "unattributed_clicks")
+    produce(infra.kafka, records.CLICKS, [(user, c)])
+    wait_until(lambda: stat(rds, "unattributed_clicks") == before + 1, 30, "the early click counted unattributed")
+    produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
+    wait_until(lambda: state(rds, user), 30, "the late-joined positive to be learned")
+    assert stat(rds, "unattributed_clicks") == before
+    time.sleep(WINDOW + 2.5)
+    assert state(rds, user)[2] == 1  # one positive, no negative after the window
+
+
+def test_a_click_whose_impression_never_comes_stays_counted(infra, catalog, rds: redis.Redis) -> None:
+    user = uid("orphan")
+    c = click(impression(user, catalog[0]["ad_id"]))
+    before, expired = stat(rds, "unattributed_clicks"), stat(rds, "expired_orphans")
+    produce(infra.kafka, records.CLICKS, [(user, c)])
+    wait_until(lambda: stat(rds, "expired_orphans") == expired + 1, 3 * WINDOW + 10, "the orphan to expire")
+    assert stat(rds, "unattributed_clicks") == before + 1
+    assert state(rds, user) is None
+
+
+def test_a_duplicate_impression_is_counted_once(infra, catalog, rds: redis.Redis) -> None:
+    policy = uid("arm")
+    imp = impression(uid("dup"), catalog[4]["ad_id"], policy=policy)
+    dups = stat(rds, "duplicate_impressions")
+    produce(infra.kafka, records.IMPRESSIONS, [(imp["user_id"], imp)] * 3)
+    wait_until(lambda: stat(rds, "duplicate_impressions") == dups + 2, 30, "duplicates to be recognised")
+    assert arm_impressions(rds, policy) == 1
+
+
+def test_clicks_from_librdkafka_join_exactly(infra, catalog, rds: redis.Redis) -> None:
+    from confluent_kafka import Producer
+
+    users = [uid("rdk") for _ in range(40)]
+    imps = [impression(u, catalog[i % len(catalog)]["ad_id"]) for i, u in enumerate(users)]
+    produce(infra.kafka, records.IMPRESSIONS, [(i["user_id"], i) for i in imps])  # kafka-python: murmur2
+    before, fwd = stat(rds, "labelled_clicks"), stat(rds, "forwarded")
+    p = Producer({"bootstrap.servers": infra.kafka})  # librdkafka's default partitioner: CRC32
+    for i in imps:
+        p.produce(records.CLICKS, key=i["user_id"].encode(), value=json.dumps(click(i)).encode())
+    assert p.flush(30) == 0
+    wait_until(lambda: stat(rds, "labelled_clicks") == before + len(imps), 30, "every click to join its impression")
+    assert stat(rds, "forwarded") > fwd  # some landed on a partition that does not own their user
+    assert all(state(rds, u)[2] == 1 for u in users)
 
 
 def test_bad_messages_go_to_dead_letter_and_good_traffic_flows(infra, catalog, rds: redis.Redis) -> None:
-    good = impression("u-good", catalog[2]["ad_id"])
+    user = uid("good")
+    good = impression(user, catalog[2]["ad_id"])
     bad = {
         "not-json": b"{this is not json",
         "array": b"[1, 2]",
@@ -79,7 +167,7 @@ def test_bad_messages_go_to_dead_letter_and_good_traffic_flows(infra, catalog, r
         "bad-propensity": json.dumps(impression("x", "a", propensity=1.5)).encode(),
         "binary": b"\xff\xfe\x00garbage",
     }
-    produce(infra.kafka, records.IMPRESSIONS, [("k", v) for v in bad.values()] + [(good["user_id"], good)])
+    produce(infra.kafka, records.IMPRESSIONS, [("k", v) for v in bad.values()] + [(user, good)])
     bad_click = json.dumps({"event_id": "c1", "ts": time.time(), "impression_id": "i", "user_id": "u"}).encode()
     bad_ad = json.dumps({"ad_id": "ad-x", "text": "", "bid": -1}).encode()
     produce(infra.kafka, records.CLICKS, [("u", bad_click)])
@@ -103,6 +191,6 @@ def test_bad_messages_go_to_dead_letter_and_good_traffic_flows(infra, catalog, r
     assert "ad_id" in by_payload[bad_click.decode()]["error"]
     ad_letter = by_payload[bad_ad.decode()]
     assert ad_letter["topic"] == records.ADS and ("text" in ad_letter["error"] or "bid" in ad_letter["error"])
-    # good traffic in the same batch was not lost
-    wait_until(lambda: rds.exists(keys.impression(good["event_id"])), 30, "the good impression to be recorded")
+    # the good impression in the same batch was not lost: its window closes into a negative
+    assert wait_until(lambda: state(rds, user), WINDOW + 10, "the good impression to be learned")[2] == 1
     assert not rds.exists(keys.ad("ad-x"))

@@ -1,0 +1,199 @@
+"""Attribution for one partition batch: the pure logic (no I/O).
+
+Impressions wait in time buckets (``bucket_s`` wide, by event time) until a
+click joins them — a positive, at once — or their attribution window closes
+without one — a negative. Negatives are never emitted early: an impression is
+labelled 0 only once no click can be attributed to it any more, so the learner
+never has to take a label back. A click whose impression has not arrived waits
+as an *orphan* and is counted as unattributed until its impression arrives
+(then it is joined) or the window passes (then it stays unattributed, counted).
+
+Exactly-once: the planner is deterministic in (batch, state read); the worker
+commits its writes together with the partition's input offsets in one Redis
+transaction, so a batch is applied once or not at all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from streams.records import Click, Impression, Labelled, Pending
+
+
+def bucket_of(ts: float, bucket_s: int) -> int:
+    """Index of the time bucket holding event time ``ts``."""
+    return int(ts // bucket_s)
+
+
+@dataclass
+class Clock:
+    """A partition's clock: event time, advancing with wall time while the partition is idle.
+
+    ``now = watermark + (wall − watermark_wall)``: for live traffic this is the
+    wall clock; for replayed logs it follows the events' own timestamps.
+    """
+
+    watermark: float
+    watermark_wall: float
+
+    def now(self, wall: float) -> float:
+        return self.watermark + max(0.0, wall - self.watermark_wall)
+
+    def advance(self, event_ts: Iterable[float], wall: float) -> Clock:
+        top = max(event_ts, default=None)
+        if top is None or top <= self.now(wall):
+            return self
+        return Clock(watermark=top, watermark_wall=wall)
+
+
+@dataclass
+class Seen:
+    """What Redis holds of one partition for a batch (phase-1 reads).
+
+    Attributes
+    ----------
+    pending : dict
+        Impression id → (bucket, record) for the ids this batch touches.
+    orphans : dict
+        Impression id → waiting click, for the ids this batch touches.
+    due : dict
+        Bucket → {impression id → record}: buckets whose window closes now.
+    closed_before : int
+        Buckets below this index are closed (their negatives were emitted).
+    all_orphans : dict or None
+        Every waiting click of the partition, read when buckets close, to expire old ones.
+    """
+
+    pending: dict[str, tuple[int, Pending]] = field(default_factory=dict)
+    orphans: dict[str, Click] = field(default_factory=dict)
+    due: dict[int, dict[str, Pending]] = field(default_factory=dict)
+    closed_before: int = 0
+    all_orphans: dict[str, Click] | None = None
+
+
+@dataclass
+class Plan:
+    """Every write a batch implies, for the worker to commit atomically."""
+
+    put_pending: dict[int, dict[str, Pending]] = field(default_factory=dict)
+    put_orphans: dict[str, Click] = field(default_factory=dict)
+    del_orphans: set[str] = field(default_factory=set)
+    labelled: list[Labelled] = field(default_factory=list)
+    new_impressions: list[Impression] = field(default_factory=list)
+    arm: Counter[tuple[str, int, str]] = field(default_factory=Counter)  # (policy, arm bucket, impressions|clicks)
+    ads: Counter[tuple[str, str]] = field(default_factory=Counter)  # (ad_id, labelled|clicks)
+    stats: Counter[str] = field(default_factory=Counter)
+    closed_before: int = 0
+    click_ts: list[float] = field(default_factory=list)  # produce time of each applied click (freshness)
+
+    def _put(self, bucket: int, iid: str, rec: Pending) -> None:
+        self.put_pending.setdefault(bucket, {})[iid] = rec
+
+
+def plan_batch(
+    impressions: Sequence[Impression],
+    clicks: Sequence[Click],
+    seen: Seen,
+    *,
+    now: float,
+    window_s: float,
+    bucket_s: int,
+    arm_bucket_s: int,
+) -> Plan:
+    """Decide the writes for one partition's batch.
+
+    Parameters
+    ----------
+    impressions, clicks : sequences of decoded events owned by this partition
+    seen : Seen
+        Redis state for the ids and buckets this batch touches.
+    now : float
+        The partition's clock (event time).
+    window_s : float
+        Attribution window.
+    bucket_s, arm_bucket_s : int
+        Widths of the pending-impression buckets and of the /lift counters.
+
+    Returns
+    -------
+    Plan
+    """
+    plan = Plan(closed_before=max(seen.closed_before, 0))
+    cutoff = bucket_of(now - window_s, bucket_s)  # buckets below it close now
+    new: dict[str, tuple[int, Pending]] = {}
+
+    def label(iid: str, rec: Pending, clicked: bool) -> None:
+        plan.labelled.append(Labelled(impression_id=iid, user_id=rec.user_id, ad_id=rec.ad_id, ts=rec.ts,
+                                      clicked=clicked, policy=rec.policy, value=rec.value))
+        plan.ads[(rec.ad_id, "labelled")] += 1
+        if clicked:
+            plan.ads[(rec.ad_id, "clicks")] += 1
+            plan.arm[(rec.policy, int(rec.ts) // arm_bucket_s, "clicks")] += 1
+
+    def join(iid: str, bucket: int, rec: Pending, click: Click) -> Pending:
+        rec = msgspec.structs.replace(rec, clicked=True, value=click.value or 0.0)
+        plan._put(bucket, iid, rec)
+        label(iid, rec, True)
+        plan.click_ts.append(click.ts)
+        return rec
+
+    for imp in impressions:
+        iid = imp.event_id
+        if iid in seen.pending or iid in new:
+            plan.stats["duplicate_impressions"] += 1
+            continue
+        b = bucket_of(imp.ts, bucket_s)
+        rec = Pending(user_id=imp.user_id, ad_id=imp.ad_id, policy=imp.policy, ts=imp.ts)
+        plan.arm[(imp.policy, int(imp.ts) // arm_bucket_s, "impressions")] += 1
+        plan.new_impressions.append(imp)
+        early = seen.orphans.get(iid)
+        if early is not None and early.ts - imp.ts <= window_s:  # its click came first
+            rec = join(iid, b, rec, early)
+            plan.del_orphans.add(iid)
+            plan.stats["unattributed_clicks"] -= 1
+        plan._put(b, iid, rec)
+        new[iid] = (b, rec)
+
+    arrived = set(new)
+    for click in clicks:
+        iid = click.impression_id
+        found = new.get(iid) or seen.pending.get(iid)
+        if found is None:
+            if iid in seen.orphans or iid in plan.put_orphans:
+                plan.stats["duplicate_clicks"] += 1
+            else:
+                plan.put_orphans[iid] = click
+                plan.stats["unattributed_clicks"] += 1
+            continue
+        b, rec = found
+        rec = plan.put_pending.get(b, {}).get(iid, rec)
+        if rec.clicked:
+            plan.stats["repeated_clicks"] += 1  # the label is binary: one positive per impression
+        elif (b < plan.closed_before and iid not in arrived) or click.ts - rec.ts > window_s:
+            plan.stats["late_clicks"] += 1  # outside its window: it is (or will be) a negative
+        else:
+            rec = join(iid, b, rec, click)
+            new[iid] = (b, rec)
+
+    # close every bucket whose window has passed: this batch's updates win over what Redis held
+    closing: dict[int, dict[str, Pending]] = {b: dict(recs) for b, recs in seen.due.items() if b < cutoff}
+    for iid, (b, _) in new.items():
+        if b < max(cutoff, plan.closed_before):  # arrived after its own window: due at once
+            closing.setdefault(b, {})
+    for b in sorted(closing):
+        recs = closing[b]
+        recs.update(plan.put_pending.get(b, {}))
+        for iid, rec in recs.items():
+            if not rec.clicked and (b >= plan.closed_before or iid in arrived):
+                label(iid, rec, False)
+    plan.closed_before = max(plan.closed_before, cutoff)
+    if seen.all_orphans:
+        for iid, click in seen.all_orphans.items():
+            if iid not in plan.del_orphans and click.ts < now - window_s - bucket_s:
+                plan.del_orphans.add(iid)  # its impression never came: it stays counted as unattributed
+                plan.stats["expired_orphans"] += 1
+    return plan
