@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -101,6 +102,19 @@ def cmd_lift(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.what == "stream":
+        from streams.bench import bench_stream
+
+        out = bench_stream(settings, events=args.events, users=args.users, workers=args.workers,
+                           partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
+                           window_s=args.window, catalog=args.catalog)
+    else:
+        raise RuntimeError(f"bench {args.what} is not built yet")
+    print(json.dumps(out))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privads", description="PrivAds: streaming, online-learning ad recommender")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -121,6 +135,17 @@ def parser() -> argparse.ArgumentParser:
     lf = sub.add_parser("lift", help="online CTR per arm and lift, as a table")
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
+    b = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
+    b.add_argument("what", choices=["stream"])
+    b.add_argument("--events", type=int, default=1_000_000)
+    b.add_argument("--users", type=int, default=100_000)
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--partitions", type=int, default=4)
+    b.add_argument("--fresh-rate", type=float, default=10_000.0, help="events/s of the freshness phase")
+    b.add_argument("--fresh-seconds", type=float, default=20.0)
+    b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
+    b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
+    b.set_defaults(fn=cmd_bench)
     return p
 
 
@@ -128,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command not in ("up", "worker", "learner", "api"):  # those handle SIGTERM themselves
+
+        def _terminate(*_: object) -> None:
+            raise SystemExit(143)  # unwinds, so `finally` blocks stop what the command started
+
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         settings = Settings()
         return args.fn(settings, args)

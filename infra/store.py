@@ -254,6 +254,7 @@ class PartitionStore:
                     pipe.sadd(keys.buckets(w.partition), *w.pending)
                 if w.drop_buckets:
                     pipe.srem(keys.buckets(w.partition), *w.drop_buckets)
+                    pipe.delete(*[keys.pending(w.partition, b) for b in w.drop_buckets])
                 if w.put_orphans:
                     pipe.hset(keys.orphans(w.partition), mapping=w.put_orphans)
                 if w.del_orphans:

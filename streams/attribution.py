@@ -31,10 +31,12 @@ def bucket_of(ts: float, bucket_s: int) -> int:
 
 @dataclass
 class Clock:
-    """A partition's clock: event time, advancing with wall time while the partition is idle.
+    """A partition's clock: event time while events flow, wall time while the partition is idle.
 
-    ``now = watermark + (wall − watermark_wall)``: for live traffic this is the
-    wall clock; for replayed logs it follows the events' own timestamps.
+    ``now = watermark + (wall − watermark_wall)`` where ``watermark_wall`` is
+    when events last arrived. A batch with events sets the clock to their event
+    time, so a worker behind a backlog never closes a window early; an idle
+    partition's windows still close as wall time passes.
     """
 
     watermark: float
@@ -45,9 +47,9 @@ class Clock:
 
     def advance(self, event_ts: Iterable[float], wall: float) -> Clock:
         top = max(event_ts, default=None)
-        if top is None or top <= self.now(wall):
+        if top is None:
             return self
-        return Clock(watermark=top, watermark_wall=wall)
+        return Clock(watermark=max(self.watermark, top), watermark_wall=wall)
 
 
 @dataclass

@@ -61,6 +61,10 @@ log = logging.getLogger("privads.worker")
 FRESH_BOUNDS_MS = (*range(5, 100, 5), *range(100, 1000, 25), *range(1000, 5000, 250), 10_000, 60_000, 10**9)
 
 
+# how long an abandoned pending bucket may outlive its event-time retention
+LEAK_GUARD_S = 7 * 86400
+
+
 def freshness_bucket(ms: float) -> int:
     for bound in FRESH_BOUNDS_MS:
         if ms <= bound:
@@ -271,7 +275,8 @@ class EventAgent:
                 watermark=clock.watermark, watermark_wall=clock.watermark_wall,
                 pending={b: {iid: records.pack_pending(r) for iid, r in recs.items()}
                          for b, recs in plan.put_pending.items()},
-                pending_ttl_s=int(self.retention_s + 2 * self.bucket_s),
+                # buckets are dropped explicitly, on event time; the TTL only guards against leaks
+                pending_ttl_s=int(self.retention_s + LEAK_GUARD_S),
                 put_orphans={iid: records.pack_click(c) for iid, c in plan.put_orphans.items()},
                 del_orphans=plan.del_orphans,
                 drop_buckets={b for b in bkts if b < horizon},

@@ -1,0 +1,156 @@
+"""``privads bench stream``: end-to-end worker throughput, the bare-consumer floor, freshness and memory.
+
+Everything runs on fresh infrastructure started for the bench (tansu + redis-server on free ports),
+with real worker processes, and traffic from a separate producer process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from infra import keys
+from infra.kafka import create_topics
+from infra.processes import Process, broker_process, free_port, python_process, redis_process
+from infra.produce import produce_lines
+from infra.settings import Settings
+from streams import records
+
+
+def _wait(check: object, timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(every)
+    raise TimeoutError(f"bench: timed out waiting for {what}")
+
+
+def _stat(r: redis.Redis, name: str) -> int:
+    return int(r.hget(keys.STATS, name) or 0)
+
+
+def _quantile(hist: dict[int, int], q: float) -> float | None:
+    total = sum(hist.values())
+    if not total:
+        return None
+    seen = 0
+    for bound in sorted(hist):
+        seen += hist[bound]
+        if seen >= q * total:
+            return float(bound)
+    return float(max(hist))
+
+
+async def _raw_consume(servers: str, topic: str, expected: int) -> float:
+    """Messages/s of a bare aiokafka getmany loop reading ``topic`` from the start."""
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, bootstrap_servers=servers, group_id=None, auto_offset_reset="earliest",
+                         fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    await c.start()
+    try:
+        n, start = 0, time.perf_counter()
+        while n < expected:
+            got = await c.getmany(timeout_ms=1000, max_records=50_000)
+            if not got and time.perf_counter() - start > 60:
+                break
+            n += sum(len(m) for m in got.values())
+        return n / (time.perf_counter() - start)
+    finally:
+        await c.stop()
+
+
+def _loadgen(servers: str, n: int, users: int, rate: float, seed: int, ads_file: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "streams.loadgen", servers, str(n), str(users), str(rate),
+                          str(seed), str(ads_file)], capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_stream(settings: Settings, events: int, users: int, workers: int, partitions: int,
+                 fresh_rate: float, fresh_seconds: float, window_s: float, catalog: Path) -> dict:
+    """Run the stream benchmark; returns its figures."""
+    tmp = Path(tempfile.mkdtemp(prefix="privads-bench-stream-"))
+    procs: list[Process] = []
+    try:
+        kport, rport = free_port(), free_port()
+        broker = broker_process(kport, tmp / "broker.log")
+        broker.start(30)
+        procs.append(broker)
+        red = redis_process(rport, tmp / "redis", tmp / "redis.log")
+        red.start(30)
+        procs.append(red)
+        s = settings.model_copy(update={
+            "kafka": f"127.0.0.1:{kport}", "redis": f"redis://127.0.0.1:{rport}/0", "data": tmp,
+            "partitions": partitions, "attribution_window_s": window_s, "dedupe_horizon_s": window_s,
+            "catalog": None})
+        create_topics(s.kafka_servers, partitions)
+        r = redis.Redis.from_url(s.redis_url)
+        since = time.time()
+        for i in range(workers):
+            w = python_process(f"worker{i}", ["worker"], tmp / f"worker{i}.log", s.child_env())
+            w.start()
+            procs.append(w)
+
+        def owned() -> int:
+            beats = [json.loads(v) for v in r.hgetall(keys.WORKERS).values()]
+            return sum(b["partitions"] for b in beats if b["ts"] >= since and time.time() - b["ts"] < 3)
+
+        _wait(lambda: owned() == partitions, 120, "the workers to own every partition")
+        lines = [ln for ln in catalog.read_text().splitlines() if ln.strip()]
+        produce_lines(s.kafka_servers, records.ADS, lines)
+        _wait(lambda: r.scard(keys.ADS) == len(lines), 300, "the catalog to be encoded")
+        ads_file = tmp / "ads.json"
+        ads_file.write_text(json.dumps([json.loads(ln)["ad_id"] for ln in lines]))
+
+        # 1. throughput: as fast as the producer can go, workers running
+        start = time.time()
+        sent = _loadgen(s.kafka_servers, events, users, 0, 1, ads_file)
+        done = lambda: (_stat(r, f"processed:{records.IMPRESSIONS}") + _stat(r, f"processed:{records.CLICKS}")  # noqa: E731
+                        >= sent["events"])
+        _wait(done, 1800, "the workers to process every event", every=0.05)
+        elapsed = time.time() - start
+        joined = _stat(r, "labelled_clicks")
+        # every impression is labelled once its window closes
+        _wait(lambda: _stat(r, "labelled_clicks") + _stat(r, "labelled_negatives") >= sent["impressions"],
+              window_s + 120, "every impression to be labelled")
+        raw = asyncio.run(_raw_consume(s.kafka_servers, records.IMPRESSIONS, sent["impressions"]))
+
+        # 2. freshness at a steady rate
+        r.delete(keys.FRESHNESS)
+        _loadgen(s.kafka_servers, int(fresh_rate * fresh_seconds), users, fresh_rate, 2, ads_file)
+        _wait(lambda: sum(int(v) for v in r.hgetall(keys.FRESHNESS).values()) > 0, 60, "freshness samples")
+        time.sleep(2)
+        hist = {int(k): int(v) for k, v in r.hgetall(keys.FRESHNESS).items()}
+
+        # 3. memory per user (the value and Redis' own overhead for the key)
+        sample = [k for _, k in zip(range(2000), r.scan_iter(match=keys.USER_PREFIX + "*", count=1000))]
+        sizes = [r.memory_usage(k, samples=0) or 0 for k in sample]
+        return {
+            "events": sent["events"], "impressions": sent["impressions"], "clicks": sent["clicks"],
+            "users": users, "workers": workers, "partitions": partitions, "cores": os.cpu_count(),
+            "events_per_s": round(sent["events"] / elapsed),
+            "producer_events_per_s": round(sent["events"] / sent["seconds"]),
+            "raw_consume_per_s": round(raw),
+            "clicks_joined_at_end_of_throughput": joined,
+            "freshness_rate_events_per_s": fresh_rate,
+            "freshness_p50_ms": _quantile(hist, 0.5), "freshness_p99_ms": _quantile(hist, 0.99),
+            "freshness_samples": sum(hist.values()),
+            "bytes_per_user": round(sum(sizes) / len(sizes)) if sizes else None,
+            "user_value_bytes": len(r.get(sample[0])) if sample else None,
+            "users_learned": r.dbsize() and sum(1 for _ in r.scan_iter(match=keys.USER_PREFIX + "*", count=10000)),
+            "dead_letters": _stat(r, "dead_letters"), "forwarded": _stat(r, "forwarded"),
+        }
+    finally:
+        for p in reversed(procs):
+            p.stop(20)
