@@ -170,7 +170,7 @@ class EventAgent:
             topic = dict(m.headers or ()).get(records.ORIGIN_HEADER, b"").decode() or records.IMPRESSIONS
         pb.processed[topic] += 1
         try:
-            rec = records.decode(topic, m.value).record
+            rec = records.decode_record(topic, m.value)
         except InvalidEvent as e:
             side.append((records.DEAD_LETTER, None, None,
                          records.dead_letter(tp.topic, tp.partition, m.offset, str(e), m.value), []))
@@ -395,7 +395,7 @@ async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKa
             for tp, msgs in batch.items():
                 for m in msgs:
                     try:
-                        good.append(records.decode(records.ADS, m.value).record)
+                        good.append(records.decode_record(records.ADS, m.value))
                     except InvalidEvent as e:
                         await producer.send(records.DEAD_LETTER, records.dead_letter(
                             tp.topic, tp.partition, m.offset, str(e), m.value))

@@ -20,6 +20,7 @@ from streams.records import (
     Pending,
     dead_letter,
     decode,
+    decode_record,
     encode,
     pack_click,
     pack_pending,
@@ -207,3 +208,20 @@ def test_pending_and_click_pack_round_trip():
 def test_encode_record_then_decode_is_identity():
     r = decode(IMPRESSIONS, _bytes(_impression())).record
     assert decode(IMPRESSIONS, encode(r)).record == r
+
+
+# the workers' fast typed decoder accepts exactly what decode accepts, and words errors the same
+@pytest.mark.parametrize("payload", [
+    _bytes(_impression()), _bytes(_impression(extra_field={"kept": True})), b"{not json", b"[1, 2]", b"null",
+    _bytes(_impression(user_id="")), _bytes(_impression(propensity=0)), _bytes(_impression(position=-1)),
+    b'{"event_id":"e","ts":1e400,"user_id":"u","ad_id":"a","position":0,"policy":"p","request_id":"r"}',
+])
+def test_decode_record_agrees_with_decode(payload):
+    try:
+        slow = decode(IMPRESSIONS, payload).record
+    except InvalidEvent as e:
+        with pytest.raises(InvalidEvent) as fast:
+            decode_record(IMPRESSIONS, payload)
+        assert str(fast.value) == str(e)
+    else:
+        assert decode_record(IMPRESSIONS, payload) == slow
