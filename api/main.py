@@ -20,7 +20,7 @@ from infra.kafka import QueuedProducer, consumer_lag
 from infra.settings import Settings
 from infra.store import connect
 from ranker.service import Recommender
-from streams.records import CONSUMED_TOPICS, WORKER_GROUP
+from streams.records import CONSUMED_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Refresh the workers' consumer lag off the request path (it takes Kafka round trips)."""
         while True:
             try:
-                lag = await asyncio.to_thread(consumer_lag, settings.kafka_servers, WORKER_GROUP, CONSUMED_TOPICS)
+                lag = await asyncio.to_thread(consumer_lag, settings.kafka_servers, settings.worker_group,
+                                              CONSUMED_TOPICS)
                 for topic, n in lag.items():
                     metrics.consumer_lag.labels(topic=topic).set(n)
             except Exception as e:  # noqa: BLE001 - a metric must never take the API down

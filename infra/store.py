@@ -183,6 +183,7 @@ class Checkpoint:
     """What ``ckpt:{p}`` holds: input offsets per topic and the partition's bookkeeping."""
 
     offsets: dict[str, int]
+    fingerprints: dict[str, int]
     seq: int
     closed_before: int | None
     watermark: float | None
@@ -191,11 +192,13 @@ class Checkpoint:
     @classmethod
     def parse(cls, h: dict[bytes, bytes]) -> Checkpoint:
         offsets = {k[4:].decode(): int(v) for k, v in h.items() if k.startswith(b"off:")}
+        fingerprints = {k[3:].decode(): int(v) for k, v in h.items() if k.startswith(b"fp:")}
 
         def num(name: bytes, kind: type) -> object:
             return kind(h[name]) if name in h else None
 
-        return cls(offsets, int(h.get(b"seq", 0)), num(b"closed", int), num(b"wm", float), num(b"wm_wall", float))
+        return cls(offsets, fingerprints, int(h.get(b"seq", 0)), num(b"closed", int), num(b"wm", float),
+                   num(b"wm_wall", float))
 
 
 @dataclass
@@ -204,6 +207,7 @@ class PartitionWrites:
 
     partition: int
     offsets: dict[str, int]
+    fingerprints: dict[str, int]  # topic → timestamp (ms) of the last record consumed: identifies the log
     closed_before: int
     watermark: float
     watermark_wall: float
@@ -265,6 +269,7 @@ class PartitionStore:
             for w in writes:
                 ck = keys.checkpoint(w.partition)
                 mapping: dict[str, object] = {f"off:{t}": o for t, o in w.offsets.items()}
+                mapping.update({f"fp:{t}": f for t, f in w.fingerprints.items()})
                 mapping.update(closed=w.closed_before, wm=repr(w.watermark), wm_wall=repr(w.watermark_wall))
                 pipe.hset(ck, mapping=mapping)
                 pipe.hincrby(ck, "seq", 1)
@@ -295,6 +300,13 @@ class PartitionStore:
                 await pipe.execute()
             except aioredis.WatchError as e:
                 raise Conflict(str(e)) from None
+
+    async def reset_offsets(self, partition: int, topics: Sequence[str]) -> None:
+        """Forget the input offsets of a partition's topics (their log was replaced); fenced like any write."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(keys.checkpoint(partition), *[f"{k}:{t}" for t in topics for k in ("off", "fp")])
+        pipe.hincrby(keys.checkpoint(partition), "seq", 1)
+        await pipe.execute()
 
     async def set_partitions(self, n: int) -> None:
         await self.r.set(keys.PARTITIONS, n)

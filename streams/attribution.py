@@ -151,6 +151,7 @@ def plan_batch(
         b = bucket_of(imp.ts, bucket_s)
         rec = Pending(user_id=imp.user_id, ad_id=imp.ad_id, policy=imp.policy, ts=imp.ts)
         plan.arm[(imp.policy, int(imp.ts) // arm_bucket_s, "impressions")] += 1
+        plan.stats["impressions"] += 1
         plan.new_impressions.append(imp)
         early = seen.orphans.get(iid)
         if early is not None and early.ts - imp.ts <= window_s:  # its click came first

@@ -28,10 +28,8 @@ MODEL_UPDATES = "privads.model-updates"
 REPARTITION = "privads.repartition"
 ORIGIN_HEADER = "privads-topic"
 
-# the stream workers' consumer group (Faust app id)
-WORKER_GROUP = "privads-worker"
 # what the workers consume, for lag reporting
-CONSUMED_TOPICS = (IMPRESSIONS, CLICKS, REPARTITION, ADS)
+CONSUMED_TOPICS = (IMPRESSIONS, CLICKS, REPARTITION)
 # co-partitioned: same partition count, partition p of each is owned by one worker
 EVENT_TOPICS = (IMPRESSIONS, CLICKS, REPARTITION)
 

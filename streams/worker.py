@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
+import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
@@ -48,7 +49,7 @@ from infra.store import (
     connect,
 )
 from learner.encoder import AdEncoder
-from streams import records
+from streams import archive, records
 from streams.attribution import Clock, Seen, bucket_of, plan_batch
 from streams.partitioning import owner
 from streams.records import InvalidEvent
@@ -80,6 +81,7 @@ class PartitionBatch:
     raw_impressions: dict[str, bytes] = field(default_factory=dict)
     clicks: list[records.Click] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)  # topic → next offset
+    fingerprints: dict[str, int] = field(default_factory=dict)  # topic → timestamp of the last record
     processed: Counter[str] = field(default_factory=Counter)
 
 
@@ -102,6 +104,7 @@ class EventAgent:
         self.rng = np.random.default_rng(settings.seed)
         self.consumer: AIOKafkaConsumer | None = None
         self.owned: set[int] = set()
+        self.to_seek: set[int] = set()
         self.n_partitions = settings.partitions
 
     # --- ownership ------------------------------------------------------------------
@@ -112,24 +115,59 @@ class EventAgent:
         if not partitions:
             return
         ckpts, _ = await self.store.checkpoints(sorted(partitions))
-        tps = [TopicPartition(t, p) for p in partitions for t in records.EVENT_TOPICS]
-        ends = await self.consumer.end_offsets(tps)
-        for tp in tps:
-            stored = ckpts[tp.partition].offsets.get(tp.topic)
-            if stored is None or stored > ends.get(tp, 0):
-                # never consumed, or the log is younger than our checkpoint (the broker was restarted)
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, stored)
+        for p in partitions:
+            reset = []
+            for topic in records.EVENT_TOPICS:
+                tp = TopicPartition(topic, p)
+                stored = ckpts[p].offsets.get(topic)
+                if stored and await self._same_log(tp, stored - 1, ckpts[p].fingerprints.get(topic)):
+                    self.consumer.seek(tp, stored)
+                else:
+                    # never consumed, or a different log than the checkpoint's (the broker lost it)
+                    await self.consumer.seek_to_beginning(tp)
+                    if stored:
+                        reset.append(topic)
+            if reset:
+                log.warning("partition %d: %s is a new log (broker restarted?); reading it from the start", p, reset)
+                await self.store.reset_offsets(p, reset)
+
+    async def _same_log(self, tp: TopicPartition, offset: int, fingerprint: int | None) -> bool:
+        """Whether the record at ``offset`` is the one the checkpoint last consumed.
+
+        End offsets cannot tell: tansu under-reports them. A broker that lost its
+        log either has no record there or a different one.
+        """
+        if fingerprint is None:
+            return False
+        probe = AIOKafkaConsumer(bootstrap_servers=self.s.kafka_servers, enable_auto_commit=False,
+                                 auto_offset_reset="none", fetch_max_wait_ms=100)
+        await probe.start()
+        try:
+            probe.assign([tp])
+            probe.seek(tp, offset)
+            got = await probe.getmany(tp, timeout_ms=2000, max_records=1)
+            recs = got.get(tp, [])
+            return bool(recs) and recs[0].offset == offset and recs[0].timestamp == fingerprint
+        except KafkaError:
+            return False  # offset out of range: the log is shorter than the checkpoint
+        finally:
+            await probe.stop()
 
     # --- one batch ----------------------------------------------------------------------
 
     async def step(self, batch: dict[TopicPartition, list], tick: bool) -> None:
         by_p: dict[int, PartitionBatch] = {}
         side: list[tuple[str, int | None, bytes | None, bytes, list]] = []  # topic, partition, key, value, headers
+        if batch:
+            # a record below its partition's checkpoint was applied already (a fetch raced a seek): drop it
+            done, _ = await self.store.checkpoints(sorted({tp.partition for tp in batch}))
+            batch = {tp: [m for m in msgs if m.offset >= done[tp.partition].offsets.get(tp.topic, 0)]
+                     for tp, msgs in batch.items()}
+            batch = {tp: msgs for tp, msgs in batch.items() if msgs}
         for tp, msgs in batch.items():
             pb = by_p.setdefault(tp.partition, PartitionBatch())
             pb.offsets[tp.topic] = msgs[-1].offset + 1
+            pb.fingerprints[tp.topic] = msgs[-1].timestamp
             for m in msgs:
                 self._route(tp, m, pb, side)
         if tick:
@@ -150,7 +188,7 @@ class EventAgent:
                 for p in lost:
                     by_p.pop(p, None)
                 if lost:
-                    await self.seek_to_checkpoints(lost & self.owned)
+                    self.to_seek |= lost & self.owned
                 if not by_p:
                     return
         else:
@@ -271,7 +309,7 @@ class EventAgent:
             plans[p] = plan
             horizon = bucket_of(now - self.retention_s, self.bucket_s)
             w = PartitionWrites(
-                partition=p, offsets=pb.offsets, closed_before=plan.closed_before,
+                partition=p, offsets=pb.offsets, fingerprints=pb.fingerprints, closed_before=plan.closed_before,
                 watermark=clock.watermark, watermark_wall=clock.watermark_wall,
                 pending={b: {iid: records.pack_pending(r) for iid, r in recs.items()}
                          for b, recs in plan.put_pending.items()},
@@ -361,9 +399,10 @@ class Listener(ConsumerRebalanceListener):
         self.agent.owned -= {tp.partition for tp in revoked}
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # the seek happens in the agent's own loop, between batches: a seek from here races fetches in flight
         parts = {tp.partition for tp in assigned}
         self.agent.owned = parts
-        await self.agent.seek_to_checkpoints(parts)
+        self.agent.to_seek |= parts
         log.info("owning partitions %s", sorted(parts))
 
 
@@ -386,7 +425,7 @@ def consumer_config(settings: Settings) -> dict:
 async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKafkaProducer,
                     stop: asyncio.Event) -> None:
     """Catalog upserts → text embeddings (cached) → Redis; at least once, idempotent."""
-    consumer = AIOKafkaConsumer(records.ADS, group_id="privads-catalog", **consumer_config(settings))
+    consumer = AIOKafkaConsumer(records.ADS, group_id=f"{settings.worker_group}-catalog", **consumer_config(settings))
     await consumer.start()
     try:
         while not stop.is_set():
@@ -422,7 +461,7 @@ async def run(settings: Settings) -> None:
     await producer.start()
     agent = EventAgent(settings, r, producer, ad_vectors)
     await agent.store.set_partitions(settings.partitions)
-    consumer = AIOKafkaConsumer(group_id=records.WORKER_GROUP, partition_assignment_strategy=(RangePartitionAssignor,),
+    consumer = AIOKafkaConsumer(group_id=settings.worker_group, partition_assignment_strategy=(RangePartitionAssignor,),
                                 **consumer_config(settings))
     agent.consumer = consumer
     consumer.subscribe(list(records.EVENT_TOPICS), listener=Listener(agent))
@@ -430,13 +469,28 @@ async def run(settings: Settings) -> None:
     registry = WorkerRegistry(r)
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
 
+    archive_redis = redis.Redis.from_url(settings.redis_url)
+
+    def archive_partitions(parts: list[int]) -> None:
+        """Drain the committed archive entries of these partitions into Parquet (in a thread)."""
+        for p in parts:
+            lock = f"archlock:{p}"
+            if archive_redis.set(lock, worker_id, nx=True, ex=120):
+                try:
+                    archive.drain(archive_redis, settings.data / "archive", p)
+                finally:
+                    archive_redis.delete(lock)
+
     async def timers() -> None:
-        """Follow the served model, heartbeat, and recreate topics after a broker restart."""
-        last_topics = time.monotonic()
+        """Follow the served model, heartbeat, archive, and recreate topics after a broker restart."""
+        last_topics = last_archive = time.monotonic()
         while not stop.is_set():
             try:
                 await ad_vectors.refresh()
                 await registry.beat(worker_id, len(agent.owned), time.time())
+                if time.monotonic() - last_archive > settings.archive_every_s:
+                    last_archive = time.monotonic()
+                    await asyncio.to_thread(archive_partitions, sorted(agent.owned))
                 if time.monotonic() - last_topics > 5:
                     last_topics = time.monotonic()
                     await asyncio.to_thread(create_topics, settings.kafka_servers, settings.partitions, 5.0)
@@ -450,8 +504,11 @@ async def run(settings: Settings) -> None:
         while not stop.is_set():
             try:
                 if replay:  # a batch failed half-way: start again from what Redis committed
-                    await agent.seek_to_checkpoints(set(agent.owned))
+                    agent.to_seek |= agent.owned
                     replay = False
+                if agent.to_seek:
+                    parts, agent.to_seek = agent.to_seek & agent.owned, set()
+                    await agent.seek_to_checkpoints(parts)
                 batch = await consumer.getmany(timeout_ms=100, max_records=settings.worker_batch)
                 tick = time.monotonic() - last_tick >= 1.0
                 if tick:
@@ -472,8 +529,11 @@ async def run(settings: Settings) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    owned = sorted(agent.owned)
     await consumer.stop()
     await producer.stop()
+    await asyncio.to_thread(archive_partitions, owned)  # leave nothing committed but unarchived
+    archive_redis.close()
     await r.aclose()
     for t in done:
         if t is not stopper and t.exception() is not None:

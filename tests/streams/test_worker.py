@@ -194,3 +194,22 @@ def test_bad_messages_go_to_dead_letter_and_good_traffic_flows(infra, catalog, r
     # the good impression in the same batch was not lost: its window closes into a negative
     assert wait_until(lambda: state(rds, user), WINDOW + 10, "the good impression to be learned")[2] == 1
     assert not rds.exists(keys.ad("ad-x"))
+
+
+def test_archive_holds_every_impression_and_label_once(infra, catalog, rds: redis.Redis) -> None:
+    from streams import archive
+
+    root = infra.data / "archive"
+
+    def settled() -> bool:
+        imps = archive.read_table(root, "impressions")
+        labs = archive.read_table(root, "labels")
+        counted = sum(int(rds.hget(k, "impressions") or 0) for k in rds.scan_iter("arm:*"))
+        labelled = stat(rds, "labelled_clicks") + stat(rds, "labelled_negatives")
+        return imps.num_rows == counted and labs.num_rows == labelled and counted > 0
+
+    wait_until(settled, 3 * WINDOW + 20, "the archive to catch up with the counters")
+    imps = archive.read_table(root, "impressions").column("event_id").to_pylist()
+    labs = archive.read_table(root, "labels").column("impression_id").to_pylist()
+    assert len(imps) == len(set(imps)) and len(labs) == len(set(labs))
+    assert set(labs) <= set(imps)
