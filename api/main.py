@@ -83,6 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         info = rec.model_info()
         metrics.catalog_size.set(info["index"]["size"])
         metrics.model.info({"version": str(info["version"])})
+        privacy = await rec.privacy()
+        if privacy["differential_privacy"]:
+            metrics.dp_epsilon.set(privacy["epsilon"])
         for topic, n in (await rec.worker_counters()).items():
             metrics.events_processed.labels(topic=topic).set(n)
 

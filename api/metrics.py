@@ -24,3 +24,4 @@ class ApiMetrics:
         self.consumer_lag = Gauge("privads_consumer_lag", "messages not yet consumed by the stream workers",
                                   ["topic"], registry=r)
         self.model = Info("privads_model", "served model version", registry=r)
+        self.dp_epsilon = Gauge("privads_dp_epsilon", "ε of the most-updated user vector (DP mode)", registry=r)

@@ -11,6 +11,7 @@
 | ``erased:{user_id}`` | when the user was erased; older events are ignored | API |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
 | ``adstat`` | hash ``{ad_id}:labelled`` / ``{ad_id}:clicks`` counts (per-ad Beta posteriors) | stream workers |
+| ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
 | ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
 | ``ad:{ad_id}`` | hash text/bid/category/active/text_hash/ts | catalog agent |
@@ -31,6 +32,7 @@ USER_PREFIX = "u:"
 ADSTAT = "adstat"
 FRESHNESS = "fresh"
 PARTITIONS = "partitions"
+DP_MAX_UPDATES = "dp:max_updates"
 ADS = "ads"
 CATALOG_LOG = "catalog:log"
 MODEL_CURRENT = "model:current"

@@ -186,8 +186,7 @@ class Checkpoint:
     fingerprints: dict[str, int]
     seq: int
     closed_before: int | None
-    watermark: float | None
-    watermark_wall: float | None
+    marks: dict[str, tuple[float, float]]
 
     @classmethod
     def parse(cls, h: dict[bytes, bytes]) -> Checkpoint:
@@ -197,8 +196,8 @@ class Checkpoint:
         def num(name: bytes, kind: type) -> object:
             return kind(h[name]) if name in h else None
 
-        return cls(offsets, fingerprints, int(h.get(b"seq", 0)), num(b"closed", int), num(b"wm", float),
-                   num(b"wm_wall", float))
+        marks = {k[3:].decode(): tuple(float(x) for x in v.split(b",")) for k, v in h.items() if k.startswith(b"wm:")}
+        return cls(offsets, fingerprints, int(h.get(b"seq", 0)), num(b"closed", int), marks)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -209,8 +208,7 @@ class PartitionWrites:
     offsets: dict[str, int]
     fingerprints: dict[str, int]  # topic → timestamp (ms) of the last record consumed: identifies the log
     closed_before: int
-    watermark: float
-    watermark_wall: float
+    marks: dict[str, tuple[float, float]]  # input topic → (watermark, wall time of its last delivery)
     pending: dict[int, dict[str, bytes]] = field(default_factory=dict)
     pending_ttl_s: int = 3600
     put_orphans: dict[str, bytes] = field(default_factory=dict)
@@ -250,6 +248,7 @@ class PartitionStore:
         users: dict[str, bytes],
         counters: dict[str, dict[str, int]],
         arms: set[str],
+        max_user_updates: int = 0,
     ) -> None:
         """Apply the writes of a batch atomically, if no other writer touched its partitions since they were read.
 
@@ -270,7 +269,8 @@ class PartitionStore:
                 ck = keys.checkpoint(w.partition)
                 mapping: dict[str, object] = {f"off:{t}": o for t, o in w.offsets.items()}
                 mapping.update({f"fp:{t}": f for t, f in w.fingerprints.items()})
-                mapping.update(closed=w.closed_before, wm=repr(w.watermark), wm_wall=repr(w.watermark_wall))
+                mapping["closed"] = w.closed_before
+                mapping.update({f"wm:{t}": f"{wm!r},{seen!r}" for t, (wm, seen) in w.marks.items()})
                 pipe.hset(ck, mapping=mapping)
                 pipe.hincrby(ck, "seq", 1)
                 for b, recs in w.pending.items():
@@ -296,6 +296,8 @@ class PartitionStore:
                         pipe.hincrby(key, f, n)
             if arms:
                 pipe.sadd("arms", *arms)
+            if max_user_updates:
+                pipe.zadd(keys.DP_MAX_UPDATES, {"max": max_user_updates}, gt=True)
             try:
                 await pipe.execute()
             except aioredis.WatchError as e:
@@ -343,6 +345,18 @@ class Counters:
                 clicks += int(h.get(b"clicks", 0))
             out[a] = {"impressions": imps, "clicks": clicks}
         return out
+
+    async def ad_counts(self, ad_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(clicks, labelled impressions) per ad, for the per-ad Beta posteriors."""
+        if not ad_ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        vals = await self.r.hmget(keys.ADSTAT, [f"{a}:{k}" for a in ad_ids for k in ("clicks", "labelled")])
+        n = np.array([int(v or 0) for v in vals], dtype=np.int64).reshape(-1, 2)
+        return n[:, 0], n[:, 1]
+
+    async def max_user_updates(self) -> int:
+        """The most labelled impressions applied to any one user (for the DP accountant)."""
+        return int(await self.r.zscore(keys.DP_MAX_UPDATES, "max") or 0)
 
     async def freshness(self) -> dict[int, int]:
         """Histogram of click → user-state latency: upper bound (ms) → count."""

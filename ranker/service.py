@@ -24,7 +24,7 @@ from learner.projector import initial_projector
 from ranker import experiment, scoring
 from ranker.index import ServingCatalog
 from streams import records
-from streams.updates import logit
+from streams.updates import dp_epsilon, logit
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,16 @@ class Recommender:
         """Events processed per topic by the stream workers."""
         stats = await self.counters.stats()
         return {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("processed:")}
+
+    async def privacy(self) -> dict[str, Any]:
+        """How user vectors are protected: DP parameters and the worst user's ε so far."""
+        s = self.settings
+        if s.dp_clip is None:
+            return {"differential_privacy": False, "pseudonymous_ids": True, "pii_in_models": False}
+        most = await self.counters.max_user_updates()
+        return {"differential_privacy": True, "pseudonymous_ids": True, "pii_in_models": False,
+                "clip": s.dp_clip, "noise_multiplier": s.dp_noise, "delta": s.dp_delta,
+                "max_updates_per_user": most, "epsilon": dp_epsilon(most, s.dp_noise, s.dp_delta)}
 
     def model_info(self) -> dict[str, Any]:
         v = self.served

@@ -3,7 +3,11 @@
 Layout under ``PRIVADS_DATA/archive``::
 
     impressions/hour=2026-11-23T14/p{partition}-{first entry id}.parquet   one row per impression (raw JSON kept)
-    labels/hour=2026-11-23T14/p{partition}-{first entry id}.parquet        one row per labelled impression
+    labels/hour=2026-11-23T14/p{partition}-{first entry id}.parquet        one row per clicked impression
+
+An archived impression is a positive if it has a label row, and a negative once
+its attribution window has passed without one: the workers label exactly so,
+and writing the (many) negatives out would double the archive for nothing.
 
 Exactly once: each batch's archive entry is written to the stream ``arch:{p}``
 in the same Redis transaction as the state it describes. A drain reads a chunk
@@ -17,16 +21,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import msgspec
-import orjson
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra import keys
-from streams.records import Labelled
+from streams.records import Impression, Labelled
 
 IMPRESSION_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()), ("ad_id", pa.string()),
@@ -40,6 +43,9 @@ LABEL_SCHEMA = pa.schema([
 _labels = msgspec.msgpack.Decoder(list[Labelled])
 
 
+HOUR_S = 3600
+
+
 def hour_of(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H", time.gmtime(ts))
 
@@ -51,34 +57,44 @@ def _write(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
-def rows_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[dict], list[dict]]:
-    """Impression rows and label rows of a chunk of archive entries."""
-    imps, labs = [], []
-    for _, fields in entries:
-        for line in filter(None, fields.get(b"imp", b"").split(b"\n")):
-            e = orjson.loads(line)
-            imps.append({"event_id": e["event_id"], "ts": e["ts"], "user_id": e["user_id"], "ad_id": e["ad_id"],
-                         "position": e["position"], "propensity": e.get("propensity"), "policy": e["policy"],
-                         "model_version": e.get("model_version"), "request_id": e["request_id"],
-                         "raw": line.decode()})
-        if fields.get(b"lab"):
-            for lab in _labels.decode(fields[b"lab"]):
-                labs.append({"impression_id": lab.impression_id, "user_id": lab.user_id, "ad_id": lab.ad_id,
-                             "ts": lab.ts, "clicked": int(lab.clicked), "value": lab.value, "policy": lab.policy})
-    return imps, labs
+_impression = msgspec.json.Decoder(Impression)
+
+
+def columns_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[dict[str, list], dict[str, list]]:
+    """Impression and label columns of a chunk of archive entries (column-wise: this runs per event)."""
+    lines = [ln for _, f in entries for ln in f.get(b"imp", b"").split(b"\n") if ln]
+    imps = [_impression.decode(ln) for ln in lines]
+    labs = [lab for _, f in entries if f.get(b"lab") for lab in _labels.decode(f[b"lab"])]
+    imp_cols = {
+        "event_id": [i.event_id for i in imps], "ts": [i.ts for i in imps], "user_id": [i.user_id for i in imps],
+        "ad_id": [i.ad_id for i in imps], "position": [i.position for i in imps],
+        "propensity": [i.propensity for i in imps], "policy": [i.policy for i in imps],
+        "model_version": [i.model_version for i in imps], "request_id": [i.request_id for i in imps],
+        "raw": [ln.decode() for ln in lines],
+    }
+    lab_cols = {
+        "impression_id": [x.impression_id for x in labs], "user_id": [x.user_id for x in labs],
+        "ad_id": [x.ad_id for x in labs], "ts": [x.ts for x in labs], "clicked": [int(x.clicked) for x in labs],
+        "value": [x.value for x in labs], "policy": [x.policy for x in labs],
+    }
+    return imp_cols, lab_cols
 
 
 def write_chunk(root: Path, partition: int, first_id: str, entries: list) -> int:
     """Write a chunk's rows into hour files named by ``first_id``; returns the number of rows."""
-    imps, labs = rows_of(entries)
+    imp_cols, lab_cols = columns_of(entries)
     name = f"p{partition}-{first_id}.parquet"
-    for kind, rows, schema in (("impressions", imps, IMPRESSION_SCHEMA), ("labels", labs, LABEL_SCHEMA)):
-        by_hour: dict[str, list[dict]] = defaultdict(list)
-        for row in rows:
-            by_hour[hour_of(row["ts"])].append(row)
-        for hour, hrows in by_hour.items():
-            _write(root / kind / f"hour={hour}" / name, pa.Table.from_pylist(hrows, schema=schema))
-    return len(imps) + len(labs)
+    rows = 0
+    for kind, cols, schema in (("impressions", imp_cols, IMPRESSION_SCHEMA), ("labels", lab_cols, LABEL_SCHEMA)):
+        if not cols["ts"]:
+            continue
+        table = pa.table(cols, schema=schema)
+        rows += table.num_rows
+        hours = (np.asarray(cols["ts"]) // HOUR_S).astype(np.int64)
+        for h in np.unique(hours):
+            part = table if len(hours) and (hours == h).all() else table.filter(pa.array(hours == h))
+            _write(root / kind / f"hour={hour_of(float(h) * HOUR_S)}" / name, part)
+    return rows
 
 
 def drain(r: object, root: Path, partition: int, chunk: int = 500) -> int:

@@ -16,7 +16,7 @@ transaction, so a batch is applied once or not at all.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -29,27 +29,40 @@ def bucket_of(ts: float, bucket_s: int) -> int:
     return int(ts // bucket_s)
 
 
+IDLE_GRACE_S = 2.0
+
+
 @dataclass
 class Clock:
-    """A partition's clock: event time while events flow, wall time while the partition is idle.
+    """A partition's clock: the slowest of its input topics' event times.
 
-    ``now = watermark + (wall − watermark_wall)`` where ``watermark_wall`` is
-    when events last arrived. A batch with events sets the clock to their event
-    time, so a worker behind a backlog never closes a window early; an idle
-    partition's windows still close as wall time passes.
+    Each input topic has a watermark (the latest event time it delivered) and
+    the wall time it last delivered anything. The partition's time is the
+    minimum over its topics, so a topic that lags behind a backlog (clicks
+    fetched after their impressions) holds windows open until it catches up.
+    A topic that delivered nothing for ``IDLE_GRACE_S`` is idle, and its time
+    runs on with the wall clock, so quiet partitions still close their windows.
+
+    Attributes
+    ----------
+    marks : dict
+        Topic → (watermark, wall time of its last delivery).
     """
 
-    watermark: float
-    watermark_wall: float
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def now(self, wall: float) -> float:
-        return self.watermark + max(0.0, wall - self.watermark_wall)
+        if not self.marks:
+            return wall
+        return min(wm + max(0.0, wall - seen - IDLE_GRACE_S) for wm, seen in self.marks.values())
 
-    def advance(self, event_ts: Iterable[float], wall: float) -> Clock:
-        top = max(event_ts, default=None)
-        if top is None:
-            return self
-        return Clock(watermark=max(self.watermark, top), watermark_wall=wall)
+    def advance(self, event_ts: dict[str, list[float]], wall: float) -> Clock:
+        marks = dict(self.marks)
+        for topic, ts in event_ts.items():
+            if ts:
+                old = marks.get(topic, (float("-inf"), wall))[0]
+                marks[topic] = (max(old, max(ts)), wall)
+        return Clock(marks)
 
 
 @dataclass

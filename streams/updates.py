@@ -174,3 +174,29 @@ def dp_epsilon(steps: int, noise_multiplier: float, delta: float) -> float:
     alphas = np.concatenate([np.linspace(1.01, 10, 200), np.linspace(10, 1000, 400)])
     eps = steps * alphas / (2 * noise_multiplier**2) + np.log(1 / delta) / (alphas - 1)
     return float(eps.min())
+
+
+def ad_posterior(
+    clicks: np.ndarray, labelled: np.ndarray, base_rate: float, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Beta posterior of each ad's CTR from its labelled impressions.
+
+    The prior is ``Beta(base_rate · strength, (1 − base_rate) · strength)``: a
+    cold ad starts at the global base rate, worth ``strength`` impressions.
+
+    Parameters
+    ----------
+    clicks, labelled : ndarray of int, shape (n,)
+        Clicked and labelled (clicked or window closed) impressions per ad.
+    base_rate : float
+        Prior mean CTR, in (0, 1).
+    strength : float
+        Prior pseudo-impressions, > 0.
+
+    Returns
+    -------
+    alpha, beta : ndarray, shape (n,)
+    """
+    clicks = np.asarray(clicks, dtype=np.float64)
+    labelled = np.asarray(labelled, dtype=np.float64)
+    return base_rate * strength + clicks, (1.0 - base_rate) * strength + (labelled - clicks)

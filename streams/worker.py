@@ -82,6 +82,7 @@ class PartitionBatch:
     clicks: list[records.Click] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)  # topic → next offset
     fingerprints: dict[str, int] = field(default_factory=dict)  # topic → timestamp of the last record
+    event_ts: dict[str, list[float]] = field(default_factory=dict)  # input topic → event times it delivered
     processed: Counter[str] = field(default_factory=Counter)
 
 
@@ -220,6 +221,7 @@ class EventAgent:
             side.append((records.REPARTITION, home, key, m.value, [(records.ORIGIN_HEADER, topic.encode())]))
             pb.processed["forwarded"] += 1
             return
+        pb.event_ts.setdefault(tp.topic, []).append(rec.ts)
         if topic == records.IMPRESSIONS:
             pb.impressions.append(rec)
             pb.raw_impressions[rec.event_id] = m.value
@@ -251,8 +253,7 @@ class EventAgent:
         for p in parts:
             pb, ck, bkts = by_p[p], ckpts[p], bucket_sets[p]
             seq[p] = ck.seq
-            clock = Clock(ck.watermark or wall, ck.watermark_wall or wall).advance(
-                [e.ts for e in pb.impressions] + [c.ts for c in pb.clicks], wall)
+            clock = Clock(ck.marks).advance(pb.event_ts, wall)
             now = clock.now(wall)
             cutoff = bucket_of(now - self.window_s, self.bucket_s)
             closed = ck.closed_before if ck.closed_before is not None else cutoff
@@ -310,7 +311,7 @@ class EventAgent:
             horizon = bucket_of(now - self.retention_s, self.bucket_s)
             w = PartitionWrites(
                 partition=p, offsets=pb.offsets, fingerprints=pb.fingerprints, closed_before=plan.closed_before,
-                watermark=clock.watermark, watermark_wall=clock.watermark_wall,
+                marks=clock.marks,
                 pending={b: {iid: records.pack_pending(r) for iid, r in recs.items()}
                          for b, recs in plan.put_pending.items()},
                 # buckets are dropped explicitly, on event time; the TTL only guards against leaks
@@ -319,22 +320,22 @@ class EventAgent:
                 del_orphans=plan.del_orphans,
                 drop_buckets={b for b in bkts if b < horizon},
             )
-            if plan.new_impressions or plan.labelled:
+            if plan.new_impressions or plan.click_ts:
                 w.archive = {
                     b"imp": b"\n".join(pb.raw_impressions[i.event_id] for i in plan.new_impressions),
-                    b"lab": msgspec.msgpack.encode(plan.labelled),
+                    b"lab": msgspec.msgpack.encode([ex for ex in plan.labelled if ex.clicked]),
                 }
             writes.append(w)
-        users, learned = await self._learn([ex for plan in plans.values() for ex in plan.labelled])
+        users, learned, most = await self._learn([ex for plan in plans.values() for ex in plan.labelled])
         counters = self._counters(by_p, plans, learned, wall)
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
-        await self.store.commit(seq, writes, users, counters, arms)
+        await self.store.commit(seq, writes, users, counters, arms, most)
 
-    async def _learn(self, labelled: list[records.Labelled]) -> tuple[dict[str, bytes], Counter[str]]:
+    async def _learn(self, labelled: list[records.Labelled]) -> tuple[dict[str, bytes], Counter[str], int]:
         """New packed posteriors of the users these labels touch."""
         out: Counter[str] = Counter()
         if not labelled:
-            return {}, out
+            return {}, out, 0
         # consumption order, not event time: the result must not depend on where batch boundaries fall
         user_ids = list(dict.fromkeys(ex.user_id for ex in labelled))
         states, erased, vectors = await asyncio.gather(
@@ -358,7 +359,7 @@ class EventAgent:
             if st is not None and st[0].shape[0] == d:
                 mean[i], precision[i], counts[i] = st
         if not keep:
-            return {}, out
+            return {}, out, 0
         idx = np.array([row[ex.user_id] for ex in keep])
         mean, precision = update_many(
             mean, precision, idx, np.stack([vectors[ex.ad_id] for ex in keep]),
@@ -366,7 +367,8 @@ class EventAgent:
         counts += np.bincount(idx, minlength=len(user_ids))
         touched = np.unique(idx)
         out["learned"] += len(keep)
-        return {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i])) for i in touched}, out
+        packed = {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i])) for i in touched}
+        return packed, out, int(counts[touched].max())
 
     def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[str],
                   wall: float) -> dict[str, dict[str, int]]:

@@ -143,6 +143,7 @@ def test_health_model_lift_metrics(client: httpx.Client) -> None:
     model = client.get("/model").json()
     assert model["index"]["type"] == "Flat" and model["index"]["size"] >= len(ADS)
     assert model["projector"]["d_in"] == 384 and model["projector"]["d_out"] == 64
+    assert model["privacy"] == {"differential_privacy": False, "pseudonymous_ids": True, "pii_in_models": False}
     lift = client.get("/lift", params={"window": 3600}).json()
     t = lift["arms"]["treatment"]
     assert t["impressions"] > 0 and 0 <= t["ci95"][0] <= t["ctr"] <= t["ci95"][1] <= 1

@@ -207,3 +207,43 @@ def test_click_increases_and_non_click_decreases_score(max_step):
         base = float(np.float32(m) @ np.float32(p))
         assert float(m_click @ np.float32(p)) > base
         assert float(m_skip @ np.float32(p)) < base
+
+
+# Beta posterior per ad: prior Beta(0.05·20, 0.95·20) = Beta(1, 19); 3 clicks in 10 → Beta(4, 26)
+def test_ad_posterior_hand_computed():
+    from streams.updates import ad_posterior
+
+    a, b = ad_posterior(np.array([0, 3]), np.array([0, 10]), base_rate=0.05, strength=20.0)
+    np.testing.assert_allclose(a, [1.0, 4.0])
+    np.testing.assert_allclose(b, [19.0, 26.0])
+
+
+# one step, σ = 1, δ = 1e-5: ε = min_α α/2 + ln(1e5)/(α−1); α−1 = √(2·ln 1e5) = 4.7985 → ε = 5.2985
+def test_dp_epsilon_hand_computed_and_monotone():
+    from streams.updates import dp_epsilon
+
+    assert dp_epsilon(1, 1.0, 1e-5) == pytest.approx(0.5 + 2 * np.sqrt(np.log(1e5) / 2), abs=2e-3)
+    assert dp_epsilon(0, 1.0, 1e-5) == 0.0
+    assert dp_epsilon(10, 1.0, 1e-5) < dp_epsilon(100, 1.0, 1e-5)  # more updates, less privacy
+    assert dp_epsilon(100, 2.0, 1e-5) < dp_epsilon(100, 1.0, 1e-5)  # more noise, more privacy
+
+
+# DP mode: each example's gradient is clipped to C before the noise; with no noise the step is the clipped gradient
+def test_dp_clipping_bounds_each_step():
+    from streams.updates import update_many
+
+    d = 4
+    m = np.zeros((1, d), np.float32)
+    q = np.full((1, d), 16.0, np.float32)
+    p = np.array([[1.0, 0, 0, 0]], np.float32)
+    params = UpdateParams(learning_rate=1.0, max_step=10.0, l2_prior=0.0, bias=0.0, dp_clip=0.1, dp_noise=0.0)
+    m2, _ = update_many(m, q, np.array([0]), p, np.array([1.0]), np.zeros(d), params, np.random.default_rng(0))
+    # gradient (σ(0) − 1)·p = −0.5·p, clipped to norm 0.1 → the user moves +0.1 along p
+    np.testing.assert_allclose(m2[0], [0.1, 0, 0, 0], atol=1e-7)
+    noisy = UpdateParams(learning_rate=1.0, max_step=10.0, l2_prior=0.0, bias=0.0, dp_clip=0.1, dp_noise=2.0)
+    draws = np.stack([update_many(m, q, np.array([0]), p, np.array([1.0]), np.zeros(d), noisy,
+                                  np.random.default_rng(s))[0][0] for s in range(4000)])
+    # noise std per coordinate = σ·C·lr = 0.2 (4 s.e. of a std estimate over 4000 draws ≈ 0.009)
+    assert abs(draws[:, 1].std() - 0.2) < 0.01 and abs(draws[:, 0].mean() - 0.1) < 0.02
+    with pytest.raises(ValueError, match="rng"):
+        update_many(m, q, np.array([0]), p, np.array([1.0]), np.zeros(d), noisy)

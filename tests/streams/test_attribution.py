@@ -1,0 +1,66 @@
+"""The attribution planner and the partition clock: pure logic, hand-checked cases."""
+
+from __future__ import annotations
+
+from streams.attribution import IDLE_GRACE_S, Clock, Seen, bucket_of, plan_batch
+from streams.records import Click, Impression, Pending
+
+W, B = 10.0, 1  # a 10 s window, 1 s buckets
+
+
+def imp(iid: str, ts: float, user: str = "u", ad: str = "a", policy: str = "t") -> Impression:
+    return Impression(event_id=iid, ts=ts, user_id=user, ad_id=ad, position=0, propensity=0.5, policy=policy,
+                      request_id="r")
+
+
+def clk(iid: str, ts: float, user: str = "u", value: float | None = None) -> Click:
+    return Click(event_id="c-" + iid, ts=ts, impression_id=iid, user_id=user, ad_id="a", value=value)
+
+
+def plan(imps, clicks, seen=None, now=100.0):
+    return plan_batch(imps, clicks, seen or Seen(closed_before=bucket_of(now - W, B)), now=now, window_s=W,
+                      bucket_s=B, arm_bucket_s=60)
+
+
+# the partition's time is its slowest input topic: a lagging clicks topic holds windows open
+def test_clock_is_the_slowest_topic():
+    c = Clock().advance({"imps": [100.0, 140.0], "clicks": [103.0]}, wall=1000.0)
+    assert c.now(1000.0) == 103.0
+    assert c.now(1000.0 + IDLE_GRACE_S) == 103.0  # not idle yet
+    # clicks silent for grace + 5 s: it runs on with the wall clock
+    assert c.now(1000.0 + IDLE_GRACE_S + 5) == 108.0
+    assert Clock().now(55.0) == 55.0  # nothing seen: wall time
+
+
+def test_click_in_window_is_one_positive_and_counts():
+    p = plan([imp("i1", 95.0)], [clk("i1", 96.0, value=2.0), clk("i1", 97.0)])
+    assert [(x.impression_id, x.clicked, x.value) for x in p.labelled] == [("i1", True, 2.0)]
+    assert p.stats["repeated_clicks"] == 1 and p.arm[("t", 1, "clicks")] == 1 and p.arm[("t", 1, "impressions")] == 1
+    assert p.put_pending[95]["i1"].clicked and p.click_ts == [96.0]
+
+
+def test_window_close_emits_negatives_once_and_skips_clicked():
+    due = {85: {"x": Pending("u", "a", "t", 85.5), "y": Pending("u", "a", "t", 85.2, clicked=True)}}
+    p = plan([], [], Seen(closed_before=85, due=due), now=96.0)  # cutoff = bucket(86) = 86
+    assert [(x.impression_id, x.clicked) for x in p.labelled] == [("x", False)]
+    assert p.closed_before == 86
+
+
+def test_click_after_close_is_late_and_click_before_impression_waits():
+    seen = Seen(closed_before=90, pending={"old": (80, Pending("u", "a", "t", 80.0))})
+    p = plan([], [clk("old", 99.0), clk("nope", 99.0)], seen)
+    assert p.stats["late_clicks"] == 1 and not p.labelled
+    assert p.stats["unattributed_clicks"] == 1 and "nope" in p.put_orphans
+    # the orphan's impression arrives: joined, and no longer unattributed
+    p2 = plan([imp("nope", 98.0)], [], Seen(closed_before=90, orphans={"nope": clk("nope", 99.0)}))
+    assert [(x.impression_id, x.clicked) for x in p2.labelled] == [("nope", True)]
+    assert p2.stats["unattributed_clicks"] == -1 and p2.del_orphans == {"nope"}
+
+
+def test_duplicate_impressions_and_late_arrivals():
+    seen = Seen(closed_before=90, pending={"i1": (95, Pending("u", "a", "t", 95.0))})
+    p = plan([imp("i1", 95.0), imp("i2", 96.0), imp("i2", 96.0)], [], seen)
+    assert p.stats["duplicate_impressions"] == 2 and [i.event_id for i in p.new_impressions] == ["i2"]
+    # an impression older than its window arrives: it is due at once, a negative unless clicked in the same batch
+    p = plan([imp("late", 50.0), imp("late2", 51.0)], [clk("late2", 52.0)])
+    assert sorted((x.impression_id, x.clicked) for x in p.labelled) == [("late", False), ("late2", True)]
