@@ -143,10 +143,6 @@ class UserStore:
         blobs = await self.r.mget([keys.user(u) for u in user_ids])
         return [keys.unpack_user(b) if b else None for b in blobs]
 
-    async def put_many(self, states: dict[str, tuple[np.ndarray, np.ndarray, int]]) -> None:
-        if states:
-            await self.r.mset({keys.user(u): keys.pack_user(*s) for u, s in states.items()})
-
     async def erased_at(self, user_ids: Sequence[str]) -> list[float | None]:
         if not user_ids:
             return []

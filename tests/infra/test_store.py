@@ -1,0 +1,32 @@
+"""Redis readers against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import redis
+
+from infra import keys
+from infra.store import Counters, connect
+from streams.updates import ad_posterior
+
+pytestmark = pytest.mark.integration
+
+
+# the per-ad counts the workers keep feed the Beta posterior; unknown ads read as zero (the prior)
+def test_ad_counts_feed_the_beta_posterior(infra, rds: redis.Redis) -> None:
+    rds.hset(keys.ADSTAT, mapping={"ad-1:clicks": 3, "ad-1:labelled": 10})
+
+    async def read() -> tuple[np.ndarray, np.ndarray]:
+        r = connect(infra.redis_url)
+        try:
+            return await Counters(r).ad_counts(["ad-1", "never-shown"])
+        finally:
+            await r.aclose()
+
+    clicks, labelled = asyncio.run(read())
+    assert clicks.tolist() == [3, 0] and labelled.tolist() == [10, 0]
+    a, b = ad_posterior(clicks, labelled, base_rate=0.05, strength=20.0)
+    assert a.tolist() == [4.0, 1.0] and b.tolist() == [26.0, 19.0]
