@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     propensity_draws: int = Field(64, ge=1, le=4096)
     exploration: float = Field(1.0, ge=0, description="scale of Thompson-sampling noise")
     control_share: float = Field(0.1, ge=0, le=1, description="share of users in the control arm")
-    control_policy: str = Field("random", pattern="^(random|popularity)$")
+    # only the uniformly random control exists so far; popularity / pinned-version controls are issue 5
+    control_policy: str = Field("random", pattern="^random$")
     arm_salt: str = "privads-arm-v1"
     impression_queue: int = Field(100_000, ge=1)
 

@@ -113,7 +113,7 @@ def test_child_env_round_trip_defaults(monkeypatch):
 def test_child_env_round_trip_customised(monkeypatch, tmp_path):
     s = Settings(kafka="127.0.0.1:19092", redis="redis://127.0.0.1:16379/0", data=tmp_path / "d",
                  api="http://127.0.0.1:8123", d_user=32, partitions=2, control_share=0.0, seed=7,
-                 exploration=0.3, learning_rate=0.123456789, control_policy="popularity",
+                 exploration=0.3, learning_rate=0.123456789, control_policy="random",
                  catalog=tmp_path / "ads.jsonl")
     back = _from_env(monkeypatch, s.child_env())
     assert back == s
@@ -124,3 +124,10 @@ def test_child_env_round_trip_customised(monkeypatch, tmp_path):
 def test_child_env_round_trip_catalog_none(monkeypatch):
     s = Settings(catalog=None)
     assert _from_env(monkeypatch, s.child_env()) == s
+
+
+# a control policy that does not exist is refused, not silently replaced by another
+def test_unknown_control_policy_is_rejected(monkeypatch):
+    monkeypatch.setenv("PRIVADS_CONTROL_POLICY", "popularity")
+    with pytest.raises(ValidationError, match="control_policy"):
+        Settings()
