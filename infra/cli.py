@@ -110,7 +110,9 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
                            partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
                            window_s=args.window, catalog=args.catalog)
     else:
-        raise RuntimeError(f"bench {args.what} is not built yet")
+        from learner.bench import bench_learn
+
+        out = bench_learn(args.catalog, args.encoder or settings.encoder_backend)
     print(json.dumps(out))
     return 0
 
@@ -136,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
     b = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
-    b.add_argument("what", choices=["stream"])
+    b.add_argument("what", choices=["stream", "learn"])
     b.add_argument("--events", type=int, default=1_000_000)
     b.add_argument("--users", type=int, default=100_000)
     b.add_argument("--workers", type=int, default=2)
@@ -145,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--fresh-seconds", type=float, default=20.0)
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
+    b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     # model
     d_user: int = Field(64, ge=2, le=1024)
     d_ad: int = 384
+    encoder_backend: str = Field("onnx-int8", pattern="^(onnx-int8|torch)$", description="MiniLM runtime")
     seed: int = 0
 
     # online learning (per labelled impression)

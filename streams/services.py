@@ -11,7 +11,7 @@ import numpy as np
 
 from infra.settings import Settings
 from infra.store import CatalogStore, ModelPointer
-from learner.encoder import AdEncoder, text_hash
+from learner.encoder import AdEncoder
 from learner.projector import Projector, initial_projector
 from streams.records import Ad
 
@@ -29,7 +29,7 @@ class CatalogIndexer:
         """Store ads; returns how many texts had to be encoded."""
         latest = {a.ad_id: a for a in ads}  # within a batch the last upsert wins
         ads = list(latest.values())
-        hashes = [text_hash(a.text) for a in ads]
+        hashes = [self.encoder.hash(a.text) for a in ads]
         cached = await self.catalog.cached_embeddings(hashes)
         todo = {h: a.text for a, h, c in zip(ads, hashes, cached) if c is None}
         new: dict[str, np.ndarray] = {}

@@ -458,7 +458,7 @@ async def run(settings: Settings) -> None:
     r = connect(settings.redis_url)
     catalog = CatalogStore(r)
     ad_vectors = AdVectors(settings, catalog, ModelPointer(r))
-    indexer = CatalogIndexer(catalog, AdEncoder())
+    indexer = CatalogIndexer(catalog, AdEncoder(settings.encoder_backend, settings.models_dir / "encoder"))
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_servers, linger_ms=5, acks=1)
     await producer.start()
     agent = EventAgent(settings, r, producer, ad_vectors)
