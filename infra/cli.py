@@ -112,7 +112,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     else:
         from learner.bench import bench_learn
 
-        out = bench_learn(args.catalog, args.encoder or settings.encoder_backend)
+        out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads, settings.d_user,
+                          settings.seed)
     print(json.dumps(out))
     return 0
 
@@ -148,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
+    b.add_argument("--ads", type=int, default=1_000_000, help="learn: synthetic ads in the index")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     impression_queue: int = Field(100_000, ge=1)
 
     # learner
+    exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")
     learner_interval_s: float = Field(300.0, gt=0)
     keep_versions: int = Field(3, ge=1)
 

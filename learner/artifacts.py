@@ -53,7 +53,10 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
         "path": str(final.resolve()),
         "built_at": time.time(),
         "projector": {"type": "linear", "d_in": int(projector.weight.shape[0]), "d_out": projector.d_user},
-        "index": {"type": catalog.index_type, "size": len(catalog), "ads": len(catalog.ad_ids)},
+        "index": {"type": catalog.index_type, "size": len(catalog), "ads": len(catalog.ad_ids),
+                  "build_s": round(catalog.info.build_s, 3),
+                  f"recall_at_{catalog.info.k}": round(catalog.info.recall_at_k, 4),
+                  "nlist": catalog.info.nlist, "nprobe": catalog.info.nprobe},
         **info,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

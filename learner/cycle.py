@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from infra.kafka import make_producer
@@ -43,10 +44,17 @@ async def run_cycle(settings: Settings, reason: str = "scheduled") -> dict:
         # the change id first: anything changed after it is replayed by readers as a delta
         change = await catalog_store.last_change()
         ids = await catalog_store.all_ids()
-        serving = ServingCatalog(projector.d_user)
+        entries, vectors = [], []
         for i in range(0, len(ids), READ_CHUNK):
-            entries, emb = await catalog_store.read(ids[i:i + READ_CHUNK])
-            serving.upsert_entries(entries, projector.project(emb))
+            chunk, emb = await catalog_store.read(ids[i:i + READ_CHUNK])
+            entries += chunk
+            vectors.append(projector.project(emb))
+        d = projector.d_user
+        serving = await asyncio.to_thread(
+            ServingCatalog.build, d, [e.ad_id for e in entries],
+            np.concatenate(vectors) if vectors else np.zeros((0, d), np.float32),
+            np.array([e.bid for e in entries], dtype=np.float32), np.array([e.active for e in entries], dtype=bool),
+            [e.category for e in entries], exact_below=settings.exact_index_below, seed=settings.seed)
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason,

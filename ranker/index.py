@@ -9,7 +9,9 @@ are in place, so the catalog is owned by one event loop.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,88 @@ import faiss
 import numpy as np
 
 from ranker.scoring import retrieval_keys, retrieval_query
+
+EXACT_BELOW = 50_000
+NPROBES = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """How an index was built and how good it is against exact search."""
+
+    type: str
+    size: int
+    build_s: float
+    recall_at_k: float
+    k: int
+    nlist: int | None = None
+    nprobe: int | None = None
+
+
+def probe_queries(keys: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Queries shaped like users: scaled ad directions plus noise, with the bid weight 1.
+
+    Parameters
+    ----------
+    keys : ndarray, shape (N, D + 1)
+    n : int
+
+    Returns
+    -------
+    ndarray, shape (n, D + 1)
+    """
+    d = keys.shape[1] - 1
+    base = keys[rng.integers(0, keys.shape[0], n), :d]
+    users = base * rng.uniform(0.5, 3.0, (n, 1)) + 0.3 * rng.standard_normal((n, d))
+    return np.hstack([users, np.ones((n, 1))]).astype(np.float32)
+
+
+def recall_at_k(index: faiss.Index, exact: faiss.Index, queries: np.ndarray, k: int) -> float:
+    """Mean share of the exact top-k that ``index`` returns."""
+    _, got = index.search(queries, k)
+    _, want = exact.search(queries, k)
+    return float(np.mean([len(set(g[g >= 0]) & set(w[w >= 0])) / max(1, (w >= 0).sum()) for g, w in zip(got, want)]))
+
+
+def build_index(keys: np.ndarray, ids: np.ndarray, *, exact_below: int = EXACT_BELOW, k: int = 500,
+                target_recall: float = 0.95, seed: int = 0) -> tuple[faiss.Index, IndexInfo]:
+    """An inner-product index over retrieval keys, chosen by size and checked against exact search.
+
+    Below ``exact_below`` keys the index is exact (Flat). Above, it is IVF-Flat
+    with ``nlist ≈ 2√n`` lists; ``nprobe`` is tuned on one set of user-like
+    queries to the smallest value that reaches ``target_recall`` at ``k``, and
+    recall is then measured on another set.
+
+    Parameters
+    ----------
+    keys : ndarray, shape (n, D + 1)
+        ``retrieval_keys`` of the ads.
+    ids : ndarray of int64, shape (n,)
+    """
+    start = time.perf_counter()
+    n, dim = keys.shape
+    if n < exact_below:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if n:
+            index.add_with_ids(keys, ids)
+        return index, IndexInfo("Flat", n, time.perf_counter() - start, 1.0, k)
+    rng = np.random.default_rng(seed)
+    nlist = int(2 ** round(np.log2(2 * np.sqrt(n))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    index.cp.seed = seed
+    index.train(keys[rng.choice(n, min(n, 40 * nlist), replace=False)])
+    index.add_with_ids(keys, ids)
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    exact.add_with_ids(keys, ids)
+    tune, check = probe_queries(keys, 100, rng), probe_queries(keys, 200, rng)
+    for nprobe in NPROBES:
+        index.nprobe = min(nprobe, nlist)
+        if recall_at_k(index, exact, tune, k) >= target_recall:
+            break
+    build_s = time.perf_counter() - start
+    recall = recall_at_k(index, exact, check, k)
+    return index, IndexInfo("IVFFlat", n, build_s, recall, k, nlist, int(index.nprobe))
 
 
 class ServingCatalog:
@@ -28,7 +112,7 @@ class ServingCatalog:
         Dimension of the projected vectors.
     """
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, index: faiss.Index | None = None, info: IndexInfo | None = None) -> None:
         self.d = d
         self.ad_ids: list[str] = []
         self.row: dict[str, int] = {}
@@ -36,11 +120,25 @@ class ServingCatalog:
         self.bids = np.zeros(0, dtype=np.float32)
         self.active = np.zeros(0, dtype=bool)
         self.categories: list[str | None] = []
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
+        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
+        self.info = info or IndexInfo("Flat", 0, 0.0, 1.0, 500)
 
     @property
     def index_type(self) -> str:
-        return "Flat"
+        return self.info.type
+
+    @classmethod
+    def build(cls, d: int, ad_ids: list[str], vectors: np.ndarray, bids: np.ndarray, active: np.ndarray,
+              categories: list[str | None], **index_options: Any) -> ServingCatalog:
+        """A catalog whose index is chosen by size (``build_index``) over its active ads."""
+        n = len(ad_ids)
+        on = np.flatnonzero(active)
+        index, info = build_index(retrieval_keys(vectors[on], bids[on]), on.astype(np.int64), **index_options)
+        cat = cls(d, index, info)
+        cat.ad_ids, cat.row, cat.categories = list(ad_ids), {a: i for i, a in enumerate(ad_ids)}, list(categories)
+        cat.vectors = np.asarray(vectors, dtype=np.float32).reshape(n, d)
+        cat.bids, cat.active = np.asarray(bids, dtype=np.float32), np.asarray(active, dtype=bool)
+        return cat
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -135,13 +233,19 @@ class ServingCatalog:
     def save(self, directory: Path) -> None:
         n = len(self.ad_ids)
         np.savez(directory / "catalog.npz", vectors=self.vectors[:n], bids=self.bids[:n], active=self.active[:n])
-        (directory / "catalog.json").write_text(json.dumps({"ad_ids": self.ad_ids, "categories": self.categories}))
+        (directory / "catalog.json").write_text(json.dumps({"ad_ids": self.ad_ids, "categories": self.categories,
+                                                            "index": asdict(self.info)}))
+        faiss.write_index(self.index, str(directory / "index.faiss"))
 
     @classmethod
-    def load(cls, directory: Path, d: int) -> "ServingCatalog":
+    def load(cls, directory: Path, d: int) -> ServingCatalog:
+        """The catalog as saved, with its FAISS index as built (an IVF index is not retrained)."""
         meta = json.loads((directory / "catalog.json").read_text())
-        cat = cls(d)
+        cat = cls(d, faiss.read_index(str(directory / "index.faiss")), IndexInfo(**meta["index"]))
         with np.load(directory / "catalog.npz") as z:
-            if meta["ad_ids"]:
-                cat.upsert(meta["ad_ids"], z["vectors"], z["bids"], z["active"], meta["categories"])
+            n = len(meta["ad_ids"])
+            cat.ad_ids, cat.row, cat.categories = meta["ad_ids"], {a: i for i, a in enumerate(meta["ad_ids"])}, \
+                meta["categories"]
+            cat.vectors = z["vectors"].astype(np.float32).reshape(n, d)
+            cat.bids, cat.active = z["bids"].astype(np.float32), z["active"].astype(bool)
         return cat

@@ -209,6 +209,7 @@ class Recommender:
                           "version": m.get("version")},
             "ranker": {"type": "thompson-logistic", "version": m.get("version")},
             "index": {"type": v.catalog.index_type, "size": len(v.catalog), "ads": len(v.catalog.ad_ids),
-                      "built_at": m.get("built_at")},
+                      "built_at": m.get("built_at"), "recall_at_500": v.catalog.info.recall_at_k,
+                      "nlist": v.catalog.info.nlist, "nprobe": v.catalog.info.nprobe},
             "catalog_change": self.change_id,
         }
