@@ -223,5 +223,6 @@ def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
     cat.save(tmp_path)
     back = ServingCatalog.load(tmp_path, 16)
     assert back.index_type == "IVFFlat" and back.info == cat.info and len(back) == 20_000
+    assert back.index.nprobe == cat.info.nprobe  # the tuned nprobe travels with the index file
     _add(back, ["a0"], [vecs[0]], bids=[1.0], active=[False])
     assert len(back) == 19_999 and 0 not in back.retrieve(vecs[0] * 3, 100).tolist()
