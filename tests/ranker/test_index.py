@@ -174,28 +174,27 @@ def test_duplicate_ad_id_in_one_batch_is_indexed_once():
     assert cat.bids[0] == 2.0 and cat.vectors[0].tolist() == [0.0, 1.0]
 
 
+def _random_catalog(n: int, d: int, low: float, high: float, seed: int):
+    """A catalog of n random unit ad vectors with uniform bids in [low, high)."""
+    rng = np.random.default_rng(seed)
+    vecs = rng.standard_normal((n, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    bids = rng.uniform(low, high, n).astype(np.float32)
+    cat = ServingCatalog(d)
+    _add(cat, [f"a{i}" for i in range(n)], vecs, bids=bids)
+    return cat, vecs, bids
+
+
 # expected-value retrieval: a cold user (zero vector) gets the highest bids, not the lowest row ids
 def test_retrieve_for_a_cold_user_ranks_by_bid():
-    rng = np.random.default_rng(3)
-    n = 50
-    vecs = rng.standard_normal((n, 4)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    bids = rng.uniform(0.1, 5.0, n).astype(np.float32)
-    cat = ServingCatalog(4)
-    _add(cat, [f"a{i}" for i in range(n)], vecs, bids=bids)
+    cat, _, bids = _random_catalog(50, 4, 0.1, 5.0, seed=3)
     got = cat.retrieve(np.zeros(4, np.float32), 10)
     assert set(got.tolist()) == set(np.argsort(-bids)[:10].tolist())
 
 
 # for a warm user, retrieval orders by u·p + log(bid): the log of σ(z)·bid at small CTRs
 def test_retrieve_orders_by_similarity_plus_log_bid():
-    rng = np.random.default_rng(4)
-    n = 60
-    vecs = rng.standard_normal((n, 8)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    bids = rng.uniform(0.2, 3.0, n).astype(np.float32)
-    cat = ServingCatalog(8)
-    _add(cat, [f"a{i}" for i in range(n)], vecs, bids=bids)
+    cat, vecs, bids = _random_catalog(60, 8, 0.2, 3.0, seed=4)
     u = 3 * vecs[7]
     expected = np.argsort(-(vecs @ u + np.log(bids)))[:5]
     assert cat.retrieve(u, 5).tolist() == expected.tolist()
