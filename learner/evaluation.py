@@ -1,0 +1,111 @@
+"""Offline evaluation and the promotion gate: the pure maths (numpy only).
+
+The learner scores a candidate model and the served one on the same
+time-based holdout, and promotes the candidate only if it is not worse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-7
+
+
+def auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney U, ties counted half).
+
+    Parameters
+    ----------
+    y : ndarray of {0, 1}, shape (n,)
+    score : ndarray, shape (n,)
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN when only one class is present.
+    """
+    y = np.asarray(y, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    sorted_scores = score[order]
+    # average ranks over ties
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(score)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2.0  # ranks are 1-based
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities ``p`` (clipped to [1e-7, 1 − 1e-7]), shape (n,)."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def ndcg_at_k(groups: np.ndarray, y: np.ndarray, score: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k over groups (requests) that have at least one positive.
+
+    Parameters
+    ----------
+    groups : ndarray, shape (n,)
+        Group (request) id of each row.
+    y : ndarray of {0, 1}, shape (n,)
+    score : ndarray, shape (n,)
+    k : int
+    """
+    groups, y, score = np.asarray(groups), np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values = []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        rel = y[idx]
+        if rel.sum() == 0:
+            continue
+        ranked = rel[np.argsort(-score[idx], kind="stable")][:k]
+        ideal = np.sort(rel)[::-1][:k]
+        values.append((ranked * discounts[: len(ranked)]).sum() / (ideal * discounts[: len(ideal)]).sum())
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's scores on a holdout."""
+
+    auc: float
+    log_loss: float
+    ndcg_at_10: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reason: str
+
+
+def gate(candidate: Scores, served: Scores | None, *, auc_tolerance: float = 0.002,
+         log_loss_tolerance: float = 0.002) -> Verdict:
+    """Promote a candidate unless it is worse than the served model on the same holdout.
+
+    Worse means AUC lower by more than ``auc_tolerance`` or log-loss higher by
+    more than ``log_loss_tolerance`` (the tolerances absorb evaluation noise, so
+    the served model does not flap between equals). A candidate with an
+    undefined AUC (a one-class holdout) is never promoted.
+    """
+    if not np.isfinite(candidate.auc):
+        return Verdict(False, "holdout has a single class: AUC undefined")
+    if served is None:
+        return Verdict(True, "nothing served yet")
+    if candidate.auc < served.auc - auc_tolerance:
+        return Verdict(False, f"AUC {candidate.auc:.4f} < served {served.auc:.4f} - {auc_tolerance}")
+    if candidate.log_loss > served.log_loss + log_loss_tolerance:
+        return Verdict(False, f"log-loss {candidate.log_loss:.4f} > served {served.log_loss:.4f} "
+                              f"+ {log_loss_tolerance}")
+    return Verdict(True, f"AUC {candidate.auc:.4f} vs {served.auc:.4f}, log-loss {candidate.log_loss:.4f} "
+                         f"vs {served.log_loss:.4f}")
