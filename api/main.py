@@ -83,6 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         info = rec.model_info()
         metrics.catalog_size.set(info["index"]["size"])
         metrics.model.info({"version": str(info["version"])})
+        quality = await rec.quality()
+        metrics.drifts.set(quality["drifts"])
+        if quality["auc"] is not None:
+            metrics.online_auc.set(quality["auc"])
+            metrics.online_log_loss.set(quality["log_loss"])
         privacy = await rec.privacy()
         if privacy["differential_privacy"]:
             metrics.dp_epsilon.set(privacy["epsilon"])

@@ -24,4 +24,7 @@ class ApiMetrics:
         self.consumer_lag = Gauge("privads_consumer_lag", "messages not yet consumed by the stream workers",
                                   ["topic"], registry=r)
         self.model = Info("privads_model", "served model version", registry=r)
+        self.online_auc = Gauge("privads_online_auc", "rolling AUC of served pCTR vs outcomes", registry=r)
+        self.online_log_loss = Gauge("privads_online_log_loss", "rolling log-loss of served pCTR", registry=r)
+        self.drifts = Gauge("privads_drift_total", "drifts detected in the served model's predictions", registry=r)
         self.dp_epsilon = Gauge("privads_dp_epsilon", "ε of the most-updated user vector (DP mode)", registry=r)

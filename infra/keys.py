@@ -19,6 +19,8 @@
 | ``ads`` | set of all ad ids | catalog agent |
 | ``catalog:log`` | stream of catalog changes (``ad_id``) | catalog agent |
 | ``workers`` | hash worker id → last heartbeat (ts, partitions owned) | stream workers |
+| ``quality`` | hash worker id → rolling AUC / log-loss of served predictions, drifts | stream workers |
+| ``learner:drift`` | when drift was last detected: the learner runs a cycle early | stream workers |
 | ``model:current`` | JSON manifest of the served model version | learner |
 """
 
@@ -33,6 +35,8 @@ ADSTAT = "adstat"
 FRESHNESS = "fresh"
 PARTITIONS = "partitions"
 DP_MAX_UPDATES = "dp:max_updates"
+QUALITY = "quality"
+DRIFT = "learner:drift"
 ADS = "ads"
 CATALOG_LOG = "catalog:log"
 MODEL_CURRENT = "model:current"

@@ -376,6 +376,40 @@ class WorkerRegistry:
         return {k: v for k, v in beats.items() if now - v["ts"] <= within_s}
 
 
+# --- online quality (prequential, per worker) ------------------------------------------------
+
+
+class QualityBoard:
+    """Workers' rolling prediction quality, and drift flags that ask the learner for an early cycle."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+
+    async def publish(self, worker_id: str, snapshot: dict, now: float, drifted: bool) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.QUALITY, worker_id, orjson.dumps({**snapshot, "ts": now}))
+        if drifted:
+            pipe.set(keys.DRIFT, repr(now))
+        await pipe.execute()
+
+    async def read(self, now: float, within_s: float = 60.0) -> dict:
+        """Across live workers: examples, example-weighted AUC and log-loss, drifts, last drift time."""
+        snaps = [orjson.loads(v) for v in (await self.r.hgetall(keys.QUALITY)).values()]
+        snaps = [s for s in snaps if now - s["ts"] <= within_s and s["examples"]]
+        last = await self.r.get(keys.DRIFT)
+        out: dict = {"examples": sum(s["examples"] for s in snaps), "drifts": sum(s["drifts"] for s in snaps),
+                     "last_drift_at": float(last) if last else None, "auc": None, "log_loss": None}
+        for name in ("auc", "log_loss"):
+            w = [(s[name], s["examples"]) for s in snaps if s[name] is not None]
+            if w:
+                out[name] = sum(v * n for v, n in w) / sum(n for _, n in w)
+        return out
+
+    async def drift_since(self, ts: float) -> bool:
+        last = await self.r.get(keys.DRIFT)
+        return last is not None and float(last) > ts
+
+
 # --- model pointer -------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import orjson
 
 from infra.kafka import make_producer
 from infra.settings import Settings
-from infra.store import CatalogStore, ModelPointer, connect
+from infra.store import CatalogStore, ModelPointer, QualityBoard, connect
 from learner.artifacts import collect_garbage, write_version
 from learner.projector import Projector, initial_projector
 from ranker.index import ServingCatalog
@@ -90,12 +90,29 @@ def run_loop(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    next_run = 0.0
+    next_run, last_cycle, last_check = 0.0, 0.0, 0.0
     while not stop:
-        if time.monotonic() >= next_run:
+        reason = "scheduled" if time.monotonic() >= next_run else None
+        if reason is None and time.monotonic() - last_check >= 1.0:
+            last_check = time.monotonic()
             try:
-                asyncio.run(run_cycle(settings))
+                reason = "drift" if asyncio.run(drift_since(settings, last_cycle)) else None
+            except Exception as e:  # noqa: BLE001 - a missed check only delays the next cycle
+                log.warning("drift check failed: %s", e)
+        if reason:
+            last_cycle = time.time()
+            try:
+                asyncio.run(run_cycle(settings, reason=reason))
             except Exception:  # noqa: BLE001 - a failed cycle is logged; the served version stays
                 log.exception("learner cycle failed; the served version is unchanged")
             next_run = time.monotonic() + settings.learner_interval_s
         time.sleep(0.2)
+
+
+async def drift_since(settings: Settings, ts: float) -> bool:
+    """Whether a worker flagged drift in the served model's predictions after ``ts``."""
+    r = connect(settings.redis_url)
+    try:
+        return await QualityBoard(r).drift_since(ts)
+    finally:
+        await r.aclose()

@@ -18,7 +18,7 @@ import numpy as np
 
 from infra.kafka import QueuedProducer
 from infra.settings import Settings
-from infra.store import CatalogStore, Counters, ModelPointer, UserStore
+from infra.store import CatalogStore, Counters, ModelPointer, QualityBoard, UserStore
 from learner.artifacts import ModelVersion, load_version
 from learner.projector import initial_projector
 from ranker import experiment, scoring
@@ -72,6 +72,7 @@ class Recommender:
         self.catalog = CatalogStore(redis)
         self.pointer = ModelPointer(redis)
         self.counters = Counters(redis)
+        self.quality_board = QualityBoard(redis)
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.bias = logit(settings.base_rate)
@@ -188,6 +189,10 @@ class Recommender:
         """Events processed per topic by the stream workers."""
         stats = await self.counters.stats()
         return {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("processed:")}
+
+    async def quality(self) -> dict[str, Any]:
+        """Rolling AUC / log-loss of served predictions against outcomes, and drift."""
+        return await self.quality_board.read(time.time())
 
     async def privacy(self) -> dict[str, Any]:
         """How user vectors are protected: DP parameters and the worst user's ε so far."""

@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import msgspec
 import numpy as np
@@ -44,17 +44,19 @@ from infra.store import (
     ModelPointer,
     PartitionStore,
     PartitionWrites,
+    QualityBoard,
     UserStore,
     WorkerRegistry,
     connect,
 )
 from learner.encoder import AdEncoder
+from learner.quality import QualityWatch
 from streams import archive, records
 from streams.attribution import Clock, Seen, bucket_of, plan_batch
 from streams.partitioning import owner
 from streams.records import InvalidEvent
 from streams.services import AdVectors, CatalogIndexer
-from streams.updates import UpdateParams, logit, update_many
+from streams.updates import UpdateParams, logit, sigmoid, update_many
 
 log = logging.getLogger("privads.worker")
 
@@ -62,6 +64,8 @@ log = logging.getLogger("privads.worker")
 FRESH_BOUNDS_MS = (*range(5, 100, 5), *range(100, 1000, 25), *range(1000, 5000, 250), 10_000, 60_000, 10**9)
 
 
+# labelled impressions per batch fed to the online quality watch (river costs ~12 µs each)
+QUALITY_SAMPLE = 256
 # how long an abandoned pending bucket may outlive its event-time retention
 LEAK_GUARD_S = 7 * 86400
 
@@ -103,6 +107,8 @@ class EventAgent:
                                    dp_clip=settings.dp_clip, dp_noise=settings.dp_noise)
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.rng = np.random.default_rng(settings.seed)
+        self.quality = QualityWatch()
+        self.new_drifts = 0
         self.consumer: AIOKafkaConsumer | None = None
         self.owned: set[int] = set()
         self.to_seek: set[int] = set()
@@ -361,9 +367,13 @@ class EventAgent:
         if not keep:
             return {}, out, 0
         idx = np.array([row[ex.user_id] for ex in keep])
-        mean, precision = update_many(
-            mean, precision, idx, np.stack([vectors[ex.ad_id] for ex in keep]),
-            np.array([ex.clicked for ex in keep], dtype=np.float32), self.prior_mean, self.params, self.rng)
+        ads = np.stack([vectors[ex.ad_id] for ex in keep])
+        y = np.array([ex.clicked for ex in keep], dtype=np.float32)
+        # prequential: score with the state before learning from it (a bounded, deterministic sample)
+        sample = np.linspace(0, len(keep) - 1, min(len(keep), QUALITY_SAMPLE)).astype(np.int64)
+        predicted = sigmoid(np.einsum("ij,ij->i", mean[idx[sample]], ads[sample]) + self.params.bias)
+        self.new_drifts += self.quality.update(y[sample], predicted)
+        mean, precision = update_many(mean, precision, idx, ads, y, self.prior_mean, self.params, self.rng)
         counts += np.bincount(idx, minlength=len(user_ids))
         touched = np.unique(idx)
         out["learned"] += len(keep)
@@ -469,6 +479,7 @@ async def run(settings: Settings) -> None:
     consumer.subscribe(list(records.EVENT_TOPICS), listener=Listener(agent))
     await consumer.start()
     registry = WorkerRegistry(r)
+    quality_board = QualityBoard(r)
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
 
     archive_redis = redis.Redis.from_url(settings.redis_url)
@@ -490,6 +501,8 @@ async def run(settings: Settings) -> None:
             try:
                 await ad_vectors.refresh()
                 await registry.beat(worker_id, len(agent.owned), time.time())
+                drifted, agent.new_drifts = agent.new_drifts > 0, 0
+                await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifted)
                 if time.monotonic() - last_archive > settings.archive_every_s:
                     last_archive = time.monotonic()
                     await asyncio.to_thread(archive_partitions, sorted(agent.owned))

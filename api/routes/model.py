@@ -14,4 +14,4 @@ router = APIRouter(tags=["model"])
 @router.get("/model")
 async def model(recommender: RecommenderDep) -> dict[str, Any]:
     """Versions and sizes of the served projector, ranker and index."""
-    return {**recommender.model_info(), "privacy": await recommender.privacy()}
+    return {**recommender.model_info(), "quality": await recommender.quality(), "privacy": await recommender.privacy()}

@@ -144,6 +144,10 @@ def test_health_model_lift_metrics(client: httpx.Client) -> None:
     assert model["index"]["type"] == "Flat" and model["index"]["size"] >= len(ADS)
     assert model["projector"]["d_in"] == 384 and model["projector"]["d_out"] == 64
     assert model["privacy"] == {"differential_privacy": False, "pseudonymous_ids": True, "pii_in_models": False}
+    # the clicks of this module were scored before they were learned (prequential quality watch)
+    quality = wait_until(lambda: (q := client.get("/model").json()["quality"])["examples"] > 0 and q, 20,
+                         "the workers to publish prediction quality")
+    assert quality["log_loss"] > 0 and quality["drifts"] >= 0
     lift = client.get("/lift", params={"window": 3600}).json()
     t = lift["arms"]["treatment"]
     assert t["impressions"] > 0 and 0 <= t["ci95"][0] <= t["ctr"] <= t["ci95"][1] <= 1
@@ -152,6 +156,7 @@ def test_health_model_lift_metrics(client: httpx.Client) -> None:
     assert 'privads_request_seconds_bucket{le="0.01",method="POST",route="/recommend",status="200"}' in text
     assert 'privads_events_processed_total{topic="privads.clicks"}' in text
     assert "privads_impressions_dropped_total 0.0" in text
+    assert "privads_drift_total" in text
     lag = wait_until(lambda: 'privads_consumer_lag{topic="privads.clicks"}' in client.get("/metrics").text, 20,
                      "the consumer lag metric")
     assert lag
