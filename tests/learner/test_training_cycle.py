@@ -1,0 +1,92 @@
+"""A learner cycle trains on the archive, promotes a better projector and rejects a worse one (real Redis, broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from infra import keys
+from infra.processes import free_port
+from infra.settings import Settings
+from infra.store import CatalogStore, connect
+from learner.cycle import run_cycle
+from learner.projector import Projector, initial_projector
+from learner.train import train_projector
+from streams import archive
+from streams.records import Ad, Labelled
+from streams.updates import logit, sigmoid
+
+pytestmark = pytest.mark.integration
+N_ADS, N_USERS, N_IMPS = 300, 1500, 24_000
+
+
+@pytest.fixture(scope="module")
+def settings(infra) -> Settings:
+    return Settings(kafka=infra.kafka, redis=infra.redis_url, data=infra.data, partitions=2, catalog=None, seed=7,
+                    api=f"http://127.0.0.1:{free_port()}", attribution_window_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def world(settings: Settings, rds) -> Projector:
+    """Ads, users and an archive whose clicks follow a hidden projection of the ads' text embeddings."""
+    rng = np.random.default_rng(0)
+    truth = Projector(rng.standard_normal((384, 64)).astype(np.float32), np.zeros(64, np.float32))
+    # like real ad texts, embeddings cluster by topic (the sample catalog's 20 categories separate cleanly)
+    topics = rng.standard_normal((20, 384)).astype(np.float32)
+    emb = topics[rng.integers(0, 20, N_ADS)] + 0.3 * rng.standard_normal((N_ADS, 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    users = (1.5 * rng.standard_normal((N_USERS, 64))).astype(np.float32)  # u·p has std 1.5: a learnable signal
+    ads = [Ad(ad_id=f"ad{i}", text=f"ad number {i}", bid=1.0) for i in range(N_ADS)]
+
+    async def store() -> None:
+        r = connect(settings.redis_url)
+        try:
+            await CatalogStore(r).upsert(ads, [f"h{i}" for i in range(N_ADS)], {f"h{i}": emb[i] for i in range(N_ADS)})
+        finally:
+            await r.aclose()
+
+    asyncio.run(store())
+    for u in range(N_USERS):
+        rds.set(keys.user(f"u{u}"), keys.pack_user(users[u], np.full(64, 16.0, np.float32), 5))
+    ui, ai = rng.integers(0, N_USERS, N_IMPS), rng.integers(0, N_ADS, N_IMPS)
+    p = sigmoid((users[ui] * truth.project(emb[ai])).sum(1) + logit(settings.base_rate))
+    clicked = rng.random(N_IMPS) < p
+    t0 = 1_795_000_000.0
+    lines, labels = [], []
+    for i in range(N_IMPS):
+        imp = {"event_id": f"i{i}", "ts": t0 + i * 0.1, "user_id": f"u{ui[i]}", "ad_id": f"ad{ai[i]}",
+               "position": 0, "propensity": 0.1, "policy": "treatment", "request_id": f"r{i}"}
+        lines.append(json.dumps(imp).encode())
+        if clicked[i]:
+            labels.append(Labelled(impression_id=f"i{i}", user_id=imp["user_id"], ad_id=imp["ad_id"],
+                                   ts=imp["ts"], clicked=True, policy="treatment"))
+    archive.write_chunk(Path(settings.data) / "archive", 0, "1_0",
+                        [(b"1-0", {b"imp": b"\n".join(lines), b"lab": msgspec.msgpack.encode(labels)})])
+    return truth
+
+
+def test_a_better_projector_is_promoted_and_a_worse_one_rejected(settings: Settings, world: Projector) -> None:
+    good = functools.partial(train_projector, epochs=8, lr=0.01, anchor=0.0)
+    first = asyncio.run(run_cycle(settings, reason="test", trainer=good))
+    ev = first["evaluation"]
+    assert ev["trained"] and ev["promoted"], ev
+    assert ev["candidate"]["auc"] > ev["served"]["auc"] + 0.1  # learned the hidden projection
+    assert "projector" in first["changed"]
+    promoted = Projector.load(Path(first["path"]) / "projector.npz")
+    assert not np.array_equal(promoted.weight, initial_projector(384, 64, settings.seed).weight)
+
+    def worse(*_: object, **__: object) -> Projector:  # a candidate that forgot everything
+        return initial_projector(384, 64, seed=999)
+
+    second = asyncio.run(run_cycle(settings, reason="test", trainer=worse))
+    ev2 = second["evaluation"]
+    assert ev2["trained"] and not ev2["promoted"] and "AUC" in ev2["reason"], ev2
+    assert second["changed"] == ["index"]
+    kept = Projector.load(Path(second["path"]) / "projector.npz")
+    np.testing.assert_array_equal(kept.weight, promoted.weight)  # the served projector stayed
