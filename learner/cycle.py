@@ -138,11 +138,8 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all)})
         served = projector
         projector, evaluation = await asyncio.to_thread(choose_projector, served, examples, settings, trainer)
-        vectors = [projector.project(emb_all)]
-        d = projector.d_user
         serving = await asyncio.to_thread(
-            ServingCatalog.build, d, [e.ad_id for e in entries],
-            np.concatenate(vectors) if vectors else np.zeros((0, d), np.float32),
+            ServingCatalog.build, projector.d_user, [e.ad_id for e in entries], projector.project(emb_all),
             np.array([e.bid for e in entries], dtype=np.float32), np.array([e.active for e in entries], dtype=bool),
             [e.category for e in entries], exact_below=settings.exact_index_below, seed=settings.seed)
         settings.models_dir.mkdir(parents=True, exist_ok=True)

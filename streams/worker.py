@@ -19,6 +19,7 @@ must sustain 50k events/s, so they batch at the fetch level instead.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import signal
@@ -71,10 +72,8 @@ LEAK_GUARD_S = 7 * 86400
 
 
 def freshness_bucket(ms: float) -> int:
-    for bound in FRESH_BOUNDS_MS:
-        if ms <= bound:
-            return bound
-    return FRESH_BOUNDS_MS[-1]
+    """The smallest histogram bound ≥ ``ms`` (the last bound catches everything beyond)."""
+    return FRESH_BOUNDS_MS[min(bisect.bisect_left(FRESH_BOUNDS_MS, ms), len(FRESH_BOUNDS_MS) - 1)]
 
 
 @dataclass
@@ -332,16 +331,21 @@ class EventAgent:
                     b"lab": msgspec.msgpack.encode([ex for ex in plan.labelled if ex.clicked]),
                 }
             writes.append(w)
-        users, learned, most = await self._learn([ex for plan in plans.values() for ex in plan.labelled])
+        users, learned, most, scored = await self._learn([ex for plan in plans.values() for ex in plan.labelled])
         counters = self._counters(by_p, plans, learned, wall)
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
         await self.store.commit(seq, writes, users, counters, arms, most)
+        # only a committed batch counts: an apply that hit a conflict is planned (and scored) again
+        self.new_drifts += self.quality.update(*scored)
 
-    async def _learn(self, labelled: list[records.Labelled]) -> tuple[dict[str, bytes], Counter[str], int]:
-        """New packed posteriors of the users these labels touch."""
+    async def _learn(
+        self, labelled: list[records.Labelled]
+    ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray]]:
+        """New packed posteriors of the users these labels touch, and a sample of (outcome, prediction) pairs."""
         out: Counter[str] = Counter()
+        none = (np.zeros(0), np.zeros(0))
         if not labelled:
-            return {}, out, 0
+            return {}, out, 0, none
         # consumption order, not event time: the result must not depend on where batch boundaries fall
         user_ids = list(dict.fromkeys(ex.user_id for ex in labelled))
         states, erased, vectors = await asyncio.gather(
@@ -365,20 +369,19 @@ class EventAgent:
             if st is not None and st[0].shape[0] == d:
                 mean[i], precision[i], counts[i] = st
         if not keep:
-            return {}, out, 0
+            return {}, out, 0, none
         idx = np.array([row[ex.user_id] for ex in keep])
         ads = np.stack([vectors[ex.ad_id] for ex in keep])
         y = np.array([ex.clicked for ex in keep], dtype=np.float32)
         # prequential: score with the state before learning from it (a bounded, deterministic sample)
         sample = np.linspace(0, len(keep) - 1, min(len(keep), QUALITY_SAMPLE)).astype(np.int64)
         predicted = sigmoid(np.einsum("ij,ij->i", mean[idx[sample]], ads[sample]) + self.params.bias)
-        self.new_drifts += self.quality.update(y[sample], predicted)
         mean, precision = update_many(mean, precision, idx, ads, y, self.prior_mean, self.params, self.rng)
         counts += np.bincount(idx, minlength=len(user_ids))
         touched = np.unique(idx)
         out["learned"] += len(keep)
         packed = {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i])) for i in touched}
-        return packed, out, int(counts[touched].max())
+        return packed, out, int(counts[touched].max()), (y[sample], predicted)
 
     def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[str],
                   wall: float) -> dict[str, dict[str, int]]:
