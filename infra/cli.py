@@ -113,7 +113,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from learner.bench import bench_learn
 
         out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads, settings.d_user,
-                          settings.seed)
+                          settings.seed, settings.update_params(), settings.prior_precision)
     print(json.dumps(out))
     return 0
 

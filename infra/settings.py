@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.updates import UpdateParams, logit
+
 
 class Settings(BaseSettings):
     """PrivAds configuration, from ``PRIVADS_*`` environment variables (contract §2)."""
@@ -67,6 +69,7 @@ class Settings(BaseSettings):
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")
     learner_interval_s: float = Field(300.0, gt=0)
     keep_versions: int = Field(3, ge=1)
+    ranker_epochs: int = Field(3, ge=1, le=100, description="passes over the training examples per cycle")
 
     # supervisor
     stop_timeout_s: float = Field(25.0, gt=0)
@@ -100,6 +103,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data / "models"
+
+    def update_params(self) -> UpdateParams:
+        """The stream's online-update hyper-parameters."""
+        return UpdateParams(learning_rate=self.learning_rate, max_step=self.max_step, l2_prior=self.l2_prior,
+                            bias=logit(self.base_rate), dp_clip=self.dp_clip, dp_noise=self.dp_noise)
 
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""

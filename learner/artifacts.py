@@ -15,6 +15,7 @@ from pathlib import Path
 
 from learner.projector import Projector
 from ranker.index import ServingCatalog
+from ranker.model import RankerModel
 
 MANIFEST = "manifest.json"
 
@@ -31,13 +32,15 @@ class ModelVersion:
     manifest: dict
     projector: Projector
     catalog: ServingCatalog
+    ranker: RankerModel | None = None  # None: σ(u·p + b) × bid, the stream's own model
 
     @property
     def version(self) -> str:
         return self.manifest["version"]
 
 
-def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict) -> dict:
+def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict,
+                  ranker: RankerModel | None = None) -> dict:
     """Write a version directory atomically; returns its manifest."""
     version = new_version()
     final = models_dir / version
@@ -48,11 +51,14 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
     tmp.mkdir(parents=True)
     projector.save(tmp / "projector.npz")
     catalog.save(tmp)
+    if ranker is not None:
+        ranker.save(tmp / "ranker.npz")
     manifest = {
         "version": version,
         "path": str(final.resolve()),
         "built_at": time.time(),
         "projector": {"type": "linear", "d_in": int(projector.weight.shape[0]), "d_out": projector.d_user},
+        "ranker": ranker.describe() if ranker is not None else {"type": "thompson-logistic"},
         "index": {"type": catalog.index_type, "size": len(catalog), "ads": len(catalog.ad_ids),
                   "build_s": round(catalog.info.build_s, 3),
                   f"recall_at_{catalog.info.k}": round(catalog.info.recall_at_k, 4),
@@ -67,7 +73,8 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
 def load_version(manifest: dict) -> ModelVersion:
     path = Path(manifest["path"])
     projector = Projector.load(path / "projector.npz")
-    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user))
+    ranker = RankerModel.load(path / "ranker.npz") if (path / "ranker.npz").exists() else None
+    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker)
 
 
 def collect_garbage(models_dir: Path, keep: int, current: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""``privads bench learn``: the encoder and the production index (training and ranker figures: issue 4)."""
+"""``privads bench learn``: the production index, the encoder, and the ranker on simulated traffic."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from learner import ranking
 from learner.encoder import AdEncoder
+from learner.evaluation import auc, log_loss
+from learner.synthetic import learned_users, logged_traffic, make_world
+from ranker.features import candidate_rows
 from ranker.index import build_index, probe_queries
 from ranker.scoring import retrieval_keys
+from streams.updates import UpdateParams, sigmoid
 
 
 def synthetic_ads(n: int, d: int, topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +46,60 @@ def bench_index(ads: int, d: int, seed: int) -> dict:
             "search_p99_ms_500": round(float(np.percentile(times, 99)), 3)}
 
 
-def bench_learn(catalog: Path, backend: str, ads: int, d: int, seed: int, repeat: int = 3) -> dict:
+def _p99_ms(fn: object, runs: int) -> tuple[float, float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append((time.perf_counter() - start) * 1000)
+    return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)
+
+
+def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 20_000, ads: int = 5_000,
+                 requests: int = 60_000, d: int = 64, epochs: int = 3, seed: int = 0,
+                 kinds: tuple[str, ...] = ranking.KINDS) -> dict:
+    """Train every ranker design on simulated traffic; AUC on the newest 20% and latency on 500 candidates.
+
+    The served design (``dcn``) and the baseline (``logistic``) are timed in their
+    numpy serving form, features included; the others (never served) as torch modules.
+    """
+    world = make_world(users, ads, d=d, seed=seed)
+    u, counts = learned_users(world, 30, params, prior_precision, seed=seed + 1)
+    data = logged_traffic(world, u, counts, requests, seed=seed + 2)
+    cut = int(len(data) * 0.8)
+    train, hold = data.take(slice(0, cut)), data.take(slice(cut, None))
+    rng = np.random.default_rng(seed + 3)
+    cand = rng.choice(ads, 500, replace=False)
+    ctx = hold.rows.context[0]
+    cats = hold.rows.category[:500]
+    compared: dict[str, dict] = {"stream-dot": {"auc": round(auc(hold.clicked, hold.rows.dot), 4)}}
+    for kind in kinds:
+        fitted = ranking.fit(train, kind, epochs=epochs, seed=seed)
+        z = ranking.predict_logits(fitted, hold.rows)
+        row = {"auc": round(auc(hold.clicked, z), 4), "log_loss": round(log_loss(hold.clicked, sigmoid(z)), 5),
+               "train_examples_per_s": round(fitted.examples_per_s)}
+        if kind in ("dcn", "logistic"):
+            model = ranking.export(fitted)
+            row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(lambda m=model: m.candidate_logits(candidate_rows(
+                u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)), 2000)
+            row["served_form"] = "numpy"
+        else:
+            rows = candidate_rows(u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)
+
+            def run(f: ranking.Fitted = fitted, r: object = rows) -> None:
+                ranking.predict_logits(f, r)  # type: ignore[arg-type]
+
+            row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(run, 300)
+            row["served_form"] = "torch"
+        compared[kind] = row
+    best = compared["dcn"]
+    return {"ranker": "dcn", "ranker_auc": best["auc"], "baseline_auc": compared["logistic"]["auc"],
+            "ranker_p99_ms_500": best["p99_ms_500"], "train_examples_per_s": best["train_examples_per_s"],
+            "ranker_train_rows": len(train), "ranker_holdout_rows": len(hold), "ranker_comparison": compared}
+
+
+def bench_learn(catalog: Path, backend: str, ads: int, d: int, seed: int, params: UpdateParams,
+                prior_precision: float, repeat: int = 3) -> dict:
     """Encode the catalog's real ad texts ``repeat`` times (after a warm-up); report ads/s."""
     texts = [json.loads(line)["text"] for line in catalog.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="privads-bench-learn-") as tmp:
@@ -52,4 +110,5 @@ def bench_learn(catalog: Path, backend: str, ads: int, d: int, seed: int, repeat
             enc.encode(texts)
         seconds = time.perf_counter() - start
     return {**bench_index(ads, d, seed), "encode_backend": backend, "encode_texts": len(texts) * repeat,
-            "encode_ads_per_s": round(len(texts) * repeat / seconds)}
+            "encode_ads_per_s": round(len(texts) * repeat / seconds),
+            **bench_ranker(params, prior_precision, d=d, seed=seed)}

@@ -1,11 +1,18 @@
 """One learner cycle, and the periodic loop around it.
 
 A cycle reads the catalog the stream has encoded and the archived labelled
-impressions; trains a candidate projector (users frozen, warm-started from the
-served one) on all but the newest 20% of them by time; scores candidate and
-served projector on that holdout and keeps the candidate only if the gate
-passes; projects the catalog with the winner, builds the index, writes a new
-version and announces it. The learned ranker is still to come (issue 4).
+impressions, split by time: the newest 20% are the holdout. It then
+
+1. trains a candidate projector (users frozen, warm-started from the served one)
+   and keeps it only if the gate passes on the holdout;
+2. with the projector kept, trains the ranker (a deep & cross network, warm-started)
+   and the logistic-regression baseline on the same features, scores both, the
+   served ranker and a popularity baseline on the holdout (AUC, log-loss,
+   NDCG@10), serves the better of the two trained ones, and only if the gate
+   passes against what is served;
+3. projects the catalog, builds the index (recall@500 against exact search),
+   measures retrieval recall@500 of the holdout clicks, writes a new version and
+   announces it.
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ import orjson
 from infra.kafka import make_producer
 from infra.settings import Settings
 from infra.store import CatalogStore, ModelPointer, QualityBoard, UserStore, connect
+from learner import ranking
 from learner.artifacts import collect_garbage, write_version
-from learner.evaluation import Scores, auc, gate, log_loss
+from learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from learner.projector import Projector, initial_projector
 from learner.train import train_projector
+from ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
 from ranker.index import ServingCatalog
+from ranker.model import RankerModel
 from streams import archive
 from streams.records import MODEL_UPDATES
 from streams.updates import logit, sigmoid
@@ -50,9 +60,21 @@ class Examples:
     users: np.ndarray  # (n, d_user) frozen user vectors
     clicked: np.ndarray  # (n,)
     ts: np.ndarray  # (n,)
+    counts: np.ndarray  # (n,) labelled impressions the user has been updated with
+    bids: np.ndarray  # (n,)
+    category: np.ndarray  # (n,) category bucket
+    context: np.ndarray  # (n, MAX_CONTEXT_TOKENS) hashed request context
+    position: np.ndarray  # (n,)
+    value: np.ndarray  # (n,) click value; NaN if none was logged
+    group: np.ndarray  # (n,) request index
+    ad_ids: np.ndarray  # (n,) object
+
+    def take(self, idx: slice) -> "Examples":
+        return Examples(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
-async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.ndarray]) -> Examples | None:
+async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.ndarray],
+                        entries: dict[str, object]) -> Examples | None:
     """Archived impressions whose attribution window has closed, labelled by the archived clicks.
 
     Rows whose user has no learned state (erased, or never labelled) or whose ad
@@ -70,18 +92,33 @@ async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.
     event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)[rows]
     user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)[rows]
     ad_ids = np.asarray(imps.column("ad_id").to_pylist(), dtype=object)[rows]
-    clicked_ids = set(labels.column("impression_id").to_pylist())
+    values = dict(zip(labels.column("impression_id").to_pylist(), labels.column("value").to_pylist()))
     distinct = list(dict.fromkeys(user_ids.tolist()))
     states = await UserStore(r).get_many(distinct)  # type: ignore[arg-type]
-    user_vec = {u: s[0] for u, s in zip(distinct, states) if s is not None and s[0].shape[0] == settings.d_user}
-    keep = np.array([u in user_vec and a in embeddings for u, a in zip(user_ids, ad_ids)], dtype=bool)
+    user_state = {u: s for u, s in zip(distinct, states) if s is not None and s[0].shape[0] == settings.d_user}
+    keep = np.array([u in user_state and a in embeddings for u, a in zip(user_ids, ad_ids)], dtype=bool)
     if not keep.any():
         return None
+    rows = rows[keep]
+    raw = imps.column("raw").take(rows).to_pylist()
+    request_ids = imps.column("request_id").take(rows).to_pylist()
+    groups = {rid: i for i, rid in enumerate(dict.fromkeys(request_ids))}
+    kept_ads, kept_users = ad_ids[keep], user_ids[keep]
+    value = [values.get(e) for e in event_ids[keep]]
     return Examples(
-        ads=np.stack([embeddings[a] for a in ad_ids[keep]]),
-        users=np.stack([user_vec[u] for u in user_ids[keep]]),
-        clicked=np.array([e in clicked_ids for e in event_ids[keep]], dtype=np.float32),
-        ts=ts[rows][keep],
+        ads=np.stack([embeddings[a] for a in kept_ads]),
+        users=np.stack([user_state[u][0] for u in kept_users]),
+        clicked=np.array([e in values for e in event_ids[keep]], dtype=np.float32),
+        ts=ts[rows],
+        counts=np.array([user_state[u][2] for u in kept_users], dtype=np.int64),
+        bids=np.array([entries[a].bid for a in kept_ads], dtype=np.float32),  # type: ignore[attr-defined]
+        category=np.array([category_id(entries[a].category) for a in kept_ads], dtype=np.int64),  # type: ignore
+        context=np.stack([context_ids(orjson.loads(j).get("context")) for j in raw]) if raw
+        else np.zeros((0, MAX_CONTEXT_TOKENS), np.int64),
+        position=imps.column("position").take(rows).to_numpy(zero_copy_only=False).astype(np.int64),
+        value=np.array([np.nan if v is None else v for v in value], dtype=np.float32),
+        group=np.array([groups[g] for g in request_ids], dtype=np.int64),
+        ad_ids=kept_ads,
     )
 
 
@@ -91,14 +128,18 @@ def holdout_scores(projector: Projector, ex: Examples, bias: float) -> Scores:
     return Scores(auc=auc(ex.clicked, p), log_loss=log_loss(ex.clicked, p))
 
 
+def split(ex: Examples) -> tuple[Examples, Examples]:
+    """Older ``1 − HOLDOUT`` for training, the newest ``HOLDOUT`` for the gate."""
+    cut = int(len(ex.clicked) * (1 - HOLDOUT))
+    return ex.take(slice(0, cut)), ex.take(slice(cut, None))
+
+
 def choose_projector(served: Projector, ex: Examples | None, settings: Settings,
                      trainer: Callable[..., Projector]) -> tuple[Projector, dict]:
     """Train a candidate on the older examples; keep it only if it is not worse on the newest."""
     if ex is None or len(ex.clicked) < MIN_EXAMPLES:
         return served, {"trained": False, "reason": f"fewer than {MIN_EXAMPLES} labelled impressions"}
-    cut = int(len(ex.clicked) * (1 - HOLDOUT))
-    train = Examples(ex.ads[:cut], ex.users[:cut], ex.clicked[:cut], ex.ts[:cut])
-    hold = Examples(ex.ads[cut:], ex.users[cut:], ex.clicked[cut:], ex.ts[cut:])
+    train, hold = split(ex)
     if train.clicked.min() == train.clicked.max():
         return served, {"trained": False, "reason": "training examples have a single class"}
     bias = logit(settings.base_rate)
@@ -113,6 +154,71 @@ def choose_projector(served: Projector, ex: Examples | None, settings: Settings,
     return candidate, info
 
 
+def ranker_data(ex: Examples, projector: Projector) -> ranking.Labelled:
+    rows = build_rows(ex.users, ex.counts, projector.project(ex.ads), ex.bids, ex.category, ex.context, ex.position)
+    return ranking.Labelled(rows, ex.clicked, ex.value, ex.group)
+
+
+def popularity_scores(train: Examples, hold: Examples, prior: float, strength: float = 20.0) -> np.ndarray:
+    """Each holdout row's ad's smoothed training CTR ``(clicks + s·prior) / (shown + s)``, shape (n_hold,)."""
+    shown: dict[str, float] = {}
+    clicks: dict[str, float] = {}
+    for a, y in zip(train.ad_ids.tolist(), train.clicked.tolist()):
+        shown[a] = shown.get(a, 0.0) + 1.0
+        clicks[a] = clicks.get(a, 0.0) + y
+    return np.array([(clicks.get(a, 0.0) + strength * prior) / (shown.get(a, 0.0) + strength)
+                     for a in hold.ad_ids.tolist()])
+
+
+def _scores(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> Scores:
+    return Scores(auc=auc(y, p), log_loss=log_loss(y, p), ndcg_at_10=ndcg_at_k(group, y, p, 10))
+
+
+def choose_ranker(served: RankerModel | None, ex: Examples | None, projector: Projector, settings: Settings,
+                  fitter: Callable[..., ranking.Fitted] = ranking.fit) -> tuple[RankerModel | None, dict]:
+    """Train the ranker and the logistic baseline; serve the better if it is not worse than the served one."""
+    if ex is None or len(ex.clicked) < MIN_EXAMPLES:
+        return served, {"trained": False, "reason": f"fewer than {MIN_EXAMPLES} labelled impressions"}
+    train_ex, hold_ex = split(ex)
+    if train_ex.clicked.min() == train_ex.clicked.max():
+        return served, {"trained": False, "reason": "training examples have a single class"}
+    train, hold = ranker_data(train_ex, projector), ranker_data(hold_ex, projector)
+    y, g = hold.clicked, hold.group
+    fitted = {kind: fitter(train, kind, epochs=settings.ranker_epochs, init=served, seed=settings.seed)
+              for kind in ("dcn", "logistic")}
+    models = {kind: ranking.export(f) for kind, f in fitted.items()}
+    scores = {kind: _scores(y, sigmoid(m.click_logits(hold.rows)), g) for kind, m in models.items()}
+    scores["popularity"] = _scores(y, popularity_scores(train_ex, hold_ex, float(train.clicked.mean())), g)
+    if served is not None:
+        base = _scores(y, sigmoid(served.click_logits(hold.rows)), g)
+    else:  # what is served without a ranker: the stream's own σ(u·p + b)
+        base = _scores(y, sigmoid(hold.rows.dot + logit(settings.base_rate)), g)
+    kind = max(("dcn", "logistic"), key=lambda k: (scores[k].auc, -scores[k].log_loss))
+    verdict = gate(scores[kind], base)
+    info = {"trained": True, "kind": kind, "holdout": len(y),
+            "train_examples_per_s": round(fitted[kind].examples_per_s),
+            "candidate": asdict(scores[kind]), "served": asdict(base),
+            "baselines": {k: asdict(scores[k]) for k in ("logistic", "popularity")},
+            "promoted": verdict.promote, "reason": verdict.reason}
+    if kind != "dcn":
+        info["dcn"] = asdict(scores["dcn"])
+    if not verdict.promote:
+        log.warning("candidate ranker rejected: %s", verdict.reason)
+        return served, info
+    return models[kind], info
+
+
+def click_recall(catalog: ServingCatalog, hold: Examples, k: int = 500, limit: int = 2000) -> float | None:
+    """Share of held-out clicks whose ad is among the ``k`` retrieved for that user (None without clicks)."""
+    rows = np.flatnonzero(hold.clicked > 0)[-limit:]
+    if rows.size == 0:
+        return None
+    hits = 0
+    for i in rows:
+        hits += catalog.row.get(hold.ad_ids[i], -1) in set(catalog.retrieve(hold.users[i], k).tolist())
+    return round(hits / rows.size, 4)
+
+
 async def run_cycle(settings: Settings, reason: str = "scheduled",
                     trainer: Callable[..., Projector] = train_projector) -> dict:
     """Build and publish one model version; returns its manifest."""
@@ -120,12 +226,15 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
     try:
         catalog_store, pointer = CatalogStore(r), ModelPointer(r)
         current = await pointer.get()
+        served_ranker = None
         if current is None:
             projector = initial_projector(settings.d_ad, settings.d_user, settings.seed)
             parent = None
         else:
             projector = Projector.load(Path(current["path"]) / "projector.npz")
             parent = current["version"]
+            if (Path(current["path"]) / "ranker.npz").exists():
+                served_ranker = RankerModel.load(Path(current["path"]) / "ranker.npz")
         # the change id first: anything changed after it is replayed by readers as a delta
         change = await catalog_store.last_change()
         ids = await catalog_store.all_ids()
@@ -135,18 +244,23 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             entries += chunk
             embs.append(emb)
         emb_all = np.concatenate(embs) if embs else np.zeros((0, settings.d_ad), np.float32)
-        examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all)})
+        examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all)},
+                                       {e.ad_id: e for e in entries})
         served = projector
-        projector, evaluation = await asyncio.to_thread(choose_projector, served, examples, settings, trainer)
+        projector, proj_eval = await asyncio.to_thread(choose_projector, served, examples, settings, trainer)
+        ranker, rank_eval = await asyncio.to_thread(choose_ranker, served_ranker, examples, projector, settings)
         serving = await asyncio.to_thread(
             ServingCatalog.build, projector.d_user, [e.ad_id for e in entries], projector.project(emb_all),
             np.array([e.bid for e in entries], dtype=np.float32), np.array([e.active for e in entries], dtype=bool),
             [e.category for e in entries], exact_below=settings.exact_index_below, seed=settings.seed)
+        evaluation = {"projector": proj_eval, "ranker": rank_eval,
+                      "click_recall_at_500": None if examples is None else click_recall(serving, split(examples)[1])}
+        changed = [name for name, same in (("projector", parent and projector is served),
+                                           ("ranker", ranker is served_ranker)) if not same] + ["index"]
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
-            "changed": ["index"] if (parent and projector is served) else ["projector", "index"],
-        })
+            "changed": changed}, ranker)
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"])
     finally:

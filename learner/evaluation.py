@@ -61,17 +61,22 @@ def ndcg_at_k(groups: np.ndarray, y: np.ndarray, score: np.ndarray, k: int = 10)
     k : int
     """
     groups, y, score = np.asarray(groups), np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    if groups.size == 0:
+        return float("nan")
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    values = []
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        rel = y[idx]
-        if rel.sum() == 0:
-            continue
-        ranked = rel[np.argsort(-score[idx], kind="stable")][:k]
-        ideal = np.sort(rel)[::-1][:k]
-        values.append((ranked * discounts[: len(ranked)]).sum() / (ideal * discounts[: len(ideal)]).sum())
-    return float(np.mean(values)) if values else float("nan")
+
+    def dcg(order: np.ndarray) -> np.ndarray:
+        # rank of each row within its group after ``order`` (groups contiguous), then the discounted sum per group
+        g, rel = groups[order], y[order]
+        starts = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+        rank = np.arange(g.size) - np.repeat(starts, np.diff(np.r_[starts, g.size]))
+        gain = np.where(rank < k, rel * discounts[np.minimum(rank, k - 1)], 0.0)
+        return np.add.reduceat(gain, starts)
+
+    ranked = dcg(np.lexsort((np.arange(groups.size), -score, groups)))  # ties keep row order
+    ideal = dcg(np.lexsort((-y, groups)))
+    has_pos = ideal > 0
+    return float(np.mean(ranked[has_pos] / ideal[has_pos])) if has_pos.any() else float("nan")
 
 
 @dataclass(frozen=True)

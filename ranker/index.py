@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ranker.features import category_id
 from ranker.scoring import retrieval_keys, retrieval_query
 
 EXACT_BELOW = 50_000
@@ -120,6 +121,7 @@ class ServingCatalog:
         self.bids = np.zeros(0, dtype=np.float32)
         self.active = np.zeros(0, dtype=bool)
         self.categories: list[str | None] = []
+        self.category_ids = np.zeros(0, dtype=np.int64)  # ranker feature of ``categories``
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
         self.info = info or IndexInfo("Flat", 0, 0.0, 1.0, 500)
 
@@ -138,6 +140,7 @@ class ServingCatalog:
         cat.ad_ids, cat.row, cat.categories = list(ad_ids), {a: i for i, a in enumerate(ad_ids)}, list(categories)
         cat.vectors = np.asarray(vectors, dtype=np.float32).reshape(n, d)
         cat.bids, cat.active = np.asarray(bids, dtype=np.float32), np.asarray(active, dtype=bool)
+        cat.category_ids = np.array([category_id(c) for c in categories], dtype=np.int64)
         return cat
 
     def __len__(self) -> int:
@@ -154,7 +157,9 @@ class ServingCatalog:
         bids[:cap] = self.bids
         active = np.zeros(new, dtype=bool)
         active[:cap] = self.active
-        self.vectors, self.bids, self.active = vectors, bids, active
+        cats = np.zeros(new, dtype=np.int64)
+        cats[:cap] = self.category_ids[:cap]
+        self.vectors, self.bids, self.active, self.category_ids = vectors, bids, active, cats
 
     def upsert(self, ad_ids: list[str], vectors: np.ndarray, bids: np.ndarray,
                active: np.ndarray, categories: list[str | None]) -> None:
@@ -193,6 +198,7 @@ class ServingCatalog:
         self.vectors[rows_a] = vectors
         self.bids[rows_a] = bids
         self.active[rows_a] = active
+        self.category_ids[rows_a] = [category_id(c) for c in categories]
         on = rows_a[active]
         if on.size:
             self.index.add_with_ids(retrieval_keys(self.vectors[on], self.bids[on]), on)
@@ -248,4 +254,5 @@ class ServingCatalog:
                 meta["categories"]
             cat.vectors = z["vectors"].astype(np.float32).reshape(n, d)
             cat.bids, cat.active = z["bids"].astype(np.float32), z["active"].astype(bool)
+        cat.category_ids = np.array([category_id(c) for c in cat.categories], dtype=np.int64)
         return cat

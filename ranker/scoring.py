@@ -57,22 +57,25 @@ def sample_users(
     return (mean[None, :] + scale * noise / np.sqrt(precision)[None, :]).astype(np.float32)
 
 
-def expected_value(users: np.ndarray, ads: np.ndarray, bids: np.ndarray, bias: float) -> np.ndarray:
-    """Expected value per click opportunity: ``σ(u·p + b) × bid``.
+def expected_value(users: np.ndarray, ads: np.ndarray, bids: np.ndarray, bias: float | np.ndarray,
+                   dot_scale: float = 1.0) -> np.ndarray:
+    """Expected value per click opportunity: ``σ(a · u·p + b) × bid``.
 
     Parameters
     ----------
     users : ndarray, shape (S, D)
     ads : ndarray, shape (C, D)
     bids : ndarray, shape (C,)
-    bias : float
-        Global logit offset (the prior CTR).
+    bias : float or ndarray, shape (C,)
+        Logit offset: the prior CTR's, or the learned ranker's per-candidate ``h(x)``.
+    dot_scale : float
+        ``a``, the ranker's weight on ``u·p`` (1 without a ranker).
 
     Returns
     -------
     ndarray, shape (S, C)
     """
-    return sigmoid(users @ ads.T + bias) * bids[None, :]
+    return sigmoid(dot_scale * (users @ ads.T) + bias) * bids[None, :]
 
 
 MIN_BID = 1e-6
@@ -126,10 +129,11 @@ def thompson_rank(
     bids: np.ndarray,
     k: int,
     *,
-    bias: float,
+    bias: float | np.ndarray,
     draws: int,
     scale: float,
     rng: np.random.Generator,
+    dot_scale: float = 1.0,
 ) -> Ranked:
     """Rank candidates by a Thompson draw and estimate each shown ad's propensity.
 
@@ -142,19 +146,22 @@ def thompson_rank(
     bids : ndarray, shape (C,)
     k : int
         List length (≤ C is enforced by truncation).
-    bias : float
+    bias : float or ndarray, shape (C,)
+        Logit offset per candidate (see ``expected_value``).
     draws : int
         Monte-Carlo draws for the propensities; draw 0 is served.
     scale : float
         Exploration temperature.
     rng : numpy Generator
+    dot_scale : float
+        The ranker's weight on ``u·p``.
 
     Returns
     -------
     Ranked
     """
     users = sample_users(mean, precision, draws, scale, rng)
-    ev = expected_value(users, ads, bids, bias)
+    ev = expected_value(users, ads, bids, bias, dot_scale)
     lists = top_k(ev, k)
     served = lists[0]
     propensity = (lists == served[None, :]).mean(axis=0)

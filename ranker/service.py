@@ -22,6 +22,7 @@ from infra.store import CatalogStore, Counters, ModelPointer, QualityBoard, User
 from learner.artifacts import ModelVersion, load_version
 from learner.projector import initial_projector
 from ranker import experiment, scoring
+from ranker.features import candidate_rows, context_ids
 from ranker.index import ServingCatalog
 from streams import records
 from streams.updates import dp_epsilon, logit
@@ -140,11 +141,17 @@ class Recommender:
             cand = rows
         else:
             (state,) = await self.users.get_many([user_id])
-            mean, precision = (state[0], state[1]) if state else (self.prior_mean, self.prior_precision)
+            mean, precision, count = state if state else (self.prior_mean, self.prior_precision, 0)
             cand = rows if rows.size <= self.settings.candidates else cat.retrieve(mean, self.settings.candidates)
+            bias, dot_scale = self.bias, 1.0
+            if version.ranker is not None:
+                features = candidate_rows(mean, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
+                                          context_ids(context))
+                bias, dot_scale = version.ranker.candidate_logits(features), version.ranker.dot_weight
             ranked = scoring.thompson_rank(
-                mean, precision, cat.vectors[cand], cat.bids[cand], k, bias=self.bias,
-                draws=self.settings.propensity_draws, scale=self.settings.exploration, rng=self.rng)
+                mean, precision, cat.vectors[cand], cat.bids[cand], k, bias=bias,
+                draws=self.settings.propensity_draws, scale=self.settings.exploration, rng=self.rng,
+                dot_scale=dot_scale)
         now = time.time()
         shown = []
         for pos, (i, score, prop) in enumerate(zip(ranked.index, ranked.score, ranked.propensity)):
@@ -212,7 +219,8 @@ class Recommender:
             "built_at": m.get("built_at"),
             "projector": {"type": "linear", "d_in": int(v.projector.weight.shape[0]), "d_out": v.projector.d_user,
                           "version": m.get("version")},
-            "ranker": {"type": "thompson-logistic", "version": m.get("version")},
+            "ranker": {**(v.ranker.describe() if v.ranker is not None else {"type": "thompson-logistic"}),
+                       "version": m.get("version"), "evaluation": m.get("evaluation", {}).get("ranker")},
             "index": {"type": v.catalog.index_type, "size": len(v.catalog), "ads": len(v.catalog.ad_ids),
                       "built_at": m.get("built_at"), "recall_at_500": v.catalog.info.recall_at_k,
                       "nlist": v.catalog.info.nlist, "nprobe": v.catalog.info.nprobe},

@@ -57,7 +57,7 @@ from streams.attribution import Clock, Seen, bucket_of, plan_batch
 from streams.partitioning import owner
 from streams.records import InvalidEvent
 from streams.services import AdVectors, CatalogIndexer
-from streams.updates import UpdateParams, logit, sigmoid, update_many
+from streams.updates import sigmoid, update_many
 
 log = logging.getLogger("privads.worker")
 
@@ -101,9 +101,7 @@ class EventAgent:
         self.window_s = settings.attribution_window_s
         self.bucket_s = max(1, int(settings.attribution_window_s // 30))
         self.retention_s = settings.attribution_window_s + settings.dedupe_horizon_s
-        self.params = UpdateParams(learning_rate=settings.learning_rate, max_step=settings.max_step,
-                                   l2_prior=settings.l2_prior, bias=logit(settings.base_rate),
-                                   dp_clip=settings.dp_clip, dp_noise=settings.dp_noise)
+        self.params = settings.update_params()
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.rng = np.random.default_rng(settings.seed)
         self.quality = QualityWatch()

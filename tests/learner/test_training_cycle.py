@@ -7,10 +7,12 @@ import functools
 import json
 from pathlib import Path
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
 
+from conftest import start_api, wait_until
 from infra import keys
 from infra.processes import free_port
 from infra.settings import Settings
@@ -74,7 +76,7 @@ def world(settings: Settings, rds) -> Projector:
 def test_a_better_projector_is_promoted_and_a_worse_one_rejected(settings: Settings, world: Projector) -> None:
     good = functools.partial(train_projector, epochs=8, lr=0.01, anchor=0.0)
     first = asyncio.run(run_cycle(settings, reason="test", trainer=good))
-    ev = first["evaluation"]
+    ev = first["evaluation"]["projector"]
     assert ev["trained"] and ev["promoted"], ev
     assert ev["candidate"]["auc"] > ev["served"]["auc"] + 0.1  # learned the hidden projection
     assert "projector" in first["changed"]
@@ -85,8 +87,31 @@ def test_a_better_projector_is_promoted_and_a_worse_one_rejected(settings: Setti
         return initial_projector(384, 64, seed=999)
 
     second = asyncio.run(run_cycle(settings, reason="test", trainer=worse))
-    ev2 = second["evaluation"]
+    ev2 = second["evaluation"]["projector"]
     assert ev2["trained"] and not ev2["promoted"] and "AUC" in ev2["reason"], ev2
-    assert second["changed"] == ["index"]
+    assert "projector" not in second["changed"]
     kept = Projector.load(Path(second["path"]) / "projector.npz")
     np.testing.assert_array_equal(kept.weight, promoted.weight)  # the served projector stayed
+
+
+def test_the_api_serves_the_learned_ranker(settings: Settings, world: Projector) -> None:
+    manifest = asyncio.run(run_cycle(settings, reason="test"))
+    ev = manifest["evaluation"]["ranker"]
+    assert ev["trained"], ev
+    assert set(ev["baselines"]) == {"logistic", "popularity"} and ev["candidate"]["ndcg_at_10"] is not None
+    assert manifest["evaluation"]["click_recall_at_500"] is not None
+    served_kind = manifest["ranker"]["type"]
+    assert served_kind in ("dcn", "logistic", "thompson-logistic")
+    assert (Path(manifest["path"]) / "ranker.npz").exists() == (served_kind != "thompson-logistic")
+    api = start_api(settings)
+    try:
+        with httpx.Client(base_url=settings.api, timeout=10) as c:
+            wait_until(lambda: c.get("/model").json()["version"] == manifest["version"], 30, "the API to load it")
+            assert c.get("/model").json()["ranker"]["type"] == served_kind
+            r = c.post("/recommend", json={"user_id": "u1", "k": 5, "context": {"device": "mobile", "hour": 9}})
+            assert r.status_code == 200, r.text
+            ads = r.json()["ads"]
+            assert len(ads) == 5 and all(0 < a["propensity"] <= 1 for a in ads)
+            assert [a["score"] for a in ads] == sorted((a["score"] for a in ads), reverse=True)
+    finally:
+        api.stop(20)

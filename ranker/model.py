@@ -1,0 +1,128 @@
+"""The learned ranker at serving time: pure numpy inference of a multi-task deep & cross network.
+
+The click logit of a row is split so that Thompson sampling keeps working on top
+of the ranker::
+
+    logit = a · (u · p) + h(x) + position_bias[pos]
+
+``h`` is a DCN-v2 network (low-rank cross layers, then an MLP) over the
+standardised dense features and the category and context embeddings. At serving
+``h`` is evaluated once per candidate with the posterior mean, and ``u · p`` is
+replaced by each posterior draw's, so exploration still comes from the user's
+uncertainty. A second head predicts ``log(1 + value)`` of a click. With no cross
+layers and no hidden layers the same class is plain logistic regression.
+Training (torch) lives in ``learner.ranking``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ranker.features import CONTEXT_BUCKETS, Rows
+
+
+@dataclass
+class RankerModel:
+    """Weights of a trained ranker (all float32).
+
+    Attributes
+    ----------
+    kind : str
+        ``"dcn"`` or ``"logistic"`` (the baseline; same class, no cross/hidden layers).
+    mean, std : ndarray, shape (F,)
+        Standardisation of ``Rows.dense``.
+    category_emb : ndarray, shape (CATEGORY_BUCKETS, E)
+    context_emb : ndarray, shape (CONTEXT_BUCKETS + 1, E)
+        Last row (padding) is zero.
+    cross_u, cross_v, cross_b : lists of ndarray, shapes (F0, r), (r, F0), (F0,)
+        Low-rank cross layers ``x ← x0 ⊙ (U (V x) + b) + x`` with ``F0 = F + 2E``.
+    hidden_w, hidden_b : lists of ndarray, shapes (h_in, h_out), (h_out,)
+        ReLU layers after the cross layers.
+    click_w, value_w : ndarray, shape (h_last,)
+    click_b, value_b : float
+    dot_weight : float
+        ``a``.
+    position_bias : ndarray, shape (MAX_POSITION,)
+    """
+
+    kind: str
+    mean: np.ndarray
+    std: np.ndarray
+    category_emb: np.ndarray
+    context_emb: np.ndarray
+    click_w: np.ndarray
+    click_b: float
+    value_w: np.ndarray
+    value_b: float
+    dot_weight: float
+    position_bias: np.ndarray
+    cross_u: list[np.ndarray] = field(default_factory=list)
+    cross_v: list[np.ndarray] = field(default_factory=list)
+    cross_b: list[np.ndarray] = field(default_factory=list)
+    hidden_w: list[np.ndarray] = field(default_factory=list)
+    hidden_b: list[np.ndarray] = field(default_factory=list)
+
+    # --- inference ------------------------------------------------------------------
+
+    def _trunk(self, rows: Rows) -> np.ndarray:
+        x0 = np.concatenate([
+            (rows.dense - self.mean) / self.std,
+            self.category_emb[rows.category],
+            self.context_emb[rows.context].sum(axis=1),
+        ], axis=1).astype(np.float32, copy=False)
+        x = x0
+        for u, v, b in zip(self.cross_u, self.cross_v, self.cross_b):
+            x = x0 * ((x @ u) @ v + b) + x
+        for w, b in zip(self.hidden_w, self.hidden_b):
+            x = np.maximum(x @ w + b, 0.0)
+        return x
+
+    def candidate_logits(self, rows: Rows) -> np.ndarray:
+        """``h(x) + position_bias[0]`` per row: the click logit without the ``a · (u · p)`` term, shape (n,)."""
+        return self._trunk(rows) @ self.click_w + (self.click_b + self.position_bias[0])
+
+    def click_logits(self, rows: Rows) -> np.ndarray:
+        """Full click logit of each row at its logged position, shape (n,)."""
+        return (self._trunk(rows) @ self.click_w + self.click_b + self.dot_weight * rows.dot
+                + self.position_bias[rows.position])
+
+    def values(self, rows: Rows) -> np.ndarray:
+        """Predicted value of a click, ``exp(head) − 1`` (≥ 0), shape (n,)."""
+        return np.maximum(np.expm1(self._trunk(rows) @ self.value_w + self.value_b), 0.0)
+
+    # --- persistence ----------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        arrays = {"kind": np.array(self.kind), "mean": self.mean, "std": self.std,
+                  "category_emb": self.category_emb, "context_emb": self.context_emb,
+                  "click_w": self.click_w, "click_b": np.float32(self.click_b),
+                  "value_w": self.value_w, "value_b": np.float32(self.value_b),
+                  "dot_weight": np.float32(self.dot_weight), "position_bias": self.position_bias}
+        for name in ("cross_u", "cross_v", "cross_b", "hidden_w", "hidden_b"):
+            for i, a in enumerate(getattr(self, name)):
+                arrays[f"{name}_{i}"] = a
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "RankerModel":
+        with np.load(path) as z:
+            def stack(name: str) -> list[np.ndarray]:
+                out, i = [], 0
+                while f"{name}_{i}" in z:
+                    out.append(z[f"{name}_{i}"].astype(np.float32))
+                    i += 1
+                return out
+
+            return cls(kind=str(z["kind"]), mean=z["mean"], std=z["std"], category_emb=z["category_emb"],
+                       context_emb=z["context_emb"], click_w=z["click_w"], click_b=float(z["click_b"]),
+                       value_w=z["value_w"], value_b=float(z["value_b"]), dot_weight=float(z["dot_weight"]),
+                       position_bias=z["position_bias"], cross_u=stack("cross_u"), cross_v=stack("cross_v"),
+                       cross_b=stack("cross_b"), hidden_w=stack("hidden_w"), hidden_b=stack("hidden_b"))
+
+    def describe(self) -> dict:
+        return {"type": self.kind, "cross_layers": len(self.cross_u),
+                "hidden": [int(w.shape[1]) for w in self.hidden_w],
+                "embedding_dim": int(self.category_emb.shape[1]), "context_buckets": CONTEXT_BUCKETS}

@@ -1,0 +1,61 @@
+"""The ranker stage of a learner cycle: promoted when better than what is served, rejected when worse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infra.settings import Settings
+from learner import ranking
+from learner.cycle import Examples, choose_ranker
+from learner.projector import Projector
+from learner.synthetic import learned_users, logged_traffic, make_world
+from streams.updates import UpdateParams, logit
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def examples() -> Examples:
+    """Simulated logged traffic as the cycle loads it (the identity projector keeps the ad vectors)."""
+    world = make_world(3000, 800, d=D, seed=11)
+    params = UpdateParams(learning_rate=0.8, max_step=1.0, l2_prior=0.01, bias=logit(0.05))
+    users, counts = learned_users(world, 20, params, 16.0, seed=12)
+    t = logged_traffic(world, users, counts, 10_000, seed=13)
+    r = t.rows
+    n = len(t)
+    _, ad_index = np.unique(r.dense[:, 2 * D:3 * D], axis=0, return_inverse=True)
+    return Examples(ads=r.dense[:, 2 * D:3 * D].copy(), users=r.dense[:, D:2 * D].copy(), clicked=t.clicked,
+                    ts=np.arange(n, dtype=np.float64), counts=np.expm1(r.dense[:, 3 * D + 2]).round().astype(int),
+                    bids=np.exp(r.dense[:, 3 * D + 1]), category=r.category, context=r.context, position=r.position,
+                    value=t.value, group=t.group, ad_ids=np.array([f"a{i}" for i in ad_index.ravel()], dtype=object))
+
+
+IDENTITY = Projector(np.eye(D, dtype=np.float32), np.zeros(D, np.float32))
+
+
+def test_a_trained_ranker_replaces_the_stream_formula_and_reports_baselines(examples: Examples) -> None:
+    model, info = choose_ranker(None, examples, IDENTITY, Settings(seed=0))
+    assert info["promoted"] and model is not None, info
+    assert info["candidate"]["auc"] > info["served"]["auc"] + 0.02, info  # better than σ(u·p + b)
+    assert info["candidate"]["auc"] >= info["baselines"]["popularity"]["auc"], info
+    assert info["candidate"]["auc"] >= info["baselines"]["logistic"]["auc"], info
+    assert 0 < info["candidate"]["ndcg_at_10"] <= 1
+
+
+def test_a_worse_candidate_ranker_is_rejected_and_the_served_one_kept(examples: Examples) -> None:
+    served, _ = choose_ranker(None, examples, IDENTITY, Settings(seed=0))
+
+    def shuffled(data: ranking.Labelled, kind: str, **kw: object) -> ranking.Fitted:  # learns noise
+        rng = np.random.default_rng(0)
+        noise = ranking.Labelled(data.rows, rng.permutation(data.clicked), data.value, data.group)
+        return ranking.fit(noise, kind, **{**kw, "init": None})  # type: ignore[arg-type]
+
+    kept, info = choose_ranker(served, examples, IDENTITY, Settings(seed=0), fitter=shuffled)
+    assert info["trained"] and not info["promoted"] and "AUC" in info["reason"], info
+    assert kept is served
+
+
+def test_too_few_examples_train_nothing(examples: Examples) -> None:
+    model, info = choose_ranker(None, examples.take(slice(0, 50)), IDENTITY, Settings(seed=0))
+    assert model is None and not info["trained"] and "fewer than" in info["reason"]
