@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     learner_interval_s: float = Field(300.0, gt=0)
     keep_versions: int = Field(3, ge=1)
     ranker_epochs: int = Field(3, ge=1, le=100, description="passes over the training examples per cycle")
+    learner_threads: int = Field(1, ge=1, description="torch threads of the periodic learner loop")
 
     # supervisor
     stop_timeout_s: float = Field(25.0, gt=0)

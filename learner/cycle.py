@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import torch
 
 from infra.kafka import make_producer
 from infra.settings import Settings
@@ -291,6 +292,8 @@ def run_loop(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # the loop shares the machine with the workers and the API: training must not take every core
+    torch.set_num_threads(settings.learner_threads)
     next_run, last_cycle, last_check = 0.0, 0.0, 0.0
     while not stop:
         reason = "scheduled" if time.monotonic() >= next_run else None

@@ -56,3 +56,21 @@ def test_gate_rejects_a_worse_candidate_with_its_reason():
     assert not worse_loss.promote and "log-loss" in worse_loss.reason
     assert gate(Scores(0.6, 0.3), None).promote
     assert not gate(Scores(float("nan"), 0.3), served).promote
+
+
+def test_ndcg_matches_a_per_group_loop_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 40, 600)
+    y = (rng.random(600) < 0.2).astype(float)
+    s = rng.integers(0, 5, 600).astype(float)  # many ties: they keep row order
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    values = []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        rel = y[idx]
+        if rel.sum() == 0:
+            continue
+        ranked = rel[np.argsort(-s[idx], kind="stable")][:10]
+        ideal = np.sort(rel)[::-1][:10]
+        values.append((ranked * discounts[:len(ranked)]).sum() / (ideal * discounts[:len(ideal)]).sum())
+    assert ndcg_at_k(groups, y, s, k=10) == pytest.approx(np.mean(values), abs=1e-12)
