@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from learner.ranking import Labelled
-from ranker.features import CONTEXT_BUCKETS as _CB
-from ranker.features import MAX_CONTEXT_TOKENS, bucket, build_rows, category_id
+from ranker.features import build_rows, category_id, context_ids
 from streams.updates import UpdateParams, sigmoid, update_many
 
 DEVICES = ("mobile", "desktop", "tablet")
@@ -119,12 +118,9 @@ def learned_users(world: World, history: int, params: UpdateParams, prior_precis
 
 
 def context_tokens(device: np.ndarray, daypart: np.ndarray) -> np.ndarray:
-    """Hashed context ids of each request, as ``ranker.features.context_ids`` would give; shape (n, T)."""
-    dev = np.array([bucket(f"device={d}", _CB) for d in DEVICES])
-    day = np.array([bucket(f"daypart={h}", _CB) for h in range(DAYPARTS)])
-    out = np.full((device.size, MAX_CONTEXT_TOKENS), _CB, dtype=np.int64)
-    out[:, 0], out[:, 1] = day[daypart], dev[device]  # sorted keys: daypart, device
-    return out
+    """Hashed context ids of each request (``ranker.features.context_ids`` of its context); shape (n, T)."""
+    table = np.stack([[context_ids({"device": dev, "daypart": h}) for h in range(DAYPARTS)] for dev in DEVICES])
+    return table[device, daypart]
 
 
 def logged_traffic(world: World, users: np.ndarray, counts: np.ndarray, requests: int, *, k: int = 10,
