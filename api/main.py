@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deps import API_KEY_HEADER
 from api.metrics import ApiMetrics
+from api.middleware import ObserveAndLimit
 from api.routes import ads, clicks, health, lift, model, recommend, users
 from infra.kafka import QueuedProducer, consumer_lag
 from infra.settings import Settings
@@ -43,6 +47,11 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
                         headers=getattr(exc, "headers", None))
 
 
+async def _backend_down(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"error": f"state store unavailable: {exc}", "detail": "redis"},
+                        headers={"Retry-After": "1"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; settings are read here, at start-up, unless given."""
     settings = settings or Settings()
@@ -53,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = connect(settings.redis_url)
         producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
         recommender = Recommender(settings, redis, producer)
+        await recommender.load_pinned()  # a missing pinned version stops the start-up, with its name
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
         lag_watch = asyncio.create_task(watch_lag(), name="consumer-lag")
@@ -108,17 +118,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.debug("consumer lag unavailable: %s", e)
             await asyncio.sleep(every_s)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.latency.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
-            time.perf_counter() - start)
-        return response
-
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisConnectionError, _backend_down)
+    app.add_exception_handler(RedisTimeoutError, _backend_down)
     for module in (recommend, clicks, ads, users, lift, model, health):
         app.include_router(module.router)
+    if settings.cors_origins:  # off unless configured: the API is called by servers, not browsers
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT",
+                           "DELETE"], allow_headers=["Content-Type", API_KEY_HEADER])
+    app.add_middleware(ObserveAndLimit, metrics=metrics, timeout_s=settings.request_timeout_s)
     return app

@@ -14,7 +14,10 @@ class ApiMetrics:
         self.latency = Histogram(
             "privads_request_seconds", "HTTP request latency", ["method", "route", "status"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.recommendations = Counter("privads_recommendations", "recommendations served", ["policy"], registry=r)
+        self.recommendations = Counter("privads_recommendations", "recommendations served per arm", ["policy"],
+                                       registry=r)
+        self.recommended_ads = Counter("privads_recommended_ads", "ads shown (impressions logged) per arm",
+                                       ["policy"], registry=r)
         self.impressions_queued = Gauge("privads_impression_queue_depth", "records waiting for Kafka", registry=r)
         self.impressions_dropped = Gauge("privads_impressions_dropped_total", "records dropped: queue full", registry=r)
         self.produce_failed = Gauge("privads_produce_failed_total", "records Kafka refused", registry=r)

@@ -57,12 +57,23 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
     from api.main import create_app
 
     settings = _running(settings)
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        logging.getLogger("privads").warning("the API listens on %s without PRIVADS_API_KEY: write endpoints are open",
+                                             host)
+    if settings.api_workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        return 0
+    # several processes: each builds its app from the environment, so hand them the resolved settings
+    os.environ.update(settings.child_env())
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=settings.api_workers,
                 log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
@@ -109,6 +120,11 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         out = bench_stream(settings, events=args.events, users=args.users, workers=args.workers,
                            partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
                            window_s=args.window, catalog=args.catalog)
+    elif args.what == "serve":
+        from api.bench import bench_serve
+
+        out = bench_serve(settings, ads=args.ads, concurrency=args.concurrency, duration_s=args.duration,
+                          warmup_s=args.warmup, api_workers=args.api_workers or settings.api_workers)
     else:
         from learner.bench import bench_learn
 
@@ -139,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
     b = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
-    b.add_argument("what", choices=["stream", "learn"])
+    b.add_argument("what", choices=["serve", "stream", "learn"])
     b.add_argument("--events", type=int, default=1_000_000)
     b.add_argument("--users", type=int, default=100_000)
     b.add_argument("--workers", type=int, default=2)
@@ -149,7 +165,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
-    b.add_argument("--ads", type=int, default=1_000_000, help="learn: synthetic ads in the index")
+    b.add_argument("--ads", type=int, default=1_000_000, help="serve, learn: synthetic ads in the index")
+    b.add_argument("--concurrency", type=int, default=4, help="serve: connections of the load generator")
+    b.add_argument("--duration", type=float, default=30.0, help="serve: measured seconds per phase")
+    b.add_argument("--warmup", type=float, default=5.0, help="serve: unmeasured seconds before each phase")
+    b.add_argument("--api-workers", type=int, default=None, help="serve: API processes (default PRIVADS_API_WORKERS)")
     b.set_defaults(fn=cmd_bench)
     return p
 

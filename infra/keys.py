@@ -10,7 +10,7 @@
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
 | ``erased:{user_id}`` | when the user was erased; older events are ignored | API |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
-| ``adstat`` | hash ``{ad_id}:labelled`` / ``{ad_id}:clicks`` counts (per-ad Beta posteriors) | stream workers |
+| ``adstat:{policy}`` | hash ``{ad_id}:labelled`` / ``{ad_id}:clicks`` counts in one arm (Beta, popularity) | workers |
 | ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
 | ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
@@ -31,7 +31,6 @@ import struct
 import numpy as np
 
 USER_PREFIX = "u:"
-ADSTAT = "adstat"
 FRESHNESS = "fresh"
 PARTITIONS = "partitions"
 DP_MAX_UPDATES = "dp:max_updates"
@@ -75,6 +74,11 @@ def erased(user_id: str) -> str:
 
 def arm(policy: str, bucket: int) -> str:
     return f"arm:{policy}:{bucket}"
+
+
+def adstat(policy: str) -> str:
+    """Per-ad counts of one arm: each arm learns its ad statistics from its own traffic only."""
+    return f"adstat:{policy}"
 
 
 def ad(ad_id: str) -> str:

@@ -7,10 +7,12 @@ object reads back.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.updates import UpdateParams, logit
@@ -60,10 +62,18 @@ class Settings(BaseSettings):
     propensity_draws: int = Field(64, ge=1, le=4096)
     exploration: float = Field(1.0, ge=0, description="scale of Thompson-sampling noise")
     control_share: float = Field(0.1, ge=0, le=1, description="share of users in the control arm")
-    # only the uniformly random control exists so far; popularity / pinned-version controls are issue 5
-    control_policy: str = Field("random", pattern="^random$")
-    arm_salt: str = "privads-arm-v1"
-    impression_queue: int = Field(100_000, ge=1)
+    control_policy: Literal["popularity", "random", "pinned"] = Field(
+        "popularity", description="the control arm: non-personalised popularity, uniform random, or a pinned version")
+    control_version: str | None = Field(None, description="the model version the `pinned` control serves")
+    arm_salt: str = Field("privads-arm-v1", min_length=1, description="salt of the user → arm hash")
+    cold_ad_threshold: int = Field(100, ge=0, description="ads with fewer labelled impressions get Beta-sampled CTRs")
+    cold_prior_strength: float = Field(20.0, gt=0, description="the model pCTR's weight, in impressions, in that Beta")
+    popularity_refresh_s: float = Field(2.0, gt=0, description="how often the popularity control re-ranks")
+    impression_queue: int = Field(100_000, ge=1, description="impressions held in memory while Kafka is away")
+    api_key: SecretStr | None = Field(None, description="when set, write endpoints need it (X-API-Key)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
+    request_timeout_s: float = Field(2.0, gt=0, description="a request still running after this answers 503")
+    api_workers: int = Field(1, ge=1, le=64, description="API processes (uvicorn workers) sharing the port")
 
     # learner
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")
@@ -75,10 +85,16 @@ class Settings(BaseSettings):
     # supervisor
     stop_timeout_s: float = Field(25.0, gt=0)
 
-    @field_validator("kafka", "redis", "catalog", "dp_clip", mode="before")
+    @field_validator("kafka", "redis", "catalog", "dp_clip", "control_version", "api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _pinned_needs_a_version(self) -> Settings:
+        if self.control_policy == "pinned" and not self.control_version:
+            raise ValueError("PRIVADS_CONTROL_POLICY=pinned needs PRIVADS_CONTROL_VERSION (a model version id)")
+        return self
 
     @property
     def api_host(self) -> str:
@@ -113,5 +129,11 @@ class Settings(BaseSettings):
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         # None is written as "" (blank means unset), so that it overrides a value inherited from the parent
-        return {f"PRIVADS_{name.upper()}": "" if value is None else str(value)
-                for name, value in self.model_dump().items()}
+        env = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = json.dumps(value)  # pydantic-settings reads complex fields as JSON
+            env[f"PRIVADS_{name.upper()}"] = "" if value is None else str(value)
+        return env

@@ -342,13 +342,21 @@ class Counters:
             out[a] = {"impressions": imps, "clicks": clicks}
         return out
 
-    async def ad_counts(self, ad_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(clicks, labelled impressions) per ad, for the per-ad Beta posteriors."""
+    async def ad_counts(self, policy: str, ad_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(clicks, labelled impressions) per ad in one arm, for the per-ad Beta posteriors."""
         if not ad_ids:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        vals = await self.r.hmget(keys.ADSTAT, [f"{a}:{k}" for a in ad_ids for k in ("clicks", "labelled")])
+        vals = await self.r.hmget(keys.adstat(policy), [f"{a}:{k}" for a in ad_ids for k in ("clicks", "labelled")])
         n = np.array([int(v or 0) for v in vals], dtype=np.int64).reshape(-1, 2)
         return n[:, 0], n[:, 1]
+
+    async def all_ad_counts(self, policy: str) -> dict[str, tuple[int, int]]:
+        """Every ad with counts in one arm: ad id → (clicks, labelled impressions)."""
+        out: dict[str, list[int]] = {}
+        async for name, value in self.r.hscan_iter(keys.adstat(policy), count=10_000):
+            ad_id, _, what = name.decode().rpartition(":")
+            out.setdefault(ad_id, [0, 0])[0 if what == "clicks" else 1] = int(value)
+        return {a: (c, n) for a, (c, n) in out.items()}
 
     async def max_user_updates(self) -> int:
         """The most labelled impressions applied to any one user (for the DP accountant)."""

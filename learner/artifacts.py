@@ -77,12 +77,22 @@ def load_version(manifest: dict) -> ModelVersion:
     return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker)
 
 
-def collect_garbage(models_dir: Path, keep: int, current: str) -> list[str]:
-    """Remove all but the newest ``keep`` versions (never the current one); returns the removed."""
+def read_manifest(models_dir: Path, version: str) -> dict:
+    """The manifest of a version on disk (e.g. the one a pinned control serves)."""
+    path = models_dir / version
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"model version {version!r} not found in {models_dir}")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["path"] = str(path.resolve())  # the data dir may have moved since it was written
+    return manifest
+
+
+def collect_garbage(models_dir: Path, keep: int, current: str, pinned: str | None = None) -> list[str]:
+    """Remove all but the newest ``keep`` versions (never the current or the pinned one); returns the removed."""
     versions = sorted((p for p in models_dir.glob("v*") if p.is_dir()), key=lambda p: p.name)
     removed = []
     for p in versions[:-keep] if keep else versions:
-        if p.name != current:
+        if p.name not in (current, pinned):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     for p in models_dir.glob(".tmp-*"):

@@ -263,7 +263,8 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
             "changed": changed}, ranker)
         await pointer.set(manifest)
-        removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"])
+        removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
+                                  settings.control_version if settings.control_policy == "pinned" else None)
     finally:
         await r.aclose()
     announce(settings, manifest)

@@ -1,10 +1,15 @@
 """Scoring, Thompson sampling and propensities: the pure maths (numpy only).
 
-The served list is the top-k of one posterior draw. Its propensities are
-estimated by Monte-Carlo: ``S`` draws of the user vector, including the served
-one, each ranking the same candidate set; the propensity of the ad shown at
-position ``j`` is the share of draws that put that ad at ``j``. Because the
-served draw is one of the ``S``, every logged propensity is ≥ 1/S, and its
+The served list is the top-k of one posterior draw. A draw samples the user
+vector from its Gaussian posterior and, for *cold* ads (fewer than
+``ColdAds.threshold`` labelled impressions in this arm), the ad's click rate
+from a Beta posterior centred on the model's pCTR. Propensities are estimated
+by Monte-Carlo: ``S`` joint draws, including the served one, each ranking the
+same candidate set; the propensity of the ad shown at position ``j`` is the
+share of draws that put that ad at ``j`` — one column of a per-request matrix
+whose columns each sum to 1 (``position_frequencies``). Because the served
+draw is one of the ``S``, every logged propensity is ≥ 1/S (no zero to divide
+by), its expectation is ``π + (1 − π)/S`` (an upward bias ≤ 1/S), and its
 standard error is ``sqrt(π(1 − π)/S)`` (≤ 0.0625 at S = 64).
 """
 
@@ -14,7 +19,36 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streams.updates import sigmoid
+from streams.updates import ad_posterior, sigmoid
+
+
+@dataclass(frozen=True, slots=True)
+class ColdAds:
+    """Per-ad Beta posteriors for the candidates with little evidence of their own.
+
+    A cold ad's click rate in draw ``s`` is ``θ ~ Beta(m·p + c, m·(1 − p) + n − c)``:
+    the model's pCTR ``p`` for that draw is the prior mean, worth ``m`` pseudo
+    impressions, updated by the ad's own ``c`` clicks in ``n`` labelled
+    impressions. Ads with ``n ≥ threshold`` are scored by the model alone.
+
+    Attributes
+    ----------
+    clicks, impressions : ndarray, shape (C,)
+        The ad's clicks and labelled impressions, aligned with the candidates.
+    strength : float
+        ``m``, the prior's weight in impressions.
+    threshold : int
+        Ads with fewer labelled impressions than this are cold.
+    """
+
+    clicks: np.ndarray
+    impressions: np.ndarray
+    strength: float = 20.0
+    threshold: int = 100
+
+    def columns(self) -> np.ndarray:
+        """Candidate positions of the cold ads, shape (C_cold,)."""
+        return np.flatnonzero(self.impressions < self.threshold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +63,14 @@ class Ranked:
         Expected value (pCTR × bid) under the served draw.
     propensity : ndarray, shape (k,)
         Probability this policy shows that ad at that position.
+    lists : ndarray, shape (S, k), optional
+        The Monte-Carlo lists the propensities were counted from (row 0 is served).
     """
 
     index: np.ndarray
     score: np.ndarray
     propensity: np.ndarray
+    lists: np.ndarray | None = None
 
 
 def sample_users(
@@ -122,6 +159,53 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+def sample_cold_ctr(ctr: np.ndarray, cold: ColdAds, rng: np.random.Generator) -> np.ndarray:
+    """Replace the cold candidates' click rates by draws from their Beta posteriors.
+
+    Parameters
+    ----------
+    ctr : ndarray, shape (S, C)
+        The model's pCTR per draw and candidate.
+    cold : ColdAds
+    rng : numpy Generator
+
+    Returns
+    -------
+    ndarray, shape (S, C)
+        ``ctr`` with the cold columns resampled (a copy when any column is cold).
+    """
+    cols = cold.columns()
+    if cols.size == 0:
+        return ctr
+    p = np.clip(ctr[:, cols], 1e-6, 1 - 1e-6)
+    c = cold.clicks[cols].astype(np.float64)
+    n = np.maximum(cold.impressions[cols].astype(np.float64), c)
+    out = ctr.copy()
+    out[:, cols] = rng.beta(cold.strength * p + c, cold.strength * (1 - p) + (n - c))
+    return out
+
+
+def position_frequencies(lists: np.ndarray, n_candidates: int) -> np.ndarray:
+    """Share of draws that put each candidate at each position.
+
+    Parameters
+    ----------
+    lists : ndarray of int, shape (S, k)
+        One ranked list per draw (distinct candidates per row).
+    n_candidates : int
+
+    Returns
+    -------
+    ndarray, shape (n_candidates, k)
+        Entry ``[a, j]`` estimates P(ad ``a`` shown at position ``j``). Each column
+        sums to 1 and each row to at most 1 (an ad appears at most once per list).
+    """
+    s, k = lists.shape
+    freq = np.zeros((n_candidates, k))
+    np.add.at(freq, (lists, np.broadcast_to(np.arange(k), (s, k))), 1.0 / s)
+    return freq
+
+
 def thompson_rank(
     mean: np.ndarray,
     precision: np.ndarray,
@@ -134,6 +218,7 @@ def thompson_rank(
     scale: float,
     rng: np.random.Generator,
     dot_scale: float = 1.0,
+    cold: ColdAds | None = None,
 ) -> Ranked:
     """Rank candidates by a Thompson draw and estimate each shown ad's propensity.
 
@@ -155,17 +240,56 @@ def thompson_rank(
     rng : numpy Generator
     dot_scale : float
         The ranker's weight on ``u·p``.
+    cold : ColdAds, optional
+        Per-ad evidence; cold ads get Beta-sampled click rates in every draw.
 
     Returns
     -------
     Ranked
     """
     users = sample_users(mean, precision, draws, scale, rng)
-    ev = expected_value(users, ads, bids, bias, dot_scale)
+    ctr = sigmoid(dot_scale * (users @ ads.T) + bias)
+    if cold is not None:
+        ctr = sample_cold_ctr(ctr, cold, rng)
+    ev = ctr * bids[None, :]
     lists = top_k(ev, k)
     served = lists[0]
     propensity = (lists == served[None, :]).mean(axis=0)
-    return Ranked(index=served, score=ev[0, served], propensity=propensity)
+    return Ranked(index=served, score=ev[0, served], propensity=propensity, lists=lists)
+
+
+def popularity_scores(clicks: np.ndarray, impressions: np.ndarray, bids: np.ndarray, prior_ctr: float,
+                      strength: float) -> np.ndarray:
+    """Non-personalised expected value: the Beta posterior-mean CTR times the bid.
+
+    Parameters
+    ----------
+    clicks, impressions : ndarray, shape (n,)
+    bids : ndarray, shape (n,)
+    prior_ctr : float
+        Prior mean CTR, worth ``strength`` impressions.
+    strength : float
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
+    alpha, beta = ad_posterior(clicks, np.maximum(impressions, clicks), prior_ctr, strength)
+    return alpha / (alpha + beta) * bids
+
+
+def fixed_rank(order: np.ndarray, scores: np.ndarray, k: int) -> Ranked:
+    """The first ``k`` of a deterministic order; every shown ad has propensity 1.
+
+    Parameters
+    ----------
+    order : ndarray of int, shape (n,)
+        Candidate positions, best first.
+    scores : ndarray, shape (n,)
+        Their scores, aligned with ``order``.
+    """
+    k = min(k, order.shape[0])
+    return Ranked(index=order[:k], score=scores[:k], propensity=np.ones(k))
 
 
 def uniform_rank(n: int, k: int, rng: np.random.Generator) -> Ranked:

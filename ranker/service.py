@@ -4,6 +4,21 @@
 (new versions, swapped atomically: a request reads one ``ModelVersion``
 reference for its whole life) and the catalog change log (new or edited ads
 become recommendable without waiting for a learner cycle).
+
+A request: arm (salted hash of the user id) → the arm's policy. The learned
+policy reads the user's posterior from Redis (the population prior if
+unknown), retrieves candidates from the index with the posterior mean, reads
+the candidates' counts in the arm and ranks them with ``ranker.policy``. The
+impressions go to a bounded queue that a background thread produces to Kafka:
+the answer never waits for the broker.
+
+Feedback and arms: users are sticky to an arm, so a user vector only ever
+learns from its own arm's traffic, and per-ad counts (cold-ad Beta posteriors,
+popularity) are kept per arm. The periodic learner trains the projector and
+the ranker on the pooled logs of both arms: the treatment also learns from the
+control's (more exploratory) traffic. That is the bias this design accepts; the
+measured lift is that of "the learned policy trained on pooled traffic", and a
+popularity or pinned control never learns from the treatment's traffic.
 """
 
 from __future__ import annotations
@@ -19,15 +34,20 @@ import numpy as np
 from infra.kafka import QueuedProducer
 from infra.settings import Settings
 from infra.store import CatalogStore, Counters, ModelPointer, QualityBoard, UserStore
-from learner.artifacts import ModelVersion, load_version
+from learner.artifacts import ModelVersion, load_version, read_manifest
 from learner.projector import initial_projector
 from ranker import experiment, scoring
-from ranker.features import candidate_rows, context_ids
+from ranker.features import context_ids
 from ranker.index import ServingCatalog
+from ranker.policy import ThompsonParams, counts_by_row, popularity_order, thompson_policy
+from ranker.policy import describe as describe_params
 from streams import records
 from streams.updates import dp_epsilon, logit
 
 log = logging.getLogger(__name__)
+
+POPULAR_KEPT = 256  # the popularity control keeps this many ranked ads (k ≤ 100, plus room for deactivations)
+_EMPTY = scoring.Ranked(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,49 +96,92 @@ class Recommender:
         self.quality_board = QualityBoard(redis)
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
-        self.bias = logit(settings.base_rate)
+        self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
+                                     bias=logit(settings.base_rate), cold_threshold=settings.cold_ad_threshold,
+                                     cold_strength=settings.cold_prior_strength)
+        # the population prior: the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
         # until the learner publishes, serve the same seeded projector it starts from
         proj = initial_projector(settings.d_ad, settings.d_user, settings.seed)
         self.served = ModelVersion({"version": None, "catalog_change": "0-0", "built_at": None,
                                     "index": {"type": "Flat"}}, proj, ServingCatalog(settings.d_user))
+        self.pinned: ModelVersion | None = None  # the `pinned` control's version
         self.change_id = "0-0"
+        # the popularity control's ranking: (catalog it was computed on, rows best first, scores)
+        self.popular: tuple[ServingCatalog, np.ndarray, np.ndarray] | None = None
+        self._popular_key: tuple | None = None
         self.ready = asyncio.Event()
 
     # --- following the learner and the catalog ----------------------------------
 
-    async def _apply_changes(self, version: ModelVersion, ad_ids: list[str]) -> None:
-        entries, emb = await self.catalog.read(ad_ids)
-        version.catalog.upsert_entries(entries, version.projector.project(emb))
+    def _versions(self) -> list[ModelVersion]:
+        return [self.served] + ([self.pinned] if self.pinned is not None else [])
 
-    async def _catch_up(self, version: ModelVersion, change_id: str, block_ms: int | None) -> str:
+    async def _apply_changes(self, versions: list[ModelVersion], ad_ids: list[str]) -> None:
+        entries, emb = await self.catalog.read(ad_ids)
+        for version in versions:
+            version.catalog.upsert_entries(entries, version.projector.project(emb))
+
+    async def _catch_up(self, versions: list[ModelVersion], change_id: str, block_ms: int | None) -> str:
         while True:
             newest, ad_ids = await self.catalog.changes_since(change_id, block_ms=block_ms)
             if not ad_ids:
                 return newest
-            await self._apply_changes(version, ad_ids)
+            await self._apply_changes(versions, ad_ids)
             change_id, block_ms = newest, None
+
+    async def load_pinned(self) -> None:
+        """Load the ``pinned`` control's version (its catalog follows the change log like the served one's)."""
+        if self.settings.control_policy != "pinned" or self.pinned is not None:
+            return
+        manifest = read_manifest(self.settings.models_dir, str(self.settings.control_version))
+        pinned = await asyncio.to_thread(load_version, manifest)
+        await self._catch_up([pinned], manifest.get("catalog_change", "0-0"), None)
+        self.pinned = pinned
+        log.info("control arm pinned to model %s", pinned.version)
 
     async def _maybe_swap(self) -> None:
         manifest = await self.pointer.get()
         if manifest is None or manifest["version"] == self.served.version:
             return
         loaded = await asyncio.to_thread(load_version, manifest)
-        change = await self._catch_up(loaded, manifest.get("catalog_change", "0-0"), None)
+        change = await self._catch_up([loaded], manifest.get("catalog_change", "0-0"), None)
+        if self.pinned is not None and change != self.change_id:  # bring the pinned catalog to the same point
+            await self._catch_up([self.pinned], self.change_id, None)
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
         log.info("serving model %s (%d ads)", loaded.version, len(loaded.catalog))
 
+    async def _refresh_popular(self) -> None:
+        """Re-rank the popularity control from the control arm's own counts (off the event loop)."""
+        if self.settings.control_policy != "popularity" or self.settings.control_share == 0:
+            return
+        cat = self.served.catalog
+        counts = await self.counters.all_ad_counts(experiment.CONTROL)
+        key = (id(cat), self.change_id, len(cat.ad_ids), hash(frozenset(counts.items())))
+        if key == self._popular_key:
+            return
+        n = len(cat.ad_ids)
+        clicks, impressions = counts_by_row(counts, cat.row, n)
+        rows, scores = await asyncio.to_thread(
+            popularity_order, clicks, impressions, cat.bids[:n], cat.active[:n].copy(), self.settings.base_rate,
+            self.settings.cold_prior_strength, POPULAR_KEPT)
+        self.popular, self._popular_key = (cat, rows, scores), key
+
     async def follow(self, poll_s: float = 1.0) -> None:
         """Run forever: apply catalog changes as they are logged, swap in new model versions."""
-        last_poll = 0.0
+        last_poll = last_popular = 0.0
         while True:
             try:
                 if time.monotonic() - last_poll >= poll_s:
                     last_poll = time.monotonic()
                     await self._maybe_swap()
+                    await self.load_pinned()
                     self.ready.set()
-                self.change_id = await self._catch_up(self.served, self.change_id, block_ms=100)
+                self.change_id = await self._catch_up(self._versions(), self.change_id, block_ms=100)
+                if time.monotonic() - last_popular >= self.settings.popularity_refresh_s:
+                    last_popular = time.monotonic()
+                    await self._refresh_popular()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep serving the current version
@@ -128,42 +191,73 @@ class Recommender:
     # --- requests -----------------------------------------------------------------
 
     async def recommend(self, user_id: str, k: int, context: dict[str, Any] | None) -> Recommendation:
-        """Top-k ads for a user: Thompson sampling for treatment, the control policy otherwise."""
+        """Top-k ads for a user from the policy of the user's arm."""
+        s = self.settings
+        arm = experiment.assign_arm(user_id, s.arm_salt, s.control_share)
         version = self.served
-        cat = version.catalog
-        policy = experiment.assign_arm(user_id, self.settings.arm_salt, self.settings.control_share)
-        request_id = records.new_event_id()
-        rows = cat.active_rows()
-        if rows.size == 0:
-            return Recommendation(request_id, policy, version.version, [])
-        if policy == experiment.CONTROL:
-            ranked = scoring.uniform_rank(rows.size, k, self.rng)
-            cand = rows
+        if arm == experiment.TREATMENT:
+            cat, rows, ranked = await self._learned(version, arm, user_id, k, context)
+        elif s.control_policy == "pinned":
+            version = self.pinned or version  # not loaded yet: the served model stands in, and says so below
+            cat, rows, ranked = await self._learned(version, arm, user_id, k, context)
+        elif s.control_policy == "popularity":
+            cat, rows, ranked = self._popularity(version, k)
         else:
-            (state,) = await self.users.get_many([user_id])
-            mean, precision, count = state if state else (self.prior_mean, self.prior_precision, 0)
-            cand = rows if rows.size <= self.settings.candidates else cat.retrieve(mean, self.settings.candidates)
-            bias, dot_scale = self.bias, 1.0
-            if version.ranker is not None:
-                features = candidate_rows(mean, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
-                                          context_ids(context))
-                bias, dot_scale = version.ranker.candidate_logits(features), version.ranker.dot_weight
-            ranked = scoring.thompson_rank(
-                mean, precision, cat.vectors[cand], cat.bids[cand], k, bias=bias,
-                draws=self.settings.propensity_draws, scale=self.settings.exploration, rng=self.rng,
-                dot_scale=dot_scale)
+            cat, rows, ranked = self._random(version, k)
+        request_id = records.new_event_id()
+        shown = [ShownAd(cat.ad_ids[int(rows[i])], pos, float(score), float(prop), records.new_event_id())
+                 for pos, (i, score, prop) in enumerate(zip(ranked.index, ranked.score, ranked.propensity))]
+        self._log_impressions(user_id, arm, version.version, request_id, context, shown)
+        return Recommendation(request_id, arm, version.version, shown)
+
+    async def _learned(self, version: ModelVersion, arm: str, user_id: str, k: int,
+                       context: dict[str, Any] | None) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
+        """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
+        cat = version.catalog
+        (state,) = await self.users.get_many([user_id])
+        mean, precision, count = state if state else (self.prior_mean, self.prior_precision, 0)
+        if len(cat) <= self.settings.candidates:
+            cand = cat.active_rows()
+        else:
+            cand = cat.retrieve(mean, self.settings.candidates)
+        if cand.size == 0:
+            return cat, cand, _EMPTY
+        clicks, impressions = await self.counters.ad_counts(arm, [cat.ad_ids[int(r)] for r in cand])
+        ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
+                                 context_ids(context), version.ranker, clicks, impressions, k, self.params, self.rng)
+        return cat, cand, ranked
+
+    def _popularity(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
+        """The popularity control: the arm's best ads by posterior-mean CTR × bid (deterministic)."""
+        popular = self.popular
+        if popular is None:  # nothing ranked yet (first second of the process): rank by bid alone
+            cat = version.catalog
+            n = len(cat.ad_ids)
+            zeros = np.zeros(n, np.int64)
+            rows, scores = popularity_order(zeros, zeros, cat.bids[:n], cat.active[:n], self.settings.base_rate,
+                                            self.settings.cold_prior_strength, k)
+        else:
+            cat, rows, scores = popular
+            still = cat.active[rows]  # deactivated since the last re-rank: skip
+            rows, scores = rows[still], scores[still]
+        return cat, rows, scoring.fixed_rank(np.arange(rows.size), scores, k)
+
+    def _random(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
+        """The random control: k distinct active ads, uniformly."""
+        cat = version.catalog
+        rows = cat.active_rows()
+        return cat, rows, scoring.uniform_rank(rows.size, k, self.rng)
+
+    def _log_impressions(self, user_id: str, policy: str, model_version: str | None, request_id: str,
+                         context: dict[str, Any] | None, shown: list[ShownAd]) -> None:
+        """Queue one impression per shown ad; never blocks (drops are counted by the producer)."""
         now = time.time()
-        shown = []
-        for pos, (i, score, prop) in enumerate(zip(ranked.index, ranked.score, ranked.propensity)):
-            ad_id = cat.ad_ids[int(cand[i])]
-            shown.append(ShownAd(ad_id, pos, float(score), float(prop), records.new_event_id()))
         self.producer.send_many(
             (records.IMPRESSIONS, user_id, records.encode(records.Impression(
-                event_id=s.impression_id, ts=now, user_id=user_id, ad_id=s.ad_id, position=s.position,
-                propensity=s.propensity, policy=policy, model_version=version.version,
+                event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
+                propensity=a.propensity, policy=policy, model_version=model_version,
                 request_id=request_id, context=context or None)))
-            for s in shown)
-        return Recommendation(request_id, policy, version.version, shown)
+            for a in shown)
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
         """Queue a click for ``privads.clicks``; returns its event id."""
@@ -225,4 +319,7 @@ class Recommender:
                       "built_at": m.get("built_at"), "recall_at_500": v.catalog.info.recall_at_k,
                       "nlist": v.catalog.info.nlist, "nprobe": v.catalog.info.nprobe},
             "catalog_change": self.change_id,
+            "arms": {"control_share": self.settings.control_share, "control_policy": self.settings.control_policy,
+                     "control_version": self.pinned.version if self.pinned is not None else None},
+            "exploration": describe_params(self.params),
         }

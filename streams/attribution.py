@@ -100,7 +100,7 @@ class Plan:
     labelled: list[Labelled] = field(default_factory=list)
     new_impressions: list[Impression] = field(default_factory=list)
     arm: Counter[tuple[str, int, str]] = field(default_factory=Counter)  # (policy, arm bucket, impressions|clicks)
-    ads: Counter[tuple[str, str]] = field(default_factory=Counter)  # (ad_id, labelled|clicks)
+    ads: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (policy, ad_id, labelled|clicks)
     stats: Counter[str] = field(default_factory=Counter)
     closed_before: int = 0
     click_ts: list[float] = field(default_factory=list)  # produce time of each applied click (freshness)
@@ -144,9 +144,9 @@ def plan_batch(
     def label(iid: str, rec: Pending, clicked: bool) -> None:
         plan.labelled.append(Labelled(impression_id=iid, user_id=rec.user_id, ad_id=rec.ad_id, ts=rec.ts,
                                       clicked=clicked, policy=rec.policy, value=rec.value))
-        plan.ads[(rec.ad_id, "labelled")] += 1
+        plan.ads[(rec.policy, rec.ad_id, "labelled")] += 1
         if clicked:
-            plan.ads[(rec.ad_id, "clicks")] += 1
+            plan.ads[(rec.policy, rec.ad_id, "clicks")] += 1
             plan.arm[(rec.policy, int(rec.ts) // arm_bucket_s, "clicks")] += 1
 
     def join(iid: str, bucket: int, rec: Pending, click: Click) -> Pending:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from api.deps import RecommenderDep
+from api.deps import RecommenderDep, WriteAccess
 from streams.records import Ad
 
 router = APIRouter(tags=["ads"])
@@ -26,7 +26,8 @@ class AdAccepted(BaseModel):
     status: str = "accepted"
 
 
-@router.put("/ads/{ad_id}", response_model=AdAccepted)
+@router.put("/ads/{ad_id}", response_model=AdAccepted, dependencies=[WriteAccess],
+            responses={401: {"description": "PRIVADS_API_KEY is set and X-API-Key does not match"}})
 async def upsert_ad(
     ad_id: Annotated[str, Path(min_length=1, max_length=256)], body: AdUpsert, recommender: RecommenderDep
 ) -> AdAccepted:

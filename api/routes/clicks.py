@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from api.deps import RecommenderDep
+from api.deps import RecommenderDep, WriteAccess
 
 router = APIRouter(tags=["clicks"])
 
@@ -21,7 +21,8 @@ class ClickAccepted(BaseModel):
     event_id: str
 
 
-@router.post("/clicks", status_code=status.HTTP_202_ACCEPTED, response_model=ClickAccepted)
+@router.post("/clicks", status_code=status.HTTP_202_ACCEPTED, response_model=ClickAccepted, dependencies=[WriteAccess],
+             responses={401: {"description": "PRIVADS_API_KEY is set and X-API-Key does not match"}})
 async def report_click(body: ClickRequest, recommender: RecommenderDep) -> ClickAccepted:
     """Report a click; it is produced to privads.clicks."""
     return ClickAccepted(event_id=recommender.report_click(body.impression_id, body.user_id, body.ad_id, body.value))

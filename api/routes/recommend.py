@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from api.deps import RecommenderDep
+from api.deps import MetricsDep, RecommenderDep
 
 router = APIRouter(tags=["recommend"])
+
+MAX_CONTEXT_KEYS = 32
 
 
 class RecommendRequest(BaseModel):
     user_id: str = Field(min_length=1, max_length=128, strict=True, description="pseudonymous user id")
-    k: int = Field(10, ge=1, le=100, strict=True, description="number of ads")
-    context: dict[str, Any] = Field(default_factory=dict)
+    k: int = Field(10, ge=1, le=100, strict=True, description="number of ads (at most 100)")
+    context: dict[Annotated[str, Field(max_length=64)], Any] = Field(
+        default_factory=dict, max_length=MAX_CONTEXT_KEYS,
+        description="request context, e.g. {\"device\": \"mobile\"}; scalar values become ranker features")
 
 
 class RecommendedAd(BaseModel):
@@ -34,9 +38,11 @@ class RecommendResponse(BaseModel):
 
 
 @router.post("/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, recommender: RecommenderDep) -> RecommendResponse:
+async def recommend(body: RecommendRequest, recommender: RecommenderDep, metrics: MetricsDep) -> RecommendResponse:
     """Top-k ads for a user; one impression per returned ad is logged to Kafka."""
     rec = await recommender.recommend(body.user_id, body.k, body.context)
+    metrics.recommendations.labels(policy=rec.policy).inc()
+    metrics.recommended_ads.labels(policy=rec.policy).inc(len(rec.ads))
     return RecommendResponse(
         request_id=rec.request_id, policy=rec.policy, model_version=rec.model_version,
         ads=[RecommendedAd(ad_id=a.ad_id, position=a.position, score=a.score, propensity=a.propensity,

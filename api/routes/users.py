@@ -6,12 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from api.deps import RecommenderDep
+from api.deps import RecommenderDep, WriteAccess
 
 router = APIRouter(tags=["users"])
 
 
-@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               dependencies=[WriteAccess],
+               responses={401: {"description": "PRIVADS_API_KEY is set and X-API-Key does not match"}})
 async def erase_user(
     user_id: Annotated[str, Path(min_length=1, max_length=128)], recommender: RecommenderDep
 ) -> Response:

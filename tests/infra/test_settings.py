@@ -113,8 +113,8 @@ def test_child_env_round_trip_defaults(monkeypatch):
 def test_child_env_round_trip_customised(monkeypatch, tmp_path):
     s = Settings(kafka="127.0.0.1:19092", redis="redis://127.0.0.1:16379/0", data=tmp_path / "d",
                  api="http://127.0.0.1:8123", d_user=32, partitions=2, control_share=0.0, seed=7,
-                 exploration=0.3, learning_rate=0.123456789, control_policy="random",
-                 catalog=tmp_path / "ads.jsonl")
+                 exploration=0.3, learning_rate=0.123456789, control_policy="pinned", control_version="v123",
+                 catalog=tmp_path / "ads.jsonl", api_key="s3cret", cors_origins=["https://a.example", "https://b"])
     back = _from_env(monkeypatch, s.child_env())
     assert back == s
     assert back.d_user == 32 and back.api_port == 8123 and back.learning_rate == 0.123456789
@@ -128,6 +128,22 @@ def test_child_env_round_trip_catalog_none(monkeypatch):
 
 # a control policy that does not exist is refused, not silently replaced by another
 def test_unknown_control_policy_is_rejected(monkeypatch):
-    monkeypatch.setenv("PRIVADS_CONTROL_POLICY", "popularity")
+    monkeypatch.setenv("PRIVADS_CONTROL_POLICY", "greedy")
     with pytest.raises(ValidationError, match="control_policy"):
         Settings()
+
+
+# a pinned control without a version to pin is refused at start-up, naming both settings
+def test_pinned_control_needs_a_version(monkeypatch):
+    monkeypatch.setenv("PRIVADS_CONTROL_POLICY", "pinned")
+    with pytest.raises(ValidationError, match="PRIVADS_CONTROL_VERSION"):
+        Settings()
+    monkeypatch.setenv("PRIVADS_CONTROL_VERSION", "v1700000000000")
+    assert Settings().control_version == "v1700000000000"
+
+
+# the API binds to loopback and CORS is off unless configured; no API key is required unless set
+def test_serving_defaults_are_closed(monkeypatch):
+    s = Settings()
+    assert s.api_host == "127.0.0.1" and s.cors_origins == [] and s.api_key is None
+    assert "s3cret" not in repr(Settings(api_key="s3cret"))  # the key never shows in logs

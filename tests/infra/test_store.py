@@ -17,12 +17,14 @@ pytestmark = pytest.mark.integration
 
 # the per-ad counts the workers keep feed the Beta posterior; unknown ads read as zero (the prior)
 def test_ad_counts_feed_the_beta_posterior(infra, rds: redis.Redis) -> None:
-    rds.hset(keys.ADSTAT, mapping={"ad-1:clicks": 3, "ad-1:labelled": 10})
+    rds.hset(keys.adstat("treatment"), mapping={"ad-1:clicks": 3, "ad-1:labelled": 10, "ad:2:labelled": 4})
+    rds.hset(keys.adstat("control"), mapping={"ad-1:clicks": 1, "ad-1:labelled": 50})
 
     async def read() -> tuple[np.ndarray, np.ndarray]:
         r = connect(infra.redis_url)
         try:
-            return await Counters(r).ad_counts(["ad-1", "never-shown"])
+            assert await Counters(r).all_ad_counts("treatment") == {"ad-1": (3, 10), "ad:2": (0, 4)}
+            return await Counters(r).ad_counts("treatment", ["ad-1", "never-shown"])
         finally:
             await r.aclose()
 

@@ -8,7 +8,18 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from ranker.scoring import expected_value, sample_users, thompson_rank, top_k, uniform_rank
+from ranker.scoring import (
+    ColdAds,
+    expected_value,
+    fixed_rank,
+    popularity_scores,
+    position_frequencies,
+    sample_cold_ctr,
+    sample_users,
+    thompson_rank,
+    top_k,
+    uniform_rank,
+)
 
 LN3 = math.log(3.0)
 
@@ -242,3 +253,99 @@ def test_uniform_rank_seeded_is_deterministic(n):
     a = uniform_rank(n, 3, np.random.default_rng(5)).index
     b = uniform_rank(n, 3, np.random.default_rng(5)).index
     np.testing.assert_array_equal(a, b)
+
+
+# --- propensities over whole lists, with cold ads -------------------------------------
+
+
+def test_position_frequencies_columns_sum_to_one_rows_at_most_one():
+    rng = np.random.default_rng(5)
+    lists = np.stack([rng.choice(9, size=4, replace=False) for _ in range(200)])
+    freq = position_frequencies(lists, 9)
+    assert freq.shape == (9, 4)
+    np.testing.assert_allclose(freq.sum(axis=0), 1.0)
+    assert np.all(freq.sum(axis=1) <= 1.0 + 1e-12)
+    np.testing.assert_allclose(freq[lists[0, 2], 2], np.mean(lists[:, 2] == lists[0, 2]))
+
+
+def _state(seed: int):
+    rng = np.random.default_rng(seed)
+    d, c = 3, 6
+    ads = _unit_rows(rng, c, d)
+    bids = rng.uniform(0.8, 1.2, c).astype(np.float32)
+    mean = np.array([0.4, -0.2, 0.1], np.float32)
+    prec = np.array([4.0, 2.0, 6.0], np.float32)
+    # ads 0-2 are cold (two never shown, one with 3 clicks in 40), ads 3-5 are warm
+    cold = ColdAds(clicks=np.array([0, 3, 0, 9, 30, 2]), impressions=np.array([0, 40, 0, 300, 400, 500]),
+                   strength=20.0, threshold=100)
+    return ads, bids, mean, prec, cold
+
+
+def test_logged_propensities_match_served_frequencies_at_every_position_with_cold_ads():
+    # One fixed request state, served N times. For every (ad, position) the share of requests that
+    # served the ad there must match (a) a 200k-draw estimate of the policy's true probability, and
+    # (b) the mean propensity logged when it was served there. SE of a share ≤ 0.5/sqrt(N) = 0.0079 at
+    # N = 4000; the logged propensity carries the served draw, a bias ≤ 1/S. Tolerances are 4 SE (+ 1/S).
+    ads, bids, mean, prec, cold = _state(3)
+    k, draws, n = 3, 64, 4000
+    rng = np.random.default_rng(17)
+    users = sample_users(mean, prec, 200_000, 1.0, rng)
+    ctr = sample_cold_ctr(1.0 / (1.0 + np.exp(-(users @ ads.T - 2.0))), cold, rng)
+    truth = position_frequencies(top_k(ctr * bids, k), ads.shape[0])
+    served = np.zeros((ads.shape[0], k))
+    logged = np.zeros((ads.shape[0], k))
+    for i in range(n):
+        r = thompson_rank(mean, prec, ads, bids, k, bias=-2.0, draws=draws, scale=1.0, rng=rng, cold=cold)
+        if i < 50:  # each request's propensities come from a matrix whose columns sum to one
+            freq = position_frequencies(r.lists, ads.shape[0])
+            np.testing.assert_allclose(freq.sum(axis=0), 1.0)
+            assert np.all(freq.sum(axis=1) <= 1.0 + 1e-12)
+            np.testing.assert_array_equal(r.propensity, freq[r.index, np.arange(k)])
+            np.testing.assert_array_equal(r.lists[0], r.index)
+        served[r.index, np.arange(k)] += 1
+        logged[r.index, np.arange(k)] += r.propensity
+    f = served / n
+    se = 0.5 / math.sqrt(n)
+    assert np.all(np.abs(f - truth) < 4 * se), (f, truth)
+    seen = served >= 100
+    mean_logged = np.where(seen, logged / np.maximum(served, 1), 0.0)
+    assert seen.sum() >= 6  # the check is only meaningful if several (ad, position) pairs are explored
+    assert np.all(np.abs(mean_logged - f)[seen] < 4 * se + 4 * 0.5 / math.sqrt(draws * 100) + 1.0 / draws)
+    # the true per-position probabilities over all ads sum to one
+    np.testing.assert_allclose(truth.sum(axis=0), 1.0)
+
+
+def test_cold_ads_are_explored_even_without_user_uncertainty():
+    # scale 0: the user draw is the mean every time; only the cold ads' Beta draws randomise the list
+    ads, bids, mean, prec, cold = _state(4)
+    rng = np.random.default_rng(1)
+    warm_only = ColdAds(cold.clicks, np.full(6, 1000), cold.strength, cold.threshold)
+    fixed = thompson_rank(mean, prec, ads, bids, 3, bias=-2.0, draws=32, scale=0.0, rng=rng, cold=warm_only)
+    np.testing.assert_array_equal(fixed.propensity, 1.0)
+    tops = {tuple(thompson_rank(mean, prec, ads, bids, 3, bias=-2.0, draws=32, scale=0.0, rng=rng,
+                                cold=cold).index.tolist()) for _ in range(200)}
+    assert len(tops) > 1
+    assert any(set(t) & {0, 1, 2} for t in tops)
+
+
+def test_sample_cold_ctr_is_the_beta_posterior_around_the_model():
+    # θ ~ Beta(m·p + c, m·(1 − p) + n − c): mean (m·p + c)/(m + n); warm columns are untouched
+    rng = np.random.default_rng(8)
+    p = np.full((100_000, 3), 0.1)
+    cold = ColdAds(clicks=np.array([0, 6, 50]), impressions=np.array([0, 30, 500]), strength=20.0, threshold=100)
+    out = sample_cold_ctr(p, cold, rng)
+    np.testing.assert_allclose(out[:, 0].mean(), 0.1, atol=0.003)
+    np.testing.assert_allclose(out[:, 1].mean(), (2 + 6) / 50, atol=0.003)
+    np.testing.assert_allclose(out[:, 0].var(), 2 * 18 / (20**2 * 21), rtol=0.05)
+    np.testing.assert_array_equal(out[:, 2], 0.1)
+    assert np.all((out > 0) & (out < 1))
+    np.testing.assert_array_equal(p, 0.1)  # the input is not modified
+
+
+def test_popularity_scores_and_fixed_rank():
+    # Beta(0.05·20 + c, 0.95·20 + n − c) mean × bid: (1 + 5)/(20 + 50) × 2, 1/20 × 1, (1 + 0)/(20 + 10) × 3
+    s = popularity_scores(np.array([5, 0, 0]), np.array([50, 0, 10]), np.array([2.0, 1.0, 3.0]), 0.05, 20.0)
+    np.testing.assert_allclose(s, [6 / 70 * 2, 0.05, 3 / 30])
+    r = fixed_rank(np.array([2, 0, 1]), np.array([0.3, 0.2, 0.1]), 2)
+    np.testing.assert_array_equal(r.index, [2, 0])
+    np.testing.assert_array_equal(r.propensity, [1.0, 1.0])

@@ -1,0 +1,215 @@
+"""``privads bench serve``: the real HTTP app over a 1M-ad production index, loaded from another process.
+
+What runs: a tansu broker and a redis-server of its own; a model version with
+``ads`` synthetic ads (clustered unit vectors, log-normal bids, 1,000
+categories) in the production index (IVF-Flat, nprobe tuned to recall@500 ≥
+0.95) and a DCN ranker trained on simulated traffic; warm users written to
+Redis as the workers would. Then ``privads api`` (uvicorn, ``api_workers``
+processes) is started and loaded by ``infra.loadgen_http`` in a separate
+process: closed loop, ``concurrency`` keep-alive connections, 80% warm users
+and 20% never-seen ones, every request a full ``POST /recommend`` (k = 10) that
+logs its impressions to the broker. All candidates are cold ads (no counts),
+the most expensive case: every draw samples 500 Beta click rates.
+
+The floor is the same framework (uvicorn + FastAPI + the same middleware)
+answering a constant ``/recommend``-sized body, under the same load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from infra import keys
+from infra.kafka import create_topics
+from infra.processes import Process, broker_process, free_port, python_process, redis_process
+from infra.settings import Settings
+from learner import ranking
+from learner.artifacts import write_version
+from learner.bench import synthetic_ads
+from learner.projector import initial_projector
+from learner.synthetic import learned_users, logged_traffic, make_world
+from ranker.index import ServingCatalog
+from streams.updates import UpdateParams
+
+CATEGORIES = 1000
+
+
+def _ranker(params: UpdateParams, prior_precision: float, d: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
+    """A DCN trained on simulated traffic, and the simulated users' vectors and counts."""
+    world = make_world(20_000, 5_000, d=d, seed=seed)
+    users, counts = learned_users(world, 30, params, prior_precision, seed=seed + 1)
+    data = logged_traffic(world, users, counts, 20_000, seed=seed + 2)
+    model = ranking.export(ranking.fit(data, "dcn", epochs=1, seed=seed))
+    return model, users, counts
+
+
+def build_model(data: Path, ads: int, settings: Settings) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Write a model version (index + ranker) over ``ads`` synthetic ads; returns manifest, users, counts."""
+    d, seed = settings.d_user, settings.seed
+    vectors, bids = synthetic_ads(ads, d, topics=max(10, ads // 500), seed=seed)
+    rng = np.random.default_rng(seed)
+    categories = [f"cat-{c}" for c in rng.integers(0, CATEGORIES, ads)]
+    ad_ids = [f"ad-{i:07d}" for i in range(ads)]
+    start = time.perf_counter()
+    catalog = ServingCatalog.build(d, ad_ids, vectors, bids, np.ones(ads, bool), categories,
+                                   exact_below=settings.exact_index_below, seed=seed)
+    build_s = time.perf_counter() - start
+    ranker, users, counts = _ranker(settings.update_params(), settings.prior_precision, d, seed)
+    projector = initial_projector(settings.d_ad, d, seed)
+    manifest = write_version(settings.models_dir, projector, catalog,
+                             {"parent": None, "catalog_change": "0-0", "reason": "bench serve",
+                              "bench_index_build_s": round(build_s, 2)}, ranker)
+    return manifest, users, counts
+
+
+def seed_users(r: redis.Redis, users: np.ndarray, counts: np.ndarray, prior_precision: float) -> list[str]:
+    """Write warm user posteriors the way the workers do; returns their ids."""
+    ids = [f"bench-user-{i}" for i in range(users.shape[0])]
+    pipe = r.pipeline(transaction=False)
+    for i, uid in enumerate(ids):
+        precision = np.full(users.shape[1], prior_precision + counts[i], dtype=np.float32)
+        pipe.set(keys.user(uid), keys.pack_user(users[i].astype(np.float32), precision, int(counts[i])))
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    return ids
+
+
+def request_pool(warm: list[str], n: int, seed: int) -> list[tuple[str, str, object]]:
+    """``n`` /recommend bodies: 80% warm users, 20% never seen; device and daypart context."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        user = warm[int(rng.integers(len(warm)))] if rng.random() < 0.8 else f"bench-new-{seed}-{i}"
+        out.append(("POST", "/recommend", {"user_id": user, "k": 10, "context": {
+            "device": ["mobile", "desktop", "tablet"][int(rng.integers(3))], "daypart": int(rng.integers(4))}}))
+    return out
+
+
+# --- the framework floor ---------------------------------------------------------------
+
+
+class _FloorRequest(BaseModel):
+    user_id: str
+    k: int = 10
+    context: dict = {}
+
+
+_FLOOR_ANSWER = {"request_id": "0" * 32, "policy": "treatment", "model_version": "v0",
+                 "ads": [{"ad_id": f"ad-{i:07d}", "position": i, "score": 0.1, "propensity": 0.5,
+                          "impression_id": "0" * 32} for i in range(10)]}
+
+
+def floor_app() -> FastAPI:
+    """A constant ``POST /recommend`` on the same framework stack: what serving costs with no work."""
+    from api.metrics import ApiMetrics
+    from api.middleware import ObserveAndLimit
+
+    app = FastAPI()
+
+    @app.post("/recommend")
+    async def recommend(body: _FloorRequest) -> dict:
+        return _FLOOR_ANSWER
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    app.add_middleware(ObserveAndLimit, metrics=ApiMetrics(), timeout_s=2.0)
+    return app
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def _load(port: int, pool_file: Path, concurrency: int, duration_s: float, warmup_s: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "infra.loadgen_http", "--host", "127.0.0.1", "--port", str(port), "--requests",
+         str(pool_file), "--concurrency", str(concurrency), "--duration", str(duration_s), "--warmup",
+         str(warmup_s)], capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout)
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: float, warmup_s: float,
+                api_workers: int) -> dict:
+    """Run the serving benchmark; returns its figures."""
+    tmp = Path(tempfile.mkdtemp(prefix="privads-bench-serve-"))
+    procs: list[Process] = []
+    try:
+        kport, rport, port, floor_port = free_port(), free_port(), free_port(), free_port()
+        broker = broker_process(kport, tmp / "broker.log")
+        broker.start(30)
+        procs.append(broker)
+        red = redis_process(rport, tmp / "redis", tmp / "redis.log")
+        red.start(30)
+        procs.append(red)
+        s = settings.model_copy(update={
+            "kafka": f"127.0.0.1:{kport}", "redis": f"redis://127.0.0.1:{rport}/0", "data": tmp, "catalog": None,
+            "api": f"http://127.0.0.1:{port}", "api_workers": api_workers})
+        create_topics(s.kafka_servers, s.partitions)
+        r = redis.Redis.from_url(s.redis_url)
+        manifest, users, counts = build_model(tmp, ads, s)
+        r.set(keys.MODEL_CURRENT, json.dumps(manifest))
+        warm = seed_users(r, users, counts, s.prior_precision)
+        pool = tmp / "requests.jsonl"
+        from infra.loadgen_http import write_requests
+
+        write_requests(pool, request_pool(warm, 20_000, s.seed))
+
+        def serving() -> bool:
+            h = httpx.get(f"{s.api}/healthz", timeout=2).json()
+            return h.get("model_version") == manifest["version"]
+
+        api = python_process("api", ["api"], tmp / "api.log", s.child_env(), ready=serving)
+        api.start(timeout=300)
+        procs.append(api)
+        loaded = _load(port, pool, concurrency, duration_s, warmup_s)
+        metrics = httpx.get(f"{s.api}/metrics", timeout=10).text
+        api.stop(30)
+        procs.remove(api)
+
+        floor = Process("floor", [sys.executable, "-m", "uvicorn", "--factory", "api.bench:floor_app", "--port",
+                                  str(floor_port), "--log-level", "warning", "--workers", str(api_workers)],
+                        tmp / "floor.log",
+                        ready=lambda: httpx.get(f"http://127.0.0.1:{floor_port}/healthz", timeout=1).status_code == 200)
+        floor.start(timeout=60)
+        procs.append(floor)
+        floor_load = _load(floor_port, pool, concurrency, duration_s, warmup_s)
+        return {
+            "ads": manifest["index"]["ads"], "index_type": manifest["index"]["type"],
+            "nlist": manifest["index"]["nlist"], "nprobe": manifest["index"]["nprobe"],
+            "recall_at_500": manifest["index"].get("recall_at_500"), "ranker": manifest["ranker"]["type"],
+            "candidates": s.candidates, "draws": s.propensity_draws, "k": 10,
+            "p50_ms": loaded["p50_ms"], "p90_ms": loaded["p90_ms"], "p99_ms": loaded["p99_ms"],
+            "max_ms": loaded["max_ms"], "qps": loaded["qps"], "requests": loaded["requests"],
+            "errors": loaded["errors"], "floor_p50_ms": floor_load["p50_ms"], "floor_p99_ms": floor_load["p99_ms"],
+            "floor_qps": floor_load["qps"], "concurrency": concurrency, "api_workers": api_workers,
+            "duration_s": duration_s, "client_cpu_ms_per_request": loaded.get("client_cpu_ms_per_request"),
+            "impressions_queued_at_end": _metric(metrics, "privads_impression_queue_depth"),
+            "impressions_dropped": _metric(metrics, "privads_impressions_dropped_total"),
+            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        }
+    finally:
+        for p in reversed(procs):
+            p.stop(20)

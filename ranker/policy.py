@@ -1,0 +1,152 @@
+"""The serving policies, as pure functions from state and candidates to a ranked list (numpy only).
+
+``ranker.service`` does the I/O (Redis, the index) and calls these; the
+replay tools can call them on logged state the same way.
+
+- ``thompson_policy`` — the learned policy (treatment, or a pinned version):
+  one posterior draw of the user vector, the ranker's pCTR, Beta-sampled click
+  rates for cold ads, ranked by expected value ``pCTR × bid``; propensities by
+  Monte-Carlo over the same joint draws (``ranker.scoring``).
+- ``popularity_order`` — the non-personalised control: ads by their posterior
+  mean CTR in the arm times the bid; deterministic, so propensity 1.
+- ``uniform_rank`` (in ``ranker.scoring``) — the random control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ranker.features import candidate_rows
+from ranker.model import RankerModel
+from ranker.scoring import ColdAds, Ranked, popularity_scores, thompson_rank, top_k
+
+
+@dataclass(frozen=True, slots=True)
+class ThompsonParams:
+    """Hyper-parameters of the learned policy.
+
+    Attributes
+    ----------
+    draws : int
+        Monte-Carlo draws per request (the served one included).
+    scale : float
+        Exploration temperature on the user posterior.
+    bias : float
+        Logit of the prior CTR, used when no ranker is served.
+    cold_threshold : int
+        Ads with fewer labelled impressions in the arm get Beta-sampled CTRs.
+    cold_strength : float
+        The model pCTR's weight in that Beta, in impressions.
+    """
+
+    draws: int = 64
+    scale: float = 1.0
+    bias: float = -2.944
+    cold_threshold: int = 100
+    cold_strength: float = 20.0
+
+
+def thompson_policy(
+    mean: np.ndarray,
+    precision: np.ndarray,
+    count: int,
+    ads: np.ndarray,
+    bids: np.ndarray,
+    category_ids: np.ndarray,
+    context: list[int],
+    ranker: RankerModel | None,
+    clicks: np.ndarray,
+    impressions: np.ndarray,
+    k: int,
+    params: ThompsonParams,
+    rng: np.random.Generator,
+) -> Ranked:
+    """Rank retrieved candidates for one request with Thompson sampling.
+
+    Parameters
+    ----------
+    mean, precision : ndarray, shape (D,)
+        The user's posterior (the population prior for unknown users).
+    count : int
+        Labelled impressions the user's vector has learned from.
+    ads : ndarray, shape (C, D)
+        Projected candidate vectors.
+    bids : ndarray, shape (C,)
+    category_ids : ndarray of int, shape (C,)
+    context : list of int
+        Hashed request-context tokens (``ranker.features.context_ids``).
+    ranker : RankerModel or None
+        None: ``σ(u·p + bias)``, the stream's own model.
+    clicks, impressions : ndarray, shape (C,)
+        The candidates' counts in this arm (for the cold-ad Beta posteriors).
+    k : int
+    params : ThompsonParams
+    rng : numpy Generator
+
+    Returns
+    -------
+    Ranked
+        Positions in the candidate arrays, expected values and propensities.
+    """
+    bias: float | np.ndarray = params.bias
+    dot_scale = 1.0
+    if ranker is not None:
+        bias = ranker.candidate_logits(candidate_rows(mean, count, ads, bids, category_ids, context))
+        dot_scale = ranker.dot_weight
+    cold = ColdAds(clicks, impressions, params.cold_strength, params.cold_threshold)
+    return thompson_rank(mean, precision, ads, bids, k, bias=bias, draws=params.draws, scale=params.scale,
+                         rng=rng, dot_scale=dot_scale, cold=cold)
+
+
+def popularity_order(
+    clicks: np.ndarray, impressions: np.ndarray, bids: np.ndarray, active: np.ndarray, prior_ctr: float,
+    strength: float, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best active ads by posterior-mean CTR × bid.
+
+    Parameters
+    ----------
+    clicks, impressions, bids : ndarray, shape (N,)
+        Per catalog row, counts from the arm's own traffic.
+    active : ndarray of bool, shape (N,)
+    prior_ctr, strength : float
+        The Beta prior: mean CTR and its weight in impressions.
+    n : int
+
+    Returns
+    -------
+    rows : ndarray of int, shape (≤ n,)
+        Catalog rows, best first.
+    scores : ndarray, shape (≤ n,)
+    """
+    scores = popularity_scores(clicks, impressions, bids, prior_ctr, strength)
+    on = np.flatnonzero(active)
+    if on.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    best = on[top_k(scores[on][None, :], n)[0]]
+    return best, scores[best]
+
+
+def counts_by_row(counts: dict[str, tuple[int, int]], row: dict[str, int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter ``ad id → (clicks, labelled)`` onto catalog rows; unknown ids are ignored.
+
+    Returns
+    -------
+    clicks, impressions : ndarray of int, shape (n,)
+    """
+    clicks, impressions = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for ad_id, (c, m) in counts.items():
+        r = row.get(ad_id)
+        if r is not None and r < n:
+            clicks[r], impressions[r] = c, m
+    return clicks, impressions
+
+
+def describe(params: ThompsonParams) -> dict[str, Any]:
+    """What ``/model`` shows of the exploration."""
+    return {"draws": params.draws, "scale": params.scale, "cold_ad_threshold": params.cold_threshold,
+            "cold_prior_strength": params.cold_strength,
+            "propensity_se_max": round(0.5 / np.sqrt(params.draws), 4)}
