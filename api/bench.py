@@ -114,7 +114,7 @@ _FLOOR_ANSWER = {"request_id": "0" * 32, "policy": "treatment", "model_version":
                           "impression_id": "0" * 32} for i in range(10)]}
 
 
-def floor_app() -> FastAPI:
+def floor_app(settings: Settings | None = None) -> FastAPI:
     """A constant ``POST /recommend`` on the same framework stack: what serving costs with no work."""
     from api.metrics import ApiMetrics
     from api.middleware import ObserveAndLimit
@@ -189,9 +189,8 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
         api.stop(30)
         procs.remove(api)
 
-        floor = Process("floor", [sys.executable, "-m", "uvicorn", "--factory", "api.bench:floor_app", "--port",
-                                  str(floor_port), "--log-level", "warning", "--workers", str(api_workers)],
-                        tmp / "floor.log",
+        floor = Process("floor", [sys.executable, "-m", "api.bench", str(floor_port)], tmp / "floor.log",
+                        env=s.child_env(),
                         ready=lambda: httpx.get(f"http://127.0.0.1:{floor_port}/healthz", timeout=1).status_code == 200)
         floor.start(timeout=60)
         procs.append(floor)
@@ -213,3 +212,9 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
     finally:
         for p in reversed(procs):
             p.stop(20)
+
+
+if __name__ == "__main__":  # the floor server: ``python -m api.bench PORT`` (settings from the environment)
+    from api.server import serve
+
+    serve(Settings(), "127.0.0.1", int(sys.argv[1]), factory="api.bench:floor_app")

@@ -17,15 +17,16 @@ _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                         description="needed by the write endpoints when PRIVADS_API_KEY is set")
 
 
-def get_recommender(request: Request) -> Recommender:
+# async: FastAPI runs a plain ``def`` dependency in a thread pool, two thread hops per request for a lookup
+async def get_recommender(request: Request) -> Recommender:
     return request.app.state.recommender
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ApiMetrics:
+async def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
@@ -34,7 +35,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 
 
-def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key)] = None) -> None:
+async def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key)] = None) -> None:
     """Write endpoints: when ``PRIVADS_API_KEY`` is set, the ``X-API-Key`` header must carry it."""
     if settings.api_key is None:
         return

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import faiss
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from threadpoolctl import threadpool_limits
 
 from api.deps import API_KEY_HEADER
 from api.metrics import ApiMetrics
@@ -59,6 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # concurrent requests already fill the cores; threads inside one request only contend
+        threadpool_limits(settings.api_threads)
+        faiss.omp_set_num_threads(settings.api_threads)
         redis = connect(settings.redis_url)
         producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
         recommender = Recommender(settings, redis, producer)

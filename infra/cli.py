@@ -57,24 +57,14 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    import os
-
-    import uvicorn
-
-    from api.main import create_app
+    from api.server import serve
 
     settings = _running(settings)
     host, port = args.host or settings.api_host, args.port or settings.api_port
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         logging.getLogger("privads").warning("the API listens on %s without PRIVADS_API_KEY: write endpoints are open",
                                              host)
-    if settings.api_workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-        return 0
-    # several processes: each builds its app from the environment, so hand them the resolved settings
-    os.environ.update(settings.child_env())
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=settings.api_workers,
-                log_level="warning", timeout_graceful_shutdown=5)
+    serve(settings, host, port)
     return 0
 
 

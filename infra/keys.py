@@ -8,9 +8,9 @@
 | ``pend:{p}:{b}`` | hash impression id → packed ``Pending``, bucket b, TTL | partition p's owner |
 | ``orph:{p}`` | hash impression id → packed click that came before its impression | partition p's owner |
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
-| ``erased:{user_id}`` | when the user was erased; older events are ignored | API |
+| ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored | API |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
-| ``adstat:{policy}`` | hash ``{ad_id}:labelled`` / ``{ad_id}:clicks`` counts in one arm (Beta, popularity) | workers |
+| ``adstat:{policy}:{what}`` | hash ad id → labelled impressions / clicks in one arm (Beta, popularity) | workers |
 | ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
 | ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
@@ -69,16 +70,17 @@ def archive(partition: int) -> str:
 
 
 def erased(user_id: str) -> str:
-    return "erased:" + user_id
+    """The erasure tombstone's key: a hash, so that an erased id is not left in Redis in clear."""
+    return "erased:" + hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
 
 
 def arm(policy: str, bucket: int) -> str:
     return f"arm:{policy}:{bucket}"
 
 
-def adstat(policy: str) -> str:
-    """Per-ad counts of one arm: each arm learns its ad statistics from its own traffic only."""
-    return f"adstat:{policy}"
+def adstat(policy: str, what: str) -> str:
+    """Per-ad counts (``what``: clicks | labelled) of one arm: each arm learns from its own traffic only."""
+    return f"adstat:{policy}:{what}"
 
 
 def ad(ad_id: str) -> str:

@@ -339,7 +339,8 @@ class _Run:
     """State of one load run: the connections' workers, the watchdog and the counters."""
 
     def __init__(self, host: str, port: int, requests: Sequence[tuple[str, str, bytes | None]], concurrency: int,
-                 duration_s: float, warmup_s: float, timeout_s: float, rate: float | None) -> None:
+                 duration_s: float, warmup_s: float, timeout_s: float, rate: float | None,
+                 connections: int | None = None) -> None:
         if not requests:
             raise ValueError("requests must not be empty")
         if concurrency < 1:
@@ -356,7 +357,11 @@ class _Run:
         self.warmup_s = warmup_s
         self.timeout_s = timeout_s
         self.interval = 1.0 / rate if rate else 0.0
-        self.conns: list[_Connection | None] = [None] * concurrency
+        # each in-flight slot rotates over its own keep-alive connections: with several server processes
+        # behind one port (SO_REUSEPORT hashes connections), more connections than slots spread the load
+        # the way many clients do, where one connection per slot can land every slot on one process
+        self.per_slot = max(1, (connections or concurrency) // concurrency)
+        self.conns: list[_Connection | None] = [None] * (concurrency * self.per_slot)
         self.latencies: list[float] = []
         self.statuses: dict[int, int] = {}
         self.errors = 0
@@ -407,8 +412,12 @@ class _Run:
         step = self.concurrency % n or n  # offset i, then every concurrency-th entry, mod the pool size
         idx = i % n
         end = self.end
-        conn: _Connection | None = None
+        m = self.per_slot
+        mine: list[_Connection | None] = [None] * m
+        j = 0
         while True:
+            j = (j + 1) % m
+            conn = mine[j]
             now = perf()
             if now >= end:
                 break
@@ -422,8 +431,8 @@ class _Run:
             if conn is None or not conn.usable:
                 if conn is not None:
                     conn.close()
-                conn = None
-                self.conns[i] = None
+                conn = mine[j] = None
+                self.conns[i * m + j] = None
                 try:
                     _, proto = await asyncio.wait_for(
                         loop.create_connection(lambda: _Connection(loop), self.host, self.port),
@@ -432,8 +441,8 @@ class _Run:
                     self._error(perf(), e)
                     await asyncio.sleep(min(_CONNECT_BACKOFF_S, max(0.0, end - perf())))
                     continue
-                conn = proto
-                self.conns[i] = conn
+                conn = mine[j] = proto
+                self.conns[i * m + j] = conn
             data, head_request = pool[idx]
             idx += step
             if idx >= n:
@@ -486,7 +495,7 @@ def _cpu_seconds() -> float:
 
 async def run_load(host: str, port: int, requests: Sequence[tuple[str, str, bytes | None]], *, concurrency: int,
                    duration_s: float, warmup_s: float = 2.0, timeout_s: float = 5.0,
-                   rate: float | None = None) -> LoadResult:
+                   rate: float | None = None, connections: int | None = None) -> LoadResult:
     """Load ``host:port`` with ``concurrency`` closed-loop keep-alive connections.
 
     Parameters
@@ -508,6 +517,9 @@ async def run_load(host: str, port: int, requests: Sequence[tuple[str, str, byte
     rate : float, optional
         Cap on total requests/s across connections; without it each connection
         sends as fast as answers come back.
+    connections : int, optional
+        Keep-alive connections in all (default ``concurrency``); each in-flight
+        slot rotates over ``connections // concurrency`` of them.
 
     Returns
     -------
@@ -515,7 +527,7 @@ async def run_load(host: str, port: int, requests: Sequence[tuple[str, str, byte
         Counts and latency percentiles of the measured phase. The run ends at
         ``warmup_s + duration_s`` plus at most ``timeout_s + 1`` s, whatever the server does.
     """
-    return await _Run(host, port, requests, concurrency, duration_s, warmup_s, timeout_s, rate).run()
+    return await _Run(host, port, requests, concurrency, duration_s, warmup_s, timeout_s, rate, connections).run()
 
 
 def write_requests(path: Path, requests: Iterable[tuple[str, str, object]]) -> None:
@@ -593,10 +605,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded warm-up (s)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
     parser.add_argument("--rate", type=float, default=None, help="cap on total requests/s")
+    parser.add_argument("--connections", type=int, default=None, help="keep-alive connections (≥ concurrency)")
     args = parser.parse_args(argv)
     try:
         pool = read_requests(args.requests)
-        run = _Run(args.host, args.port, pool, args.concurrency, args.duration, args.warmup, args.timeout, args.rate)
+        run = _Run(args.host, args.port, pool, args.concurrency, args.duration, args.warmup, args.timeout, args.rate,
+                   args.connections)
         result = _run_in_loop(run)
     except (OSError, ValueError) as e:
         print(f"loadgen_http: {e}", file=sys.stderr)
@@ -608,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = result.to_dict()
     out["client_cpu_s"] = run.cpu_s
     out["client_cpu_ms_per_request"] = run.cpu_s * 1000.0 / result.requests
+    out["connections"] = len(run.conns)
     print(json.dumps(out))
     return 0
 

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
         "popularity", description="the control arm: non-personalised popularity, uniform random, or a pinned version")
     control_version: str | None = Field(None, description="the model version the `pinned` control serves")
     arm_salt: str = Field("privads-arm-v1", min_length=1, description="salt of the user → arm hash")
+    shortlist: int = Field(50, ge=1, le=10000, description="candidates in the Monte-Carlo (≥ 3k)")
     cold_ad_threshold: int = Field(100, ge=0, description="ads with fewer labelled impressions get Beta-sampled CTRs")
     cold_prior_strength: float = Field(20.0, gt=0, description="the model pCTR's weight, in impressions, in that Beta")
     popularity_refresh_s: float = Field(2.0, gt=0, description="how often the popularity control re-ranks")
@@ -74,6 +75,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
     request_timeout_s: float = Field(2.0, gt=0, description="a request still running after this answers 503")
     api_workers: int = Field(1, ge=1, le=64, description="API processes (uvicorn workers) sharing the port")
+    api_threads: int = Field(1, ge=1, le=64, description="BLAS/OpenMP threads per API process")
 
     # learner
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")

@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import DataError
 
 from infra import keys
+from streams import records
+from streams.partitioning import owner
 from streams.records import Ad
 
 
@@ -150,10 +152,12 @@ class UserStore:
         return [float(v) if v else None for v in vals]
 
     async def erase(self, user_id: str, now: float, ttl_s: float) -> None:
-        """Delete the user's state; events for it up to ``now`` are ignored from then on.
+        """Delete the user's state and pending events; events for it up to ``now`` are ignored from then on.
 
         Bumps every partition's ``seq`` so that a worker holding a state read
         before the erasure cannot write it back (its commit is fenced on seq).
+        The user's impressions still waiting for a click (and clicks waiting for
+        their impression) are removed from the owning partition's buckets too.
         """
         n = int(await self.r.get(keys.PARTITIONS) or 0)
         pipe = self.r.pipeline(transaction=True)
@@ -162,6 +166,20 @@ class UserStore:
         for p in range(n):
             pipe.hincrby(keys.checkpoint(p), "seq", 1)
         await pipe.execute()
+        if n:
+            await self._scrub_pending(user_id, owner(user_id.encode(), n))
+
+    async def _scrub_pending(self, user_id: str, p: int) -> None:
+        buckets = [int(b) for b in await self.r.smembers(keys.buckets(p))]
+        for key in [keys.pending(p, b) for b in buckets]:
+            entries = await self.r.hgetall(key)
+            mine = [iid for iid, blob in entries.items() if records.unpack_pending(blob).user_id == user_id]
+            if mine:
+                await self.r.hdel(key, *mine)
+        entries = await self.r.hgetall(keys.orphans(p))
+        mine = [iid for iid, blob in entries.items() if records.unpack_click(blob).user_id == user_id]
+        if mine:
+            await self.r.hdel(keys.orphans(p), *mine)
 
     async def exists(self, user_id: str) -> bool:
         return bool(await self.r.exists(keys.user(user_id)))
@@ -313,6 +331,11 @@ class PartitionStore:
 # --- counters for /lift and /metrics ------------------------------------------------
 
 
+def _ints(values: Sequence[bytes | None]) -> np.ndarray:
+    """Redis integer replies (None: absent, 0) as an int64 array."""
+    return np.array([int(v) if v else 0 for v in values], dtype=np.int64)
+
+
 class Counters:
     """Read side of the workers' exact counters: per-arm CTR buckets, global stats."""
 
@@ -346,16 +369,18 @@ class Counters:
         """(clicks, labelled impressions) per ad in one arm, for the per-ad Beta posteriors."""
         if not ad_ids:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        vals = await self.r.hmget(keys.adstat(policy), [f"{a}:{k}" for a in ad_ids for k in ("clicks", "labelled")])
-        n = np.array([int(v or 0) for v in vals], dtype=np.int64).reshape(-1, 2)
-        return n[:, 0], n[:, 1]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(keys.adstat(policy, "clicks"), ad_ids)
+        pipe.hmget(keys.adstat(policy, "labelled"), ad_ids)
+        clicks, labelled = await pipe.execute()
+        return _ints(clicks), _ints(labelled)
 
     async def all_ad_counts(self, policy: str) -> dict[str, tuple[int, int]]:
         """Every ad with counts in one arm: ad id → (clicks, labelled impressions)."""
         out: dict[str, list[int]] = {}
-        async for name, value in self.r.hscan_iter(keys.adstat(policy), count=10_000):
-            ad_id, _, what = name.decode().rpartition(":")
-            out.setdefault(ad_id, [0, 0])[0 if what == "clicks" else 1] = int(value)
+        for i, what in enumerate(("clicks", "labelled")):
+            async for ad_id, value in self.r.hscan_iter(keys.adstat(policy, what), count=10_000):
+                out.setdefault(ad_id.decode(), [0, 0])[i] = int(value)
         return {a: (c, n) for a, (c, n) in out.items()}
 
     async def max_user_updates(self) -> int:

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from ranker.features import category_id
 from ranker.scoring import retrieval_keys, retrieval_query
 
 EXACT_BELOW = 50_000
-NPROBES = (8, 16, 32, 64, 128, 256, 512, 1024)
+NPROBES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+TUNE_MARGIN = 0.01  # nprobe is tuned to target + margin on 100 queries, so that held-out recall meets the target
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,13 @@ def build_index(keys: np.ndarray, ids: np.ndarray, *, exact_below: int = EXACT_B
                 target_recall: float = 0.95, seed: int = 0) -> tuple[faiss.Index, IndexInfo]:
     """An inner-product index over retrieval keys, chosen by size and checked against exact search.
 
-    Below ``exact_below`` keys the index is exact (Flat). Above, it is IVF-Flat
-    with ``nlist ≈ 2√n`` lists; ``nprobe`` is tuned on one set of user-like
-    queries to the smallest value that reaches ``target_recall`` at ``k``, and
-    recall is then measured on another set.
+    Below ``exact_below`` keys the index is exact (Flat). Above, it is IVF with
+    ``nlist ≈ 2√n`` lists whose vectors are stored as float16 (``IVF-SQfp16``),
+    zero-padded to a multiple of 8 dimensions so that FAISS's SIMD kernels apply:
+    half the memory traffic of IVF-Flat, ~30% faster per query at 1M ads for
+    about 0.01 less recall at the same nprobe. ``nprobe`` is tuned on one set of
+    user-like queries to the smallest value that reaches ``target_recall`` (plus
+    a margin) at ``k``, and recall is then measured on another set.
 
     Parameters
     ----------
@@ -87,21 +92,34 @@ def build_index(keys: np.ndarray, ids: np.ndarray, *, exact_below: int = EXACT_B
         return index, IndexInfo("Flat", n, time.perf_counter() - start, 1.0, k)
     rng = np.random.default_rng(seed)
     nlist = int(2 ** round(np.log2(2 * np.sqrt(n))))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    padded = fit_width(keys, -(-dim // 8) * 8)
+    width = padded.shape[1]
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(width), width, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = 10
     index.cp.seed = seed
-    index.train(keys[rng.choice(n, min(n, 40 * nlist), replace=False)])
-    index.add_with_ids(keys, ids)
-    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    exact.add_with_ids(keys, ids)
-    tune, check = probe_queries(keys, 100, rng), probe_queries(keys, 200, rng)
+    index.train(padded[rng.choice(n, min(n, 40 * nlist), replace=False)])
+    index.add_with_ids(padded, ids)
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(width))
+    exact.add_with_ids(padded, ids)
+    del padded
+    tune, check = (fit_width(probe_queries(keys, m, rng), width) for m in (100, 200))
     for nprobe in NPROBES:
         index.nprobe = min(nprobe, nlist)
-        if recall_at_k(index, exact, tune, k) >= target_recall:
+        if recall_at_k(index, exact, tune, k) >= target_recall + TUNE_MARGIN:
             break
     build_s = time.perf_counter() - start
     recall = recall_at_k(index, exact, check, k)
-    return index, IndexInfo("IVFFlat", n, build_s, recall, k, nlist, int(index.nprobe))
+    return index, IndexInfo("IVF-SQfp16", n, build_s, recall, k, nlist, int(index.nprobe))
+
+
+def fit_width(x: np.ndarray, width: int) -> np.ndarray:
+    """Zero-pad the rows of ``x`` (shape (n, m), m ≤ width) to ``width`` columns, float32, C-contiguous."""
+    if x.shape[1] == width:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.shape[0], width), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
 
 
 class ServingCatalog:
@@ -201,7 +219,7 @@ class ServingCatalog:
         self.category_ids[rows_a] = [category_id(c) for c in categories]
         on = rows_a[active]
         if on.size:
-            self.index.add_with_ids(retrieval_keys(self.vectors[on], self.bids[on]), on)
+            self.index.add_with_ids(fit_width(retrieval_keys(self.vectors[on], self.bids[on]), self.index.d), on)
 
     def upsert_entries(self, entries: Sequence[Any], vectors: np.ndarray) -> None:
         """Upsert catalog entries (with ``ad_id``, ``bid``, ``active``, ``category``) and their projected vectors.
@@ -228,8 +246,15 @@ class ServingCatalog:
         n = min(n, len(self))
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        _, ids = self.index.search(query.reshape(1, -1), n)
+        _, ids = self.index.search(fit_width(query.reshape(1, -1), self.index.d), n)
         return ids[0][ids[0] >= 0]
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        """Ad ids of catalog rows."""
+        if rows.size == 0:
+            return []
+        got = itemgetter(*rows.tolist())(self.ad_ids)
+        return list(got) if rows.size > 1 else [got]
 
     def active_rows(self) -> np.ndarray:
         return np.flatnonzero(self.active[: len(self.ad_ids)])

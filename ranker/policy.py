@@ -21,7 +21,7 @@ import numpy as np
 
 from ranker.features import candidate_rows
 from ranker.model import RankerModel
-from ranker.scoring import ColdAds, Ranked, popularity_scores, thompson_rank, top_k
+from ranker.scoring import ColdAds, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,9 @@ class ThompsonParams:
         Ads with fewer labelled impressions in the arm get Beta-sampled CTRs.
     cold_strength : float
         The model pCTR's weight in that Beta, in impressions.
+    shortlist : int
+        Candidates that enter the Monte-Carlo (at least 3k): the best by an upper
+        confidence bound of their expected value (``ranker.scoring.optimistic_value``).
     """
 
     draws: int = 64
@@ -47,6 +50,7 @@ class ThompsonParams:
     bias: float = -2.944
     cold_threshold: int = 100
     cold_strength: float = 20.0
+    shortlist: int = 50
 
 
 def thompson_policy(
@@ -97,8 +101,24 @@ def thompson_policy(
         bias = ranker.candidate_logits(candidate_rows(mean, count, ads, bids, category_ids, context))
         dot_scale = ranker.dot_weight
     cold = ColdAds(clicks, impressions, params.cold_strength, params.cold_threshold)
+    shortlist = max(params.shortlist, 3 * k)
+    if ads.shape[0] > shortlist:
+        # Monte-Carlo over all 500 costs 500 Beta draws × S; an ad outside the top by optimistic value
+        # almost never wins a draw, and the cut is a deterministic function of the state, so the
+        # propensities stay those of the policy actually run
+        ucb = optimistic_value(mean, precision, ads, bids, bias, dot_scale=dot_scale, scale=params.scale, cold=cold)
+        keep = top_k(ucb[None, :], shortlist)[0]
+        ranked = thompson_rank(mean, precision, ads[keep], bids[keep], k, bias=_take(bias, keep), draws=params.draws,
+                               scale=params.scale, rng=rng, dot_scale=dot_scale,
+                               cold=ColdAds(clicks[keep], impressions[keep], cold.strength, cold.threshold))
+        return Ranked(keep[ranked.index], ranked.score, ranked.propensity, None if ranked.lists is None
+                      else keep[ranked.lists])
     return thompson_rank(mean, precision, ads, bids, k, bias=bias, draws=params.draws, scale=params.scale,
                          rng=rng, dot_scale=dot_scale, cold=cold)
+
+
+def _take(bias: float | np.ndarray, keep: np.ndarray) -> float | np.ndarray:
+    return bias[keep] if isinstance(bias, np.ndarray) else bias
 
 
 def popularity_order(
@@ -148,5 +168,5 @@ def counts_by_row(counts: dict[str, tuple[int, int]], row: dict[str, int], n: in
 def describe(params: ThompsonParams) -> dict[str, Any]:
     """What ``/model`` shows of the exploration."""
     return {"draws": params.draws, "scale": params.scale, "cold_ad_threshold": params.cold_threshold,
-            "cold_prior_strength": params.cold_strength,
+            "cold_prior_strength": params.cold_strength, "shortlist": params.shortlist,
             "propensity_se_max": round(0.5 / np.sqrt(params.draws), 4)}

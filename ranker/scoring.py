@@ -185,6 +185,44 @@ def sample_cold_ctr(ctr: np.ndarray, cold: ColdAds, rng: np.random.Generator) ->
     return out
 
 
+def optimistic_value(mean: np.ndarray, precision: np.ndarray, ads: np.ndarray, bids: np.ndarray,
+                     bias: float | np.ndarray, *, dot_scale: float, scale: float, cold: ColdAds | None,
+                     z: float = 2.0) -> np.ndarray:
+    """An upper confidence bound of each candidate's expected value, for shortlisting.
+
+    The logit's user term is taken ``z`` posterior standard deviations above its
+    mean (``u·p ~ N(μ·p, scale² Σ p²/q)``); a cold ad's click rate is its Beta
+    posterior mean plus ``z`` standard deviations (the pCTR above as prior mean).
+
+    Parameters
+    ----------
+    mean, precision : ndarray, shape (D,)
+    ads : ndarray, shape (C, D)
+    bids : ndarray, shape (C,)
+    bias : float or ndarray, shape (C,)
+    dot_scale, scale : float
+    cold : ColdAds or None
+    z : float
+
+    Returns
+    -------
+    ndarray, shape (C,)
+    """
+    sd = scale * np.sqrt((ads * ads) @ (1.0 / precision))
+    ctr = sigmoid(dot_scale * (ads @ mean + z * sd) + bias)
+    if cold is not None:
+        cols = cold.columns()
+        if cols.size:
+            p = np.clip(ctr[cols], 1e-6, 1 - 1e-6)
+            c = cold.clicks[cols].astype(np.float64)
+            n = np.maximum(cold.impressions[cols].astype(np.float64), c)
+            a, b = cold.strength * p + c, cold.strength * (1 - p) + (n - c)
+            m = a / (a + b)
+            ctr = ctr.astype(np.float64, copy=True)
+            ctr[cols] = np.minimum(1.0, m + z * np.sqrt(m * (1 - m) / (a + b + 1)))
+    return ctr * bids
+
+
 def position_frequencies(lists: np.ndarray, n_candidates: int) -> np.ndarray:
     """Share of draws that put each candidate at each position.
 

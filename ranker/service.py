@@ -98,7 +98,7 @@ class Recommender:
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
                                      bias=logit(settings.base_rate), cold_threshold=settings.cold_ad_threshold,
-                                     cold_strength=settings.cold_prior_strength)
+                                     cold_strength=settings.cold_prior_strength, shortlist=settings.shortlist)
         # the population prior: the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
@@ -205,8 +205,8 @@ class Recommender:
         else:
             cat, rows, ranked = self._random(version, k)
         request_id = records.new_event_id()
-        shown = [ShownAd(cat.ad_ids[int(rows[i])], pos, float(score), float(prop), records.new_event_id())
-                 for pos, (i, score, prop) in enumerate(zip(ranked.index, ranked.score, ranked.propensity))]
+        shown = [ShownAd(ad_id, pos, score, prop, records.new_event_id()) for pos, (ad_id, score, prop) in enumerate(
+            zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist()))]
         self._log_impressions(user_id, arm, version.version, request_id, context, shown)
         return Recommendation(request_id, arm, version.version, shown)
 
@@ -222,7 +222,7 @@ class Recommender:
             cand = cat.retrieve(mean, self.settings.candidates)
         if cand.size == 0:
             return cat, cand, _EMPTY
-        clicks, impressions = await self.counters.ad_counts(arm, [cat.ad_ids[int(r)] for r in cand])
+        clicks, impressions = await self.counters.ad_counts(arm, cat.ids_of(cand))
         ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
                                  context_ids(context), version.ranker, clicks, impressions, k, self.params, self.rng)
         return cat, cand, ranked
@@ -230,7 +230,9 @@ class Recommender:
     def _popularity(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """The popularity control: the arm's best ads by posterior-mean CTR × bid (deterministic)."""
         popular = self.popular
-        if popular is None:  # nothing ranked yet (first second of the process): rank by bid alone
+        active = len(version.catalog)
+        if popular is None or popular[1].size < min(k, active):
+            # not ranked yet, or ranked before the catalog filled: rank now from the arm's prior (bid alone)
             cat = version.catalog
             n = len(cat.ad_ids)
             zeros = np.zeros(n, np.int64)
@@ -246,6 +248,8 @@ class Recommender:
         """The random control: k distinct active ads, uniformly."""
         cat = version.catalog
         rows = cat.active_rows()
+        if rows.size == 0:
+            return cat, rows, _EMPTY
         return cat, rows, scoring.uniform_rank(rows.size, k, self.rng)
 
     def _log_impressions(self, user_id: str, policy: str, model_version: str | None, request_id: str,

@@ -394,7 +394,7 @@ class EventAgent:
             for (policy, b, what), n in plan.arm.items():
                 counters[keys.arm(policy, b)][what] += n
             for (policy, ad_id, what), n in plan.ads.items():
-                counters[keys.adstat(policy)][f"{ad_id}:{what}"] += n
+                counters[keys.adstat(policy, what)][ad_id] += n
             stats["labelled_clicks"] += sum(ex.clicked for ex in plan.labelled)
             stats["labelled_negatives"] += sum(not ex.clicked for ex in plan.labelled)
             for ts in plan.click_ts:

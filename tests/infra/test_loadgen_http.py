@@ -228,7 +228,7 @@ def test_cli_prints_one_json_object(api: tuple[int, Counter[int]], tmp_path: Pat
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
-    assert set(out) == RESULT_KEYS | {"client_cpu_s", "client_cpu_ms_per_request"}
+    assert set(out) == RESULT_KEYS | {"client_cpu_s", "client_cpu_ms_per_request", "connections"}
     assert out["requests"] > 0 and out["errors"] == 0 and out["statuses"] == {"200": out["requests"]}
     assert out["client_cpu_ms_per_request"] > 0
 

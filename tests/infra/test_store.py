@@ -17,8 +17,10 @@ pytestmark = pytest.mark.integration
 
 # the per-ad counts the workers keep feed the Beta posterior; unknown ads read as zero (the prior)
 def test_ad_counts_feed_the_beta_posterior(infra, rds: redis.Redis) -> None:
-    rds.hset(keys.adstat("treatment"), mapping={"ad-1:clicks": 3, "ad-1:labelled": 10, "ad:2:labelled": 4})
-    rds.hset(keys.adstat("control"), mapping={"ad-1:clicks": 1, "ad-1:labelled": 50})
+    rds.hset(keys.adstat("treatment", "clicks"), mapping={"ad-1": 3})
+    rds.hset(keys.adstat("treatment", "labelled"), mapping={"ad-1": 10, "ad:2": 4})
+    rds.hset(keys.adstat("control", "clicks"), mapping={"ad-1": 1})
+    rds.hset(keys.adstat("control", "labelled"), mapping={"ad-1": 50})
 
     async def read() -> tuple[np.ndarray, np.ndarray]:
         r = connect(infra.redis_url)

@@ -202,7 +202,7 @@ def test_retrieve_orders_by_similarity_plus_log_bid():
 
 # above the exact threshold the index is IVF, tuned at build time to the recall target against exact search
 def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
-    from ranker.index import build_index, probe_queries, recall_at_k
+    from ranker.index import build_index, fit_width, probe_queries, recall_at_k
 
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((50, 16)).astype(np.float32)
@@ -211,17 +211,20 @@ def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
     bids = np.exp(rng.normal(0, 0.5, 20_000)).astype(np.float32)
     cat = ServingCatalog.build(16, [f"a{i}" for i in range(20_000)], vecs, bids, np.ones(20_000, bool),
                                [None] * 20_000, exact_below=5_000, k=100, target_recall=0.95)
-    assert cat.index_type == "IVFFlat" and cat.info.nlist and cat.info.recall_at_k >= 0.95
+    assert cat.index_type == "IVF-SQfp16" and cat.info.nlist and cat.info.recall_at_k >= 0.95
     # an independent check of the recall the build reported
     from ranker.scoring import retrieval_keys
 
     keys = retrieval_keys(vecs, bids)
-    exact, _ = build_index(keys, np.arange(20_000, dtype=np.int64), exact_below=10**9)
-    assert recall_at_k(cat.index, exact, probe_queries(keys, 100, np.random.default_rng(99)), 100) >= 0.93
+    width = cat.index.d  # zero padding to a multiple of 8 changes no inner product
+    assert width % 8 == 0 and width >= keys.shape[1]
+    exact, _ = build_index(fit_width(keys, width), np.arange(20_000, dtype=np.int64), exact_below=10**9)
+    queries = fit_width(probe_queries(keys, 100, np.random.default_rng(99)), width)
+    assert recall_at_k(cat.index, exact, queries, 100) >= 0.93
     # saved and loaded as built, not retrained; upserts still work on it
     cat.save(tmp_path)
     back = ServingCatalog.load(tmp_path, 16)
-    assert back.index_type == "IVFFlat" and back.info == cat.info and len(back) == 20_000
+    assert back.index_type == "IVF-SQfp16" and back.info == cat.info and len(back) == 20_000
     assert back.index.nprobe == cat.info.nprobe  # the tuned nprobe travels with the index file
     _add(back, ["a0"], [vecs[0]], bids=[1.0], active=[False])
     assert len(back) == 19_999 and 0 not in back.retrieve(vecs[0] * 3, 100).tolist()

@@ -79,8 +79,8 @@ def test_a_click_is_one_positive_and_its_duplicates_change_nothing(infra, catalo
     assert state(rds, user)[2] == 1
     assert stat(rds, "labelled_clicks") == before + 1, rds.hgetall(keys.STATS)
     # the ad's Beta posterior counts, in the impression's arm only
-    assert int(rds.hget(keys.adstat("treatment"), f"{catalog[0]['ad_id']}:clicks")) >= 1
-    assert rds.hget(keys.adstat("control"), f"{catalog[0]['ad_id']}:clicks") is None
+    assert int(rds.hget(keys.adstat("treatment", "clicks"), catalog[0]["ad_id"])) >= 1
+    assert rds.hget(keys.adstat("control", "clicks"), catalog[0]["ad_id"]) is None
     assert np.linalg.norm(mean) > 0.1  # moved from the zero prior toward the clicked ad
     assert (precision >= 16.0).all() and precision.sum() > 16.0 * mean.size
 
