@@ -6,7 +6,9 @@ categories) in the production index (IVF-Flat, nprobe tuned to recall@500 ≥
 0.95) and a DCN ranker trained on simulated traffic; warm users written to
 Redis as the workers would. Then ``privads api`` (uvicorn, ``api_workers``
 processes) is started and loaded by ``infra.loadgen_http`` in a separate
-process: closed loop, ``concurrency`` keep-alive connections, 80% warm users
+process: closed loop, ``concurrency`` requests in flight rotating over 32
+keep-alive connections (so that they spread over the API processes as many
+clients' would), 80% warm users
 and 20% never-seen ones, every request a full ``POST /recommend`` (k = 10) that
 logs its impressions to the broker. All candidates are cold ads (no counts),
 the most expensive case: every draw samples 500 Beta click rates.
@@ -140,7 +142,8 @@ def _load(port: int, pool_file: Path, concurrency: int, duration_s: float, warmu
     out = subprocess.run(
         [sys.executable, "-m", "infra.loadgen_http", "--host", "127.0.0.1", "--port", str(port), "--requests",
          str(pool_file), "--concurrency", str(concurrency), "--duration", str(duration_s), "--warmup",
-         str(warmup_s)], capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
+         str(warmup_s), "--connections", str(max(32, concurrency))],
+        capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout)
