@@ -37,7 +37,7 @@ from pydantic import BaseModel
 
 from infra import keys
 from infra.kafka import create_topics
-from infra.processes import Process, broker_process, free_port, python_process, redis_process
+from infra.processes import Process, free_port, python_process, start_private_infra
 from infra.settings import Settings
 from learner import ranking
 from learner.artifacts import write_version
@@ -59,7 +59,7 @@ def _ranker(params: UpdateParams, prior_precision: float, d: int, seed: int) -> 
     return model, users, counts
 
 
-def build_model(data: Path, ads: int, settings: Settings) -> tuple[dict, np.ndarray, np.ndarray]:
+def build_model(ads: int, settings: Settings) -> tuple[dict, np.ndarray, np.ndarray]:
     """Write a model version (index + ranker) over ``ads`` synthetic ads; returns manifest, users, counts."""
     d, seed = settings.d_user, settings.seed
     vectors, bids = synthetic_ads(ads, d, topics=max(10, ads // 500), seed=seed)
@@ -160,19 +160,14 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
     tmp = Path(tempfile.mkdtemp(prefix="privads-bench-serve-"))
     procs: list[Process] = []
     try:
-        kport, rport, port, floor_port = free_port(), free_port(), free_port(), free_port()
-        broker = broker_process(kport, tmp / "broker.log")
-        broker.start(30)
-        procs.append(broker)
-        red = redis_process(rport, tmp / "redis", tmp / "redis.log")
-        red.start(30)
-        procs.append(red)
+        kafka, redis_url = start_private_infra(tmp, procs)
+        port, floor_port = free_port(), free_port()
         s = settings.model_copy(update={
-            "kafka": f"127.0.0.1:{kport}", "redis": f"redis://127.0.0.1:{rport}/0", "data": tmp, "catalog": None,
+            "kafka": kafka, "redis": redis_url, "data": tmp, "catalog": None,
             "api": f"http://127.0.0.1:{port}", "api_workers": api_workers})
         create_topics(s.kafka_servers, s.partitions)
         r = redis.Redis.from_url(s.redis_url)
-        manifest, users, counts = build_model(tmp, ads, s)
+        manifest, users, counts = build_model(ads, s)
         r.set(keys.MODEL_CURRENT, json.dumps(manifest))
         warm = seed_users(r, users, counts, s.prior_precision)
         pool = tmp / "requests.jsonl"

@@ -201,6 +201,26 @@ def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1")
     return Process("redis", argv, log, ready=ready)
 
 
+def start_private_infra(directory: Path, procs: list[Process]) -> tuple[str, str]:
+    """Start a broker and a redis-server on free loopback ports, logging into ``directory``.
+
+    Both are appended to ``procs`` as soon as they run (the caller stops them).
+
+    Returns
+    -------
+    kafka, redis_url : str
+        Bootstrap servers and the Redis URL.
+    """
+    kport, rport = free_port(), free_port()
+    broker = broker_process(kport, directory / "broker.log")
+    broker.start(30)
+    procs.append(broker)
+    red = redis_process(rport, directory / "redis", directory / "redis.log")
+    red.start(30)
+    procs.append(red)
+    return f"127.0.0.1:{kport}", f"redis://127.0.0.1:{rport}/0"
+
+
 def python_process(name: str, args: Sequence[str], log: Path, env: dict[str, str], **kw: object) -> Process:
     """A PrivAds child: ``python -m infra.cli ARGS`` with the given environment."""
     return Process(name, [sys.executable, "-m", "infra.cli", *args], log, env=env, **kw)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ import redis
 
 from infra import keys
 from infra.kafka import create_topics
-from infra.processes import Process, broker_process, free_port, python_process, redis_process
+from infra.processes import Process, python_process, start_private_infra
 from infra.produce import produce_lines
 from infra.settings import Settings
 from streams import records
@@ -83,15 +83,9 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
     tmp = Path(tempfile.mkdtemp(prefix="privads-bench-stream-"))
     procs: list[Process] = []
     try:
-        kport, rport = free_port(), free_port()
-        broker = broker_process(kport, tmp / "broker.log")
-        broker.start(30)
-        procs.append(broker)
-        red = redis_process(rport, tmp / "redis", tmp / "redis.log")
-        red.start(30)
-        procs.append(red)
+        kafka, redis_url = start_private_infra(tmp, procs)
         s = settings.model_copy(update={
-            "kafka": f"127.0.0.1:{kport}", "redis": f"redis://127.0.0.1:{rport}/0", "data": tmp,
+            "kafka": kafka, "redis": redis_url, "data": tmp,
             "partitions": partitions, "attribution_window_s": window_s, "dedupe_horizon_s": window_s,
             "catalog": None})
         create_topics(s.kafka_servers, partitions)
