@@ -370,6 +370,7 @@ class _Run:
         self.measure_start = 0.0
         self.end = 0.0
         self.next_slot = 0.0
+        self.stopping = False
 
     async def run(self) -> LoadResult:
         perf = time.perf_counter
@@ -386,6 +387,9 @@ class _Run:
             await asyncio.wait(workers, timeout=max(0.0, self.end - perf()))
             self.cpu_s = _cpu_seconds() - cpu0
             # Requests in flight now would complete after the window and not count: drop them, don't wait.
+            # The loop's timer may fire a little before ``end`` (uvloop rounds to whole ms), so the failures
+            # our own aborts cause are not the server's errors.
+            self.stopping = True
             for conn in self.conns:
                 if conn is not None:
                     conn.abort()
@@ -471,6 +475,8 @@ class _Run:
                     conn.abort(timed_out=True)
 
     def _error(self, at: float, exc: BaseException) -> None:
+        if self.stopping:
+            return
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self.measure_start <= at < self.end:
             self.errors += 1
