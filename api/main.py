@@ -22,11 +22,11 @@ from api.deps import API_KEY_HEADER
 from api.metrics import ApiMetrics
 from api.middleware import ObserveAndLimit
 from api.routes import ads, clicks, health, lift, model, recommend, users
-from infra.kafka import QueuedProducer, consumer_lag
+from infra.kafka import QueuedProducer
+from infra.runtime import keep_freed_memory
 from infra.settings import Settings
 from infra.store import connect
 from ranker.service import Recommender
-from streams.records import CONSUMED_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # concurrent requests already fill the cores; threads inside one request only contend
+        keep_freed_memory()
         threadpool_limits(settings.api_threads)
         faiss.omp_set_num_threads(settings.api_threads)
         redis = connect(settings.redis_url)
@@ -70,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await recommender.load_pinned()  # a missing pinned version stops the start-up, with its name
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
-        lag_watch = asyncio.create_task(watch_lag(), name="consumer-lag")
+        counts = asyncio.create_task(recommender.follow_counts(), name="follow-ad-counts")
         try:
             await asyncio.wait_for(recommender.ready.wait(), timeout=30)
         except TimeoutError:
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (follower, lag_watch):
+            for task in (follower, counts):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -108,20 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.dp_epsilon.set(privacy["epsilon"])
         for topic, n in (await rec.worker_counters()).items():
             metrics.events_processed.labels(topic=topic).set(n)
+        for topic, n in (await rec.consumer_lag()).items():
+            metrics.consumer_lag.labels(topic=topic).set(n)
 
     app.state.refresh_metrics = refresh_metrics
-
-    async def watch_lag(every_s: float = 5.0) -> None:
-        """Refresh the workers' consumer lag off the request path (it takes Kafka round trips)."""
-        while True:
-            try:
-                lag = await asyncio.to_thread(consumer_lag, settings.kafka_servers, settings.worker_group,
-                                              CONSUMED_TOPICS)
-                for topic, n in lag.items():
-                    metrics.consumer_lag.labels(topic=topic).set(n)
-            except Exception as e:  # noqa: BLE001 - a metric must never take the API down
-                log.debug("consumer lag unavailable: %s", e)
-            await asyncio.sleep(every_s)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -11,6 +11,7 @@
 | ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored | API |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
 | ``adstat:{policy}:{what}`` | hash ad id → labelled impressions / clicks in one arm (Beta, popularity) | workers |
+| ``adstat:log`` | stream: the increments of ``adstat:*`` per committed batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
 | ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
 | ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
@@ -18,7 +19,7 @@
 | ``emb:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent |
 | ``ads`` | set of all ad ids | catalog agent |
 | ``catalog:log`` | stream of catalog changes (``ad_id``) | catalog agent |
-| ``workers`` | hash worker id → last heartbeat (ts, partitions owned) | stream workers |
+| ``workers`` | hash worker id → last heartbeat (ts, partitions owned, consumer lag per topic) | stream workers |
 | ``quality`` | hash worker id → rolling AUC / log-loss of served predictions, drifts | stream workers |
 | ``learner:drift`` | when drift was last detected: the learner runs a cycle early | stream workers |
 | ``model:current`` | JSON manifest of the served model version | learner |
@@ -43,6 +44,9 @@ MODEL_CURRENT = "model:current"
 STATS = "stats"
 WORKERS = "workers"
 ARM_BUCKET_S = 60
+ADSTAT_LOG = "adstat:log"
+ADSTAT_LOG_HORIZON_S = 600  # a reader that fell further behind than this re-reads the hashes
+AD_COUNT_FIELDS = ("clicks", "labelled")
 
 
 def user(user_id: str) -> str:
@@ -81,6 +85,15 @@ def arm(policy: str, bucket: int) -> str:
 def adstat(policy: str, what: str) -> str:
     """Per-ad counts (``what``: clicks | labelled) of one arm: each arm learns from its own traffic only."""
     return f"adstat:{policy}:{what}"
+
+
+def parse_adstat(key: str) -> tuple[str, str] | None:
+    """``(policy, what)`` of an ``adstat`` hash key; None for any other key (and for the log)."""
+    head, sep, rest = key.partition(":")
+    if head != "adstat" or not sep:
+        return None
+    policy, sep, what = rest.rpartition(":")
+    return (policy, what) if sep and what in AD_COUNT_FIELDS else None
 
 
 def ad(ad_id: str) -> str:

@@ -308,6 +308,10 @@ class PartitionStore:
                 for f, n in incs.items():
                     if n:
                         pipe.hincrby(key, f, n)
+            deltas = ad_count_deltas(counters)
+            if deltas:  # the API follows the per-ad counts through this log instead of reading the hashes
+                pipe.xadd(keys.ADSTAT_LOG, {"d": orjson.dumps(deltas)}, approximate=True,
+                          minid=f"{int((time.time() - keys.ADSTAT_LOG_HORIZON_S) * 1000)}-0")
             if arms:
                 pipe.sadd("arms", *arms)
             if max_user_updates:
@@ -331,9 +335,58 @@ class PartitionStore:
 # --- counters for /lift and /metrics ------------------------------------------------
 
 
-def _ints(values: Sequence[bytes | None]) -> np.ndarray:
-    """Redis integer replies (None: absent, 0) as an int64 array."""
-    return np.array([int(v) if v else 0 for v in values], dtype=np.int64)
+def ad_count_deltas(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
+    """The per-ad increments among a batch's counters: policy → ad id → [clicks, labelled impressions]."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for key, incs in counters.items():
+        parsed = keys.parse_adstat(key)
+        if parsed is None:
+            continue
+        policy, what = parsed
+        i = keys.AD_COUNT_FIELDS.index(what)
+        arm = out.setdefault(policy, {})
+        for ad_id, n in incs.items():
+            if n:
+                arm.setdefault(ad_id, [0, 0])[i] += n
+    return {p: ads for p, ads in out.items() if ads}
+
+
+class AdCountLog:
+    """Read side of the per-ad counts: a consistent snapshot of the arms' hashes, then the workers' increments.
+
+    The snapshot and the id of the log's newest entry are read in one
+    transaction, so applying every later entry to the snapshot gives exactly the
+    hashes' state, without reading them again.
+    """
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+
+    async def snapshot(self, policies: Sequence[str]) -> tuple[dict[str, dict[str, list[int]]], bytes]:
+        """policy → ad id → [clicks, labelled impressions], and the log id the snapshot is current to."""
+        pipe = self.r.pipeline(transaction=True)
+        for p in policies:
+            for what in keys.AD_COUNT_FIELDS:
+                pipe.hgetall(keys.adstat(p, what))
+        pipe.xrevrange(keys.ADSTAT_LOG, count=1)
+        res = await pipe.execute()
+        out: dict[str, dict[str, list[int]]] = {}
+        for j, p in enumerate(policies):
+            arm = out.setdefault(p, {})
+            for i in range(len(keys.AD_COUNT_FIELDS)):
+                for ad_id, n in res[j * len(keys.AD_COUNT_FIELDS) + i].items():
+                    arm.setdefault(ad_id.decode(), [0, 0])[i] = int(n)
+        last = res[-1][0][0] if res[-1] else b"0-0"
+        return out, last
+
+    async def since(self, last_id: bytes, block_ms: int | None = None,
+                    count: int = 1000) -> tuple[list[dict[str, dict[str, list[int]]]], bytes]:
+        """The increments logged after ``last_id`` (waiting up to ``block_ms`` for one), and the newest id read."""
+        got = await self.r.xread({keys.ADSTAT_LOG: last_id}, count=count, block=block_ms)
+        if not got:
+            return [], last_id
+        entries = got[0][1]
+        return [orjson.loads(fields[b"d"]) for _, fields in entries], entries[-1][0]
 
 
 class Counters:
@@ -365,24 +418,6 @@ class Counters:
             out[a] = {"impressions": imps, "clicks": clicks}
         return out
 
-    async def ad_counts(self, policy: str, ad_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(clicks, labelled impressions) per ad in one arm, for the per-ad Beta posteriors."""
-        if not ad_ids:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hmget(keys.adstat(policy, "clicks"), ad_ids)
-        pipe.hmget(keys.adstat(policy, "labelled"), ad_ids)
-        clicks, labelled = await pipe.execute()
-        return _ints(clicks), _ints(labelled)
-
-    async def all_ad_counts(self, policy: str) -> dict[str, tuple[int, int]]:
-        """Every ad with counts in one arm: ad id → (clicks, labelled impressions)."""
-        out: dict[str, list[int]] = {}
-        for i, what in enumerate(("clicks", "labelled")):
-            async for ad_id, value in self.r.hscan_iter(keys.adstat(policy, what), count=10_000):
-                out.setdefault(ad_id.decode(), [0, 0])[i] = int(value)
-        return {a: (c, n) for a, (c, n) in out.items()}
-
     async def max_user_updates(self) -> int:
         """The most labelled impressions applied to any one user (for the DP accountant)."""
         return int(await self.r.zscore(keys.DP_MAX_UPDATES, "max") or 0)
@@ -396,13 +431,14 @@ class Counters:
 
 
 class WorkerRegistry:
-    """Heartbeats of the stream workers: when each was last alive and how many partitions it owns."""
+    """Heartbeats of the stream workers: when each was last alive, how many partitions it owns, its lag."""
 
     def __init__(self, r: aioredis.Redis) -> None:
         self.r = r
 
-    async def beat(self, worker_id: str, partitions: int, now: float) -> None:
-        await self.r.hset(keys.WORKERS, worker_id, orjson.dumps({"ts": now, "partitions": partitions}))
+    async def beat(self, worker_id: str, partitions: int, now: float, lag: dict[str, int] | None = None) -> None:
+        await self.r.hset(keys.WORKERS, worker_id, orjson.dumps({"ts": now, "partitions": partitions,
+                                                                 "lag": lag or {}}))
 
     async def alive(self, now: float, within_s: float = 5.0) -> dict[str, dict]:
         beats = {k.decode(): orjson.loads(v) for k, v in (await self.r.hgetall(keys.WORKERS)).items()}

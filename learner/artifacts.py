@@ -62,7 +62,7 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
         "index": {"type": catalog.index_type, "size": len(catalog), "ads": len(catalog.ad_ids),
                   "build_s": round(catalog.info.build_s, 3),
                   f"recall_at_{catalog.info.k}": round(catalog.info.recall_at_k, 4),
-                  "nlist": catalog.info.nlist, "nprobe": catalog.info.nprobe},
+                  "nlist": catalog.info.nlist, "nprobe": catalog.info.nprobe, "tuned_on": catalog.info.tuned_on},
         **info,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -123,6 +123,18 @@ async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.
     )
 
 
+def served_users(ex: Examples | None, d_user: int) -> np.ndarray | None:
+    """The posterior means retrieval will be queried with: the archive's distinct users, and the cold-start prior.
+
+    Returns
+    -------
+    ndarray, shape (m, d_user), or None without examples (the index then tunes on synthetic queries).
+    """
+    if ex is None:
+        return None
+    return np.vstack([np.unique(ex.users, axis=0), np.zeros((1, d_user), np.float32)])
+
+
 def holdout_scores(projector: Projector, ex: Examples, bias: float) -> Scores:
     """How well ``σ(u · p(ad) + b)`` under ``projector`` predicts the held-out clicks."""
     p = sigmoid((ex.users * projector.project(ex.ads)).sum(1) + bias)
@@ -253,7 +265,8 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         serving = await asyncio.to_thread(
             ServingCatalog.build, projector.d_user, [e.ad_id for e in entries], projector.project(emb_all),
             np.array([e.bid for e in entries], dtype=np.float32), np.array([e.active for e in entries], dtype=bool),
-            [e.category for e in entries], exact_below=settings.exact_index_below, seed=settings.seed)
+            [e.category for e in entries], exact_below=settings.exact_index_below, seed=settings.seed,
+            users=served_users(examples, settings.d_user))
         evaluation = {"projector": proj_eval, "ranker": rank_eval,
                       "click_recall_at_500": None if examples is None else click_recall(serving, split(examples)[1])}
         changed = [name for name, same in (("projector", parent and projector is served),

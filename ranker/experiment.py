@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 TREATMENT = "treatment"
 CONTROL = "control"
+ARMS = (TREATMENT, CONTROL)
 Z95 = 1.959963984540054
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from ranker.features import candidate_rows
 from ranker.model import RankerModel
 from ranker.scoring import ColdAds, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
 
@@ -98,7 +97,7 @@ def thompson_policy(
     bias: float | np.ndarray = params.bias
     dot_scale = 1.0
     if ranker is not None:
-        bias = ranker.candidate_logits(candidate_rows(mean, count, ads, bids, category_ids, context))
+        bias = ranker.request_logits(mean, count, ads, bids, category_ids, context)
         dot_scale = ranker.dot_weight
     cold = ColdAds(clicks, impressions, params.cold_strength, params.cold_threshold)
     shortlist = max(params.shortlist, 3 * k)

@@ -31,12 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from infra import keys
 from infra.kafka import QueuedProducer
 from infra.settings import Settings
-from infra.store import CatalogStore, Counters, ModelPointer, QualityBoard, UserStore
+from infra.store import AdCountLog, CatalogStore, Counters, ModelPointer, QualityBoard, UserStore, WorkerRegistry
 from learner.artifacts import ModelVersion, load_version, read_manifest
 from learner.projector import initial_projector
 from ranker import experiment, scoring
+from ranker.adcounts import AdCounts, RowCounts
 from ranker.features import context_ids
 from ranker.index import ServingCatalog
 from ranker.policy import ThompsonParams, counts_by_row, popularity_order, thompson_policy
@@ -94,6 +96,10 @@ class Recommender:
         self.pointer = ModelPointer(redis)
         self.counters = Counters(redis)
         self.quality_board = QualityBoard(redis)
+        self.workers = WorkerRegistry(redis)
+        self.ad_log = AdCountLog(redis)
+        self.ad_counts = AdCounts()  # the arms' per-ad counts, followed from the workers' log
+        self._row_counts: dict[tuple[int, str], RowCounts] = {}  # the same, by row of each served catalog
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
@@ -138,6 +144,7 @@ class Recommender:
         manifest = read_manifest(self.settings.models_dir, str(self.settings.control_version))
         pinned = await asyncio.to_thread(load_version, manifest)
         await self._catch_up([pinned], manifest.get("catalog_change", "0-0"), None)
+        self.row_counts(pinned.catalog, experiment.CONTROL)
         self.pinned = pinned
         log.info("control arm pinned to model %s", pinned.version)
 
@@ -149,7 +156,9 @@ class Recommender:
         change = await self._catch_up([loaded], manifest.get("catalog_change", "0-0"), None)
         if self.pinned is not None and change != self.change_id:  # bring the pinned catalog to the same point
             await self._catch_up([self.pinned], self.change_id, None)
+        self.row_counts(loaded.catalog, experiment.TREATMENT)  # aligned before the first request needs it
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
+        self._prune_row_counts()
         log.info("serving model %s (%d ads)", loaded.version, len(loaded.catalog))
 
     async def _refresh_popular(self) -> None:
@@ -157,10 +166,10 @@ class Recommender:
         if self.settings.control_policy != "popularity" or self.settings.control_share == 0:
             return
         cat = self.served.catalog
-        counts = await self.counters.all_ad_counts(experiment.CONTROL)
-        key = (id(cat), self.change_id, len(cat.ad_ids), hash(frozenset(counts.items())))
+        key = (id(cat), self.change_id, len(cat.ad_ids), self.ad_counts.version)
         if key == self._popular_key:
             return
+        counts = self.ad_counts.of_arm(experiment.CONTROL)
         n = len(cat.ad_ids)
         clicks, impressions = counts_by_row(counts, cat.row, n)
         rows, scores = await asyncio.to_thread(
@@ -187,6 +196,44 @@ class Recommender:
             except Exception:  # noqa: BLE001 - keep serving the current version
                 log.exception("following the catalog/model failed; retrying")
                 await asyncio.sleep(1.0)
+
+    async def follow_counts(self, block_ms: int = 1000) -> None:
+        """Run forever: keep ``ad_counts`` current from the workers' log (a fresh snapshot after any gap)."""
+        last: bytes | None = None
+        read_at = 0.0
+        while True:
+            try:
+                if last is None or time.monotonic() - read_at > keys.ADSTAT_LOG_HORIZON_S / 2:
+                    snapshot, last = await self.ad_log.snapshot(experiment.ARMS)
+                    self.ad_counts.reset(snapshot)
+                else:
+                    deltas, last = await self.ad_log.since(last, block_ms)
+                    for delta in deltas:
+                        self.ad_counts.apply(delta)
+                read_at = time.monotonic()
+                for rc in list(self._row_counts.values()):  # patched here, not on a request's path
+                    rc.sync(self.ad_counts)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep serving the counts we have; re-read them all when back
+                log.exception("following the per-ad counts failed; retrying")
+                last = None
+                await asyncio.sleep(1.0)
+
+    def row_counts(self, catalog: ServingCatalog, arm: str) -> RowCounts:
+        """One arm's per-ad counts aligned with ``catalog``'s rows, current to the followed log."""
+        key = (id(catalog), arm)
+        rc = self._row_counts.get(key)
+        if rc is None or rc.catalog is not catalog:
+            rc = self._row_counts[key] = RowCounts(catalog, arm)
+        if rc.version != self.ad_counts.version or rc.rows != len(catalog.ad_ids):
+            rc.sync(self.ad_counts)
+        return rc
+
+    def _prune_row_counts(self) -> None:
+        live = {id(v.catalog) for v in self._versions()}
+        for key in [k for k in self._row_counts if k[0] not in live]:
+            del self._row_counts[key]
 
     # --- requests -----------------------------------------------------------------
 
@@ -222,7 +269,7 @@ class Recommender:
             cand = cat.retrieve(mean, self.settings.candidates)
         if cand.size == 0:
             return cat, cand, _EMPTY
-        clicks, impressions = await self.counters.ad_counts(arm, cat.ids_of(cand))
+        clicks, impressions = self.row_counts(cat, arm).take(cand)
         ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
                                  context_ids(context), version.ranker, clicks, impressions, k, self.params, self.rng)
         return cat, cand, ranked
@@ -256,12 +303,12 @@ class Recommender:
                          context: dict[str, Any] | None, shown: list[ShownAd]) -> None:
         """Queue one impression per shown ad; never blocks (drops are counted by the producer)."""
         now = time.time()
-        self.producer.send_many(
-            (records.IMPRESSIONS, user_id, records.encode(records.Impression(
+        self.producer.send_batch(records.IMPRESSIONS, [
+            (user_id, records.encode(records.Impression(
                 event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
                 propensity=a.propensity, policy=policy, model_version=model_version,
                 request_id=request_id, context=context or None)))
-            for a in shown)
+            for a in shown])
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
         """Queue a click for ``privads.clicks``; returns its event id."""
@@ -295,6 +342,14 @@ class Recommender:
         stats = await self.counters.stats()
         return {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("processed:")}
 
+    async def consumer_lag(self) -> dict[str, int]:
+        """Records the live stream workers have not taken yet, per topic (from their heartbeats)."""
+        lag: dict[str, int] = {}
+        for beat in (await self.workers.alive(time.time())).values():
+            for topic, n in beat.get("lag", {}).items():
+                lag[topic] = lag.get(topic, 0) + int(n)
+        return lag
+
     async def quality(self) -> dict[str, Any]:
         """Rolling AUC / log-loss of served predictions against outcomes, and drift."""
         return await self.quality_board.read(time.time())
@@ -321,7 +376,8 @@ class Recommender:
                        "version": m.get("version"), "evaluation": m.get("evaluation", {}).get("ranker")},
             "index": {"type": v.catalog.index_type, "size": len(v.catalog), "ads": len(v.catalog.ad_ids),
                       "built_at": m.get("built_at"), "recall_at_500": v.catalog.info.recall_at_k,
-                      "nlist": v.catalog.info.nlist, "nprobe": v.catalog.info.nprobe},
+                      "nlist": v.catalog.info.nlist, "nprobe": v.catalog.info.nprobe,
+                      "tuned_on": v.catalog.info.tuned_on},
             "catalog_change": self.change_id,
             "arms": {"control_share": self.settings.control_share, "control_policy": self.settings.control_policy,
                      "control_version": self.pinned.version if self.pinned is not None else None},

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from infra import keys
 from infra.kafka import create_topics
+from infra.runtime import keep_freed_memory
 from infra.settings import Settings
 from infra.store import (
     CatalogStore,
@@ -419,6 +420,21 @@ class Listener(ConsumerRebalanceListener):
         log.info("owning partitions %s", sorted(parts))
 
 
+async def consumer_lag(consumer: AIOKafkaConsumer) -> dict[str, int]:
+    """Records of the assigned partitions not yet taken by this worker, per topic (high watermark − position)."""
+    lag = {t: 0 for t in records.CONSUMED_TOPICS}
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)  # from the last fetch response; None before the first
+        if high is None:
+            continue
+        try:
+            position = await asyncio.wait_for(consumer.position(tp), 1.0)
+        except (KafkaError, asyncio.TimeoutError, AssertionError):  # being reassigned or reset: next beat
+            continue
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
+    return lag
+
+
 def consumer_config(settings: Settings) -> dict:
     """aiokafka settings tuned so that group joins take seconds (see NOTES-infra)."""
     return dict(
@@ -461,6 +477,7 @@ async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKa
 
 async def run(settings: Settings) -> None:
     """The worker: event agent, catalog agent and timers, until SIGTERM/SIGINT."""
+    keep_freed_memory()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -501,7 +518,7 @@ async def run(settings: Settings) -> None:
         while not stop.is_set():
             try:
                 await ad_vectors.refresh()
-                await registry.beat(worker_id, len(agent.owned), time.time())
+                await registry.beat(worker_id, len(agent.owned), time.time(), await consumer_lag(consumer))
                 drifted, agent.new_drifts = agent.new_drifts > 0, 0
                 await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifted)
                 if time.monotonic() - last_archive > settings.archive_every_s:

@@ -44,7 +44,7 @@ def test_logistic_has_no_hidden_layers_and_dcn_has_cross_layers(traffic: ranking
     lr = ranking.export(ranking.fit(small, "logistic", epochs=1))
     dcn = ranking.export(ranking.fit(small, "dcn", epochs=1))
     assert lr.describe()["cross_layers"] == 0 and lr.describe()["hidden"] == []
-    assert dcn.describe()["cross_layers"] == 2 and dcn.describe()["hidden"] == [128, 64]
+    assert dcn.describe()["cross_layers"] == 2 and dcn.describe()["hidden"] == [64, 32]
 
 
 def test_two_seeded_fits_agree_and_other_seeds_differ(traffic: ranking.Labelled) -> None:

@@ -228,3 +228,33 @@ def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
     assert back.index.nprobe == cat.info.nprobe  # the tuned nprobe travels with the index file
     _add(back, ["a0"], [vecs[0]], bids=[1.0], active=[False])
     assert len(back) == 19_999 and 0 not in back.retrieve(vecs[0] * 3, 100).tolist()
+
+
+# nprobe is tuned on the queries that will be served when a sample of users is given
+def test_ivf_nprobe_is_tuned_on_served_users_when_given():
+    from ranker.index import build_index, fit_width, recall_at_k, user_queries
+    from ranker.scoring import retrieval_keys
+
+    rng = np.random.default_rng(8)
+    centres = rng.standard_normal((50, 16)).astype(np.float32)
+    vecs = centres[rng.integers(0, 50, 20_000)] + 0.3 * rng.standard_normal((20_000, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    bids = np.exp(rng.normal(0, 0.5, 20_000)).astype(np.float32)
+    keys = retrieval_keys(vecs, bids)
+    ids = np.arange(20_000, dtype=np.int64)
+    # young users: small vectors near a few interests (the bid matters as much as the match)
+    users = 0.4 * vecs[rng.integers(0, 20_000, 600)] + 0.05 * rng.standard_normal((600, 16)).astype(np.float32)
+    synthetic, s_info = build_index(keys, ids, exact_below=5_000, k=100)
+    served, u_info = build_index(keys, ids, exact_below=5_000, k=100, users=users)
+    assert s_info.tuned_on == "synthetic" and u_info.tuned_on == "users"
+    assert u_info.recall_at_k >= 0.95
+    # an independent check on users the builds never saw: these users are harder than the synthetic queries,
+    # so only the index tuned on them meets the target
+    exact, _ = build_index(fit_width(keys, served.d), ids, exact_below=10**9)
+    fresh = fit_width(user_queries(
+        0.4 * vecs[rng.integers(0, 20_000, 200)] + 0.05 * rng.standard_normal((200, 16)).astype(np.float32)), served.d)
+    assert recall_at_k(served, exact, fresh, 100) >= 0.95 > recall_at_k(synthetic, exact, fresh, 100)
+    assert u_info.nprobe > s_info.nprobe
+    # too few users to tune on: the synthetic queries decide
+    _, few = build_index(keys, ids, exact_below=5_000, k=100, users=users[:10])
+    assert few.tuned_on == "synthetic"

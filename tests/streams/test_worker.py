@@ -215,3 +215,19 @@ def test_archive_holds_every_impression_and_label_once(infra, catalog, rds: redi
     labs = archive.read_table(root, "labels").column("impression_id").to_pylist()
     assert len(imps) == len(set(imps)) and len(labs) == len(set(labs))
     assert set(labs) <= set(imps)
+
+
+def test_the_ad_count_log_adds_up_to_the_counts(infra, catalog, rds: redis.Redis) -> None:
+    """The API follows the per-ad counts through the log: every committed increment must be in it, once."""
+    from ranker.adcounts import AdCounts
+
+    counts = AdCounts()
+    for _, fields in rds.xrange(keys.ADSTAT_LOG):
+        counts.apply(json.loads(fields[b"d"]))
+    for policy in ("treatment", "control"):
+        want: dict[str, list[int]] = {}
+        for i, what in enumerate(keys.AD_COUNT_FIELDS):
+            for ad_id, n in rds.hgetall(keys.adstat(policy, what)).items():
+                want.setdefault(ad_id.decode(), [0, 0])[i] = int(n)
+        assert counts.of_arm(policy) == {a: tuple(v) for a, v in want.items()}
+    assert counts.of_arm("treatment"), "the module's traffic labelled no ad"
