@@ -116,8 +116,10 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         out = bench_serve(settings, ads=args.ads, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, api_workers=args.api_workers or settings.api_workers)
     else:
+        from infra.runtime import keep_freed_memory
         from learner.bench import bench_learn
 
+        keep_freed_memory()  # the ranker is timed in its serving form, under the API's allocator settings
         out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads, settings.d_user,
                           settings.seed, settings.update_params(), settings.prior_precision)
     print(json.dumps(out))

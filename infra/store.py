@@ -139,6 +139,11 @@ class UserStore:
     def __init__(self, r: aioredis.Redis) -> None:
         self.r = r
 
+    async def get(self, user_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """One user's (mean, precision, count), or None if the stream has not learned about them."""
+        blob = await self.r.get(keys.user(user_id))
+        return keys.unpack_user(blob) if blob else None
+
     async def get_many(self, user_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
         if not user_ids:
             return []

@@ -55,6 +55,9 @@ def _p99_ms(fn: object, runs: int) -> tuple[float, float]:
     return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)
 
 
+DCN_SIZES = ((32, (128, 64)), (16, (64, 32)), (8, (32, 16)), (4, (32,)))  # (cross rank, MLP widths)
+
+
 def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 20_000, ads: int = 5_000,
                  requests: int = 60_000, d: int = 64, epochs: int = 3, seed: int = 0,
                  kinds: tuple[str, ...] = ranking.KINDS) -> dict:
@@ -80,8 +83,8 @@ def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 2
                "train_examples_per_s": round(fitted.examples_per_s)}
         if kind in ("dcn", "logistic"):
             model = ranking.export(fitted)
-            row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(lambda m=model: m.candidate_logits(candidate_rows(
-                u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)), 2000)
+            row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(lambda m=model: m.request_logits(
+                u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx), 2000)
             row["served_form"] = "numpy"
         else:
             rows = candidate_rows(u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)
@@ -92,10 +95,19 @@ def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 2
             row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(run, 300)
             row["served_form"] = "torch"
         compared[kind] = row
+    sizes: dict[str, dict] = {}
+    for rank, hidden in DCN_SIZES:  # the served DCN's size was chosen on this trade-off
+        model = ranking.export(ranking.fit(train, "dcn", epochs=epochs, seed=seed, dcn_size=(rank, hidden)))
+        row = {"auc": round(auc(hold.clicked, model.click_logits(hold.rows)), 4),
+               "served": (rank, hidden) == (ranking.DCN_RANK, ranking.DCN_HIDDEN)}
+        row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(lambda m=model: m.request_logits(
+            u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx), 2000)
+        sizes[f"rank{rank}-mlp{'x'.join(map(str, hidden))}"] = row
     best = compared["dcn"]
     return {"ranker": "dcn", "ranker_auc": best["auc"], "baseline_auc": compared["logistic"]["auc"],
             "ranker_p99_ms_500": best["p99_ms_500"], "train_examples_per_s": best["train_examples_per_s"],
-            "ranker_train_rows": len(train), "ranker_holdout_rows": len(hold), "ranker_comparison": compared}
+            "ranker_train_rows": len(train), "ranker_holdout_rows": len(hold), "ranker_comparison": compared,
+            "dcn_sizes": sizes}
 
 
 def bench_learn(catalog: Path, backend: str, ads: int, d: int, seed: int, params: UpdateParams,

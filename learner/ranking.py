@@ -100,11 +100,15 @@ class CrossLayer(nn.Module):
         return x0 * self.u(self.v(x)) + x
 
 
+# The served DCN's size: on bench learn's simulated traffic rank 8 with an MLP of 32-16 scored the same AUC as
+# rank 32 with 128-64 (within 0.002; see ``dcn_sizes`` in BENCHMARKS.md) at under a third of the serving cost.
+DCN_RANK = 8
+DCN_HIDDEN = (32, 16)
+
+
 class DCN(_Base):
-    # rank 16 and an MLP of 64-32: on bench learn's simulated traffic this scored AUC 0.7318 against 0.7292
-    # for rank 32 and 128-64, at about half the serving cost (0.50 vs 0.91 ms for 500 candidates in numpy)
     def __init__(self, width: int, mean: np.ndarray, std: np.ndarray, *, emb: int = 8, cross: int = 2,
-                 rank: int = 16, hidden: tuple[int, ...] = (64, 32)) -> None:
+                 rank: int = DCN_RANK, hidden: tuple[int, ...] = DCN_HIDDEN) -> None:
         f0 = width + 2 * emb
         super().__init__(width, mean, std, emb, hidden[-1] if hidden else f0)
         self.cross = nn.ModuleList(CrossLayer(f0, rank) for _ in range(cross))
@@ -196,9 +200,11 @@ class MnsLsh(_Base):
         return z
 
 
-def make_module(kind: str, width: int, mean: np.ndarray, std: np.ndarray, seed: int) -> _Base:
+def make_module(kind: str, width: int, mean: np.ndarray, std: np.ndarray, seed: int,
+                dcn_size: tuple[int, tuple[int, ...]] | None = None) -> _Base:
     if kind == "dcn":
-        return DCN(width, mean, std)
+        rank, hidden = dcn_size or (DCN_RANK, DCN_HIDDEN)
+        return DCN(width, mean, std, rank=rank, hidden=hidden)
     if kind == "logistic":
         return DCN(width, mean, std, emb=1, cross=0, hidden=())
     if kind == "transformer":
@@ -234,7 +240,7 @@ LEARNING_RATES = {"dcn": 2e-3, "logistic": 1e-2, "transformer": 2e-3, "mns-lsh":
 
 def fit(data: Labelled, kind: str = "dcn", *, epochs: int = 3, lr: float | None = None, batch_size: int = 1024,
         weight_decay: float = 1e-5, value_weight: float = 0.5, init: RankerModel | None = None,
-        min_steps: int = 400, seed: int = 0) -> Fitted:
+        min_steps: int = 400, seed: int = 0, dcn_size: tuple[int, tuple[int, ...]] | None = None) -> Fitted:
     """Train a ranker on labelled rows.
 
     Parameters
@@ -251,6 +257,8 @@ def fit(data: Labelled, kind: str = "dcn", *, epochs: int = 3, lr: float | None 
         Small datasets get more epochs, so that every model takes at least this many steps.
     seed : int
         Seeds initialisation and shuffling; two runs with the same seed agree.
+    dcn_size : (rank, hidden), optional
+        Another size for a ``dcn`` than the served one (``DCN_RANK``, ``DCN_HIDDEN``), for comparisons.
 
     Returns
     -------
@@ -266,7 +274,7 @@ def fit(data: Labelled, kind: str = "dcn", *, epochs: int = 3, lr: float | None 
     std = np.maximum(dense.std(0), 1e-3).astype(np.float32)
     if init is not None and init.kind == kind and init.mean.shape == mean.shape:
         mean, std = init.mean, init.std
-    module = make_module(kind, dense.shape[1], mean, std, seed)
+    module = make_module(kind, dense.shape[1], mean, std, seed, dcn_size)
     if init is not None and init.kind == kind:
         _load_numpy(module, init)
     tensors = _tensors(data.rows)
@@ -330,7 +338,8 @@ def _load_numpy(module: _Base, model: RankerModel) -> None:
     """Copy a served model's weights into a fresh module of the same shape (the warm start)."""
     if not isinstance(module, DCN) or len(module.cross) != len(model.cross_u) or \
             len(module.hidden) != len(model.hidden_w) or \
-            any(h.weight.shape[::-1] != w.shape for h, w in zip(module.hidden, model.hidden_w)):
+            any(h.weight.shape[::-1] != w.shape for h, w in zip(module.hidden, model.hidden_w)) or \
+            any(c.v.weight.shape[::-1] != u.shape for c, u in zip(module.cross, model.cross_u)):
         return  # a different architecture: train from scratch
     t = torch.from_numpy
     with torch.no_grad():

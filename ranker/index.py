@@ -179,6 +179,7 @@ class ServingCatalog:
         self.category_ids = np.zeros(0, dtype=np.int64)  # ranker feature of ``categories``
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
         self.info = info or IndexInfo("Flat", 0, 0.0, 1.0, 500)
+        self.mutations = 0  # bumped by every upsert: what was computed from the catalog before is stale
 
     @property
     def index_type(self) -> str:
@@ -228,6 +229,7 @@ class ServingCatalog:
         active : ndarray of bool, shape (n,)
         categories : list of str or None, length n
         """
+        self.mutations += 1
         last = {a: i for i, a in enumerate(ad_ids)}  # an id twice in one batch: the last one wins
         if len(last) < len(ad_ids):
             keep = sorted(last.values())

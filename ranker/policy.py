@@ -66,6 +66,7 @@ def thompson_policy(
     k: int,
     params: ThompsonParams,
     rng: np.random.Generator,
+    logits: np.ndarray | None = None,
 ) -> Ranked:
     """Rank retrieved candidates for one request with Thompson sampling.
 
@@ -88,6 +89,8 @@ def thompson_policy(
     k : int
     params : ThompsonParams
     rng : numpy Generator
+    logits : ndarray, shape (C,), optional
+        ``candidate_logits`` of these inputs, when already computed (they are deterministic).
 
     Returns
     -------
@@ -97,7 +100,8 @@ def thompson_policy(
     bias: float | np.ndarray = params.bias
     dot_scale = 1.0
     if ranker is not None:
-        bias = ranker.request_logits(mean, count, ads, bids, category_ids, context)
+        bias = logits if logits is not None else candidate_logits(ranker, mean, count, ads, bids, category_ids,
+                                                                   context)
         dot_scale = ranker.dot_weight
     cold = ColdAds(clicks, impressions, params.cold_strength, params.cold_threshold)
     shortlist = max(params.shortlist, 3 * k)
@@ -114,6 +118,12 @@ def thompson_policy(
                       else keep[ranked.lists])
     return thompson_rank(mean, precision, ads, bids, k, bias=bias, draws=params.draws, scale=params.scale,
                          rng=rng, dot_scale=dot_scale, cold=cold)
+
+
+def candidate_logits(ranker: RankerModel, mean: np.ndarray, count: int, ads: np.ndarray, bids: np.ndarray,
+                     category_ids: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """The ranker's ``h(x)`` of each candidate at the posterior mean, shape (C,): the deterministic part."""
+    return ranker.request_logits(mean, count, ads, bids, category_ids, context)
 
 
 def _take(bias: float | np.ndarray, keep: np.ndarray) -> float | np.ndarray:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,15 +42,27 @@ from ranker import experiment, scoring
 from ranker.adcounts import AdCounts, RowCounts
 from ranker.features import context_ids
 from ranker.index import ServingCatalog
-from ranker.policy import ThompsonParams, counts_by_row, popularity_order, thompson_policy
+from ranker.policy import ThompsonParams, candidate_logits, counts_by_row, popularity_order, thompson_policy
 from ranker.policy import describe as describe_params
 from streams import records
 from streams.updates import dp_epsilon, logit
 
 log = logging.getLogger(__name__)
 
+PRIOR_CACHE = 64  # cold-start candidate sets kept (one per model version, catalog state and request context)
 POPULAR_KEPT = 256  # the popularity control keeps this many ranked ads (k ≤ 100, plus room for deactivations)
 _EMPTY = scoring.Ranked(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """A request's retrieved candidates (catalog rows) with their features and the ranker's logits."""
+
+    rows: np.ndarray
+    ads: np.ndarray
+    bids: np.ndarray
+    categories: np.ndarray
+    logits: np.ndarray | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,7 @@ class Recommender:
         self.ad_log = AdCountLog(redis)
         self.ad_counts = AdCounts()  # the arms' per-ad counts, followed from the workers' log
         self._row_counts: dict[tuple[int, str], RowCounts] = {}  # the same, by row of each served catalog
+        self._prior_candidates: OrderedDict[tuple, Candidates] = OrderedDict()
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
@@ -159,6 +173,7 @@ class Recommender:
         self.row_counts(loaded.catalog, experiment.TREATMENT)  # aligned before the first request needs it
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
         self._prune_row_counts()
+        self._prior_candidates.clear()
         log.info("serving model %s (%d ads)", loaded.version, len(loaded.catalog))
 
     async def _refresh_popular(self) -> None:
@@ -251,8 +266,8 @@ class Recommender:
             cat, rows, ranked = self._popularity(version, k)
         else:
             cat, rows, ranked = self._random(version, k)
-        request_id = records.new_event_id()
-        shown = [ShownAd(ad_id, pos, score, prop, records.new_event_id()) for pos, (ad_id, score, prop) in enumerate(
+        request_id, *impression_ids = records.new_event_ids(1 + ranked.index.size)
+        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos]) for pos, (ad_id, score, prop) in enumerate(
             zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist()))]
         self._log_impressions(user_id, arm, version.version, request_id, context, shown)
         return Recommendation(request_id, arm, version.version, shown)
@@ -261,18 +276,35 @@ class Recommender:
                        context: dict[str, Any] | None) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
         cat = version.catalog
-        (state,) = await self.users.get_many([user_id])
-        mean, precision, count = state if state else (self.prior_mean, self.prior_precision, 0)
-        if len(cat) <= self.settings.candidates:
-            cand = cat.active_rows()
+        state = await self.users.get(user_id)
+        ctx = context_ids(context)
+        if state is None:
+            mean, precision, count = self.prior_mean, self.prior_precision, 0
+            # every unknown user shares the prior: retrieval and the ranker's scores are the same for all of them
+            key = (id(version), cat.mutations, ctx.tobytes())
+            cands = self._prior_candidates.get(key)
+            if cands is None:
+                cands = self._prior_candidates[key] = self._candidates(version, mean, count, ctx)
+                while len(self._prior_candidates) > PRIOR_CACHE:
+                    self._prior_candidates.popitem(last=False)
         else:
-            cand = cat.retrieve(mean, self.settings.candidates)
-        if cand.size == 0:
-            return cat, cand, _EMPTY
-        clicks, impressions = self.row_counts(cat, arm).take(cand)
-        ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
-                                 context_ids(context), version.ranker, clicks, impressions, k, self.params, self.rng)
-        return cat, cand, ranked
+            mean, precision, count = state
+            cands = self._candidates(version, mean, count, ctx)
+        if cands.rows.size == 0:
+            return cat, cands.rows, _EMPTY
+        clicks, impressions = self.row_counts(cat, arm).take(cands.rows)
+        ranked = thompson_policy(mean, precision, count, cands.ads, cands.bids, cands.categories, ctx,
+                                 version.ranker, clicks, impressions, k, self.params, self.rng, logits=cands.logits)
+        return cat, cands.rows, ranked
+
+    def _candidates(self, version: ModelVersion, mean: np.ndarray, count: int, ctx: np.ndarray) -> Candidates:
+        """The deterministic part of a request: retrieval with the posterior mean and the ranker's ``h(x)``."""
+        cat, n = version.catalog, self.settings.candidates
+        rows = cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
+        ads, bids, categories = cat.vectors[rows], cat.bids[rows], cat.category_ids[rows]
+        logits = None if version.ranker is None or rows.size == 0 else candidate_logits(
+            version.ranker, mean, count, ads, bids, categories, ctx)
+        return Candidates(rows, ads, bids, categories, logits)
 
     def _popularity(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """The popularity control: the arm's best ads by posterior-mean CTR × bid (deterministic)."""

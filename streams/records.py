@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -112,6 +113,17 @@ def new_event_id() -> str:
     """A globally unique event id (random UUID), never derived from a seeded generator:
     seeded ids would repeat across restarts and replicas, and dedupe would drop real events."""
     return str(uuid.uuid4())
+
+
+def new_event_ids(n: int) -> list[str]:
+    """``n`` ids like ``new_event_id``'s (RFC 4122 version-4 UUID strings) from one read of the OS's randomness."""
+    raw = bytearray(os.urandom(16 * n))
+    for i in range(6, 16 * n, 16):
+        raw[i] = (raw[i] & 0x0F) | 0x40  # version 4
+        raw[i + 2] = (raw[i + 2] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return [f"{h[j:j + 8]}-{h[j + 8:j + 12]}-{h[j + 12:j + 16]}-{h[j + 16:j + 20]}-{h[j + 20:j + 32]}"
+            for j in range(0, 32 * n, 32)]
 
 
 class InvalidEvent(ValueError):

@@ -44,7 +44,8 @@ def test_logistic_has_no_hidden_layers_and_dcn_has_cross_layers(traffic: ranking
     lr = ranking.export(ranking.fit(small, "logistic", epochs=1))
     dcn = ranking.export(ranking.fit(small, "dcn", epochs=1))
     assert lr.describe()["cross_layers"] == 0 and lr.describe()["hidden"] == []
-    assert dcn.describe()["cross_layers"] == 2 and dcn.describe()["hidden"] == [64, 32]
+    assert dcn.describe()["cross_layers"] == 2 and dcn.describe()["hidden"] == list(ranking.DCN_HIDDEN)
+    assert dcn.cross_u[0].shape[1] == ranking.DCN_RANK
 
 
 def test_two_seeded_fits_agree_and_other_seeds_differ(traffic: ranking.Labelled) -> None:
@@ -65,6 +66,14 @@ def test_warm_start_begins_from_the_served_weights(traffic: ranking.Labelled) ->
     rows = traffic.rows.take(np.arange(3000, 3500))
     copied = ranking.predict_logits(ranking.Fitted(module.eval(), "dcn", 0, 0.0), rows)
     np.testing.assert_allclose(copied, served.click_logits(rows), atol=1e-4)
+
+
+def test_a_served_ranker_of_another_size_is_not_warm_started_from(traffic: ranking.Labelled) -> None:
+    small = traffic.take(slice(0, 2000))
+    served = ranking.export(ranking.fit(small, "dcn", epochs=1, seed=0, dcn_size=(16, ranking.DCN_HIDDEN)))
+    assert served.cross_u[0].shape[1] == 16
+    fitted = ranking.export(ranking.fit(small, "dcn", epochs=1, seed=0, init=served))  # trains from scratch
+    assert fitted.cross_u[0].shape[1] == ranking.DCN_RANK
 
 
 def test_unknown_kind_is_rejected_by_name() -> None:

@@ -225,3 +225,14 @@ def test_decode_record_agrees_with_decode(payload):
         assert str(fast.value) == str(e)
     else:
         assert decode_record(IMPRESSIONS, payload) == slow
+
+
+def test_new_event_ids_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    ids = records.new_event_ids(500)
+    assert len(set(ids)) == 500
+    for s in ids:
+        u = uuid.UUID(s)
+        assert str(u) == s and u.version == 4 and u.variant == uuid.RFC_4122
+    assert records.new_event_ids(0) == []
