@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 import pytest
@@ -153,3 +154,33 @@ def test_recommendations_keep_answering_with_kafka_down_and_drops_are_counted(
             assert depth == 25 and dropped == 25
     finally:
         api.stop(20)
+
+
+def test_each_arm_learns_only_from_its_own_traffic(client: httpx.Client, rds: redis.Redis) -> None:
+    """The popularity control ranks by the control arm's own counts: treatment clicks must not move it."""
+
+    def arm_users(arm: str, n: int, tag: str) -> list[str]:
+        return [u for u in (f"{tag}-{i}" for i in range(2000)) if experiment.assign_arm(u, "privads-arm-v1", 0.5)
+                == arm][:n]
+
+    def control_list() -> list[str]:
+        return [a["ad_id"] for a in client.post("/recommend", json={"user_id": arm_users(
+            experiment.CONTROL, 1, "probe")[0], "k": 5}).json()["ads"]]
+
+    def click_target(users: list[str], target: str) -> None:
+        for u in users:
+            body = client.post("/recommend", json={"user_id": u, "k": 100}).json()  # every ad
+            shown = next(a for a in body["ads"] if a["ad_id"] == target)
+            r = client.post("/clicks", json={"impression_id": shown["impression_id"], "user_id": u,
+                                             "ad_id": target}, headers=AUTH)
+            assert r.status_code == 202
+
+    before = control_list()
+    target = next(a["ad_id"] for a in reversed(ADS) if a["ad_id"] not in before)
+    click_target(arm_users(experiment.TREATMENT, 12, "t-fan"), target)
+    wait_until(lambda: int(rds.hget("adstat:treatment:clicks", target) or 0) >= 12, 30, "the treatment clicks")
+    time.sleep(3)  # the API follows the counts within about a second and re-ranks the control every 0.5 s
+    assert control_list() == before and rds.hget("adstat:control:clicks", target) is None
+    # the same clicks from control users: now the control's own evidence puts the ad on top
+    click_target(arm_users(experiment.CONTROL, 12, "c-fan"), target)
+    assert wait_until(lambda: control_list()[0] == target, 30, "the control to rank the ad it saw clicked")
