@@ -2,16 +2,19 @@
 
 What runs: a tansu broker and a redis-server of its own; a model version with
 ``ads`` synthetic ads (clustered unit vectors, log-normal bids, 1,000
-categories) in the production index (IVF-Flat, nprobe tuned to recall@500 ≥
-0.95) and a DCN ranker trained on simulated traffic; warm users written to
+categories) in the production index (IVF-SQfp16, nprobe tuned to recall@500 ≥
+0.95 on a sample of the users it then serves, as the learner tunes it on the
+archive's) and a DCN ranker trained on simulated traffic; warm users written to
 Redis as the workers would. Then ``privads api`` (uvicorn, ``api_workers``
 processes) is started and loaded by ``infra.loadgen_http`` in a separate
-process: closed loop, ``concurrency`` requests in flight rotating over 32
+process: closed loop, ``concurrency`` requests in flight rotating over 128
 keep-alive connections (so that they spread over the API processes as many
-clients' would), 80% warm users
-and 20% never-seen ones, every request a full ``POST /recommend`` (k = 10) that
-logs its impressions to the broker. All candidates are cold ads (no counts),
-the most expensive case: every draw samples 500 Beta click rates.
+clients' would; the kernel hashes each connection to one process), 80% warm
+users and 20% never-seen ones, every request a full ``POST /recommend`` (k = 10)
+that logs its impressions to the broker. The arms are the defaults: 10% of users
+in the popularity control. All candidates are cold ads (no counts), the most
+expensive case: every Monte-Carlo draw samples a Beta click rate for each
+shortlisted candidate.
 
 The floor is the same framework (uvicorn + FastAPI + the same middleware)
 answering a constant ``/recommend``-sized body, under the same load.
@@ -48,6 +51,7 @@ from ranker.index import ServingCatalog
 from streams.updates import UpdateParams
 
 CATEGORIES = 1000
+CONNECTIONS = 128  # keep-alive connections of the load generator: many clients', spread over the API processes
 
 
 def _ranker(params: UpdateParams, prior_precision: float, d: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
@@ -144,7 +148,7 @@ def _load(port: int, pool_file: Path, concurrency: int, duration_s: float, warmu
     out = subprocess.run(
         [sys.executable, "-m", "infra.loadgen_http", "--host", "127.0.0.1", "--port", str(port), "--requests",
          str(pool_file), "--concurrency", str(concurrency), "--duration", str(duration_s), "--warmup",
-         str(warmup_s), "--connections", str(max(32, concurrency))],
+         str(warmup_s), "--connections", str(max(CONNECTIONS, concurrency))],
         capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -203,7 +207,9 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
             "p50_ms": loaded["p50_ms"], "p90_ms": loaded["p90_ms"], "p99_ms": loaded["p99_ms"],
             "max_ms": loaded["max_ms"], "qps": loaded["qps"], "requests": loaded["requests"],
             "errors": loaded["errors"], "floor_p50_ms": floor_load["p50_ms"], "floor_p99_ms": floor_load["p99_ms"],
-            "floor_qps": floor_load["qps"], "concurrency": concurrency, "api_workers": api_workers,
+            "floor_qps": floor_load["qps"], "concurrency": concurrency, "connections": loaded.get("connections"),
+            "api_workers": api_workers, "control_share": s.control_share, "control_policy": s.control_policy,
+            "tuned_on": manifest["index"].get("tuned_on"),
             "duration_s": duration_s, "client_cpu_ms_per_request": loaded.get("client_cpu_ms_per_request"),
             "impressions_queued_at_end": _metric(metrics, "privads_impression_queue_depth"),
             "impressions_dropped": _metric(metrics, "privads_impressions_dropped_total"),

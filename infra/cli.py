@@ -114,7 +114,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from api.bench import bench_serve
 
         out = bench_serve(settings, ads=args.ads, concurrency=args.concurrency, duration_s=args.duration,
-                          warmup_s=args.warmup, api_workers=args.api_workers or settings.api_workers)
+                          warmup_s=args.warmup, api_workers=args.api_workers)
     else:
         from infra.runtime import keep_freed_memory
         from learner.bench import bench_learn
@@ -158,10 +158,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
     b.add_argument("--ads", type=int, default=1_000_000, help="serve, learn: synthetic ads in the index")
-    b.add_argument("--concurrency", type=int, default=4, help="serve: connections of the load generator")
+    b.add_argument("--concurrency", type=int, default=2, help="serve: requests in flight (closed loop)")
     b.add_argument("--duration", type=float, default=30.0, help="serve: measured seconds per phase")
     b.add_argument("--warmup", type=float, default=5.0, help="serve: unmeasured seconds before each phase")
-    b.add_argument("--api-workers", type=int, default=None, help="serve: API processes (default PRIVADS_API_WORKERS)")
+    b.add_argument("--api-workers", type=int, default=2, help="serve: API processes on the port (one per core)")
     b.set_defaults(fn=cmd_bench)
     return p
 

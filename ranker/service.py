@@ -6,11 +6,14 @@ reference for its whole life) and the catalog change log (new or edited ads
 become recommendable without waiting for a learner cycle).
 
 A request: arm (salted hash of the user id) → the arm's policy. The learned
-policy reads the user's posterior from Redis (the population prior if
-unknown), retrieves candidates from the index with the posterior mean, reads
-the candidates' counts in the arm and ranks them with ``ranker.policy``. The
-impressions go to a bounded queue that a background thread produces to Kafka:
-the answer never waits for the broker.
+policy reads the user's posterior from Redis (one GET; the population prior if
+unknown), retrieves candidates from the index with the posterior mean, scores
+them with the ranker (both deterministic given the state, so computed once for
+all unknown users per model version, catalog state and context), takes the
+candidates' counts in the arm from memory (``ranker.adcounts``, followed from
+the workers' delta log within about a second) and ranks them with
+``ranker.policy``. The impressions go to librdkafka's bounded queue: the answer
+never waits for the broker.
 
 Feedback and arms: users are sticky to an arm, so a user vector only ever
 learns from its own arm's traffic, and per-ad counts (cold-ad Beta posteriors,
