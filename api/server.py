@@ -38,8 +38,9 @@ def tcp_listener(host: str, port: int, reuse_port: bool = False) -> socket.socke
 
 
 def _config(factory: str, host: str, port: int) -> uvicorn.Config:
+    # no access log and no X-Forwarded-* rewriting: the API binds to loopback or sits behind a proxy that logs
     return uvicorn.Config(factory, factory=True, host=host, port=port, log_level="warning",
-                          timeout_graceful_shutdown=5)
+                          timeout_graceful_shutdown=5, access_log=False, proxy_headers=False)
 
 
 def _worker(factory: str, host: str, port: int, env: dict[str, str]) -> None:
@@ -57,7 +58,8 @@ def serve(settings: Settings, host: str, port: int, factory: str = "api.main:cre
     if settings.api_workers == 1:
         module, name = factory.split(":")
         app = getattr(__import__(module, fromlist=[name]), name)(settings)
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, access_log=False,
+                    proxy_headers=False)
         return
     probe = tcp_listener(host, port, reuse_port=True)  # fail here, with the address, if the port is taken
     ctx = multiprocessing.get_context("spawn")

@@ -122,12 +122,15 @@ class RankerModel:
         f = 3 * d + 3
         user = user.astype(np.float32, copy=False)
         x0 = np.empty((c, f + 2 * e), dtype=np.float32)
-        # (u ⊙ p − m) / s = p ⊙ (u / s) − m / s
-        np.multiply(ads, user / std[:d], out=x0[:, :d])
-        x0[:, :d] -= mean[:d] / std[:d]
-        x0[:, d:2 * d] = (user - mean[d:2 * d]) / std[d:2 * d]
-        np.multiply(ads, 1.0 / std[2 * d:3 * d], out=x0[:, 2 * d:3 * d])
-        x0[:, 2 * d:3 * d] -= mean[2 * d:3 * d] / std[2 * d:3 * d]
+        # the blocks [u ⊙ p, u, p], standardised, are p ⊙ scale + shift with one (3, D) scale and shift:
+        # (u ⊙ p − m) / s = p ⊙ (u / s) − m / s,  (u − m) / s = p ⊙ 0 + (u − m) / s,  (p − m) / s = p ⊙ (1 / s) − m / s
+        inv = 1.0 / std[:3 * d].reshape(3, d)
+        scale = np.stack([user * inv[0], np.zeros(d, np.float32), inv[2]])
+        shift = -mean[:3 * d].reshape(3, d) * inv
+        shift[1] += user * inv[1]
+        blocks = x0[:, :3 * d].reshape(c, 3, d)
+        np.multiply(ads[:, None, :], scale, out=blocks)
+        blocks += shift
         x0[:, 3 * d] = (ads @ user - mean[3 * d]) / std[3 * d]
         x0[:, 3 * d + 1] = (np.log(np.maximum(bids, MIN_BID)) - mean[3 * d + 1]) / std[3 * d + 1]
         x0[:, 3 * d + 2] = (np.float32(np.log1p(max(count, 0))) - mean[3 * d + 2]) / std[3 * d + 2]

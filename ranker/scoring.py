@@ -91,7 +91,9 @@ def sample_users(
     ndarray, shape (draws, D), float32
     """
     noise = rng.standard_normal((draws, mean.shape[0]), dtype=np.float32)
-    return (mean[None, :] + scale * noise / np.sqrt(precision)[None, :]).astype(np.float32)
+    noise *= (scale / np.sqrt(precision)).astype(np.float32)
+    noise += mean.astype(np.float32, copy=False)
+    return noise
 
 
 def expected_value(users: np.ndarray, ads: np.ndarray, bids: np.ndarray, bias: float | np.ndarray,
@@ -142,6 +144,9 @@ def retrieval_query(user: np.ndarray, bid_weight: float = 1.0) -> np.ndarray:
     return np.append(user.astype(np.float32, copy=False), np.float32(bid_weight))
 
 
+SMALL_SORT = 128
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest entries of each row, best first.
 
@@ -154,6 +159,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     ndarray, shape (S, min(k, C))
     """
     k = min(k, scores.shape[1])
+    if scores.shape[1] <= SMALL_SORT:  # a full sort of short rows costs less than partition + sort + gathers
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)
@@ -177,11 +184,15 @@ def sample_cold_ctr(ctr: np.ndarray, cold: ColdAds, rng: np.random.Generator) ->
     cols = cold.columns()
     if cols.size == 0:
         return ctr
-    p = np.clip(ctr[:, cols], 1e-6, 1 - 1e-6)
-    c = cold.clicks[cols].astype(np.float64)
-    n = np.maximum(cold.impressions[cols].astype(np.float64), c)
+    every = cols.size == ctr.shape[1]  # all cold (a new catalog): no fancy indexing needed
+    p = np.clip(ctr if every else ctr[:, cols], 1e-6, 1 - 1e-6)
+    c = (cold.clicks if every else cold.clicks[cols]).astype(np.float64)
+    n = np.maximum((cold.impressions if every else cold.impressions[cols]).astype(np.float64), c)
+    theta = rng.beta(cold.strength * p + c, cold.strength * (1 - p) + (n - c))
+    if every:
+        return theta
     out = ctr.copy()
-    out[:, cols] = rng.beta(cold.strength * p + c, cold.strength * (1 - p) + (n - c))
+    out[:, cols] = theta
     return out
 
 
