@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     cold_ad_threshold: int = Field(100, ge=0, description="ads with fewer labelled impressions get Beta-sampled CTRs")
     cold_prior_strength: float = Field(20.0, gt=0, description="the model pCTR's weight, in impressions, in that Beta")
     popularity_refresh_s: float = Field(2.0, gt=0, description="how often the popularity control re-ranks")
+    candidate_cache: int = Field(4096, ge=0, description="requests' candidates and ranker scores kept for repeat "
+                                 "requests of users whose state has not moved (about 6 KB each; 0: off)")
     impression_queue: int = Field(100_000, ge=1, description="impressions held in memory while Kafka is away")
     api_key: SecretStr | None = Field(None, description="when set, write endpoints need it (X-API-Key)")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")

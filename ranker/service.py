@@ -52,19 +52,15 @@ from streams.updates import dp_epsilon, logit
 
 log = logging.getLogger(__name__)
 
-PRIOR_CACHE = 64  # cold-start candidate sets kept (one per model version, catalog state and request context)
 POPULAR_KEPT = 256  # the popularity control keeps this many ranked ads (k ≤ 100, plus room for deactivations)
 _EMPTY = scoring.Ranked(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 
 @dataclass(frozen=True, slots=True)
 class Candidates:
-    """A request's retrieved candidates (catalog rows) with their features and the ranker's logits."""
+    """A request's retrieved candidates (catalog rows) and the ranker's logits of them."""
 
     rows: np.ndarray
-    ads: np.ndarray
-    bids: np.ndarray
-    categories: np.ndarray
     logits: np.ndarray | None
 
 
@@ -116,7 +112,9 @@ class Recommender:
         self.ad_log = AdCountLog(redis)
         self.ad_counts = AdCounts()  # the arms' per-ad counts, followed from the workers' log
         self._row_counts: dict[tuple[int, str], RowCounts] = {}  # the same, by row of each served catalog
-        self._prior_candidates: OrderedDict[tuple, Candidates] = OrderedDict()
+        # retrieval and the ranker's h(x) are deterministic given (model, catalog state, user mean and count,
+        # context): kept for repeat requests of a user whose state has not moved, and shared by all unknown users
+        self._candidates_lru: OrderedDict[tuple, Candidates] = OrderedDict()
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
@@ -176,7 +174,7 @@ class Recommender:
         self.row_counts(loaded.catalog, experiment.TREATMENT)  # aligned before the first request needs it
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
         self._prune_row_counts()
-        self._prior_candidates.clear()
+        self._candidates_lru.clear()
         log.info("serving model %s (%d ads)", loaded.version, len(loaded.catalog))
 
     async def _refresh_popular(self) -> None:
@@ -280,34 +278,35 @@ class Recommender:
         """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
         cat = version.catalog
         state = await self.users.get(user_id)
+        mean, precision, count = state if state else (self.prior_mean, self.prior_precision, 0)
         ctx = context_ids(context)
-        if state is None:
-            mean, precision, count = self.prior_mean, self.prior_precision, 0
-            # every unknown user shares the prior: retrieval and the ranker's scores are the same for all of them
-            key = (id(version), cat.mutations, ctx.tobytes())
-            cands = self._prior_candidates.get(key)
-            if cands is None:
-                cands = self._prior_candidates[key] = self._candidates(version, mean, count, ctx)
-                while len(self._prior_candidates) > PRIOR_CACHE:
-                    self._prior_candidates.popitem(last=False)
-        else:
-            mean, precision, count = state
-            cands = self._candidates(version, mean, count, ctx)
-        if cands.rows.size == 0:
-            return cat, cands.rows, _EMPTY
-        clicks, impressions = self.row_counts(cat, arm).take(cands.rows)
-        ranked = thompson_policy(mean, precision, count, cands.ads, cands.bids, cands.categories, ctx,
-                                 version.ranker, clicks, impressions, k, self.params, self.rng, logits=cands.logits)
-        return cat, cands.rows, ranked
-
-    def _candidates(self, version: ModelVersion, mean: np.ndarray, count: int, ctx: np.ndarray) -> Candidates:
-        """The deterministic part of a request: retrieval with the posterior mean and the ranker's ``h(x)``."""
-        cat, n = version.catalog, self.settings.candidates
-        rows = cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
+        key = (id(version), cat.mutations, mean.tobytes(), count, ctx.tobytes())
+        cands = self._candidates_lru.get(key)
+        rows = cands.rows if cands is not None else self._retrieve(cat, mean)
+        if rows.size == 0:
+            return cat, rows, _EMPTY
         ads, bids, categories = cat.vectors[rows], cat.bids[rows], cat.category_ids[rows]
-        logits = None if version.ranker is None or rows.size == 0 else candidate_logits(
-            version.ranker, mean, count, ads, bids, categories, ctx)
-        return Candidates(rows, ads, bids, categories, logits)
+        if cands is None:
+            logits = None if version.ranker is None else candidate_logits(version.ranker, mean, count, ads, bids,
+                                                                         categories, ctx)
+            cands = self._remember(key, Candidates(rows, logits))
+        else:
+            self._candidates_lru.move_to_end(key)
+        clicks, impressions = self.row_counts(cat, arm).take(rows)
+        ranked = thompson_policy(mean, precision, count, ads, bids, categories, ctx, version.ranker, clicks,
+                                 impressions, k, self.params, self.rng, logits=cands.logits)
+        return cat, rows, ranked
+
+    def _retrieve(self, cat: ServingCatalog, mean: np.ndarray) -> np.ndarray:
+        n = self.settings.candidates
+        return cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
+
+    def _remember(self, key: tuple, cands: Candidates) -> Candidates:
+        if self.settings.candidate_cache:
+            self._candidates_lru[key] = cands
+            while len(self._candidates_lru) > self.settings.candidate_cache:
+                self._candidates_lru.popitem(last=False)
+        return cands
 
     def _popularity(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """The popularity control: the arm's best ads by posterior-mean CTR × bid (deterministic)."""

@@ -113,6 +113,8 @@ def test_malformed_json_and_bad_query_are_4xx(client: httpx.Client) -> None:
 
 
 def test_put_ad_becomes_recommendable(client: httpx.Client) -> None:
+    # asked before the ad exists: the candidates computed for this (unknown) user must not outlive the upsert
+    assert all(a["ad_id"] != "fresh-ad" for a in recommend(client, "fresh-ad-fan", k=31)["ads"])
     start = time.monotonic()
     r = client.put("/ads/fresh-ad", json={"text": "handmade ceramic pour-over coffee dripper, eco-friendly",
                                           "bid": 1.0, "category": "coffee & tea"})
