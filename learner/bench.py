@@ -14,7 +14,7 @@ from learner.encoder import AdEncoder
 from learner.evaluation import auc, log_loss
 from learner.synthetic import learned_users, logged_traffic, make_world
 from ranker.features import candidate_rows
-from ranker.index import build_index, probe_queries
+from ranker.index import build_index, fit_width, probe_queries
 from ranker.scoring import retrieval_keys
 from streams.updates import UpdateParams, sigmoid
 
@@ -34,7 +34,7 @@ def bench_index(ads: int, d: int, seed: int) -> dict:
     vectors, bids = synthetic_ads(ads, d, topics=max(10, ads // 500), seed=seed)
     keys = retrieval_keys(vectors, bids)
     index, info = build_index(keys, np.arange(ads, dtype=np.int64), k=500, seed=seed)
-    queries = probe_queries(keys, 300, np.random.default_rng(seed + 1))
+    queries = fit_width(probe_queries(keys, 300, np.random.default_rng(seed + 1)), index.d)  # the index's padding
     times = []
     for q in queries:
         start = time.perf_counter()
