@@ -14,10 +14,10 @@ from infra.processes import port_open
 from infra.settings import Settings
 
 
-def _running(settings: Settings, need_redis: bool = True) -> Settings:
+def _running(settings: Settings, need_redis: bool = True, need_kafka: bool = True) -> Settings:
     """Settings pointing at a running stack: the configured URLs, else the embedded defaults if up."""
     updates = {}
-    if not settings.kafka:
+    if need_kafka and not settings.kafka:
         if not port_open("127.0.0.1", settings.embedded_kafka_port):
             raise RuntimeError("PRIVADS_KAFKA is not set and no embedded broker is running (start `privads up`)")
         updates["kafka"] = f"127.0.0.1:{settings.embedded_kafka_port}"
@@ -80,7 +80,30 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from infra.produce import produce_file
 
     counts = produce_file(_running(settings, need_redis=False).kafka_servers, args.topic, args.file)
-    print(json.dumps({"topic": args.topic, "produced": counts.produced, "invalid": counts.invalid}))
+    out = {"topic": args.topic, "produced": counts.produced, "invalid": counts.invalid}
+    if counts.skipped:
+        out["skipped_not_clicked"] = counts.skipped
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
+    from learner.logs import settled_rows, write_rows
+
+    rows = settled_rows(settings.data, settings.attribution_window_s)
+    write_rows(rows, args.out)
+    print(json.dumps({"out": str(args.out), "rows": len(rows), "clicked": sum(r["clicked"] for r in rows)}))
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from learner.replay import parse_estimators, run
+
+    needs_redis = args.policy not in ("uniform", "popularity", "logged")
+    report = run(_running(settings, need_kafka=False) if needs_redis else settings, args.logs, args.policy,
+                 parse_estimators(args.estimators), args.format, ci=args.ci, n_bootstrap=args.bootstrap,
+                 seed=args.seed, draws=args.draws, reward=args.reward)
+    print(json.dumps(report))
     return 0
 
 
@@ -143,6 +166,21 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("topic")
     pr.add_argument("file", nargs="?", type=Path, default=None)
     pr.set_defaults(fn=cmd_produce)
+    ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
+    ex.add_argument("out", type=Path, help="OUT.jsonl or OUT.parquet")
+    ex.set_defaults(fn=cmd_export_logs)
+    rp = sub.add_parser("replay", help="offline evaluation of a policy on logged impressions (JSON report)")
+    rp.add_argument("logs", type=Path)
+    rp.add_argument("--policy", required=True, help="uniform | popularity | logged | current | a model version")
+    rp.add_argument("--estimators", default="replay,ips,snips,dm,dr")
+    rp.add_argument("--format", choices=["jsonl", "parquet", "obd"], default=None, help="default: by extension")
+    rp.add_argument("--ci", choices=["normal", "bootstrap"], default="normal",
+                    help="analytic (delta method) or percentile bootstrap intervals")
+    rp.add_argument("--bootstrap", type=int, default=500, help="resamples, with --ci bootstrap")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--draws", type=int, default=256, help="model policies: Monte-Carlo draws per request")
+    rp.add_argument("--reward", choices=["clicked", "value"], default="clicked")
+    rp.set_defaults(fn=cmd_replay)
     lf = sub.add_parser("lift", help="online CTR per arm and lift, as a table")
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
@@ -168,8 +206,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # the services log what they do; the one-shot commands print their result, and a failure as one line
+    quiet = args.command in ("produce", "replay", "export-logs", "lift", "topics")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss's loader reports, at INFO, every SIMD build it probes before the dynamic-dispatch one it loads
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if args.command not in ("up", "worker", "learner", "api"):  # those handle SIGTERM themselves
 
         def _terminate(*_: object) -> None:

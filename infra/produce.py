@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,13 +19,37 @@ KEY_FIELD = {records.IMPRESSIONS: "user_id", records.CLICKS: "user_id", records.
 class Counts:
     produced: int = 0
     invalid: int = 0
+    skipped: int = 0  # rows of an exported log that were not clicked (when producing clicks from it)
+
+
+def click_of_exported_row(line: str) -> str | None:
+    """The click event of one exported-log row (``privads export-logs``), or None if that impression was not clicked.
+
+    Its ``event_id`` is derived from the impression's, so producing the same
+    export twice is deduplicated like any repeated event. A line that is not an
+    exported row is returned unchanged.
+    """
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    if not isinstance(row, dict) or "clicked" not in row or "impression_id" in row:
+        return line
+    if not row["clicked"]:
+        return None
+    return json.dumps({"event_id": f"{row.get('event_id')}:click", "ts": row.get("click_ts") or row.get("ts"),
+                       "impression_id": row.get("event_id"), "user_id": row.get("user_id"),
+                       "ad_id": row.get("ad_id"), "value": row.get("value")}, separators=(",", ":"))
 
 
 def produce_lines(servers: str, topic: str, lines: Iterable[str], report: TextIO = sys.stderr) -> Counts:
     """Validate each line as a ``topic`` event and produce the valid ones, keyed per the contract.
 
     Invalid lines are reported with their line number and skipped; the raw line
-    (extra fields included) is what is produced.
+    (extra fields included) is what is produced. An exported log
+    (``privads export-logs``) can be produced as it is to both topics: as
+    impressions, its rows are impressions with extra fields; as clicks, each
+    clicked row becomes its click and the others are skipped (counted).
     """
     if topic not in KEY_FIELD:
         raise ValueError(f"topic must be one of {', '.join(KEY_FIELD)}; got {topic!r}")
@@ -35,6 +60,12 @@ def produce_lines(servers: str, topic: str, lines: Iterable[str], report: TextIO
             line = line.strip()
             if not line:
                 continue
+            if topic == records.CLICKS:
+                converted = click_of_exported_row(line)
+                if converted is None:
+                    counts.skipped += 1
+                    continue
+                line = converted
             payload = line.encode("utf-8")
             try:
                 decoded = records.decode(topic, payload)

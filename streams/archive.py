@@ -110,8 +110,9 @@ def drain(r: object, root: Path, partition: int, chunk: int = 500) -> int:
             return written
         first, last = entries[0][0].decode(), entries[-1][0].decode()
         written += write_chunk(root, partition, first.replace("-", "_"), entries)
-        # only now: everything up to `last` is on disk
-        r.xtrim(stream, minid=_after(last))  # type: ignore[attr-defined]
+        # only now: everything up to `last` is on disk. Exactly: an approximate (~) trim keeps whole stream nodes,
+        # whose entries the next drain would then write a second time under another file name
+        r.xtrim(stream, minid=_after(last), approximate=False)  # type: ignore[attr-defined]
         if len(entries) < chunk:
             return written
 

@@ -63,3 +63,15 @@ def click(imp: dict, *, event_id: str | None = None, value: float | None = None)
     if value is not None:
         out["value"] = value
     return out
+
+
+def obd_dir() -> Path | None:
+    """The Open Bandit Dataset sample shipped in the obp==0.4.1 wheel (located without importing obp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("obp")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        cand = Path(root) / "dataset" / "obd"
+        if (cand / "bts" / "all" / "all.csv").is_file():
+            return cand
+    return None

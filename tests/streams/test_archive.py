@@ -59,3 +59,18 @@ def test_a_crash_between_write_and_trim_does_not_duplicate(rds: redis.Redis, tmp
     assert sorted(r["event_id"] for r in rows) == sorted(i["event_id"] for i in imps)  # each exactly once
     files = list((tmp_path / "impressions").glob("hour=*/*.parquet"))
     assert len(files) == 1 and pq.read_table(files[0]).num_rows == 6
+
+
+def test_drains_of_more_entries_than_a_stream_node_write_each_row_once(rds: redis.Redis, tmp_path: Path) -> None:
+    # Redis keeps up to 100 entries per stream node: an approximate trim left a node's drained entries behind,
+    # and the next drain wrote them again under another file name
+    imps = [impression(f"n{i}", "a1", ts=T0 + i, event_id=f"n{i}") for i in range(700)]
+    for i in range(0, 350):
+        add_entry(rds, 7, [imps[i]], [])
+    archive.drain(rds, tmp_path, 7, chunk=120)
+    for i in range(350, 700):  # traffic after the first drains
+        add_entry(rds, 7, [imps[i]], [])
+    archive.drain(rds, tmp_path, 7, chunk=120)
+    ids = [r["event_id"] for r in archive.read_table(tmp_path, "impressions").to_pylist()]
+    assert len(ids) == 700 and sorted(ids) == sorted(i["event_id"] for i in imps)
+    assert rds.xlen(keys.archive(7)) == 0

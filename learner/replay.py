@@ -1,0 +1,167 @@
+"""``privads replay``: estimate a policy's CTR on logged impressions (I/O around ``learner.offline``).
+
+Policies:
+
+* ``uniform`` — every ad of the log's action set equally likely at each slot;
+* ``popularity`` — slot j shows the log's j-th best ad by click rate;
+* ``logged`` — the logging policy itself (IPS/SNIPS must give the on-policy CTR);
+* ``current`` — the served model version (the Redis pointer), evaluated through
+  the same retrieval, ranker and Thompson sampling code as ``/recommend``;
+* a model version: a directory ``…/models/<version>`` or its name in ``PRIVADS_DATA``.
+
+For the model policies each logged request is re-ranked with the user's
+posterior as it is in Redis *now* (the prior for unknown or erased users) and
+the arm's per-ad counts as they are now. Those states have learned from the
+very impressions being evaluated, so the estimate is optimistic for a policy
+that exploits them; this is stated in the report's notes. ``π_e(ad | slot)``
+is the share of ``draws`` Monte-Carlo lists that put the ad in that slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra.settings import Settings
+from infra.store import AdCountLog, ModelPointer, UserStore, connect
+from learner.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
+from learner.logs import LogError, Rows, format_of, read_logs
+from learner.offline import (
+    ESTIMATORS,
+    Log,
+    PolicyRows,
+    evaluate,
+    logged_policy,
+    policy_from_lists,
+    popularity_policy,
+    uniform_policy,
+)
+from ranker import experiment
+from ranker.adcounts import AdCounts, RowCounts
+from ranker.features import context_ids
+from ranker.policy import ThompsonParams, thompson_policy
+from streams.updates import logit
+
+SIMPLE_POLICIES = ("uniform", "popularity", "logged")
+
+
+def parse_estimators(text: str) -> tuple[str, ...]:
+    names = tuple(e.strip() for e in text.split(",") if e.strip())
+    unknown = [e for e in names if e not in ESTIMATORS]
+    if not names or unknown:
+        raise LogError(f"--estimators: unknown {unknown or text!r}; choose from {','.join(ESTIMATORS)}")
+    return names
+
+
+def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...], fmt: str | None = None, *,
+        ci: str = "normal", n_bootstrap: int = 500, seed: int = 0, draws: int = 256,
+        reward: str = "clicked") -> dict[str, Any]:
+    """The JSON report of ``privads replay``."""
+    rows = read_logs(logs, fmt)
+    log = rows.to_log(reward)
+    if policy in SIMPLE_POLICIES:
+        pol = {"uniform": lambda: uniform_policy(log, np.random.default_rng(seed)),
+               "popularity": lambda: popularity_policy(log), "logged": lambda: logged_policy(log)}[policy]()
+    else:
+        if rows.actions is not None:
+            raise LogError(f"--policy {policy}: a served model can only be replayed on PrivAds' own logs "
+                           "(jsonl/parquet from export-logs), whose ads it knows")
+        pol = asyncio.run(_model_policy(settings, policy, rows, log, seed=seed, draws=draws))
+    results = evaluate(pol, log, estimators, ci=ci, n_bootstrap=n_bootstrap, seed=seed)  # type: ignore[arg-type]
+    intervals = ("analytic: delta method; DM adds the reward model's influence, replay of clicks uses Wilson"
+                 if ci == "normal" else f"percentile bootstrap over rows, {n_bootstrap} resamples; DM and DR refit "
+                 "the reward model on each")
+    return {
+        "logs": str(logs), "format": fmt or format_of(logs), "policy": pol.name, "reward": reward,
+        "rows": len(log), "requests": int(len(np.unique(log.request))), "actions": len(log.actions),
+        "positions": log.positions, "logged_mean_reward": float(log.reward.mean()),
+        "propensities_logged": int((~np.isnan(log.pscore)).sum()), "intervals": intervals, "notes": pol.notes,
+        "estimators": {name: r.to_dict() for name, r in results.items()},
+    }
+
+
+def _manifest_for(settings: Settings, policy: str, current: dict | None) -> dict:
+    if policy == "current":
+        if current is None:
+            raise LogError("--policy current: no model version is served yet (run `privads train`)")
+        return current
+    path = Path(policy)
+    if (path / MANIFEST).is_file():
+        return read_manifest(path.parent, path.name)
+    try:
+        return read_manifest(settings.models_dir, policy)
+    except FileNotFoundError:
+        raise LogError(f"--policy: {policy!r} is neither uniform, popularity, logged, current, nor a model version "
+                       f"(directory, or name in {settings.models_dir})") from None
+
+
+async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *, seed: int,
+                        draws: int) -> PolicyRows:
+    r = connect(settings.redis_url)
+    try:
+        manifest = _manifest_for(settings, policy, await ModelPointer(r).get())
+        version = await asyncio.to_thread(load_version, manifest)
+        users = sorted(set(rows.user_id))
+        states = dict(zip(users, await UserStore(r).get_many(users)))
+        snapshot, _ = await AdCountLog(r).snapshot(experiment.ARMS)
+    finally:
+        await r.aclose()
+    counts = AdCounts()
+    counts.reset(snapshot)
+    return rerank(version, rows, log, states, counts, settings, seed=seed, draws=draws,
+                  name=f"model {version.version}" + (" (current)" if policy == "current" else ""))
+
+
+def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple | None], counts: AdCounts,
+           settings: Settings, *, seed: int, draws: int, name: str) -> PolicyRows:
+    """Monte-Carlo lists of ``version``'s Thompson policy for every logged request (the code of ``/recommend``)."""
+    cat = version.catalog
+    params = ThompsonParams(draws=draws, scale=settings.exploration, bias=logit(settings.base_rate),
+                            cold_threshold=settings.cold_ad_threshold, cold_strength=settings.cold_prior_strength,
+                            shortlist=settings.shortlist)
+    prior_mean = np.zeros(settings.d_user, np.float32)
+    prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
+    action_of = {a: i for i, a in enumerate(log.actions)}
+    rng = np.random.default_rng(seed)
+    first_row: dict[int, int] = {}
+    slots: dict[int, int] = {}
+    for i, (req, pos) in enumerate(zip(log.request.tolist(), log.position.tolist())):
+        first_row.setdefault(req, i)
+        slots[req] = max(slots.get(req, 0), pos + 1)
+    requests = np.array(sorted(first_row), dtype=np.int64)
+    lists, served = [], []
+    unknown = 0
+    row_counts = {arm: RowCounts(cat, arm) for arm in experiment.ARMS}
+    for rc in row_counts.values():
+        rc.sync(counts)
+    for req in requests.tolist():
+        i = first_row[req]
+        state = states.get(rows.user_id[i])
+        unknown += state is None
+        mean, precision, count = state if state else (prior_mean, prior_precision, 0)
+        n = settings.candidates
+        cand = cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
+        k = slots[req]
+        if cand.size == 0:
+            lists.append(np.full((draws, k), -1, np.int64))
+            served.append(np.full(k, -1, np.int64))
+            continue
+        arm = experiment.TREATMENT if rows.policy[i] != experiment.CONTROL else experiment.CONTROL
+        clicks, labelled = row_counts[arm].take(cand)
+        ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
+                                 context_ids(rows.context[i]), version.ranker, clicks, labelled, k, params, rng)
+        ids = np.array([action_of.get(a, -1) for a in cat.ids_of(cand[ranked.lists.ravel()])], dtype=np.int64)
+        mc = ids.reshape(ranked.lists.shape)
+        if mc.shape[1] < k:  # fewer candidates than slots: the missing slots are empty
+            mc = np.hstack([mc, np.full((mc.shape[0], k - mc.shape[1]), -1, np.int64)])
+        lists.append(mc)
+        served.append(mc[0])
+    notes = [f"re-ranked {len(requests)} logged requests with {draws} Monte-Carlo draws each "
+             f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})",
+             "user posteriors and per-ad counts are today's in Redis: they have learned from these very impressions, "
+             "so the estimate is optimistic for a policy that exploits them",
+             f"{unknown} requests' users have no state now (erased, or never labelled): scored from the prior"]
+    return policy_from_lists(name, log, requests, lists, served, notes)
