@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from api.deps import API_KEY_HEADER
 from api.metrics import ApiMetrics
 from api.middleware import ObserveAndLimit
-from api.routes import ads, clicks, health, lift, model, recommend, users
+from api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
 from infra.kafka import QueuedProducer
 from infra.runtime import keep_freed_memory
 from infra.settings import Settings
@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _backend_down)
     app.add_exception_handler(RedisTimeoutError, _backend_down)
-    for module in (recommend, clicks, ads, users, lift, model, health):
+    for module in (recommend, clicks, ads, users, lift, model, health, dashboard):
         app.include_router(module.router)
     if settings.cors_origins:  # off unless configured: the API is called by servers, not browsers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT",

@@ -341,13 +341,15 @@ class PartitionStore:
 
 
 def ad_count_deltas(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
-    """The per-ad increments among a batch's counters: policy → ad id → [clicks, labelled impressions]."""
+    """The per-ad increments among a batch's counters that the API follows: policy → ad id → [clicks, shown]."""
     out: dict[str, dict[str, list[int]]] = {}
     for key, incs in counters.items():
         parsed = keys.parse_adstat(key)
         if parsed is None:
             continue
         policy, what = parsed
+        if what not in keys.AD_COUNT_FIELDS:
+            continue
         i = keys.AD_COUNT_FIELDS.index(what)
         arm = out.setdefault(policy, {})
         for ad_id, n in incs.items():
@@ -368,7 +370,7 @@ class AdCountLog:
         self.r = r
 
     async def snapshot(self, policies: Sequence[str]) -> tuple[dict[str, dict[str, list[int]]], bytes]:
-        """policy → ad id → [clicks, labelled impressions], and the log id the snapshot is current to."""
+        """policy → ad id → [clicks, impressions shown], and the log id the snapshot is current to."""
         pipe = self.r.pipeline(transaction=True)
         for p in policies:
             for what in keys.AD_COUNT_FIELDS:
@@ -403,8 +405,16 @@ class Counters:
     async def stats(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in (await self.r.hgetall(keys.STATS)).items()}
 
-    async def arm_counts(self, window_s: float, now: float | None = None) -> dict[str, dict[str, int]]:
-        """Impressions and clicks per arm for impressions in the last ``window_s`` seconds."""
+    async def arm_series(self, window_s: float, now: float | None = None) -> tuple[list[float], dict[str, dict]]:
+        """Impressions and clicks per arm and per minute bucket, for impressions in the last ``window_s`` seconds.
+
+        Returns
+        -------
+        starts : list of float
+            Each bucket's start (Unix seconds), oldest first.
+        arms : dict
+            arm → {"impressions": [...], "clicks": [...]}, aligned with ``starts``.
+        """
         now = time.time() if now is None else now
         first, last = int(now - window_s) // keys.ARM_BUCKET_S, int(now) // keys.ARM_BUCKET_S
         arms = sorted(a.decode() for a in await self.r.smembers("arms"))
@@ -415,13 +425,15 @@ class Counters:
         res = iter(await pipe.execute())
         out = {}
         for a in arms:
-            imps = clicks = 0
-            for _ in range(first, last + 1):
-                h = next(res)
-                imps += int(h.get(b"impressions", 0))
-                clicks += int(h.get(b"clicks", 0))
-            out[a] = {"impressions": imps, "clicks": clicks}
-        return out
+            hs = [next(res) for _ in range(first, last + 1)]
+            out[a] = {"impressions": [int(h.get(b"impressions", 0)) for h in hs],
+                      "clicks": [int(h.get(b"clicks", 0)) for h in hs]}
+        return [float(b * keys.ARM_BUCKET_S) for b in range(first, last + 1)], out
+
+    async def arm_counts(self, window_s: float, now: float | None = None) -> dict[str, dict[str, int]]:
+        """Impressions and clicks per arm for impressions in the last ``window_s`` seconds."""
+        _, series = await self.arm_series(window_s, now)
+        return {a: {"impressions": sum(s["impressions"]), "clicks": sum(s["clicks"])} for a, s in series.items()}
 
     async def max_user_updates(self) -> int:
         """The most labelled impressions applied to any one user (for the DP accountant)."""

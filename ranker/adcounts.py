@@ -24,7 +24,7 @@ JOURNAL = 4096  # applied deltas remembered; a RowCounts further behind than thi
 
 
 class AdCounts:
-    """policy → ad id → (clicks, labelled impressions), with a journal of which ids changed."""
+    """policy → ad id → (clicks, impressions shown), with a journal of which ids changed."""
 
     def __init__(self) -> None:
         self._arms: dict[str, dict[str, tuple[int, int]]] = {}
@@ -33,14 +33,14 @@ class AdCounts:
         self._complete_after = 0  # the journal holds every change made after this version
 
     def reset(self, snapshot: Mapping[str, Mapping[str, Iterable[int]]]) -> None:
-        """Replace everything by a snapshot (policy → ad id → [clicks, labelled])."""
+        """Replace everything by a snapshot (policy → ad id → [clicks, shown])."""
         self._arms = {p: {a: (int(c), int(n)) for a, (c, n) in ads.items()} for p, ads in snapshot.items()}
         self.version += 1
         self._journal.clear()  # nothing before a reset can be patched from
         self._complete_after = self.version
 
     def apply(self, delta: Mapping[str, Mapping[str, Iterable[int]]]) -> None:
-        """Add one logged batch of increments (policy → ad id → [clicks, labelled])."""
+        """Add one logged batch of increments (policy → ad id → [clicks, shown])."""
         self.version += 1
         for policy, ads in delta.items():
             arm = self._arms.setdefault(policy, {})
@@ -89,7 +89,7 @@ class RowCounts:
         self.catalog = catalog
         self.policy = policy
         self.clicks = np.zeros(0, np.int64)
-        self.labelled = np.zeros(0, np.int64)
+        self.shown = np.zeros(0, np.int64)
         self.rows = 0
         self.version = -1
 
@@ -107,25 +107,25 @@ class RowCounts:
                 for ad_id in ids:
                     r = row.get(ad_id)
                     if r is not None and r < rows:
-                        self.clicks[r], self.labelled[r] = counts.get(policy, ad_id)
+                        self.clicks[r], self.shown[r] = counts.get(policy, ad_id)
             if n > rows:
                 self._grow(n)
                 for r in range(rows, n):  # ads added to the catalog since: usually without counts yet
                     c, m = counts.get(self.policy, self.catalog.ad_ids[r])
                     if c or m:
-                        self.clicks[r], self.labelled[r] = c, m
+                        self.clicks[r], self.shown[r] = c, m
         self.rows, self.version = n, counts.version
 
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Counts of catalog ``rows`` (shape (C,)): clicks and labelled impressions, int64."""
-        return self.clicks[rows], self.labelled[rows]
+        """Counts of catalog ``rows`` (shape (C,)): clicks and impressions shown, int64."""
+        return self.clicks[rows], self.shown[rows]
 
     def _grow(self, n: int) -> None:
         cap = self.clicks.shape[0]
         if n <= cap:
             return
         new = max(n, 2 * cap, 1024)
-        for name in ("clicks", "labelled"):
+        for name in ("clicks", "shown"):
             old = getattr(self, name)
             grown = np.zeros(new, np.int64)
             grown[:cap] = old
@@ -133,9 +133,9 @@ class RowCounts:
 
     def _rebuild(self, counts: AdCounts, n: int) -> None:
         self.clicks = np.zeros(max(n, 1024), np.int64)
-        self.labelled = np.zeros(max(n, 1024), np.int64)
+        self.shown = np.zeros(max(n, 1024), np.int64)
         row = self.catalog.row
         for ad_id, (c, m) in counts.of_arm(self.policy).items():
             r = row.get(ad_id)
             if r is not None and r < n:
-                self.clicks[r], self.labelled[r] = c, m
+                self.clicks[r], self.shown[r] = c, m

@@ -36,7 +36,7 @@ class ThompsonParams:
     bias : float
         Logit of the prior CTR, used when no ranker is served.
     cold_threshold : int
-        Ads with fewer labelled impressions in the arm get Beta-sampled CTRs.
+        Ads shown fewer times in the arm get Beta-sampled CTRs.
     cold_strength : float
         The model pCTR's weight in that Beta, in impressions.
     shortlist : int
@@ -160,7 +160,7 @@ def popularity_order(
 
 
 def counts_by_row(counts: dict[str, tuple[int, int]], row: dict[str, int], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter ``ad id → (clicks, labelled)`` onto catalog rows; unknown ids are ignored.
+    """Scatter ``ad id → (clicks, shown)`` onto catalog rows; unknown ids are ignored.
 
     Returns
     -------

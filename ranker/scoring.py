@@ -2,7 +2,7 @@
 
 The served list is the top-k of one posterior draw. A draw samples the user
 vector from its Gaussian posterior and, for *cold* ads (fewer than
-``ColdAds.threshold`` labelled impressions in this arm), the ad's click rate
+``ColdAds.threshold`` impressions shown in this arm), the ad's click rate
 from a Beta posterior centred on the model's pCTR. Propensities are estimated
 by Monte-Carlo: ``S`` joint draws, including the served one, each ranking the
 same candidate set; the propensity of the ad shown at position ``j`` is the
@@ -28,17 +28,17 @@ class ColdAds:
 
     A cold ad's click rate in draw ``s`` is ``θ ~ Beta(m·p + c, m·(1 − p) + n − c)``:
     the model's pCTR ``p`` for that draw is the prior mean, worth ``m`` pseudo
-    impressions, updated by the ad's own ``c`` clicks in ``n`` labelled
+    impressions, updated by the ad's own ``c`` clicks in ``n`` shown
     impressions. Ads with ``n ≥ threshold`` are scored by the model alone.
 
     Attributes
     ----------
     clicks, impressions : ndarray, shape (C,)
-        The ad's clicks and labelled impressions, aligned with the candidates.
+        The ad's clicks and impressions shown, aligned with the candidates.
     strength : float
         ``m``, the prior's weight in impressions.
     threshold : int
-        Ads with fewer labelled impressions than this are cold.
+        Ads shown fewer times than this are cold.
     """
 
     clicks: np.ndarray

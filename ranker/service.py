@@ -96,6 +96,8 @@ class LiftReport:
     lift: float | None = None
     lift_ci95: tuple[float, float] | None = None
     p_value: float | None = None
+    lift_ci95_sequential: tuple[float, float] | None = None
+    p_value_sequential: float | None = None
 
 
 class Recommender:
@@ -369,7 +371,29 @@ class Recommender:
         c = counts.get(experiment.CONTROL, {"impressions": 0, "clicks": 0})
         res = experiment.lift(t["clicks"], t["impressions"], c["clicks"], c["impressions"])
         report.lift, report.lift_ci95, report.p_value = res.lift, res.ci95, res.p_value
+        seq = experiment.sequential_lift(t["clicks"], t["impressions"], c["clicks"], c["impressions"])
+        report.lift_ci95_sequential, report.p_value_sequential = seq.ci95, seq.p_value
         return report
+
+    async def lift_series(self, window_s: float) -> dict[str, Any]:
+        """Per-minute CTR of each arm and the cumulative lift since the window's start, with both intervals."""
+        starts, arms = await self.counters.arm_series(window_s)
+        out: dict[str, Any] = {"window": window_s, "bucket_s": float(starts[1] - starts[0]) if len(starts) > 1
+                               else 60.0, "starts": starts, "arms": {}, "lift": [], "lift_ci95": [],
+                               "lift_ci95_sequential": []}
+        for arm, s in arms.items():
+            out["arms"][arm] = {"impressions": s["impressions"], "clicks": s["clicks"],
+                                "ctr": [c / n if n else None for c, n in zip(s["clicks"], s["impressions"])]}
+        empty = {"impressions": [0] * len(starts), "clicks": [0] * len(starts)}
+        t, c = arms.get(experiment.TREATMENT, empty), arms.get(experiment.CONTROL, empty)
+        # cumulative from the window's start: what the sequential interval assumes
+        cum = [np.cumsum(x).tolist() for x in (t["clicks"], t["impressions"], c["clicks"], c["impressions"])]
+        for ct, nt, cc, nc in zip(*cum):
+            fixed = experiment.lift(ct, nt, cc, nc)
+            out["lift"].append(fixed.lift)
+            out["lift_ci95"].append(fixed.ci95)
+            out["lift_ci95_sequential"].append(experiment.sequential_lift(ct, nt, cc, nc).ci95)
+        return out
 
     async def worker_counters(self) -> dict[str, int]:
         """Events processed per topic by the stream workers."""

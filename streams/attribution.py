@@ -164,6 +164,9 @@ def plan_batch(
         b = bucket_of(imp.ts, bucket_s)
         rec = Pending(user_id=imp.user_id, ad_id=imp.ad_id, policy=imp.policy, ts=imp.ts)
         plan.arm[(imp.policy, int(imp.ts) // arm_bucket_s, "impressions")] += 1
+        # shown at once: the cold-ad Beta counts an impression as a trial as soon as it is served, not when its
+        # window closes (half an hour of clicks without their negatives would make every clicked ad look perfect)
+        plan.ads[(imp.policy, imp.ad_id, "shown")] += 1
         plan.stats["impressions"] += 1
         plan.new_impressions.append(imp)
         early = seen.orphans.get(iid)

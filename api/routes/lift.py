@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.deps import RecommenderDep
 
@@ -23,8 +23,12 @@ class LiftOut(BaseModel):
     window: float
     arms: dict[str, ArmOut]
     lift: float | None
-    lift_ci95: tuple[float, float] | None
-    p_value: float | None
+    lift_ci95: tuple[float, float] | None = Field(description="delta-method interval: valid for one look")
+    p_value: float | None = Field(description="two-proportion z-test: valid for one look")
+    lift_ci95_sequential: tuple[float, float] | None = Field(
+        description="always-valid interval (mSPRT): stays valid however often it is looked at, for a window that "
+                    "starts with the experiment")
+    p_value_sequential: float | None = Field(description="always-valid p-value of no lift (mSPRT)")
 
 
 @router.get("/lift", response_model=LiftOut)
@@ -35,5 +39,31 @@ async def lift(
     """Online CTR per arm and the treatment's lift over control."""
     rep = await recommender.lift(window)
     return LiftOut(window=rep.window_s, lift=rep.lift, lift_ci95=rep.lift_ci95, p_value=rep.p_value,
+                   lift_ci95_sequential=rep.lift_ci95_sequential, p_value_sequential=rep.p_value_sequential,
                    arms={a: ArmOut(impressions=s.impressions, clicks=s.clicks, ctr=s.ctr, ci95=s.ci95)
                          for a, s in rep.arms.items()})
+
+
+class ArmSeries(BaseModel):
+    impressions: list[int]
+    clicks: list[int]
+    ctr: list[float | None]
+
+
+class LiftSeriesOut(BaseModel):
+    window: float
+    bucket_s: float
+    starts: list[float] = Field(description="each bucket's start, Unix seconds, oldest first")
+    arms: dict[str, ArmSeries]
+    lift: list[float | None] = Field(description="cumulative lift from the window's start to each bucket's end")
+    lift_ci95: list[tuple[float, float] | None]
+    lift_ci95_sequential: list[tuple[float, float] | None]
+
+
+@router.get("/lift/series", response_model=LiftSeriesOut)
+async def lift_series(
+    recommender: RecommenderDep,
+    window: Annotated[float, Query(gt=0, le=7 * 86400, allow_inf_nan=False, description="seconds")] = 3600.0,
+) -> LiftSeriesOut:
+    """Per-minute CTR of each arm and the cumulative lift with its intervals (what the dashboard draws)."""
+    return LiftSeriesOut(**await recommender.lift_series(window))

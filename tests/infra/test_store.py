@@ -21,9 +21,9 @@ pytestmark = pytest.mark.integration
 def test_ad_counts_snapshot_then_log_feed_the_beta_posterior(infra, rds: redis.Redis) -> None:
     rds.delete(keys.ADSTAT_LOG, *(keys.adstat(p, w) for p in ("treatment", "control") for w in keys.AD_COUNT_FIELDS))
     rds.hset(keys.adstat("treatment", "clicks"), mapping={"ad-1": 3})
-    rds.hset(keys.adstat("treatment", "labelled"), mapping={"ad-1": 10, "ad:2": 4})
+    rds.hset(keys.adstat("treatment", "shown"), mapping={"ad-1": 10, "ad:2": 4})
     rds.hset(keys.adstat("control", "clicks"), mapping={"ad-1": 1})
-    rds.hset(keys.adstat("control", "labelled"), mapping={"ad-1": 50})
+    rds.hset(keys.adstat("control", "shown"), mapping={"ad-1": 50})
     rds.xadd(keys.ADSTAT_LOG, {"d": json.dumps({"treatment": {"ad-1": [1, 1]}})})  # before the snapshot: in it
 
     async def read() -> tuple[AdCounts, list[dict]]:
@@ -55,7 +55,8 @@ def test_ad_counts_snapshot_then_log_feed_the_beta_posterior(infra, rds: redis.R
 
 
 def test_ad_count_deltas_keep_only_the_per_ad_counters() -> None:
-    counters = {keys.adstat("treatment", "clicks"): {"a": 2, "b": 0}, keys.adstat("treatment", "labelled"): {"a": 5},
-                keys.adstat("odd:arm", "labelled"): {"c": 1}, keys.STATS: {"processed:x": 9},
+    counters = {keys.adstat("treatment", "clicks"): {"a": 2, "b": 0}, keys.adstat("treatment", "shown"): {"a": 5},
+                keys.adstat("treatment", "labelled"): {"a": 4}, keys.adstat("odd:arm", "shown"): {"c": 1},
+                keys.STATS: {"processed:x": 9},
                 keys.arm("treatment", 7): {"clicks": 1}}
     assert ad_count_deltas(counters) == {"treatment": {"a": [2, 5]}, "odd:arm": {"c": [0, 1]}}

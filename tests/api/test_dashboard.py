@@ -1,0 +1,112 @@
+"""The dashboard in a real headless Chromium: its charts draw the API's numbers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from conftest import start_api, start_worker, wait_until
+from helpers import produce, sample_ads
+from infra.processes import free_port
+from infra.settings import Settings
+from ranker import experiment
+from streams import records
+
+pytestmark = pytest.mark.integration
+ADS = sample_ads(["insurance", "gaming"], per_category=6, bid=1.0)
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def settings(infra) -> Settings:
+    return Settings(kafka=infra.kafka, redis=infra.redis_url, data=infra.data, partitions=2, catalog=None, seed=9,
+                    api=f"http://127.0.0.1:{free_port()}", control_share=0.5, control_policy="random")
+
+
+@pytest.fixture(scope="module")
+def client(infra, settings: Settings, rds: redis.Redis):
+    worker = start_worker(settings, rds)
+    api = start_api(settings)
+    rng = np.random.default_rng(1)
+    sent = 0
+    with httpx.Client(base_url=settings.api, timeout=10) as c:
+        produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
+        wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
+        for u in range(80):
+            user = f"dash-{u}"
+            for _ in range(2):
+                for a in c.post("/recommend", json={"user_id": user, "k": 3}).json()["ads"]:
+                    arm_rate = 0.3 if experiment.assign_arm(user, settings.arm_salt, 0.5) == "treatment" else 0.15
+                    if rng.random() < arm_rate:
+                        c.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user,
+                                                "ad_id": a["ad_id"]})
+                        sent += 1
+
+        def both_arms() -> dict | None:
+            body = c.get("/lift").json()
+            arms = body["arms"]
+            ok = body["lift"] is not None and sum(a["clicks"] for a in arms.values()) == sent
+            return body if ok else None
+
+        wait_until(both_arms, 60, "every click counted, in both arms")
+        yield c
+    api.stop(20)
+    worker.stop(20)
+
+
+def render(url: str, profile: Path) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium (flags from NOTES: no background traffic)."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed for this test (make test installs it)"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=6000",
+                           "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def attr(dom: str, tag: str, ident: str, name: str) -> str:
+    m = re.search(rf'<{tag}[^>]*{ident}[^>]*>', dom)
+    assert m, f"no <{tag} {ident}> in the page"
+    v = re.search(rf'{name}="([^"]*)"', m.group(0))
+    assert v, f"<{tag} {ident}> has no {name}"
+    return v.group(1)
+
+
+def test_the_dashboard_draws_ctr_per_arm_and_the_lift_with_its_band(client: httpx.Client, settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    lift = client.get("/lift").json()
+    series = client.get("/lift/series").json()
+    assert set(series["arms"]) == set(experiment.ARMS) and len(series["starts"]) == len(series["lift"])
+    assert series["lift"][-1] == pytest.approx(lift["lift"])  # the cumulative lift ends where /lift is
+    dom = render(f"{settings.api}/dashboard", tmp_path / "profile")
+    assert int(attr(dom, "body", "data-refreshed", "data-refreshed")) >= 1
+    # the CTR chart has a line per arm with points, the lift chart its line and band
+    assert int(attr(dom, "svg", 'id="ctr-chart"', "data-points")) >= 2
+    for arm in experiment.ARMS:
+        assert int(attr(dom, "polyline", f'data-arm="{arm}"', "data-n")) >= 1
+        points = attr(dom, "polyline", f'data-arm="{arm}"', "points")
+        assert re.fullmatch(r"[\d.]+,[\d.]+( [\d.]+,[\d.]+)*", points)
+    assert int(attr(dom, "svg", 'id="lift-chart"', "data-points")) >= 1
+    assert int(attr(dom, "polygon", 'class="band"', "data-n")) >= 1
+    # the numbers it shows are the API's
+    assert float(attr(dom, "div", 'id="summary"', "data-lift")) == pytest.approx(lift["lift"], rel=1e-6)
+    for arm, a in lift["arms"].items():
+        row = re.search(rf'<tr data-arm="{arm}">(.*?)</tr>', dom)
+        assert row and f"<td>{a['impressions']}</td>" in row.group(1) and f"<td>{a['clicks']}</td>" in row.group(1)
+    status = re.search(r'<span id="status">([^<]*)</span>', dom)
+    assert status and status.group(1) == "" and "always-valid 95% [" in dom
+
+
+def test_lift_reports_the_always_valid_interval_beside_the_one_look_one(client: httpx.Client) -> None:
+    body = client.get("/lift", params={"window": 3600}).json()
+    lo, hi = body["lift_ci95"]
+    slo, shi = body["lift_ci95_sequential"]
+    assert slo < lo <= body["lift"] <= hi < shi and 0 <= body["p_value"] <= body["p_value_sequential"] <= 1
