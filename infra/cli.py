@@ -87,6 +87,16 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.simulate import run_simulation
+
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    out = asyncio.run(run_simulation(settings.api, args.users, args.ads, args.requests, seed=args.seed, k=args.k,
+                                     concurrency=args.concurrency, bid=args.bid, api_key=key))
+    print(json.dumps(out))
+    return 0
+
+
 def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
     from learner.logs import settled_rows, write_rows
 
@@ -166,6 +176,15 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("topic")
     pr.add_argument("file", nargs="?", type=Path, default=None)
     pr.set_defaults(fn=cmd_produce)
+    sm = sub.add_parser("simulate", help="a synthetic audience with a known click model against the running API")
+    sm.add_argument("--users", type=int, required=True)
+    sm.add_argument("--ads", type=int, required=True)
+    sm.add_argument("--requests", type=int, required=True)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--k", type=int, default=10, help="ads per request")
+    sm.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    sm.add_argument("--bid", type=float, default=1.0, help="the audience's ads' bid")
+    sm.set_defaults(fn=cmd_simulate)
     ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
     ex.add_argument("out", type=Path, help="OUT.jsonl or OUT.parquet")
     ex.set_defaults(fn=cmd_export_logs)
@@ -207,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # the services log what they do; the one-shot commands print their result, and a failure as one line
-    quiet = args.command in ("produce", "replay", "export-logs", "lift", "topics")
+    quiet = args.command in ("produce", "replay", "export-logs", "lift", "topics", "simulate")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # faiss's loader reports, at INFO, every SIMD build it probes before the dynamic-dispatch one it loads
