@@ -12,9 +12,8 @@ keep-alive connections (so that they spread over the API processes as many
 clients' would; the kernel hashes each connection to one process), 80% warm
 users and 20% never-seen ones, every request a full ``POST /recommend`` (k = 10)
 that logs its impressions to the broker. The arms are the defaults: 10% of users
-in the popularity control. All candidates are cold ads (no counts), the most
-expensive case: every Monte-Carlo draw samples a Beta click rate for each
-shortlisted candidate.
+in the popularity control. Every Monte-Carlo draw samples a Gamma calibration
+factor for each shortlisted candidate (as every request does).
 
 The floor is the same framework (uvicorn + FastAPI + the same middleware)
 answering a constant ``/recommend``-sized body, under the same load.

@@ -140,20 +140,27 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "stream":
         from streams.bench import bench_stream
 
-        out = bench_stream(settings, events=args.events, users=args.users, workers=args.workers,
+        out = bench_stream(settings, events=args.events, users=args.users or 100_000, workers=args.workers,
                            partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
                            window_s=args.window, catalog=args.catalog)
     elif args.what == "serve":
         from api.bench import bench_serve
 
-        out = bench_serve(settings, ads=args.ads, concurrency=args.concurrency, duration_s=args.duration,
+        out = bench_serve(settings, ads=args.ads or 1_000_000, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, api_workers=args.api_workers)
+    elif args.what == "policies":
+        from ranker.bench import bench_policies
+
+        names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
+        out = bench_policies(settings, users=args.users or 400, ads=args.ads or 200, requests=args.requests,
+                             seed=args.seed, policies=names, plot_path=args.plot)
     else:
         from infra.runtime import keep_freed_memory
         from learner.bench import bench_learn
 
         keep_freed_memory()  # the ranker is timed in its serving form, under the API's allocator settings
-        out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads, settings.d_user,
+        out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads or 1_000_000,
+                          settings.d_user,
                           settings.seed, settings.update_params(), settings.prior_precision)
     print(json.dumps(out))
     return 0
@@ -183,7 +190,9 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--k", type=int, default=10, help="ads per request")
     sm.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    sm.add_argument("--bid", type=float, default=1.0, help="the audience's ads' bid")
+    sm.add_argument("--bid", type=float, default=10.0,
+                    help="the audience's ads' bid; the default outbids the sample catalog (≤ 5.65), so that by "
+                    "expected value the audience's ads are the ones to show and the CTR oracle is the right yardstick")
     sm.set_defaults(fn=cmd_simulate)
     ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
     ex.add_argument("out", type=Path, help="OUT.jsonl or OUT.parquet")
@@ -204,9 +213,9 @@ def parser() -> argparse.ArgumentParser:
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
     b = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
-    b.add_argument("what", choices=["serve", "stream", "learn"])
+    b.add_argument("what", choices=["serve", "stream", "learn", "policies"])
     b.add_argument("--events", type=int, default=1_000_000)
-    b.add_argument("--users", type=int, default=100_000)
+    b.add_argument("--users", type=int, default=None, help="stream: 100000; policies: the audience's (400)")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--partitions", type=int, default=4)
     b.add_argument("--fresh-rate", type=float, default=10_000.0, help="events/s of the freshness phase")
@@ -214,7 +223,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
-    b.add_argument("--ads", type=int, default=1_000_000, help="serve, learn: synthetic ads in the index")
+    b.add_argument("--ads", type=int, default=None, help="serve, learn: synthetic ads in the index (1000000); "
+                   "policies: the audience's (200)")
+    b.add_argument("--requests", type=int, default=20_000, help="policies: requests served to each policy")
+    b.add_argument("--seed", type=int, default=0, help="policies: the audience's and every policy's seed")
+    b.add_argument("--policies", default=",".join(("privads", "random", "popularity", "river-thompson",
+                                                    "vowpalwabbit")), help="policies: which, comma-separated")
+    b.add_argument("--plot", type=Path, default=None, help="policies: write the efficiency curves to this PNG")
     b.add_argument("--concurrency", type=int, default=2, help="serve: requests in flight (closed loop)")
     b.add_argument("--duration", type=float, default=30.0, help="serve: measured seconds per phase")
     b.add_argument("--warmup", type=float, default=5.0, help="serve: unmeasured seconds before each phase")

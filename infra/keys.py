@@ -10,7 +10,7 @@
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
 | ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored | API |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
-| ``adstat:{policy}:{what}`` | hash ad id → clicks / shown / labelled, in one arm (Beta, popularity) | workers |
+| ``adstat:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
 | ``adstat:log`` | stream: the increments of ``adstat:*`` per committed batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
 | ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
 | ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
@@ -46,8 +46,11 @@ WORKERS = "workers"
 ARM_BUCKET_S = 60
 ADSTAT_LOG = "adstat:log"
 ADSTAT_LOG_HORIZON_S = 600  # a reader that fell further behind than this re-reads the hashes
-AD_COUNT_FIELDS = ("clicks", "shown")  # what the API follows per ad: the Beta's successes and trials
-ADSTAT_FIELDS = ("clicks", "labelled", "shown")
+# what the API follows per ad: clicks and shown (the popularity control's Beta), and the clicks the served model
+# predicted, in millionths so that Redis adds them exactly (the calibration factor's Gamma)
+AD_COUNT_FIELDS = ("clicks", "shown", "expected")
+ADSTAT_FIELDS = ("clicks", "labelled", "shown", "expected")
+EXPECTED_SCALE = 1_000_000
 
 
 def user(user_id: str) -> str:

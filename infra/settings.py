@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     seed: int = 0
 
     # online learning (per labelled impression)
-    learning_rate: float = Field(0.8, gt=0)
+    # 0.4: the best last-quarter efficiency of `privads bench policies` among 0.2-1.6 (BENCHMARKS.md)
+    learning_rate: float = Field(0.4, gt=0)
     max_step: float = Field(1.0, gt=0, description="clip on the norm of one update step")
     l2_prior: float = Field(0.01, ge=0, description="pull toward the population mean")
     prior_precision: float = Field(16.0, gt=0, description="initial diagonal precision")
@@ -67,8 +68,10 @@ class Settings(BaseSettings):
     control_version: str | None = Field(None, description="the model version the `pinned` control serves")
     arm_salt: str = Field("privads-arm-v1", min_length=1, description="salt of the user → arm hash")
     shortlist: int = Field(50, ge=1, le=10000, description="candidates in the Monte-Carlo (≥ 3k)")
-    cold_ad_threshold: int = Field(100, ge=0, description="ads with fewer labelled impressions get Beta-sampled CTRs")
-    cold_prior_strength: float = Field(20.0, gt=0, description="the model pCTR's weight, in impressions, in that Beta")
+    calibration_strength: float = Field(5.0, gt=0, description="prior weight, in clicks, of each ad's calibration "
+                                        "factor (its clicks over the clicks the served model predicted)")
+    popularity_prior_strength: float = Field(20.0, gt=0, description="the base rate's weight, in impressions, in "
+                                             "the popularity control's per-ad Beta")
     popularity_refresh_s: float = Field(2.0, gt=0, description="how often the popularity control re-ranks")
     candidate_cache: int = Field(4096, ge=0, description="requests' candidates and ranker scores kept for repeat "
                                  "requests of users whose state has not moved (about 6 KB each; 0: off)")

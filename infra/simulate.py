@@ -81,7 +81,7 @@ async def _wait_recommendable(c: httpx.AsyncClient, aud: Audience, timeout_s: fl
 
 
 async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed: int = 0, k: int = 10,
-                         concurrency: int = 8, bid: float = 1.0, api_key: str | None = None,
+                         concurrency: int = 8, bid: float = 10.0, api_key: str | None = None,
                          quarters: int = 4, ready_timeout_s: float = 300.0) -> dict[str, Any]:
     """Drive the API at ``api`` with a seeded audience; returns the report."""
     if requests < 1 or concurrency < 1 or not 1 <= k <= 100:

@@ -341,7 +341,10 @@ class PartitionStore:
 
 
 def ad_count_deltas(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
-    """The per-ad increments among a batch's counters that the API follows: policy → ad id → [clicks, shown]."""
+    """The per-ad increments among a batch's counters that the API follows.
+
+    Returns policy → ad id → [clicks, shown, µ-expected] (``keys.AD_COUNT_FIELDS``).
+    """
     out: dict[str, dict[str, list[int]]] = {}
     for key, incs in counters.items():
         parsed = keys.parse_adstat(key)
@@ -354,7 +357,7 @@ def ad_count_deltas(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, 
         arm = out.setdefault(policy, {})
         for ad_id, n in incs.items():
             if n:
-                arm.setdefault(ad_id, [0, 0])[i] += n
+                arm.setdefault(ad_id, [0] * len(keys.AD_COUNT_FIELDS))[i] += n
     return {p: ads for p, ads in out.items() if ads}
 
 
@@ -370,7 +373,7 @@ class AdCountLog:
         self.r = r
 
     async def snapshot(self, policies: Sequence[str]) -> tuple[dict[str, dict[str, list[int]]], bytes]:
-        """policy → ad id → [clicks, impressions shown], and the log id the snapshot is current to."""
+        """policy → ad id → [clicks, shown, µ-expected], and the log id the snapshot is current to."""
         pipe = self.r.pipeline(transaction=True)
         for p in policies:
             for what in keys.AD_COUNT_FIELDS:
@@ -382,7 +385,7 @@ class AdCountLog:
             arm = out.setdefault(p, {})
             for i in range(len(keys.AD_COUNT_FIELDS)):
                 for ad_id, n in res[j * len(keys.AD_COUNT_FIELDS) + i].items():
-                    arm.setdefault(ad_id.decode(), [0, 0])[i] = int(n)
+                    arm.setdefault(ad_id.decode(), [0] * len(keys.AD_COUNT_FIELDS))[i] = int(n)
         last = res[-1][0][0] if res[-1] else b"0-0"
         return out, last
 

@@ -120,8 +120,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     """Monte-Carlo lists of ``version``'s Thompson policy for every logged request (the code of ``/recommend``)."""
     cat = version.catalog
     params = ThompsonParams(draws=draws, scale=settings.exploration, bias=logit(settings.base_rate),
-                            cold_threshold=settings.cold_ad_threshold, cold_strength=settings.cold_prior_strength,
-                            shortlist=settings.shortlist)
+                            calibration_strength=settings.calibration_strength, shortlist=settings.shortlist)
     prior_mean = np.zeros(settings.d_user, np.float32)
     prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     action_of = {a: i for i, a in enumerate(log.actions)}
@@ -150,9 +149,9 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
             served.append(np.full(k, -1, np.int64))
             continue
         arm = experiment.TREATMENT if rows.policy[i] != experiment.CONTROL else experiment.CONTROL
-        clicks, labelled = row_counts[arm].take(cand)
+        clicks, _, expected = row_counts[arm].take(cand)
         ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
-                                 context_ids(rows.context[i]), version.ranker, clicks, labelled, k, params, rng)
+                                 context_ids(rows.context[i]), version.ranker, clicks, expected, k, params, rng)
         ids = np.array([action_of.get(a, -1) for a in cat.ids_of(cand[ranked.lists.ravel()])], dtype=np.int64)
         mc = ids.reshape(ranked.lists.shape)
         if mc.shape[1] < k:  # fewer candidates than slots: the missing slots are empty

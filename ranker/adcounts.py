@@ -3,8 +3,11 @@
 The stream workers own the counts (``adstat:*`` in Redis); the API keeps a copy,
 current to within the follower's polling interval (about a second), so that a
 request reads its 500 candidates' counts without a round trip. Staleness only
-delays how fast a cold ad's Beta posterior narrows; the propensities logged are
-those of the policy that ran, counts included.
+delays how fast an ad's calibration posterior narrows; the propensities logged
+are those of the policy that ran, counts included.
+
+Per ad and arm: clicks, impressions shown, and the clicks the served model
+predicted for them, in millionths (``keys.EXPECTED_SCALE``), all exact integers.
 
 ``AdCounts`` is keyed by ad id; a request indexes by catalog row, so each served
 catalog gets a ``RowCounts``: the same counts as arrays aligned with its rows,
@@ -19,39 +22,42 @@ from typing import Protocol
 
 import numpy as np
 
-_ZERO = (0, 0)
+from infra.keys import EXPECTED_SCALE
+
+_ZERO = (0, 0, 0)
 JOURNAL = 4096  # applied deltas remembered; a RowCounts further behind than this is rebuilt
 
 
 class AdCounts:
-    """policy → ad id → (clicks, impressions shown), with a journal of which ids changed."""
+    """policy → ad id → (clicks, shown, µ-expected), with a journal of which ids changed."""
 
     def __init__(self) -> None:
-        self._arms: dict[str, dict[str, tuple[int, int]]] = {}
+        self._arms: dict[str, dict[str, tuple[int, int, int]]] = {}
         self.version = 0  # bumped by every change
         self._journal: deque[tuple[int, str, tuple[str, ...]]] = deque(maxlen=JOURNAL)
         self._complete_after = 0  # the journal holds every change made after this version
 
     def reset(self, snapshot: Mapping[str, Mapping[str, Iterable[int]]]) -> None:
-        """Replace everything by a snapshot (policy → ad id → [clicks, shown])."""
-        self._arms = {p: {a: (int(c), int(n)) for a, (c, n) in ads.items()} for p, ads in snapshot.items()}
+        """Replace everything by a snapshot (policy → ad id → [clicks, shown, µ-expected])."""
+        self._arms = {p: {a: _triple(v) for a, v in ads.items()} for p, ads in snapshot.items()}
         self.version += 1
         self._journal.clear()  # nothing before a reset can be patched from
         self._complete_after = self.version
 
     def apply(self, delta: Mapping[str, Mapping[str, Iterable[int]]]) -> None:
-        """Add one logged batch of increments (policy → ad id → [clicks, shown])."""
+        """Add one logged batch of increments (policy → ad id → [clicks, shown, µ-expected])."""
         self.version += 1
         for policy, ads in delta.items():
             arm = self._arms.setdefault(policy, {})
-            for ad_id, (c, n) in ads.items():
-                old_c, old_n = arm.get(ad_id, _ZERO)
-                arm[ad_id] = (old_c + int(c), old_n + int(n))
+            for ad_id, v in ads.items():
+                c, n, e = _triple(v)
+                old_c, old_n, old_e = arm.get(ad_id, _ZERO)
+                arm[ad_id] = (old_c + c, old_n + n, old_e + e)
             if len(self._journal) == self._journal.maxlen:
                 self._complete_after = self._journal[0][0]  # about to be dropped
             self._journal.append((self.version, policy, tuple(ads)))
 
-    def get(self, policy: str, ad_id: str) -> tuple[int, int]:
+    def get(self, policy: str, ad_id: str) -> tuple[int, int, int]:
         return self._arms.get(policy, {}).get(ad_id, _ZERO)
 
     def changed_since(self, version: int) -> list[tuple[str, tuple[str, ...]]] | None:
@@ -62,7 +68,7 @@ class AdCounts:
             return None
         return [(policy, ids) for v, policy, ids in self._journal if v > version]
 
-    def of_arm(self, policy: str) -> dict[str, tuple[int, int]]:
+    def of_arm(self, policy: str) -> dict[str, tuple[int, int, int]]:
         """Every ad with counts in one arm (a copy)."""
         return dict(self._arms.get(policy, {}))
 
@@ -90,6 +96,7 @@ class RowCounts:
         self.policy = policy
         self.clicks = np.zeros(0, np.int64)
         self.shown = np.zeros(0, np.int64)
+        self.expected = np.zeros(0, np.float64)  # in clicks
         self.rows = 0
         self.version = -1
 
@@ -107,35 +114,46 @@ class RowCounts:
                 for ad_id in ids:
                     r = row.get(ad_id)
                     if r is not None and r < rows:
-                        self.clicks[r], self.shown[r] = counts.get(policy, ad_id)
+                        self._set(r, counts.get(policy, ad_id))
             if n > rows:
                 self._grow(n)
                 for r in range(rows, n):  # ads added to the catalog since: usually without counts yet
-                    c, m = counts.get(self.policy, self.catalog.ad_ids[r])
-                    if c or m:
-                        self.clicks[r], self.shown[r] = c, m
+                    got = counts.get(self.policy, self.catalog.ad_ids[r])
+                    if any(got):
+                        self._set(r, got)
         self.rows, self.version = n, counts.version
 
-    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Counts of catalog ``rows`` (shape (C,)): clicks and impressions shown, int64."""
-        return self.clicks[rows], self.shown[rows]
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Counts of catalog ``rows`` (shape (C,)): clicks and shown (int64), expected clicks (float64)."""
+        return self.clicks[rows], self.shown[rows], self.expected[rows]
+
+    def _set(self, r: int, counts: tuple[int, int, int]) -> None:
+        self.clicks[r], self.shown[r] = counts[0], counts[1]
+        self.expected[r] = counts[2] / EXPECTED_SCALE
 
     def _grow(self, n: int) -> None:
         cap = self.clicks.shape[0]
         if n <= cap:
             return
         new = max(n, 2 * cap, 1024)
-        for name in ("clicks", "shown"):
+        for name in ("clicks", "shown", "expected"):
             old = getattr(self, name)
-            grown = np.zeros(new, np.int64)
+            grown = np.zeros(new, old.dtype)
             grown[:cap] = old
             setattr(self, name, grown)
 
     def _rebuild(self, counts: AdCounts, n: int) -> None:
         self.clicks = np.zeros(max(n, 1024), np.int64)
         self.shown = np.zeros(max(n, 1024), np.int64)
+        self.expected = np.zeros(max(n, 1024), np.float64)
         row = self.catalog.row
-        for ad_id, (c, m) in counts.of_arm(self.policy).items():
+        for ad_id, got in counts.of_arm(self.policy).items():
             r = row.get(ad_id)
             if r is not None and r < n:
-                self.clicks[r], self.shown[r] = c, m
+                self._set(r, got)
+
+
+def _triple(v: Iterable[int]) -> tuple[int, int, int]:
+    """[clicks, shown] (a log written before the expected clicks were counted) or [clicks, shown, µ-expected]."""
+    t = tuple(int(x) for x in v)
+    return (t[0], t[1], t[2] if len(t) > 2 else 0)

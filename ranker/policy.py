@@ -4,9 +4,9 @@
 replay tools can call them on logged state the same way.
 
 - ``thompson_policy`` — the learned policy (treatment, or a pinned version):
-  one posterior draw of the user vector, the ranker's pCTR, Beta-sampled click
-  rates for cold ads, ranked by expected value ``pCTR × bid``; propensities by
-  Monte-Carlo over the same joint draws (``ranker.scoring``).
+  one posterior draw of the user vector, the ranker's pCTR for it times a drawn
+  per-ad calibration factor (``ranker.scoring.AdEvidence``), ranked by expected
+  value ``pCTR × bid``; propensities by Monte-Carlo over the same joint draws.
 - ``popularity_order`` — the non-personalised control: ads by their posterior
   mean CTR in the arm times the bid; deterministic, so propensity 1.
 - ``uniform_rank`` (in ``ranker.scoring``) — the random control.
@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ranker.model import RankerModel
-from ranker.scoring import ColdAds, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
+from ranker.scoring import AdEvidence, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
+from streams.updates import sigmoid
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +36,8 @@ class ThompsonParams:
         Exploration temperature on the user posterior.
     bias : float
         Logit of the prior CTR, used when no ranker is served.
-    cold_threshold : int
-        Ads shown fewer times in the arm get Beta-sampled CTRs.
-    cold_strength : float
-        The model pCTR's weight in that Beta, in impressions.
+    calibration_strength : float
+        The prior weight, in clicks, of each ad's calibration factor (``AdEvidence``).
     shortlist : int
         Candidates that enter the Monte-Carlo (at least 3k): the best by an upper
         confidence bound of their expected value (``ranker.scoring.optimistic_value``).
@@ -47,8 +46,7 @@ class ThompsonParams:
     draws: int = 64
     scale: float = 1.0
     bias: float = -2.944
-    cold_threshold: int = 100
-    cold_strength: float = 20.0
+    calibration_strength: float = 5.0
     shortlist: int = 50
 
 
@@ -62,7 +60,7 @@ def thompson_policy(
     context: list[int],
     ranker: RankerModel | None,
     clicks: np.ndarray,
-    impressions: np.ndarray,
+    expected: np.ndarray,
     k: int,
     params: ThompsonParams,
     rng: np.random.Generator,
@@ -84,8 +82,9 @@ def thompson_policy(
         Hashed request-context tokens (``ranker.features.context_ids``).
     ranker : RankerModel or None
         None: ``σ(u·p + bias)``, the stream's own model.
-    clicks, impressions : ndarray, shape (C,)
-        The candidates' counts in this arm (for the cold-ad Beta posteriors).
+    clicks, expected : ndarray, shape (C,)
+        The candidates' clicks in this arm and the clicks the served models predicted
+        for their impressions (``AdEvidence``).
     k : int
     params : ThompsonParams
     rng : numpy Generator
@@ -103,21 +102,26 @@ def thompson_policy(
         bias = logits if logits is not None else candidate_logits(ranker, mean, count, ads, bids, category_ids,
                                                                    context)
         dot_scale = ranker.dot_weight
-    cold = ColdAds(clicks, impressions, params.cold_strength, params.cold_threshold)
+    evidence = AdEvidence(clicks, expected, params.calibration_strength)
     shortlist = max(params.shortlist, 3 * k)
+    keep = None
     if ads.shape[0] > shortlist:
-        # Monte-Carlo over all 500 costs 500 Beta draws × S; an ad outside the top by optimistic value
+        # Monte-Carlo over all 500 costs 500 Gamma draws × S; an ad outside the top by optimistic value
         # almost never wins a draw, and the cut is a deterministic function of the state, so the
         # propensities stay those of the policy actually run
-        ucb = optimistic_value(mean, precision, ads, bids, bias, dot_scale=dot_scale, scale=params.scale, cold=cold)
+        ucb = optimistic_value(mean, precision, ads, bids, bias, dot_scale=dot_scale, scale=params.scale,
+                               evidence=evidence)
         keep = top_k(ucb[None, :], shortlist)[0]
-        ranked = thompson_rank(mean, precision, ads[keep], bids[keep], k, bias=_take(bias, keep), draws=params.draws,
-                               scale=params.scale, rng=rng, dot_scale=dot_scale,
-                               cold=ColdAds(clicks[keep], impressions[keep], cold.strength, cold.threshold))
-        return Ranked(keep[ranked.index], ranked.score, ranked.propensity, None if ranked.lists is None
-                      else keep[ranked.lists])
-    return thompson_rank(mean, precision, ads, bids, k, bias=bias, draws=params.draws, scale=params.scale,
-                         rng=rng, dot_scale=dot_scale, cold=cold)
+        ads, bias, evidence = ads[keep], _take(bias, keep), evidence.take(keep)
+        bids = bids[keep]
+    ranked = thompson_rank(mean, precision, ads, bids, k, bias=bias, draws=params.draws, scale=params.scale,
+                           rng=rng, dot_scale=dot_scale, evidence=evidence)
+    shown = ranked.index
+    pctr = sigmoid(dot_scale * (ads[shown] @ mean) + _take(bias, shown))
+    if keep is None:
+        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr)
+    return Ranked(keep[shown], ranked.score, ranked.propensity, None if ranked.lists is None
+                  else keep[ranked.lists], pctr)
 
 
 def candidate_logits(ranker: RankerModel, mean: np.ndarray, count: int, ads: np.ndarray, bids: np.ndarray,
@@ -159,15 +163,15 @@ def popularity_order(
     return best, scores[best]
 
 
-def counts_by_row(counts: dict[str, tuple[int, int]], row: dict[str, int], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter ``ad id → (clicks, shown)`` onto catalog rows; unknown ids are ignored.
+def counts_by_row(counts: dict[str, tuple[int, ...]], row: dict[str, int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter ``ad id → (clicks, shown, …)`` onto catalog rows; unknown ids are ignored.
 
     Returns
     -------
     clicks, impressions : ndarray of int, shape (n,)
     """
     clicks, impressions = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    for ad_id, (c, m) in counts.items():
+    for ad_id, (c, m, *_) in counts.items():
         r = row.get(ad_id)
         if r is not None and r < n:
             clicks[r], impressions[r] = c, m
@@ -176,6 +180,6 @@ def counts_by_row(counts: dict[str, tuple[int, int]], row: dict[str, int], n: in
 
 def describe(params: ThompsonParams) -> dict[str, Any]:
     """What ``/model`` shows of the exploration."""
-    return {"draws": params.draws, "scale": params.scale, "cold_ad_threshold": params.cold_threshold,
-            "cold_prior_strength": params.cold_strength, "shortlist": params.shortlist,
+    return {"draws": params.draws, "scale": params.scale, "calibration_strength": params.calibration_strength,
+            "shortlist": params.shortlist,
             "propensity_se_max": round(0.5 / np.sqrt(params.draws), 4)}

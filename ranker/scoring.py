@@ -1,16 +1,21 @@
 """Scoring, Thompson sampling and propensities: the pure maths (numpy only).
 
 The served list is the top-k of one posterior draw. A draw samples the user
-vector from its Gaussian posterior and, for *cold* ads (fewer than
-``ColdAds.threshold`` impressions shown in this arm), the ad's click rate
-from a Beta posterior centred on the model's pCTR. Propensities are estimated
-by Monte-Carlo: ``S`` joint draws, including the served one, each ranking the
-same candidate set; the propensity of the ad shown at position ``j`` is the
-share of draws that put that ad at ``j`` — one column of a per-request matrix
-whose columns each sum to 1 (``position_frequencies``). Because the served
-draw is one of the ``S``, every logged propensity is ≥ 1/S (no zero to divide
-by), its expectation is ``π + (1 − π)/S`` (an upward bias ≤ 1/S), and its
-standard error is ``sqrt(π(1 − π)/S)`` (≤ 0.0625 at S = 64).
+vector from its Gaussian posterior and each candidate's *calibration factor*
+(``AdEvidence``): how the ad's clicks in this arm compare with the clicks the
+served model expected of it, a Gamma posterior around 1. The drawn click rate
+is the model's pCTR for the drawn user times the drawn factor, so an ad that
+the model over-rates (it is shown and not clicked) sinks within seconds, long
+before its impressions' negatives are labelled, and a new ad is explored in
+proportion to its uncertainty, while the user's own taste still orders the
+ads. Propensities are estimated by Monte-Carlo: ``S`` joint draws, including
+the served one, each ranking the same candidate set; the propensity of the ad
+shown at position ``j`` is the share of draws that put that ad at ``j`` — one
+column of a per-request matrix whose columns each sum to 1
+(``position_frequencies``). Because the served draw is one of the ``S``, every
+logged propensity is ≥ 1/S (no zero to divide by), its expectation is
+``π + (1 − π)/S`` (an upward bias ≤ 1/S), and its standard error is
+``sqrt(π(1 − π)/S)`` (≤ 0.0625 at S = 64).
 """
 
 from __future__ import annotations
@@ -23,32 +28,51 @@ from streams.updates import ad_posterior, sigmoid
 
 
 @dataclass(frozen=True, slots=True)
-class ColdAds:
-    """Per-ad Beta posteriors for the candidates with little evidence of their own.
+class AdEvidence:
+    """Per-ad calibration of the served model from the ad's own clicks.
 
-    A cold ad's click rate in draw ``s`` is ``θ ~ Beta(m·p + c, m·(1 − p) + n − c)``:
-    the model's pCTR ``p`` for that draw is the prior mean, worth ``m`` pseudo
-    impressions, updated by the ad's own ``c`` clicks in ``n`` shown
-    impressions. Ads with ``n ≥ threshold`` are scored by the model alone.
+    If the model's predictions for an ad are off by a factor ``r`` (the ad is
+    better or worse than its text and the user vectors say), its clicks are
+    ``c ~ Poisson(r · e)`` where ``e`` is the sum of the pCTRs the model
+    predicted for its impressions. With the prior ``r ~ Gamma(a, a)`` (mean 1,
+    worth ``a`` clicks) the posterior is ``Gamma(a + c, a + e)``: conjugate,
+    current as soon as an impression is served (``e`` grows) or clicked (``c``
+    grows), with no wait for the attribution window to label negatives.
 
     Attributes
     ----------
-    clicks, impressions : ndarray, shape (C,)
-        The ad's clicks and impressions shown, aligned with the candidates.
+    clicks, expected : ndarray, shape (C,)
+        The ad's clicks in this arm, and the clicks its impressions were predicted
+        to get (``Σ pCTR``), aligned with the candidates.
     strength : float
-        ``m``, the prior's weight in impressions.
-    threshold : int
-        Ads shown fewer times than this are cold.
+        ``a``, the prior's weight in clicks.
     """
 
     clicks: np.ndarray
-    impressions: np.ndarray
-    strength: float = 20.0
-    threshold: int = 100
+    expected: np.ndarray
+    strength: float = 5.0
 
-    def columns(self) -> np.ndarray:
-        """Candidate positions of the cold ads, shape (C_cold,)."""
-        return np.flatnonzero(self.impressions < self.threshold)
+    def take(self, keep: np.ndarray) -> AdEvidence:
+        return AdEvidence(self.clicks[keep], self.expected[keep], self.strength)
+
+    def shape_rate(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Gamma posterior's shape and rate, shape (C,) each."""
+        return self.strength + self.clicks.astype(np.float64), self.strength + self.expected.astype(np.float64)
+
+    def mean(self) -> np.ndarray:
+        """Posterior mean of each ad's factor, shape (C,)."""
+        shape, rate = self.shape_rate()
+        return shape / rate
+
+    def upper(self, z: float) -> np.ndarray:
+        """Posterior mean plus ``z`` standard deviations, shape (C,)."""
+        shape, rate = self.shape_rate()
+        return (shape + z * np.sqrt(shape)) / rate
+
+    def sample(self, draws: int, rng: np.random.Generator) -> np.ndarray:
+        """Factors drawn from the posteriors, shape (draws, C)."""
+        shape, rate = self.shape_rate()
+        return rng.standard_gamma(shape, size=(draws, shape.shape[0])) / rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +89,16 @@ class Ranked:
         Probability this policy shows that ad at that position.
     lists : ndarray, shape (S, k), optional
         The Monte-Carlo lists the propensities were counted from (row 0 is served).
+    pctr : ndarray, shape (k,), optional
+        The model's pCTR of each shown ad at the user's posterior mean, before
+        calibration: what the ad's ``AdEvidence.expected`` accumulates.
     """
 
     index: np.ndarray
     score: np.ndarray
     propensity: np.ndarray
     lists: np.ndarray | None = None
+    pctr: np.ndarray | None = None
 
 
 def sample_users(
@@ -166,44 +194,31 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
-def sample_cold_ctr(ctr: np.ndarray, cold: ColdAds, rng: np.random.Generator) -> np.ndarray:
-    """Replace the cold candidates' click rates by draws from their Beta posteriors.
+def calibrated_ctr(ctr: np.ndarray, evidence: AdEvidence, rng: np.random.Generator) -> np.ndarray:
+    """The model's click rates times drawn calibration factors, capped at 1.
 
     Parameters
     ----------
     ctr : ndarray, shape (S, C)
         The model's pCTR per draw and candidate.
-    cold : ColdAds
+    evidence : AdEvidence
     rng : numpy Generator
 
     Returns
     -------
     ndarray, shape (S, C)
-        ``ctr`` with the cold columns resampled (a copy when any column is cold).
     """
-    cols = cold.columns()
-    if cols.size == 0:
-        return ctr
-    every = cols.size == ctr.shape[1]  # all cold (a new catalog): no fancy indexing needed
-    p = np.clip(ctr if every else ctr[:, cols], 1e-6, 1 - 1e-6)
-    c = (cold.clicks if every else cold.clicks[cols]).astype(np.float64)
-    n = np.maximum((cold.impressions if every else cold.impressions[cols]).astype(np.float64), c)
-    theta = rng.beta(cold.strength * p + c, cold.strength * (1 - p) + (n - c))
-    if every:
-        return theta
-    out = ctr.copy()
-    out[:, cols] = theta
-    return out
+    return np.minimum(ctr * evidence.sample(ctr.shape[0], rng), 1.0)
 
 
 def optimistic_value(mean: np.ndarray, precision: np.ndarray, ads: np.ndarray, bids: np.ndarray,
-                     bias: float | np.ndarray, *, dot_scale: float, scale: float, cold: ColdAds | None,
+                     bias: float | np.ndarray, *, dot_scale: float, scale: float, evidence: AdEvidence | None,
                      z: float = 2.0) -> np.ndarray:
     """An upper confidence bound of each candidate's expected value, for shortlisting.
 
     The logit's user term is taken ``z`` posterior standard deviations above its
-    mean (``u·p ~ N(μ·p, scale² Σ p²/q)``); a cold ad's click rate is its Beta
-    posterior mean plus ``z`` standard deviations (the pCTR above as prior mean).
+    mean (``u·p ~ N(μ·p, scale² Σ p²/q)``), and the ad's calibration factor ``z``
+    standard deviations above its posterior mean.
 
     Parameters
     ----------
@@ -212,7 +227,7 @@ def optimistic_value(mean: np.ndarray, precision: np.ndarray, ads: np.ndarray, b
     bids : ndarray, shape (C,)
     bias : float or ndarray, shape (C,)
     dot_scale, scale : float
-    cold : ColdAds or None
+    evidence : AdEvidence or None
     z : float
 
     Returns
@@ -221,16 +236,8 @@ def optimistic_value(mean: np.ndarray, precision: np.ndarray, ads: np.ndarray, b
     """
     sd = scale * np.sqrt((ads * ads) @ (1.0 / precision))
     ctr = sigmoid(dot_scale * (ads @ mean + z * sd) + bias)
-    if cold is not None:
-        cols = cold.columns()
-        if cols.size:
-            p = np.clip(ctr[cols], 1e-6, 1 - 1e-6)
-            c = cold.clicks[cols].astype(np.float64)
-            n = np.maximum(cold.impressions[cols].astype(np.float64), c)
-            a, b = cold.strength * p + c, cold.strength * (1 - p) + (n - c)
-            m = a / (a + b)
-            ctr = ctr.astype(np.float64, copy=True)
-            ctr[cols] = np.minimum(1.0, m + z * np.sqrt(m * (1 - m) / (a + b + 1)))
+    if evidence is not None:
+        ctr = np.minimum(ctr * evidence.upper(z), 1.0)
     return ctr * bids
 
 
@@ -267,7 +274,7 @@ def thompson_rank(
     scale: float,
     rng: np.random.Generator,
     dot_scale: float = 1.0,
-    cold: ColdAds | None = None,
+    evidence: AdEvidence | None = None,
 ) -> Ranked:
     """Rank candidates by a Thompson draw and estimate each shown ad's propensity.
 
@@ -289,8 +296,8 @@ def thompson_rank(
     rng : numpy Generator
     dot_scale : float
         The ranker's weight on ``u·p``.
-    cold : ColdAds, optional
-        Per-ad evidence; cold ads get Beta-sampled click rates in every draw.
+    evidence : AdEvidence, optional
+        Per-ad calibration; every draw samples each candidate's factor.
 
     Returns
     -------
@@ -298,8 +305,8 @@ def thompson_rank(
     """
     users = sample_users(mean, precision, draws, scale, rng)
     ctr = sigmoid(dot_scale * (users @ ads.T) + bias)
-    if cold is not None:
-        ctr = sample_cold_ctr(ctr, cold, rng)
+    if evidence is not None:
+        ctr = calibrated_ctr(ctr, evidence, rng)
     ev = ctr * bids[None, :]
     lists = top_k(ev, k)
     served = lists[0]

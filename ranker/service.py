@@ -16,7 +16,7 @@ the workers' delta log within about a second) and ranks them with
 never waits for the broker.
 
 Feedback and arms: users are sticky to an arm, so a user vector only ever
-learns from its own arm's traffic, and per-ad counts (cold-ad Beta posteriors,
+learns from its own arm's traffic, and per-ad counts (the calibration factors,
 popularity) are kept per arm. The periodic learner trains the projector and
 the ranker on the pooled logs of both arms: the treatment also learns from the
 control's (more exploratory) traffic. That is the bias this design accepts; the
@@ -71,6 +71,7 @@ class ShownAd:
     score: float
     propensity: float
     impression_id: str
+    pctr: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +121,8 @@ class Recommender:
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
-                                     bias=logit(settings.base_rate), cold_threshold=settings.cold_ad_threshold,
-                                     cold_strength=settings.cold_prior_strength, shortlist=settings.shortlist)
+                                     bias=logit(settings.base_rate),
+                                     calibration_strength=settings.calibration_strength, shortlist=settings.shortlist)
         # the population prior: the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
@@ -192,7 +193,7 @@ class Recommender:
         clicks, impressions = counts_by_row(counts, cat.row, n)
         rows, scores = await asyncio.to_thread(
             popularity_order, clicks, impressions, cat.bids[:n], cat.active[:n].copy(), self.settings.base_rate,
-            self.settings.cold_prior_strength, POPULAR_KEPT)
+            self.settings.popularity_prior_strength, POPULAR_KEPT)
         self.popular, self._popular_key = (cat, rows, scores), key
 
     async def follow(self, poll_s: float = 1.0) -> None:
@@ -270,8 +271,10 @@ class Recommender:
         else:
             cat, rows, ranked = self._random(version, k)
         request_id, *impression_ids = records.new_event_ids(1 + ranked.index.size)
-        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos]) for pos, (ad_id, score, prop) in enumerate(
-            zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist()))]
+        pctr = ranked.pctr.tolist() if ranked.pctr is not None else [None] * ranked.index.size
+        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p) for pos, (ad_id, score, prop, p) in
+                 enumerate(zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist(),
+                               pctr))]
         self._log_impressions(user_id, arm, version.version, request_id, context, shown)
         return Recommendation(request_id, arm, version.version, shown)
 
@@ -294,9 +297,9 @@ class Recommender:
             cands = self._remember(key, Candidates(rows, logits))
         else:
             self._candidates_lru.move_to_end(key)
-        clicks, impressions = self.row_counts(cat, arm).take(rows)
+        clicks, _, expected = self.row_counts(cat, arm).take(rows)
         ranked = thompson_policy(mean, precision, count, ads, bids, categories, ctx, version.ranker, clicks,
-                                 impressions, k, self.params, self.rng, logits=cands.logits)
+                                 expected, k, self.params, self.rng, logits=cands.logits)
         return cat, rows, ranked
 
     def _retrieve(self, cat: ServingCatalog, mean: np.ndarray) -> np.ndarray:
@@ -320,7 +323,7 @@ class Recommender:
             n = len(cat.ad_ids)
             zeros = np.zeros(n, np.int64)
             rows, scores = popularity_order(zeros, zeros, cat.bids[:n], cat.active[:n], self.settings.base_rate,
-                                            self.settings.cold_prior_strength, k)
+                                            self.settings.popularity_prior_strength, k)
         else:
             cat, rows, scores = popular
             still = cat.active[rows]  # deactivated since the last re-rank: skip
@@ -343,7 +346,7 @@ class Recommender:
             (user_id, records.encode(records.Impression(
                 event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
                 propensity=a.propensity, policy=policy, model_version=model_version,
-                request_id=request_id, context=context or None)))
+                request_id=request_id, context=context or None, pctr=a.pctr)))
             for a in shown])
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:

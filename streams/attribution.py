@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from infra.keys import EXPECTED_SCALE
 from streams.records import Click, Impression, Labelled, Pending
 
 
@@ -100,7 +101,7 @@ class Plan:
     labelled: list[Labelled] = field(default_factory=list)
     new_impressions: list[Impression] = field(default_factory=list)
     arm: Counter[tuple[str, int, str]] = field(default_factory=Counter)  # (policy, arm bucket, impressions|clicks)
-    ads: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (policy, ad_id, labelled|clicks)
+    ads: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (policy, ad_id, keys.ADSTAT_FIELDS)
     stats: Counter[str] = field(default_factory=Counter)
     closed_before: int = 0
     click_ts: list[float] = field(default_factory=list)  # produce time of each applied click (freshness)
@@ -118,6 +119,7 @@ def plan_batch(
     window_s: float,
     bucket_s: int,
     arm_bucket_s: int,
+    base_rate: float = 0.05,
 ) -> Plan:
     """Decide the writes for one partition's batch.
 
@@ -132,6 +134,8 @@ def plan_batch(
         Attribution window.
     bucket_s, arm_bucket_s : int
         Widths of the pending-impression buckets and of the /lift counters.
+    base_rate : float
+        The click probability expected of an impression logged without a ``pctr``.
 
     Returns
     -------
@@ -167,6 +171,8 @@ def plan_batch(
         # shown at once: the cold-ad Beta counts an impression as a trial as soon as it is served, not when its
         # window closes (half an hour of clicks without their negatives would make every clicked ad look perfect)
         plan.ads[(imp.policy, imp.ad_id, "shown")] += 1
+        expected = imp.pctr if imp.pctr is not None else base_rate
+        plan.ads[(imp.policy, imp.ad_id, "expected")] += round(expected * EXPECTED_SCALE)
         plan.stats["impressions"] += 1
         plan.new_impressions.append(imp)
         early = seen.orphans.get(iid)

@@ -63,6 +63,9 @@ class Impression(msgspec.Struct, kw_only=True):
     model_version: str | None = None
     request_id: NonEmpty
     context: dict[str, Any] | None = None
+    # an extension of the contract's fields (extra fields are allowed): the served model's click probability
+    # for this ad and user, before calibration; the ad's calibration factor compares its clicks with the sum
+    pctr: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
 
 
 class Click(msgspec.Struct, kw_only=True):

@@ -310,7 +310,8 @@ class EventAgent:
             if sweep:
                 seen.all_orphans = {k.decode(): records.unpack_click(v) for k, v in results[i].items()}
             plan = plan_batch(pb.impressions, pb.clicks, seen, now=now, window_s=self.window_s,
-                              bucket_s=self.bucket_s, arm_bucket_s=keys.ARM_BUCKET_S)
+                              bucket_s=self.bucket_s, arm_bucket_s=keys.ARM_BUCKET_S,
+                              base_rate=self.s.base_rate)
             plans[p] = plan
             horizon = bucket_of(now - self.retention_s, self.bucket_s)
             w = PartitionWrites(

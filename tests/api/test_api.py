@@ -57,6 +57,7 @@ def test_recommend_answers_per_contract_and_logs_impressions(infra, client: http
         imp = by_id[a["impression_id"]]
         assert (imp["ad_id"], imp["position"], imp["user_id"]) == (a["ad_id"], a["position"], "new-user-1")
         assert imp["propensity"] == pytest.approx(a["propensity"]) and imp["policy"] == "treatment"
+        assert 0 < imp["pctr"] < 1  # the served model's prediction, which the ad's calibration factor sums
         assert imp["context"] == {"page": "home"}
 
 

@@ -56,3 +56,20 @@ def test_commands_say_when_nothing_is_running(tmp_path) -> None:
     r = privads("train", env={"PRIVADS_KAFKA": "", "PRIVADS_REDIS": "", "PRIVADS_EMBEDDED_KAFKA_PORT": str(port)})
     assert r.returncode != 0
     assert "no embedded broker is running" in r.stderr.decode().strip()
+
+
+def test_bench_policies_prints_one_json_object_and_draws_the_plot(tmp_path) -> None:
+    plot = tmp_path / "policies.png"
+    env = {**os.environ, "PRIVADS_DATA": str(tmp_path / "data")}
+    proc = privads("bench", "policies", "--users", "30", "--ads", "30", "--requests", "600",
+                   "--policies", "privads,random,vowpalwabbit", "--plot", str(plot), env=env)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = json.loads(proc.stdout)
+    assert set(out["policies"]) == {"privads", "random", "vowpalwabbit"} and out["requests"] == 600
+    for r in out["policies"].values():
+        assert len(r["curve"]) == len(out["requests_at"]) and r["seconds"] >= 0
+    assert out["policies"]["privads"]["efficiency"] > out["policies"]["random"]["efficiency"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    bad = privads("bench", "policies", "--policies", "privads,magic", env=env)
+    lines = bad.stderr.decode().strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and "unknown policy 'magic'" in lines[0], lines

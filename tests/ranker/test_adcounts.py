@@ -18,28 +18,31 @@ class _Catalog:
         self.ad_ids.append(ad_id)
 
 
-def _expected(counts: AdCounts, cat: _Catalog, policy: str) -> tuple[list[int], list[int]]:
+def _expected(counts: AdCounts, cat: _Catalog, policy: str) -> tuple[list[int], list[int], list[float]]:
     got = [counts.get(policy, a) for a in cat.ad_ids]
-    return [c for c, _ in got], [n for _, n in got]
+    return [c for c, _, _ in got], [n for _, n, _ in got], [e / 1e6 for _, _, e in got]
 
 
 def test_row_counts_follow_deltas_new_rows_and_resets() -> None:
     counts = AdCounts()
-    counts.reset({"treatment": {"b": [1, 4]}, "control": {"a": [9, 9]}})
+    counts.reset({"treatment": {"b": [1, 4, 250_000]}, "control": {"a": [9, 9, 9]}})
     cat = _Catalog(["a", "b", "c"])
     rc = RowCounts(cat, "treatment")
     rc.sync(counts)
     rows = np.arange(3)
-    assert [x.tolist() for x in rc.take(rows)] == [[0, 1, 0], [0, 4, 0]]
-    counts.apply({"treatment": {"c": [2, 3], "b": [0, 1]}, "control": {"c": [5, 5]}})
+    assert [x.tolist() for x in rc.take(rows)] == [[0, 1, 0], [0, 4, 0], [0.0, 0.25, 0.0]]
+    # a log entry of [clicks, shown] only (written before the expected clicks were counted) adds no expected
+    counts.apply({"treatment": {"c": [2, 3], "b": [0, 1, 50_000]}, "control": {"c": [5, 5, 0]}})
+    assert counts.get("treatment", "b") == (1, 5, 300_000) and counts.get("treatment", "c") == (2, 3, 0)
     cat.add("d")
-    counts.apply({"treatment": {"d": [1, 1], "unknown-ad": [7, 7]}})
+    counts.apply({"treatment": {"d": [1, 1, 1], "unknown-ad": [7, 7, 7]}})
     rc.sync(counts)
     assert [x.tolist() for x in rc.take(np.arange(4))] == [list(v) for v in _expected(counts, cat, "treatment")]
     assert rc.take(np.arange(4))[0].tolist() == [0, 1, 2, 1]
-    counts.reset({"treatment": {"a": [3, 3]}})  # a fresh snapshot: nothing is patched from before it
+    counts.reset({"treatment": {"a": [3, 3, 3_000_000]}})  # a fresh snapshot: nothing is patched from before it
     rc.sync(counts)
     assert rc.take(np.arange(4))[1].tolist() == [3, 0, 0, 0]
+    assert rc.take(np.arange(4))[2].tolist() == [3.0, 0, 0, 0]
 
 
 def test_row_counts_rebuild_when_the_journal_no_longer_reaches_back(monkeypatch) -> None:
@@ -50,11 +53,12 @@ def test_row_counts_rebuild_when_the_journal_no_longer_reaches_back(monkeypatch)
     rc.sync(counts)
     assert counts.changed_since(rc.version) == []
     for i in range(6):  # more batches than the journal holds
-        counts.apply({"treatment": {f"ad{i}": [1, 2]}})
+        counts.apply({"treatment": {f"ad{i}": [1, 2, 100_000]}})
     assert counts.changed_since(rc.version) is None
     rc.sync(counts)
     assert [x.tolist() for x in rc.take(np.arange(10))] == [list(v) for v in _expected(counts, cat, "treatment")]
-    counts.apply({"treatment": {"ad9": [0, 5]}})
+    counts.apply({"treatment": {"ad9": [0, 5, 500_000]}})
     assert counts.changed_since(rc.version) == [("treatment", ("ad9",))]
     rc.sync(counts)
     assert rc.take(np.array([9]))[1].tolist() == [5]
+    assert rc.take(np.array([9]))[2].tolist() == [0.5]

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from ranker.scoring import (
-    ColdAds,
+    AdEvidence,
+    calibrated_ctr,
     expected_value,
     fixed_rank,
     popularity_scores,
     position_frequencies,
-    sample_cold_ctr,
     sample_users,
     thompson_rank,
     top_k,
@@ -255,7 +255,7 @@ def test_uniform_rank_seeded_is_deterministic(n):
     np.testing.assert_array_equal(a, b)
 
 
-# --- propensities over whole lists, with cold ads -------------------------------------
+# --- propensities over whole lists, with per-ad calibration ---------------------------
 
 
 def test_position_frequencies_columns_sum_to_one_rows_at_most_one():
@@ -275,27 +275,27 @@ def _state(seed: int):
     bids = rng.uniform(0.8, 1.2, c).astype(np.float32)
     mean = np.array([0.4, -0.2, 0.1], np.float32)
     prec = np.array([4.0, 2.0, 6.0], np.float32)
-    # ads 0-2 are cold (two never shown, one with 3 clicks in 40), ads 3-5 are warm
-    cold = ColdAds(clicks=np.array([0, 3, 0, 9, 30, 2]), impressions=np.array([0, 40, 0, 300, 400, 500]),
-                   strength=20.0, threshold=100)
-    return ads, bids, mean, prec, cold
+    # ads 0-2 have little evidence (two never shown, one 3 clicks where 2 were expected), ads 3-5 much
+    evidence = AdEvidence(clicks=np.array([0, 3, 0, 9, 30, 2]), expected=np.array([0.0, 2.0, 0.0, 15.0, 20.0, 25.0]),
+                          strength=5.0)
+    return ads, bids, mean, prec, evidence
 
 
-def test_logged_propensities_match_served_frequencies_at_every_position_with_cold_ads():
+def test_logged_propensities_match_served_frequencies_at_every_position_with_calibration():
     # One fixed request state, served N times. For every (ad, position) the share of requests that
     # served the ad there must match (a) a 200k-draw estimate of the policy's true probability, and
     # (b) the mean propensity logged when it was served there. SE of a share ≤ 0.5/sqrt(N) = 0.0079 at
     # N = 4000; the logged propensity carries the served draw, a bias ≤ 1/S. Tolerances are 4 SE (+ 1/S).
-    ads, bids, mean, prec, cold = _state(3)
+    ads, bids, mean, prec, evidence = _state(3)
     k, draws, n = 3, 64, 4000
     rng = np.random.default_rng(17)
     users = sample_users(mean, prec, 200_000, 1.0, rng)
-    ctr = sample_cold_ctr(1.0 / (1.0 + np.exp(-(users @ ads.T - 2.0))), cold, rng)
+    ctr = calibrated_ctr(1.0 / (1.0 + np.exp(-(users @ ads.T - 2.0))), evidence, rng)
     truth = position_frequencies(top_k(ctr * bids, k), ads.shape[0])
     served = np.zeros((ads.shape[0], k))
     logged = np.zeros((ads.shape[0], k))
     for i in range(n):
-        r = thompson_rank(mean, prec, ads, bids, k, bias=-2.0, draws=draws, scale=1.0, rng=rng, cold=cold)
+        r = thompson_rank(mean, prec, ads, bids, k, bias=-2.0, draws=draws, scale=1.0, rng=rng, evidence=evidence)
         if i < 50:  # each request's propensities come from a matrix whose columns sum to one
             freq = position_frequencies(r.lists, ads.shape[0])
             np.testing.assert_allclose(freq.sum(axis=0), 1.0)
@@ -315,31 +315,33 @@ def test_logged_propensities_match_served_frequencies_at_every_position_with_col
     np.testing.assert_allclose(truth.sum(axis=0), 1.0)
 
 
-def test_cold_ads_are_explored_even_without_user_uncertainty():
-    # scale 0: the user draw is the mean every time; only the cold ads' Beta draws randomise the list
-    ads, bids, mean, prec, cold = _state(4)
+def test_uncertain_ads_are_explored_even_without_user_uncertainty():
+    # scale 0: the user draw is the mean every time; only the calibration draws randomise the list
+    ads, bids, mean, prec, evidence = _state(4)
     rng = np.random.default_rng(1)
-    warm_only = ColdAds(cold.clicks, np.full(6, 1000), cold.strength, cold.threshold)
-    fixed = thompson_rank(mean, prec, ads, bids, 3, bias=-2.0, draws=32, scale=0.0, rng=rng, cold=warm_only)
+    fixed = thompson_rank(mean, prec, ads, bids, 3, bias=-2.0, draws=32, scale=0.0, rng=rng)
     np.testing.assert_array_equal(fixed.propensity, 1.0)
     tops = {tuple(thompson_rank(mean, prec, ads, bids, 3, bias=-2.0, draws=32, scale=0.0, rng=rng,
-                                cold=cold).index.tolist()) for _ in range(200)}
+                                evidence=evidence).index.tolist()) for _ in range(200)}
     assert len(tops) > 1
-    assert any(set(t) & {0, 1, 2} for t in tops)
+    assert any(set(t) - set(fixed.index.tolist()) for t in tops)
 
 
-def test_sample_cold_ctr_is_the_beta_posterior_around_the_model():
-    # θ ~ Beta(m·p + c, m·(1 − p) + n − c): mean (m·p + c)/(m + n); warm columns are untouched
+def test_calibrated_ctr_is_the_gamma_posterior_of_clicks_over_expected():
+    # r ~ Gamma(a + c, a + e): mean (a + c)/(a + e), variance (a + c)/(a + e)²; θ = min(1, p·r)
     rng = np.random.default_rng(8)
-    p = np.full((100_000, 3), 0.1)
-    cold = ColdAds(clicks=np.array([0, 6, 50]), impressions=np.array([0, 30, 500]), strength=20.0, threshold=100)
-    out = sample_cold_ctr(p, cold, rng)
-    np.testing.assert_allclose(out[:, 0].mean(), 0.1, atol=0.003)
-    np.testing.assert_allclose(out[:, 1].mean(), (2 + 6) / 50, atol=0.003)
-    np.testing.assert_allclose(out[:, 0].var(), 2 * 18 / (20**2 * 21), rtol=0.05)
-    np.testing.assert_array_equal(out[:, 2], 0.1)
-    assert np.all((out > 0) & (out < 1))
+    p = np.full((200_000, 3), 0.1)
+    ev = AdEvidence(clicks=np.array([0, 6, 50]), expected=np.array([0.0, 30.0, 10.0]), strength=5.0)
+    out = calibrated_ctr(p, ev, rng)
+    np.testing.assert_allclose(out[:, 0].mean(), 0.1, rtol=0.01)  # no evidence: the model, on average
+    np.testing.assert_allclose(out[:, 0].var(), 0.01 * 5 / 25, rtol=0.03)
+    np.testing.assert_allclose(out[:, 1].mean(), 0.1 * 11 / 35, rtol=0.01)  # over-rated by the model: sinks
+    np.testing.assert_allclose(np.minimum(1, 0.1 * rng.gamma(55, 1 / 15, 200_000)).mean(), out[:, 2].mean(),
+                               rtol=0.01)  # under-rated: rises, capped at 1
+    assert np.all((out > 0) & (out <= 1))
     np.testing.assert_array_equal(p, 0.1)  # the input is not modified
+    np.testing.assert_allclose(ev.mean(), [1.0, 11 / 35, 55 / 15])
+    np.testing.assert_allclose(ev.upper(2.0), ev.mean() + 2 * np.sqrt([5, 11, 55]) / np.array([5, 35, 15]))
 
 
 def test_popularity_scores_and_fixed_rank():

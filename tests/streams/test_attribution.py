@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from streams.attribution import IDLE_GRACE_S, Clock, Seen, bucket_of, plan_batch
 from streams.records import Click, Impression, Pending
 
@@ -64,3 +66,13 @@ def test_duplicate_impressions_and_late_arrivals():
     # an impression older than its window arrives: it is due at once, a negative unless clicked in the same batch
     p = plan([imp("late", 50.0), imp("late2", 51.0)], [clk("late2", 52.0)])
     assert sorted((x.impression_id, x.clicked) for x in p.labelled) == [("late", False), ("late2", True)]
+
+
+def test_an_impression_counts_as_shown_with_its_served_pctr_at_once():
+    # the calibration factor's evidence: shown and µ-expected clicks on arrival, without waiting for a label
+    served = msgspec.structs.replace(imp("i1", 95.0), pctr=0.125)
+    p = plan_batch([served, imp("i2", 95.5), imp("i2", 95.5)], [], Seen(closed_before=bucket_of(90.0, B)), now=100.0,
+                   window_s=W, bucket_s=B, arm_bucket_s=60, base_rate=0.02)
+    assert p.ads[("t", "a", "shown")] == 2  # the duplicate is not counted again
+    assert p.ads[("t", "a", "expected")] == 125_000 + 20_000  # no pctr logged: the base rate is expected
+    assert not p.labelled and p.ads[("t", "a", "labelled")] == 0

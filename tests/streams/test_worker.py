@@ -228,6 +228,6 @@ def test_the_ad_count_log_adds_up_to_the_counts(infra, catalog, rds: redis.Redis
         want: dict[str, list[int]] = {}
         for i, what in enumerate(keys.AD_COUNT_FIELDS):
             for ad_id, n in rds.hgetall(keys.adstat(policy, what)).items():
-                want.setdefault(ad_id.decode(), [0, 0])[i] = int(n)
+                want.setdefault(ad_id.decode(), [0] * len(keys.AD_COUNT_FIELDS))[i] = int(n)
         assert counts.of_arm(policy) == {a: tuple(v) for a, v in want.items()}
     assert counts.of_arm("treatment"), "the module's traffic labelled no ad"
