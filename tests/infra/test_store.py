@@ -12,16 +12,18 @@ import redis
 from infra import keys
 from infra.store import AdCountLog, ad_count_deltas, connect
 from ranker.adcounts import AdCounts
+from ranker.scoring import AdEvidence
 from streams.updates import ad_posterior
 
 pytestmark = pytest.mark.integration
 
 
 # the per-ad counts the workers keep feed the Beta posterior; unknown ads read as zero (the prior)
-def test_ad_counts_snapshot_then_log_feed_the_beta_posterior(infra, rds: redis.Redis) -> None:
+def test_ad_counts_snapshot_then_log_feed_the_posteriors(infra, rds: redis.Redis) -> None:
     rds.delete(keys.ADSTAT_LOG, *(keys.adstat(p, w) for p in ("treatment", "control") for w in keys.AD_COUNT_FIELDS))
     rds.hset(keys.adstat("treatment", "clicks"), mapping={"ad-1": 3})
     rds.hset(keys.adstat("treatment", "shown"), mapping={"ad-1": 10, "ad:2": 4})
+    rds.hset(keys.adstat("treatment", "expected"), mapping={"ad-1": 1_500_000})
     rds.hset(keys.adstat("control", "clicks"), mapping={"ad-1": 1})
     rds.hset(keys.adstat("control", "shown"), mapping={"ad-1": 50})
     rds.xadd(keys.ADSTAT_LOG, {"d": json.dumps({"treatment": {"ad-1": [1, 1]}})})  # before the snapshot: in it
@@ -33,10 +35,11 @@ def test_ad_counts_snapshot_then_log_feed_the_beta_posterior(infra, rds: redis.R
             snapshot, last = await log.snapshot(["treatment", "control"])
             counts = AdCounts()
             counts.reset(snapshot)
-            assert counts.of_arm("treatment") == {"ad-1": (3, 10), "ad:2": (0, 4)}
+            assert counts.of_arm("treatment") == {"ad-1": (3, 10, 1_500_000), "ad:2": (0, 4, 0)}
             assert await log.since(last) == ([], last)
             # a worker's batch after the snapshot arrives through the log only
-            await r.xadd(keys.ADSTAT_LOG, {"d": json.dumps({"treatment": {"ad:2": [2, 5], "ad-9": [0, 1]}})})
+            await r.xadd(keys.ADSTAT_LOG, {"d": json.dumps({"treatment": {"ad:2": [2, 5, 250_000],
+                                                                          "ad-9": [0, 1, 50_000]}})})
             deltas, newer = await log.since(last, block_ms=1000)
             assert newer != last
             for d in deltas:
@@ -46,17 +49,20 @@ def test_ad_counts_snapshot_then_log_feed_the_beta_posterior(infra, rds: redis.R
             await r.aclose()
 
     counts, deltas = asyncio.run(read())
-    assert deltas == [{"treatment": {"ad:2": [2, 5], "ad-9": [0, 1]}}]
+    assert deltas == [{"treatment": {"ad:2": [2, 5, 250_000], "ad-9": [0, 1, 50_000]}}]
     got = [counts.get("treatment", a) for a in ("ad-1", "ad:2", "never-shown")]
-    assert got == [(3, 10), (2, 9), (0, 0)] and counts.get("control", "ad-1") == (1, 50)
-    clicks, labelled = np.array([c for c, _ in got]), np.array([n for _, n in got])
-    a, b = ad_posterior(clicks, labelled, base_rate=0.05, strength=20.0)
+    assert got == [(3, 10, 1_500_000), (2, 9, 250_000), (0, 0, 0)] and counts.get("control", "ad-1") == (1, 50, 0)
+    clicks, shown = np.array([c for c, _, _ in got]), np.array([n for _, n, _ in got])
+    a, b = ad_posterior(clicks, shown, base_rate=0.05, strength=20.0)  # the popularity control's Beta
     assert a.tolist() == [4.0, 3.0, 1.0] and b.tolist() == [26.0, 26.0, 19.0]
+    expected = np.array([e for _, _, e in got]) / keys.EXPECTED_SCALE  # the calibration factor's Gamma
+    np.testing.assert_allclose(AdEvidence(clicks, expected, 5.0).mean(), [8 / 6.5, 7 / 5.25, 1.0])
 
 
 def test_ad_count_deltas_keep_only_the_per_ad_counters() -> None:
     counters = {keys.adstat("treatment", "clicks"): {"a": 2, "b": 0}, keys.adstat("treatment", "shown"): {"a": 5},
                 keys.adstat("treatment", "labelled"): {"a": 4}, keys.adstat("odd:arm", "shown"): {"c": 1},
+                keys.adstat("treatment", "expected"): {"a": 120_000},
                 keys.STATS: {"processed:x": 9},
                 keys.arm("treatment", 7): {"clicks": 1}}
-    assert ad_count_deltas(counters) == {"treatment": {"a": [2, 5]}, "odd:arm": {"c": [0, 1]}}
+    assert ad_count_deltas(counters) == {"treatment": {"a": [2, 5, 120_000]}, "odd:arm": {"c": [0, 1, 0]}}
