@@ -149,9 +149,9 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         out = bench_serve(settings, ads=args.ads or 1_000_000, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, api_workers=args.api_workers)
     elif args.what == "policies":
-        from ranker.bench import bench_policies
+        from ranker.bench import PEERS, bench_policies
 
-        names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
+        names = tuple(n.strip() for n in args.policies.split(",") if n.strip()) if args.policies else PEERS
         out = bench_policies(settings, users=args.users or 400, ads=args.ads or 200, requests=args.requests,
                              seed=args.seed, policies=names, plot_path=args.plot)
     else:
@@ -160,8 +160,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
         keep_freed_memory()  # the ranker is timed in its serving form, under the API's allocator settings
         out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads or 1_000_000,
-                          settings.d_user,
-                          settings.seed, settings.update_params(), settings.prior_precision)
+                          settings.d_user, settings.seed, settings.update_params(), settings.prior_precision)
     print(json.dumps(out))
     return 0
 
@@ -227,8 +226,8 @@ def parser() -> argparse.ArgumentParser:
                    "policies: the audience's (200)")
     b.add_argument("--requests", type=int, default=20_000, help="policies: requests served to each policy")
     b.add_argument("--seed", type=int, default=0, help="policies: the audience's and every policy's seed")
-    b.add_argument("--policies", default=",".join(("privads", "random", "popularity", "river-thompson",
-                                                    "vowpalwabbit")), help="policies: which, comma-separated")
+    b.add_argument("--policies", default=None, help="policies: which, comma-separated (default: all of "
+                   "privads, random, popularity, river-thompson, vowpalwabbit)")
     b.add_argument("--plot", type=Path, default=None, help="policies: write the efficiency curves to this PNG")
     b.add_argument("--concurrency", type=int, default=2, help="serve: requests in flight (closed loop)")
     b.add_argument("--duration", type=float, default=30.0, help="serve: measured seconds per phase")

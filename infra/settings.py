@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ranker.policy import ThompsonParams
 from streams.updates import UpdateParams, logit
 
 
@@ -132,6 +133,12 @@ class Settings(BaseSettings):
         """The stream's online-update hyper-parameters."""
         return UpdateParams(learning_rate=self.learning_rate, max_step=self.max_step, l2_prior=self.l2_prior,
                             bias=logit(self.base_rate), dp_clip=self.dp_clip, dp_noise=self.dp_noise)
+
+    def thompson_params(self, draws: int | None = None) -> ThompsonParams:
+        """The learned policy's hyper-parameters (``draws``: Monte-Carlo draws, ``propensity_draws`` if None)."""
+        return ThompsonParams(draws=self.propensity_draws if draws is None else draws, scale=self.exploration,
+                              bias=logit(self.base_rate), calibration_strength=self.calibration_strength,
+                              shortlist=self.shortlist)
 
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""

@@ -42,8 +42,7 @@ from learner.offline import (
 from ranker import experiment
 from ranker.adcounts import AdCounts, RowCounts
 from ranker.features import context_ids
-from ranker.policy import ThompsonParams, thompson_policy
-from streams.updates import logit
+from ranker.policy import thompson_policy
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -119,8 +118,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
            settings: Settings, *, seed: int, draws: int, name: str) -> PolicyRows:
     """Monte-Carlo lists of ``version``'s Thompson policy for every logged request (the code of ``/recommend``)."""
     cat = version.catalog
-    params = ThompsonParams(draws=draws, scale=settings.exploration, bias=logit(settings.base_rate),
-                            calibration_strength=settings.calibration_strength, shortlist=settings.shortlist)
+    params = settings.thompson_params(draws)
     prior_mean = np.zeros(settings.d_user, np.float32)
     prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     action_of = {a: i for i, a in enumerate(log.actions)}

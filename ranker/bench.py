@@ -27,8 +27,6 @@ from ranker.peers import (
     RiverThompson,
     VowpalPolicy,
 )
-from ranker.policy import ThompsonParams
-from streams.updates import logit
 
 PEERS = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
 
@@ -42,17 +40,23 @@ def ad_vectors(aud: Audience, settings: Settings) -> np.ndarray:
     return initial_projector(settings.d_ad, settings.d_user, settings.seed).project(x)
 
 
+def check_policies(names: tuple[str, ...]) -> None:
+    """Refuse an empty or unknown policy list, naming the first unknown one."""
+    unknown = [n for n in names if n not in PEERS]
+    if unknown or not names:
+        raise ValueError(f"policies: unknown policy {unknown[0]!r} (known: {', '.join(PEERS)})" if unknown
+                         else "policies: none given")
+
+
 def make_policies(names: tuple[str, ...], aud: Audience, vectors: np.ndarray, settings: Settings, seed: int,
                   negatives_after: int | None) -> list[Policy]:
+    check_policies(names)
     n = len(aud.ad_ids)
     bids = np.ones(n)
     out: list[Policy] = []
     for name in names:
         if name == "privads":
-            params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
-                                    bias=logit(settings.base_rate), calibration_strength=settings.calibration_strength,
-                                    shortlist=settings.shortlist)
-            out.append(PrivAdsPolicy(vectors, bids, aud.users, params, settings.update_params(),
+            out.append(PrivAdsPolicy(vectors, bids, aud.users, settings.thompson_params(), settings.update_params(),
                                      settings.prior_precision, seed, negatives_after))
         elif name == "random":
             out.append(RandomPolicy(n, seed))
@@ -60,10 +64,8 @@ def make_policies(names: tuple[str, ...], aud: Audience, vectors: np.ndarray, se
             out.append(PopularityPolicy(bids, settings.base_rate, settings.popularity_prior_strength))
         elif name == "river-thompson":
             out.append(RiverThompson(n, seed))
-        elif name == "vowpalwabbit":
+        else:  # "vowpalwabbit", the last of PEERS
             out.append(VowpalPolicy(aud.ad_texts, seed))
-        else:
-            raise ValueError(f"policies: unknown policy {name!r} (known: {', '.join(PEERS)})")
     return out
 
 
@@ -128,10 +130,7 @@ def bench_policies(settings: Settings, *, users: int, ads: int, requests: int, s
     """The whole bench: audience, encoded ads, every policy, the JSON report (and the plot, if asked)."""
     if requests < 4 or not 1 <= k <= 100:
         raise ValueError("requests must be ≥ 4 and k in 1..100")
-    unknown = [n for n in policies if n not in PEERS]
-    if unknown or not policies:
-        raise ValueError(f"policies: unknown policy {unknown[0]!r} (known: {', '.join(PEERS)})" if unknown
-                         else "policies: none given")
+    check_policies(policies)  # before the encoder is loaded
     aud = make_audience(users, ads, seed=seed)
     vectors = ad_vectors(aud, settings)
     result = run_policies(aud, make_policies(policies, aud, vectors, settings, seed, negatives_after), requests, k,

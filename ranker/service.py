@@ -45,10 +45,10 @@ from ranker import experiment, scoring
 from ranker.adcounts import AdCounts, RowCounts
 from ranker.features import context_ids
 from ranker.index import ServingCatalog
-from ranker.policy import ThompsonParams, candidate_logits, counts_by_row, popularity_order, thompson_policy
+from ranker.policy import candidate_logits, counts_by_row, popularity_order, thompson_policy
 from ranker.policy import describe as describe_params
 from streams import records
-from streams.updates import dp_epsilon, logit
+from streams.updates import dp_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ class Recommender:
         self._candidates_lru: OrderedDict[tuple, Candidates] = OrderedDict()
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
-        self.params = ThompsonParams(draws=settings.propensity_draws, scale=settings.exploration,
-                                     bias=logit(settings.base_rate),
-                                     calibration_strength=settings.calibration_strength, shortlist=settings.shortlist)
+        self.params = settings.thompson_params()
         # the population prior: the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
