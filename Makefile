@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install clean chromium
+.PHONY: run test install clean chromium lint typecheck
 
 install: $(STAMP)
 
-# torch first, pinned: this machine's local CPU wheel; a looser pin pulls GBs of CUDA packages
+# torch first, pinned: this machine's local CPU wheel; a looser pin pulls GBs of CUDA packages.
+# The checkout is the `privads` package (pyproject.toml: package-dir), installed editable with the bench and
+# test extras.
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[bench,test]'
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -22,9 +24,19 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 
-test: $(STAMP) chromium
-	$(VENV)/bin/ruff check streams learner ranker api infra tests
+# style (ruff) and the import layers of docs/architecture.md (.importlinter)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# mypy sees the package by its installed name through a link (the editable install is an import hook it cannot
+# follow): build/typecheck/privads → the checkout
+typecheck: $(STAMP)
+	@mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/privads
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p privads
+
+test: lint typecheck chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .privads .pytest_cache *.egg-info
+	rm -rf $(VENV) .privads .pytest_cache *.egg-info build

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader
 
-from api.metrics import ApiMetrics
-from infra.settings import Settings
-from ranker.service import Recommender
+from privads.api.metrics import ApiMetrics
+from privads.infra.settings import Settings
+from privads.ranker.service import Recommender
 
 API_KEY_HEADER = "X-API-Key"
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,

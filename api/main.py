@@ -1,4 +1,4 @@
-"""The FastAPI application: ``create_app(settings)``; ``uvicorn --factory api.main:create_app``."""
+"""The FastAPI application: ``create_app(settings)``; ``uvicorn --factory privads.api.main:create_app``."""
 
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
-from api.deps import API_KEY_HEADER
-from api.metrics import ApiMetrics
-from api.middleware import ObserveAndLimit
-from api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
-from infra.kafka import QueuedProducer
-from infra.runtime import keep_freed_memory
-from infra.settings import Settings
-from infra.store import connect
-from ranker.service import Recommender
+from privads.api.deps import API_KEY_HEADER
+from privads.api.metrics import ApiMetrics
+from privads.api.middleware import ObserveAndLimit
+from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
+from privads.infra.errors import Conflict, InvalidInput, NotFound, PrivAdsError, Unavailable
+from privads.infra.kafka import QueuedProducer
+from privads.infra.runtime import keep_freed_memory
+from privads.infra.settings import Settings
+from privads.infra.store import connect
+from privads.ranker.service import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "detail": exc.detail},
                         headers=getattr(exc, "headers", None))
+
+
+# domain errors become HTTP answers here and nowhere else (the most specific class first)
+DOMAIN_STATUS: tuple[tuple[type[PrivAdsError], int], ...] = (
+    (InvalidInput, 422), (NotFound, 404), (Unavailable, 503), (Conflict, 503))
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    status = next((code for cls, code in DOMAIN_STATUS if isinstance(exc, cls)), 500)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(status_code=status, content={"error": str(exc), "detail": type(exc).__name__},
+                        headers=headers)
 
 
 async def _backend_down(_: Request, exc: Exception) -> JSONResponse:
@@ -118,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _backend_down)
     app.add_exception_handler(RedisTimeoutError, _backend_down)
+    app.add_exception_handler(PrivAdsError, _domain_error)
     for module in (recommend, clicks, ads, users, lift, model, health, dashboard):
         app.include_router(module.router)
     if settings.cors_origins:  # off unless configured: the API is called by servers, not browsers

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.metrics import ApiMetrics
+from privads.api.metrics import ApiMetrics
 
 
 class ObserveAndLimit:

@@ -21,7 +21,7 @@ from types import FrameType
 
 import uvicorn
 
-from infra.settings import Settings
+from privads.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _worker(factory: str, host: str, port: int, env: dict[str, str]) -> None:
     uvicorn.Server(_config(factory, host, port)).run(sockets=[tcp_listener(host, port, reuse_port=True)])
 
 
-def serve(settings: Settings, host: str, port: int, factory: str = "api.main:create_app") -> None:
+def serve(settings: Settings, host: str, port: int, factory: str = "privads.api.main:create_app") -> None:
     """Serve ``factory`` (an app factory's import path) with ``settings.api_workers`` processes, until stopped.
 
     A worker that dies is restarted; SIGTERM or SIGINT stops them all (each

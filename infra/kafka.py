@@ -1,4 +1,8 @@
-"""Kafka plumbing shared by every process: topic creation, consumer lag and a non-blocking producer.
+"""Kafka plumbing shared by every process: client settings, topic creation and a non-blocking producer.
+
+Every Kafka client PrivAds builds takes its settings from here (``consumer_config``,
+``async_producer_config``, ``rdkafka_config``, ``make_producer``), so timeouts and
+the partitioner are chosen once.
 
 ``QueuedProducer`` never blocks its caller: records go into librdkafka's bounded
 in-memory queue. When the queue is full the record is dropped and counted, never
@@ -16,9 +20,38 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from streams.records import topic_partitions
+from privads.infra.records import topic_partitions
 
 log = logging.getLogger(__name__)
+
+
+# Group timings that make a consumer-group join take seconds: a join waits for the rebalance timeout, and the
+# clients' defaults (minutes) never assigned a partition within 20 s on the embedded broker.
+GROUP_TIMINGS: dict[str, int] = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000, rebalance_timeout_ms=5000,
+                                     max_poll_interval_ms=60000)
+# Large fetches: the workers apply whole batches, and a bare getmany loop is faster than anything after it
+FETCH_SIZES: dict[str, int] = dict(fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+
+
+def consumer_config(servers: str, **overrides: object) -> dict[str, object]:
+    """aiokafka consumer settings: manual commits, from the earliest record, quick group joins, large fetches."""
+    return {"bootstrap_servers": servers, "enable_auto_commit": False, "auto_offset_reset": "earliest",
+            **GROUP_TIMINGS, **FETCH_SIZES, "fetch_max_wait_ms": 50, **overrides}
+
+
+def async_producer_config(servers: str, **overrides: object) -> dict[str, object]:
+    """aiokafka producer settings (the workers' forwards and dead letters)."""
+    return {"bootstrap_servers": servers, "linger_ms": 5, "acks": 1, **overrides}
+
+
+def rdkafka_config(servers: str, **overrides: object) -> dict[str, object]:
+    """librdkafka (confluent-kafka) producer settings.
+
+    Keys are partitioned with murmur2, like kafka-python's and Java's producers, so a
+    user's impressions and clicks meet on one partition whichever client produced them.
+    """
+    return {"bootstrap.servers": servers, "partitioner": "murmur2_random", "acks": 1, "linger.ms": 20,
+            **overrides}
 
 
 def create_topics(servers: str, partitions: int, timeout: float = 30.0) -> list[str]:
@@ -93,14 +126,13 @@ class QueuedProducer:
         self.servers = servers
         self.dropped = 0
         self.failed = 0
-        self._producer = Producer({
-            "bootstrap.servers": servers, "client.id": "privads-api", "acks": 1, "linger.ms": 20,
-            "partitioner": "murmur2_random", "queue.buffering.max.messages": capacity,
-            "queue.buffering.max.kbytes": 1_048_576, "message.timeout.ms": int(timeout_s * 1000),
-            "enable.idempotence": False, "log_level": 3, "logger": log,
-            # only failures come back to Python: a callback per delivered record costs the GIL 10× per request
-            "delivery.report.only.error": True,
-        })
+        self._producer = Producer(rdkafka_config(
+            servers, **{"client.id": "privads-api", "queue.buffering.max.messages": capacity,
+                        "queue.buffering.max.kbytes": 1_048_576, "message.timeout.ms": int(timeout_s * 1000),
+                        "enable.idempotence": False, "log_level": 3, "logger": log,
+                        # only failures come back to Python: a callback per delivered record costs the GIL 10× per
+                        # request
+                        "delivery.report.only.error": True}))
         self._stop = threading.Event()
         # delivery reports are served by poll(); a thread of our own keeps them flowing between requests
         self._thread = threading.Thread(target=self._serve_reports, name="privads-producer", daemon=True)

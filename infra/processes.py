@@ -18,9 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
-class StartError(RuntimeError):
-    """A child failed to start or to become ready; the text says which and why."""
+from privads.infra.errors import StartError
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -223,4 +221,4 @@ def start_private_infra(directory: Path, procs: list[Process]) -> tuple[str, str
 
 def python_process(name: str, args: Sequence[str], log: Path, env: dict[str, str], **kw: object) -> Process:
     """A PrivAds child: ``python -m infra.cli ARGS`` with the given environment."""
-    return Process(name, [sys.executable, "-m", "infra.cli", *args], log, env=env, **kw)  # type: ignore[arg-type]
+    return Process(name, [sys.executable, "-m", "privads", *args], log, env=env, **kw)  # type: ignore[arg-type]

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from infra.kafka import make_producer
-from streams import records
+from privads.infra import records
+from privads.infra.errors import InvalidEvent
+from privads.infra.kafka import make_producer
 
 KEY_FIELD = {records.IMPRESSIONS: "user_id", records.CLICKS: "user_id", records.ADS: "ad_id"}
 
@@ -69,7 +70,7 @@ def produce_lines(servers: str, topic: str, lines: Iterable[str], report: TextIO
             payload = line.encode("utf-8")
             try:
                 decoded = records.decode(topic, payload)
-            except records.InvalidEvent as e:
+            except InvalidEvent as e:
                 counts.invalid += 1
                 print(f"line {n}: {e}", file=report)
                 continue

@@ -15,9 +15,6 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ranker.policy import ThompsonParams
-from streams.updates import UpdateParams, logit
-
 
 class Settings(BaseSettings):
     """PrivAds configuration, from ``PRIVADS_*`` environment variables (contract §2)."""
@@ -128,17 +125,6 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data / "models"
-
-    def update_params(self) -> UpdateParams:
-        """The stream's online-update hyper-parameters."""
-        return UpdateParams(learning_rate=self.learning_rate, max_step=self.max_step, l2_prior=self.l2_prior,
-                            bias=logit(self.base_rate), dp_clip=self.dp_clip, dp_noise=self.dp_noise)
-
-    def thompson_params(self, draws: int | None = None) -> ThompsonParams:
-        """The learned policy's hyper-parameters (``draws``: Monte-Carlo draws, ``propensity_draws`` if None)."""
-        return ThompsonParams(draws=self.propensity_draws if draws is None else draws, scale=self.exploration,
-                              bias=logit(self.base_rate), calibration_strength=self.calibration_strength,
-                              shortlist=self.shortlist)
 
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""

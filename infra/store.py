@@ -16,10 +16,10 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import DataError
 
-from infra import keys
-from streams import records
-from streams.partitioning import owner
-from streams.records import Ad
+from privads.infra import keys, records
+from privads.infra.errors import Conflict
+from privads.infra.partitioning import owner
+from privads.infra.records import Ad
 
 
 class HiredisConnection(aioredis.Connection):
@@ -191,10 +191,6 @@ class UserStore:
 
 
 # --- partition state (the workers' exactly-once unit) -----------------------------------
-
-
-class Conflict(Exception):
-    """Another writer changed a partition since it was read; the batch must be re-planned."""
 
 
 @dataclass

@@ -29,20 +29,20 @@ import numpy as np
 import orjson
 import torch
 
-from infra.kafka import make_producer
-from infra.settings import Settings
-from infra.store import CatalogStore, ModelPointer, QualityBoard, UserStore, connect
-from learner import ranking
-from learner.artifacts import collect_garbage, write_version
-from learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
-from learner.projector import Projector, initial_projector
-from learner.train import train_projector
-from ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
-from ranker.index import ServingCatalog
-from ranker.model import RankerModel
-from streams import archive
-from streams.records import MODEL_UPDATES
-from streams.updates import logit, sigmoid
+from privads.infra.kafka import make_producer
+from privads.infra.records import MODEL_UPDATES
+from privads.infra.settings import Settings
+from privads.infra.store import CatalogStore, ModelPointer, QualityBoard, UserStore, connect
+from privads.learner import ranking
+from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
+from privads.learner.train import train_projector
+from privads.ranker.artifacts import collect_garbage, write_version
+from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
+from privads.ranker.index import ServingCatalog
+from privads.ranker.model import RankerModel
+from privads.ranker.projector import Projector, initial_projector
+from privads.ranker.updates import logit, sigmoid
+from privads.streams import archive
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 5000
@@ -167,9 +167,9 @@ def choose_projector(served: Projector, ex: Examples | None, settings: Settings,
     return candidate, info
 
 
-def ranker_data(ex: Examples, projector: Projector) -> ranking.Labelled:
+def ranker_data(ex: Examples, projector: Projector) -> ranking.LabelledRows:
     rows = build_rows(ex.users, ex.counts, projector.project(ex.ads), ex.bids, ex.category, ex.context, ex.position)
-    return ranking.Labelled(rows, ex.clicked, ex.value, ex.group)
+    return ranking.LabelledRows(rows, ex.clicked, ex.value, ex.group)
 
 
 def popularity_scores(train: Examples, hold: Examples, prior: float, strength: float = 20.0) -> np.ndarray:
@@ -286,7 +286,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
 
 
 def announce(settings: Settings, manifest: dict) -> None:
-    """Produce the ``privads.model-updates`` event for a published version."""
+    """Produce the ``model-updates`` event for a published version."""
     producer = make_producer(settings.kafka_servers)
     try:
         event = {"version": manifest["version"], "ts": manifest["built_at"], "path": manifest["path"],

@@ -7,6 +7,13 @@ sums* ``Σ a_i / Σ b_i`` (``b_i = 1`` for the plain means), and the bootstrap r
 ratio on every resample, so the self-normalised estimators (SNIPS, replay) get their
 denominator's variability too.
 
+As in obp, each estimator is a class (:class:`Replay`, :class:`IPS`, :class:`SNIPS`, :class:`DM`,
+:class:`DR`) over one abstract base, :class:`BaseOffPolicyEstimator`, which holds what they share:
+the interval arguments' checks, the unsupported-mass warning, the ratio-of-sums interval and the
+:class:`OPEResult`. A subclass only checks its inputs and builds its per-row terms ``a_i``,
+``b_i``; SNIPS and DR are IPS with another denominator or numerator. The functions
+:func:`replay`, :func:`ips`, :func:`snips`, :func:`dm` and :func:`dr` are thin wrappers.
+
 Data model
 ----------
 One row is one shown (ad, position) of one request. Every array is 1-D with one entry per row:
@@ -50,9 +57,10 @@ Saito, Aihara, Matsutani, Narita. "Open Bandit Dataset and Pipeline." NeurIPS 20
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -298,130 +306,383 @@ def compute_unsupported_mass(
     return float(np.sum(eval_dist * unsupported) / n)
 
 
-def _ratio_terms_interval(
-    a: np.ndarray,
-    b: np.ndarray | None,
-    *,
-    alpha: float,
-    ci: CIMethod,
-    n_bootstrap: int,
-    seed: int | None,
-    warnings: list[str],
-) -> tuple[float, float, float]:
-    """Estimate Σa / Σb (mean of ``a`` when ``b`` is None) and its ``1 − alpha`` interval.
+# --------------------------------------------------------------------------------------------
+# the estimators: one base class with the shared machinery, one subclass per estimator
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on arrays is elementwise, not a bool
+class RatioTerms:
+    """An estimator's per-row terms: the estimate is ``Σ a_i / Σ b_i``.
+
+    Attributes
+    ----------
+    numerator : ndarray, shape (n,)
+        a_i.
+    denominator : ndarray, shape (n,) or None
+        b_i; None for b_i = 1 (a plain mean of the a_i). Kept apart from an array of ones because
+        the plain mean's normal interval uses sd(a)/√n, not the delta method.
+    ess : float
+        Effective sample size reported with the estimate.
+    """
+
+    numerator: np.ndarray
+    denominator: np.ndarray | None
+    ess: float
+
+
+@dataclass(kw_only=True, eq=False)
+class BaseOffPolicyEstimator(ABC):
+    """One off-policy estimate: the inputs are the fields, :meth:`estimate` the procedure.
+
+    A subclass declares its inputs as keyword-only fields, checks them in ``__post_init__`` (so a
+    bad argument raises ``ValueError`` naming it on construction) and overrides
+    :meth:`_ratio_terms`, which turns them into the per-row terms of ``Σ a_i / Σ b_i`` and the
+    ESS. The rest is shared here: the interval arguments' checks, the unsupported-mass warning,
+    the ratio-of-sums interval and the :class:`OPEResult`. The module functions (:func:`ips`, ...)
+    are ``Class(**kwargs).estimate()``. (obp passes the data to ``estimate_policy_value`` instead,
+    which would give every subclass its own public signature; fields keep ``estimate`` shared.)
 
     Parameters
     ----------
-    a : ndarray, shape (n,)
-        Per-row numerator terms.
-    b : ndarray, shape (n,) or None
-        Per-row denominator terms (None: all ones, i.e. a plain mean).
-
-    Returns
-    -------
-    (estimate, lo, hi) : tuple of float
+    alpha : float, default 0.05
+        The interval has nominal coverage 1 − alpha.
+    ci : {"bootstrap", "normal"}, default "bootstrap"
+        Percentile bootstrap over rows, or the normal interval (delta method for a ratio).
+    n_bootstrap : int, default 1000
+        Bootstrap resamples.
+    seed : int or None, default 0
+        Bootstrap seed: equal seeds give equal intervals.
     """
-    n = a.shape[0]
-    denom = float(n) if b is None else float(np.sum(b))
-    if denom == 0.0:
-        return float("nan"), float("nan"), float("nan")
-    estimate = float(np.sum(a)) / denom
 
-    if ci == "normal":
-        if n < 2:
-            warnings.append("normal interval undefined with fewer than 2 rows")
+    alpha: float = 0.05
+    ci: CIMethod = "bootstrap"
+    n_bootstrap: int = 1000
+    seed: int | None = 0
+
+    #: ``OPEResult.estimator``
+    name: ClassVar[str]
+    #: the unsupported-mass warning's second half: what this estimator does with that mass (``{name}`` is filled in)
+    unsupported_effect: ClassVar[str]
+
+    def estimate(self) -> OPEResult:
+        """Estimate the policy value with a two-sided ``1 − alpha`` interval.
+
+        Returns
+        -------
+        OPEResult
+            Warnings in the order they arise: the estimator's own, then the interval's, then
+            :meth:`_after_interval`'s.
+        """
+        # after the inputs (checked on construction) and before any term: a bad alpha is reported ahead of, say,
+        # a bad unsupported_mass, which is only looked at when its warning is built
+        _check_ci_arguments(self.alpha, self.ci, self.n_bootstrap, self.seed)
+        warnings: list[str] = []
+        terms = self._ratio_terms(warnings)
+        estimate, lo, hi = self._ratio_terms_interval(terms.numerator, terms.denominator, warnings)
+        self._after_interval(terms, warnings)
+        boot = self.ci == "bootstrap"
+        return OPEResult(estimator=self.name, estimate=estimate, ci_lo=lo, ci_hi=hi, ci_method=self.ci,
+                         alpha=float(self.alpha), n_bootstrap=int(self.n_bootstrap) if boot else None,
+                         seed=int(self.seed) if boot and self.seed is not None else None, ess=float(terms.ess),
+                         n=int(terms.numerator.shape[0]), warnings=warnings)
+
+    @abstractmethod
+    def _ratio_terms(self, warnings: list[str]) -> RatioTerms:
+        """The per-row terms a_i, b_i (shape (n,)) and the ESS; appends the estimator's diagnostics to ``warnings``."""
+
+    def _after_interval(self, terms: RatioTerms, warnings: list[str]) -> None:  # noqa: B027 (an optional hook)
+        """Diagnostics that come after the interval's own in ``warnings`` (replay's match count); none here."""
+
+    def _unsupported_warning(self, unsupported_mass: float | None, warnings: list[str]) -> None:
+        """Warn when π_e puts mass on actions the log never shows (checked here, as it is only used here)."""
+        if unsupported_mass is None:
+            return
+        mass = _check_fraction(unsupported_mass, "unsupported_mass")
+        if mass > 0.0:
+            warnings.append(f"{mass:.1%} of the evaluation policy's mass is on actions the log never shows: "
+                            + self.unsupported_effect.format(name=self.name))
+
+    def _ratio_terms_interval(
+        self, a: np.ndarray, b: np.ndarray | None, warnings: list[str]
+    ) -> tuple[float, float, float]:
+        """Estimate Σa / Σb (mean of ``a`` when ``b`` is None) and its ``1 − alpha`` interval.
+
+        Parameters
+        ----------
+        a : ndarray, shape (n,)
+            Per-row numerator terms.
+        b : ndarray, shape (n,) or None
+            Per-row denominator terms (None: all ones, i.e. a plain mean).
+        warnings : list of str
+            Appended to when the interval is undefined or drops resamples.
+
+        Returns
+        -------
+        (estimate, lo, hi) : tuple of float
+        """
+        alpha, n_bootstrap = self.alpha, self.n_bootstrap
+        n = a.shape[0]
+        denom = float(n) if b is None else float(np.sum(b))
+        if denom == 0.0:
+            return float("nan"), float("nan"), float("nan")
+        estimate = float(np.sum(a)) / denom
+
+        if self.ci == "normal":
+            if n < 2:
+                warnings.append("normal interval undefined with fewer than 2 rows")
+                return estimate, float("nan"), float("nan")
+            if b is None:
+                se = float(np.std(a, ddof=1)) / math.sqrt(n)
+            else:
+                # delta method for a ratio of means: residuals e_i = a_i − θ b_i (mean 0)
+                resid = a - estimate * b
+                se = math.sqrt(float(np.sum(resid * resid)) / (n * (n - 1))) / (denom / n)
+            z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+            return estimate, estimate - z * se, estimate + z * se
+
+        rng = np.random.default_rng(self.seed)
+        stats = np.empty(n_bootstrap, dtype=np.float64)
+        chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
+        for start in range(0, n_bootstrap, chunk):
+            stop = min(n_bootstrap, start + chunk)
+            idx = rng.integers(0, n, size=(stop - start, n))
+            num = a[idx].sum(axis=1)
+            if b is None:
+                stats[start:stop] = num / n
+            else:
+                den = b[idx].sum(axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    stats[start:stop] = np.where(den != 0.0, num / np.where(den != 0.0, den, 1.0), np.nan)
+        dropped = int(np.isnan(stats).sum())
+        if dropped == n_bootstrap:
+            warnings.append("every bootstrap resample had a zero denominator: no interval")
             return estimate, float("nan"), float("nan")
-        if b is None:
-            se = float(np.std(a, ddof=1)) / math.sqrt(n)
-        else:
-            # delta method for a ratio of means: residuals e_i = a_i − θ b_i (mean 0)
-            resid = a - estimate * b
-            se = math.sqrt(float(np.sum(resid * resid)) / (n * (n - 1))) / (denom / n)
-        z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
-        return estimate, estimate - z * se, estimate + z * se
-
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_bootstrap, dtype=np.float64)
-    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
-    for start in range(0, n_bootstrap, chunk):
-        stop = min(n_bootstrap, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        num = a[idx].sum(axis=1)
-        if b is None:
-            stats[start:stop] = num / n
-        else:
-            den = b[idx].sum(axis=1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                stats[start:stop] = np.where(den != 0.0, num / np.where(den != 0.0, den, 1.0), np.nan)
-    dropped = int(np.isnan(stats).sum())
-    if dropped == n_bootstrap:
-        warnings.append("every bootstrap resample had a zero denominator: no interval")
-        return estimate, float("nan"), float("nan")
-    if dropped:
-        warnings.append(f"{dropped} of {n_bootstrap} bootstrap resamples had a zero denominator and were dropped")
-    lo, hi = np.nanpercentile(stats, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
-    return estimate, float(lo), float(hi)
+        if dropped:
+            warnings.append(f"{dropped} of {n_bootstrap} bootstrap resamples had a zero denominator and were dropped")
+        lo, hi = np.nanpercentile(stats, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
+        return estimate, float(lo), float(hi)
 
 
-def _weight_warnings(
-    pscore: np.ndarray,
-    weights: np.ndarray,
-    ess: float,
-    *,
-    tiny_pscore: float,
-    min_ess_ratio: float,
-    warnings: list[str],
-) -> None:
-    n = pscore.shape[0]
-    tiny = pscore < tiny_pscore
-    if tiny.any():
-        warnings.append(
-            f"{int(tiny.sum())} of {n} rows have pscore < {tiny_pscore:g} (min {pscore.min():.3g}); largest "
-            f"importance weight {weights.max():.3g}"
-        )
-    if ess < min_ess_ratio * n:
-        warnings.append(f"effective sample size {ess:.1f} is {ess / n:.1%} of n = {n} (< {min_ess_ratio:.0%}): "
-                        "the estimate rests on few rows and its interval may under-cover")
+@dataclass(kw_only=True, eq=False)
+class Replay(BaseOffPolicyEstimator):
+    """Rejection replay, :func:`replay`: a_i = 1[e_i = a_i] r_i, b_i = 1[e_i = a_i]; ESS = matching rows.
+
+    Parameters
+    ----------
+    reward, pscore : ndarray, shape (n,) (pscore optional)
+    action, eval_action, position : ndarray of int, shape (n,) (position optional)
+    uniform_rtol : float
+        As in :func:`replay`; alpha, ci, n_bootstrap, seed as in :class:`BaseOffPolicyEstimator`.
+    """
+
+    reward: np.ndarray
+    action: np.ndarray
+    eval_action: np.ndarray
+    pscore: np.ndarray | None = None
+    position: np.ndarray | None = None
+    uniform_rtol: float = UNIFORM_RTOL
+
+    name: ClassVar[str] = "replay"
+
+    def __post_init__(self) -> None:
+        self.reward = _check_1d(self.reward, "reward")
+        self.action = _check_1d(self.action, "action", integer=True)
+        self.eval_action = _check_1d(self.eval_action, "eval_action", integer=True)
+        arrays = {"reward": self.reward, "action": self.action, "eval_action": self.eval_action}
+        # pscore and position are optional: checked (and length-matched) only when given
+        if self.pscore is not None:
+            self.pscore = arrays["pscore"] = _check_1d(self.pscore, "pscore")
+        if self.position is not None:
+            self.position = arrays["position"] = _check_1d(self.position, "position", integer=True)
+        _check_same_length(**arrays)
+        _check_finite(self.reward, "reward")
+
+    def _ratio_terms(self, warnings: list[str]) -> RatioTerms:
+        _check_fraction(self.uniform_rtol, "uniform_rtol")
+        self._uniformity_warnings(warnings)
+        match = (self.action == self.eval_action).astype(np.float64)
+        return RatioTerms(numerator=match * self.reward, denominator=match, ess=float(match.sum()))
+
+    def _uniformity_warnings(self, warnings: list[str]) -> None:
+        """Replay is unbiased only on a uniform log: warn when the propensities say otherwise (or are missing)."""
+        pscore, position, n = self.pscore, self.position, self.reward.shape[0]
+        if pscore is None:
+            warnings.append("no pscore given: cannot check that the log is uniform, which replay needs to be unbiased")
+            return
+        logged = ~np.isnan(pscore)
+        if not logged.all():
+            warnings.append(f"{int((~logged).sum())} of {n} rows have no logged propensity (NaN): uniformity "
+                            "checked on the others")
+        # the number of candidates may differ between slots, so uniformity is per position when positions are known
+        groups = [logged] if position is None else [logged & (position == p) for p in np.unique(position)]
+        for g in groups:
+            ps = pscore[g]
+            if ps.size and (ps.max() - ps.min()) > self.uniform_rtol * abs(ps.mean()):
+                where = "" if position is None else f" at position {int(position[g][0])}"
+                warnings.append(f"log is not uniform{where}: propensities range over [{ps.min():.3g}, "
+                                f"{ps.max():.3g}]; replay is biased toward the logging policy's choices, use ips/snips")
+                break
+
+    def _after_interval(self, terms: RatioTerms, warnings: list[str]) -> None:
+        """How many rows match: after the interval's warnings, so the list reads as it always has."""
+        kept, n = int(terms.ess), terms.numerator.shape[0]
+        if kept == 0:
+            warnings.append("no logged action matches the evaluation policy's choice: replay is undefined")
+        elif kept < MIN_ESS_RATIO * n:
+            warnings.append(f"only {kept} of {n} rows ({kept / n:.1%}) match the evaluation policy's choice")
 
 
-def _unsupported_warning(unsupported_mass: float | None, estimator: str, warnings: list[str]) -> None:
-    if unsupported_mass is None:
-        return
-    mass = _check_fraction(unsupported_mass, "unsupported_mass")
-    if mass > 0.0:
-        if estimator == "dm":
-            warnings.append(f"{mass:.1%} of the evaluation policy's mass is on actions the log never shows: "
-                            "dm extrapolates the reward model there")
-        else:
-            warnings.append(f"{mass:.1%} of the evaluation policy's mass is on actions the log never shows: "
-                            f"{estimator} cannot see their reward and is biased (toward 0 for ips/snips, "
-                            "toward the reward model for dr)")
+@dataclass(kw_only=True, eq=False)
+class IPS(BaseOffPolicyEstimator):
+    """Inverse propensity scoring, :func:`ips`: a_i = w_i r_i, b_i = 1 (a plain mean); ESS of the weights.
+
+    Holds the importance-weighting machinery that :class:`SNIPS` and :class:`DR` inherit (the
+    checks of reward, pscore and action_dist, w_i = π_e / π₀, the ESS, the tiny-propensity and
+    low-ESS warnings); they override only :meth:`_denominator` or :meth:`_numerator`.
+
+    Parameters
+    ----------
+    reward, pscore, action_dist : ndarray, shape (n,)
+    unsupported_mass, tiny_pscore, min_ess_ratio : float
+        As in :func:`ips`; alpha, ci, n_bootstrap, seed as in :class:`BaseOffPolicyEstimator`.
+    """
+
+    reward: np.ndarray
+    pscore: np.ndarray
+    action_dist: np.ndarray
+    unsupported_mass: float | None = None
+    tiny_pscore: float = TINY_PSCORE
+    min_ess_ratio: float = MIN_ESS_RATIO
+
+    name: ClassVar[str] = "ips"
+    unsupported_effect: ClassVar[str] = ("{name} cannot see their reward and is biased (toward 0 for ips/snips, "
+                                         "toward the reward model for dr)")
+
+    def __post_init__(self) -> None:
+        self.reward = _check_1d(self.reward, "reward")
+        self.pscore = _check_1d(self.pscore, "pscore")
+        self.action_dist = _check_1d(self.action_dist, "action_dist")
+        _check_same_length(reward=self.reward, pscore=self.pscore, action_dist=self.action_dist)
+        _check_finite(self.reward, "reward")
+        _check_pscore(self.pscore)
+        _check_probability(self.action_dist, "action_dist")
+        _check_fraction(self.tiny_pscore, "tiny_pscore")
+        _check_fraction(self.min_ess_ratio, "min_ess_ratio")
+
+    def _ratio_terms(self, warnings: list[str]) -> RatioTerms:
+        w = self.action_dist / self.pscore
+        ess = effective_sample_size(w)
+        self._weight_warnings(w, ess, warnings)
+        self._unsupported_warning(self.unsupported_mass, warnings)
+        return RatioTerms(numerator=self._numerator(w), denominator=self._denominator(w, warnings), ess=ess)
+
+    def _numerator(self, weights: np.ndarray) -> np.ndarray:
+        """a_i = w_i r_i, shape (n,), from the weights w_i = π_e / π₀, shape (n,)."""
+        return weights * self.reward
+
+    def _denominator(self, weights: np.ndarray, warnings: list[str]) -> np.ndarray | None:
+        """b_i, shape (n,), from the weights, shape (n,): None here, i.e. 1 for every row (IPS divides by n).
+
+        ``warnings`` is for a subclass whose denominator can vanish.
+        """
+        return None
+
+    def _weight_warnings(self, weights: np.ndarray, ess: float, warnings: list[str]) -> None:
+        """Tiny propensities (huge weights) and a low ESS: the estimate rests on a few rows."""
+        pscore, n = self.pscore, self.pscore.shape[0]
+        tiny = pscore < self.tiny_pscore
+        if tiny.any():
+            warnings.append(
+                f"{int(tiny.sum())} of {n} rows have pscore < {self.tiny_pscore:g} (min {pscore.min():.3g}); largest "
+                f"importance weight {weights.max():.3g}"
+            )
+        if ess < self.min_ess_ratio * n:
+            warnings.append(f"effective sample size {ess:.1f} is {ess / n:.1%} of n = {n} "
+                            f"(< {self.min_ess_ratio:.0%}): the estimate rests on few rows and its interval may "
+                            "under-cover")
 
 
-def _result(name: str, estimate: float, lo: float, hi: float, *, ci: CIMethod, alpha: float, n_bootstrap: int,
-            seed: int | None, ess: float, n: int, warnings: list[str]) -> OPEResult:
-    boot = ci == "bootstrap"
-    return OPEResult(estimator=name, estimate=estimate, ci_lo=lo, ci_hi=hi, ci_method=ci, alpha=float(alpha),
-                     n_bootstrap=int(n_bootstrap) if boot else None, seed=int(seed) if boot and seed is not None
-                     else None, ess=float(ess), n=int(n), warnings=warnings)
+@dataclass(kw_only=True, eq=False)
+class SNIPS(IPS):
+    """Self-normalised IPS, :func:`snips`: :class:`IPS` with b_i = w_i instead of 1 (its only override).
+
+    Parameters
+    ----------
+    As in :class:`IPS`.
+    """
+
+    name: ClassVar[str] = "snips"
+
+    def _denominator(self, weights: np.ndarray, warnings: list[str]) -> np.ndarray | None:
+        """b_i = w_i; warns when they are all 0 (Σ w = 0: the estimate is undefined)."""
+        if not weights.any():
+            warnings.append("every importance weight is 0 (π_e never picks a logged action): snips is undefined")
+        return weights
 
 
-def _ips_inputs(reward: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
-                tiny_pscore: float, min_ess_ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    reward = _check_1d(reward, "reward")
-    pscore = _check_1d(pscore, "pscore")
-    action_dist = _check_1d(action_dist, "action_dist")
-    n = _check_same_length(reward=reward, pscore=pscore, action_dist=action_dist)
-    _check_finite(reward, "reward")
-    _check_pscore(pscore)
-    _check_probability(action_dist, "action_dist")
-    _check_fraction(tiny_pscore, "tiny_pscore")
-    _check_fraction(min_ess_ratio, "min_ess_ratio")
-    return reward, pscore, action_dist / pscore, n
+@dataclass(kw_only=True, eq=False)
+class DM(BaseOffPolicyEstimator):
+    """Direct method, :func:`dm`: a_i = v̂_i, b_i = 1 (a plain mean); ESS = n (no weighting).
+
+    Parameters
+    ----------
+    estimated_policy_value_per_row : ndarray, shape (n,)
+    unsupported_mass : float, optional
+        As in :func:`dm`; alpha, ci, n_bootstrap, seed as in :class:`BaseOffPolicyEstimator`.
+    """
+
+    estimated_policy_value_per_row: np.ndarray
+    unsupported_mass: float | None = None
+
+    name: ClassVar[str] = "dm"
+    unsupported_effect: ClassVar[str] = "{name} extrapolates the reward model there"
+
+    def __post_init__(self) -> None:
+        self.estimated_policy_value_per_row = _check_1d(self.estimated_policy_value_per_row,
+                                                        "estimated_policy_value_per_row")
+        _check_finite(self.estimated_policy_value_per_row, "estimated_policy_value_per_row")
+
+    def _ratio_terms(self, warnings: list[str]) -> RatioTerms:
+        self._unsupported_warning(self.unsupported_mass, warnings)
+        v = self.estimated_policy_value_per_row
+        return RatioTerms(numerator=v, denominator=None, ess=float(v.shape[0]))
+
+
+@dataclass(kw_only=True, eq=False)
+class DR(IPS):
+    """Doubly robust, :func:`dr`: :class:`IPS` with a_i = v̂_i + w_i (r_i − q̂_i) (overrides the numerator).
+
+    Parameters
+    ----------
+    reward, pscore, action_dist, unsupported_mass, tiny_pscore, min_ess_ratio
+        As in :class:`IPS`.
+    estimated_rewards, estimated_policy_value_per_row : ndarray, shape (n,)
+        As in :func:`dr`.
+    """
+
+    estimated_rewards: np.ndarray
+    estimated_policy_value_per_row: np.ndarray
+
+    name: ClassVar[str] = "dr"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.estimated_rewards = _check_1d(self.estimated_rewards, "estimated_rewards")
+        self.estimated_policy_value_per_row = _check_1d(self.estimated_policy_value_per_row,
+                                                        "estimated_policy_value_per_row")
+        _check_same_length(reward=self.reward, estimated_rewards=self.estimated_rewards,
+                           estimated_policy_value_per_row=self.estimated_policy_value_per_row)
+        _check_finite(self.estimated_rewards, "estimated_rewards")
+        _check_finite(self.estimated_policy_value_per_row, "estimated_policy_value_per_row")
+
+    def _numerator(self, weights: np.ndarray) -> np.ndarray:
+        """a_i = v̂_i + w_i (r_i − q̂_i): the DM term plus the weighted residual of the reward model."""
+        return self.estimated_policy_value_per_row + weights * (self.reward - self.estimated_rewards)
 
 
 # --------------------------------------------------------------------------------------------
-# estimators
+# the estimators as functions: the public API, each a thin wrapper over its class
 # --------------------------------------------------------------------------------------------
 
 
@@ -480,48 +741,8 @@ def replay(
     OPEResult
         ``ess`` is the number of matching rows. NaN estimate (with a warning) when no row matches.
     """
-    reward = _check_1d(reward, "reward")
-    action = _check_1d(action, "action", integer=True)
-    eval_action = _check_1d(eval_action, "eval_action", integer=True)
-    arrays = {"reward": reward, "action": action, "eval_action": eval_action}
-    if pscore is not None:
-        pscore = _check_1d(pscore, "pscore")
-        arrays["pscore"] = pscore
-    if position is not None:
-        position = _check_1d(position, "position", integer=True)
-        arrays["position"] = position
-    n = _check_same_length(**arrays)
-    _check_finite(reward, "reward")
-    _check_ci_arguments(alpha, ci, n_bootstrap, seed)
-    _check_fraction(uniform_rtol, "uniform_rtol")
-    warnings: list[str] = []
-
-    if pscore is None:
-        warnings.append("no pscore given: cannot check that the log is uniform, which replay needs to be unbiased")
-    else:
-        logged = ~np.isnan(pscore)
-        if not logged.all():
-            warnings.append(f"{int((~logged).sum())} of {n} rows have no logged propensity (NaN): uniformity "
-                            "checked on the others")
-        groups = [logged] if position is None else [logged & (position == p) for p in np.unique(position)]
-        for g in groups:
-            ps = pscore[g]
-            if ps.size and (ps.max() - ps.min()) > uniform_rtol * abs(ps.mean()):
-                where = "" if position is None else f" at position {int(position[g][0])}"
-                warnings.append(f"log is not uniform{where}: propensities range over [{ps.min():.3g}, "
-                                f"{ps.max():.3g}]; replay is biased toward the logging policy's choices, use ips/snips")
-                break
-
-    match = (action == eval_action).astype(np.float64)
-    kept = int(match.sum())
-    estimate, lo, hi = _ratio_terms_interval(match * reward, match, alpha=alpha, ci=ci, n_bootstrap=n_bootstrap,
-                                             seed=seed, warnings=warnings)
-    if kept == 0:
-        warnings.append("no logged action matches the evaluation policy's choice: replay is undefined")
-    elif kept < MIN_ESS_RATIO * n:
-        warnings.append(f"only {kept} of {n} rows ({kept / n:.1%}) match the evaluation policy's choice")
-    return _result("replay", estimate, lo, hi, ci=ci, alpha=alpha, n_bootstrap=n_bootstrap, seed=seed,
-                   ess=float(kept), n=n, warnings=warnings)
+    return Replay(reward=reward, action=action, eval_action=eval_action, pscore=pscore, position=position,
+                  alpha=alpha, ci=ci, n_bootstrap=n_bootstrap, seed=seed, uniform_rtol=uniform_rtol).estimate()
 
 
 def ips(
@@ -565,16 +786,9 @@ def ips(
     -------
     OPEResult
     """
-    reward, pscore, w, n = _ips_inputs(reward, pscore, action_dist, tiny_pscore, min_ess_ratio)
-    _check_ci_arguments(alpha, ci, n_bootstrap, seed)
-    warnings: list[str] = []
-    ess = effective_sample_size(w)
-    _weight_warnings(pscore, w, ess, tiny_pscore=tiny_pscore, min_ess_ratio=min_ess_ratio, warnings=warnings)
-    _unsupported_warning(unsupported_mass, "ips", warnings)
-    estimate, lo, hi = _ratio_terms_interval(w * reward, None, alpha=alpha, ci=ci, n_bootstrap=n_bootstrap,
-                                             seed=seed, warnings=warnings)
-    return _result("ips", estimate, lo, hi, ci=ci, alpha=alpha, n_bootstrap=n_bootstrap, seed=seed, ess=ess, n=n,
-                   warnings=warnings)
+    return IPS(reward=reward, pscore=pscore, action_dist=action_dist, unsupported_mass=unsupported_mass, alpha=alpha,
+               ci=ci, n_bootstrap=n_bootstrap, seed=seed, tiny_pscore=tiny_pscore,
+               min_ess_ratio=min_ess_ratio).estimate()
 
 
 def snips(
@@ -605,18 +819,9 @@ def snips(
     OPEResult
         NaN estimate (with a warning) when every weight is 0.
     """
-    reward, pscore, w, n = _ips_inputs(reward, pscore, action_dist, tiny_pscore, min_ess_ratio)
-    _check_ci_arguments(alpha, ci, n_bootstrap, seed)
-    warnings: list[str] = []
-    ess = effective_sample_size(w)
-    _weight_warnings(pscore, w, ess, tiny_pscore=tiny_pscore, min_ess_ratio=min_ess_ratio, warnings=warnings)
-    _unsupported_warning(unsupported_mass, "snips", warnings)
-    if not w.any():
-        warnings.append("every importance weight is 0 (π_e never picks a logged action): snips is undefined")
-    estimate, lo, hi = _ratio_terms_interval(w * reward, w, alpha=alpha, ci=ci, n_bootstrap=n_bootstrap, seed=seed,
-                                             warnings=warnings)
-    return _result("snips", estimate, lo, hi, ci=ci, alpha=alpha, n_bootstrap=n_bootstrap, seed=seed, ess=ess, n=n,
-                   warnings=warnings)
+    return SNIPS(reward=reward, pscore=pscore, action_dist=action_dist, unsupported_mass=unsupported_mass, alpha=alpha,
+                 ci=ci, n_bootstrap=n_bootstrap, seed=seed, tiny_pscore=tiny_pscore,
+                 min_ess_ratio=min_ess_ratio).estimate()
 
 
 def dm(
@@ -648,16 +853,8 @@ def dm(
     OPEResult
         ``ess`` is n (no weighting).
     """
-    v = _check_1d(estimated_policy_value_per_row, "estimated_policy_value_per_row")
-    _check_finite(v, "estimated_policy_value_per_row")
-    _check_ci_arguments(alpha, ci, n_bootstrap, seed)
-    n = v.shape[0]
-    warnings: list[str] = []
-    _unsupported_warning(unsupported_mass, "dm", warnings)
-    estimate, lo, hi = _ratio_terms_interval(v, None, alpha=alpha, ci=ci, n_bootstrap=n_bootstrap, seed=seed,
-                                             warnings=warnings)
-    return _result("dm", estimate, lo, hi, ci=ci, alpha=alpha, n_bootstrap=n_bootstrap, seed=seed, ess=float(n),
-                   n=n, warnings=warnings)
+    return DM(estimated_policy_value_per_row=estimated_policy_value_per_row, unsupported_mass=unsupported_mass,
+              alpha=alpha, ci=ci, n_bootstrap=n_bootstrap, seed=seed).estimate()
 
 
 def dr(
@@ -697,28 +894,25 @@ def dr(
     OPEResult
         ``ess`` is that of the importance weights.
     """
-    reward, pscore, w, n = _ips_inputs(reward, pscore, action_dist, tiny_pscore, min_ess_ratio)
-    q_hat = _check_1d(estimated_rewards, "estimated_rewards")
-    v = _check_1d(estimated_policy_value_per_row, "estimated_policy_value_per_row")
-    _check_same_length(reward=reward, estimated_rewards=q_hat, estimated_policy_value_per_row=v)
-    _check_finite(q_hat, "estimated_rewards")
-    _check_finite(v, "estimated_policy_value_per_row")
-    _check_ci_arguments(alpha, ci, n_bootstrap, seed)
-    warnings: list[str] = []
-    ess = effective_sample_size(w)
-    _weight_warnings(pscore, w, ess, tiny_pscore=tiny_pscore, min_ess_ratio=min_ess_ratio, warnings=warnings)
-    _unsupported_warning(unsupported_mass, "dr", warnings)
-    estimate, lo, hi = _ratio_terms_interval(v + w * (reward - q_hat), None, alpha=alpha, ci=ci,
-                                             n_bootstrap=n_bootstrap, seed=seed, warnings=warnings)
-    return _result("dr", estimate, lo, hi, ci=ci, alpha=alpha, n_bootstrap=n_bootstrap, seed=seed, ess=ess, n=n,
-                   warnings=warnings)
+    return DR(reward=reward, pscore=pscore, action_dist=action_dist, estimated_rewards=estimated_rewards,
+              estimated_policy_value_per_row=estimated_policy_value_per_row, unsupported_mass=unsupported_mass,
+              alpha=alpha, ci=ci, n_bootstrap=n_bootstrap, seed=seed, tiny_pscore=tiny_pscore,
+              min_ess_ratio=min_ess_ratio).estimate()
 
 
 __all__ = [
+    "DM",
+    "DR",
+    "IPS",
     "MIN_ESS_RATIO",
+    "SNIPS",
     "TINY_PSCORE",
     "UNIFORM_RTOL",
+    "BaseOffPolicyEstimator",
+    "CIMethod",
     "OPEResult",
+    "RatioTerms",
+    "Replay",
     "compute_unsupported_mass",
     "dm",
     "dr",

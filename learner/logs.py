@@ -27,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from learner.offline import Log
-from streams import archive
+from privads.infra.errors import LogError
+from privads.learner.offline import Log
+from privads.streams import archive
 
 FORMATS = ("jsonl", "parquet", "obd")
 EXPORT_SCHEMA = pa.schema([
@@ -37,10 +38,6 @@ EXPORT_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("context", pa.string()), ("clicked", pa.int8()), ("value", pa.float64()),
     ("click_ts", pa.float64()),
 ])
-
-
-class LogError(ValueError):
-    """A log that cannot be read as asked; the text names the file and what is wrong."""
 
 
 @dataclass

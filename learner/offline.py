@@ -37,8 +37,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from learner.estimators import CIMethod, OPEResult, dm, dr, ips, replay, snips
-from ranker.experiment import wilson
+from privads.learner.estimators import CIMethod, OPEResult, dm, dr, ips, replay, snips
+from privads.ranker.experiment import wilson
 
 ESTIMATORS = ("replay", "ips", "snips", "dm", "dr")
 NEEDS_PSCORE = frozenset({"ips", "snips", "dr"})

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ranker.features import CATEGORY_BUCKETS, CONTEXT_BUCKETS, MAX_POSITION, Rows
-from ranker.model import RankerModel
+from privads.ranker.features import CATEGORY_BUCKETS, CONTEXT_BUCKETS, MAX_POSITION, Rows
+from privads.ranker.model import RankerModel
 
 KINDS = ("dcn", "logistic", "transformer", "mns-lsh")
 
 
 @dataclass
-class Labelled:
+class LabelledRows:
     """Ranker rows with their outcomes, in time order.
 
     Attributes
@@ -51,9 +51,9 @@ class Labelled:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, idx: np.ndarray | slice) -> "Labelled":
+    def take(self, idx: np.ndarray | slice) -> LabelledRows:
         idx = np.arange(len(self))[idx] if isinstance(idx, slice) else idx
-        return Labelled(self.rows.take(idx), self.clicked[idx], self.value[idx], self.group[idx])
+        return LabelledRows(self.rows.take(idx), self.clicked[idx], self.value[idx], self.group[idx])
 
 
 # --- modules -----------------------------------------------------------------------
@@ -238,14 +238,14 @@ class Fitted:
 LEARNING_RATES = {"dcn": 2e-3, "logistic": 1e-2, "transformer": 2e-3, "mns-lsh": 2e-3}
 
 
-def fit(data: Labelled, kind: str = "dcn", *, epochs: int = 3, lr: float | None = None, batch_size: int = 1024,
+def fit(data: LabelledRows, kind: str = "dcn", *, epochs: int = 3, lr: float | None = None, batch_size: int = 1024,
         weight_decay: float = 1e-5, value_weight: float = 0.5, init: RankerModel | None = None,
         min_steps: int = 400, seed: int = 0, dcn_size: tuple[int, tuple[int, ...]] | None = None) -> Fitted:
     """Train a ranker on labelled rows.
 
     Parameters
     ----------
-    data : Labelled
+    data : LabelledRows
         Training rows (n of them).
     kind : one of ``KINDS``
     epochs, lr, batch_size, weight_decay : AdamW schedule; ``lr`` defaults to ``LEARNING_RATES[kind]``.

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import Settings
-from infra.store import AdCountLog, ModelPointer, UserStore, connect
-from learner.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
-from learner.logs import LogError, Rows, format_of, read_logs
-from learner.offline import (
+from privads.infra.errors import LogError
+from privads.infra.settings import Settings
+from privads.infra.store import AdCountLog, ModelPointer, UserStore, connect
+from privads.learner.logs import Rows, format_of, read_logs
+from privads.learner.offline import (
     ESTIMATORS,
     Log,
     PolicyRows,
@@ -39,10 +39,11 @@ from learner.offline import (
     popularity_policy,
     uniform_policy,
 )
-from ranker import experiment
-from ranker.adcounts import AdCounts, RowCounts
-from ranker.features import context_ids
-from ranker.policy import thompson_policy
+from privads.ranker import experiment
+from privads.ranker.adcounts import AdCounts, RowCounts
+from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
+from privads.ranker.features import context_ids
+from privads.ranker.policy import ThompsonParams, thompson_policy
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -118,7 +119,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
            settings: Settings, *, seed: int, draws: int, name: str) -> PolicyRows:
     """Monte-Carlo lists of ``version``'s Thompson policy for every logged request (the code of ``/recommend``)."""
     cat = version.catalog
-    params = settings.thompson_params(draws)
+    params = ThompsonParams.from_settings(settings, draws)
     prior_mean = np.zeros(settings.d_user, np.float32)
     prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     action_of = {a: i for i, a in enumerate(log.actions)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from learner.projector import Projector
+from privads.ranker.projector import Projector
 
 
 def train_projector(

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from infra.keys import EXPECTED_SCALE
+from privads.infra.keys import EXPECTED_SCALE
 
 _ZERO = (0, 0, 0)
 JOURNAL = 4096  # applied deltas remembered; a RowCounts further behind than this is rebuilt

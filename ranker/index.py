@@ -19,8 +19,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ranker.features import category_id
-from ranker.scoring import retrieval_keys, retrieval_query
+from privads.ranker.features import category_id
+from privads.ranker.scoring import retrieval_keys, retrieval_query
 
 EXACT_BELOW = 50_000
 NPROBES = (8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256, 384, 512, 1024)

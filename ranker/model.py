@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.features import CONTEXT_BUCKETS, MIN_BID, Rows
+from privads.ranker.features import CONTEXT_BUCKETS, MIN_BID, Rows
 
 
 @dataclass

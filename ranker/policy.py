@@ -15,13 +15,16 @@ replay tools can call them on logged state the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ranker.model import RankerModel
-from ranker.scoring import AdEvidence, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
-from streams.updates import sigmoid
+from privads.ranker.model import RankerModel
+from privads.ranker.scoring import AdEvidence, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
+from privads.ranker.updates import logit, sigmoid
+
+if TYPE_CHECKING:
+    from privads.infra.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,13 @@ class ThompsonParams:
     bias: float = -2.944
     calibration_strength: float = 5.0
     shortlist: int = 50
+
+    @classmethod
+    def from_settings(cls, settings: Settings, draws: int | None = None) -> ThompsonParams:
+        """The learned policy's hyper-parameters (``draws``: Monte-Carlo draws, ``propensity_draws`` if None)."""
+        return cls(draws=settings.propensity_draws if draws is None else draws, scale=settings.exploration,
+                   bias=logit(settings.base_rate), calibration_strength=settings.calibration_strength,
+                   shortlist=settings.shortlist)
 
 
 def thompson_policy(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streams.updates import ad_posterior, sigmoid
+from privads.ranker.updates import ad_posterior, sigmoid
 
 
 @dataclass(frozen=True, slots=True)

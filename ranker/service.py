@@ -35,20 +35,33 @@ from typing import Any
 
 import numpy as np
 
-from infra import keys
-from infra.kafka import QueuedProducer
-from infra.settings import Settings
-from infra.store import AdCountLog, CatalogStore, Counters, ModelPointer, QualityBoard, UserStore, WorkerRegistry
-from learner.artifacts import ModelVersion, load_version, read_manifest
-from learner.projector import initial_projector
-from ranker import experiment, scoring
-from ranker.adcounts import AdCounts, RowCounts
-from ranker.features import context_ids
-from ranker.index import ServingCatalog
-from ranker.policy import candidate_logits, counts_by_row, popularity_order, thompson_policy
-from ranker.policy import describe as describe_params
-from streams import records
-from streams.updates import dp_epsilon
+from privads.infra import keys, records
+from privads.infra.kafka import QueuedProducer
+from privads.infra.settings import Settings
+from privads.infra.store import (
+    AdCountLog,
+    CatalogStore,
+    Counters,
+    ModelPointer,
+    QualityBoard,
+    UserStore,
+    WorkerRegistry,
+)
+from privads.ranker import experiment, scoring
+from privads.ranker.adcounts import AdCounts, RowCounts
+from privads.ranker.artifacts import ModelVersion, load_version, read_manifest
+from privads.ranker.features import context_ids
+from privads.ranker.index import ServingCatalog
+from privads.ranker.policy import (
+    ThompsonParams,
+    candidate_logits,
+    counts_by_row,
+    popularity_order,
+    thompson_policy,
+)
+from privads.ranker.policy import describe as describe_params
+from privads.ranker.projector import initial_projector
+from privads.ranker.updates import dp_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +133,7 @@ class Recommender:
         self._candidates_lru: OrderedDict[tuple, Candidates] = OrderedDict()
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
-        self.params = settings.thompson_params()
+        self.params = ThompsonParams.from_settings(settings)
         # the population prior: the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
@@ -348,7 +361,7 @@ class Recommender:
             for a in shown])
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
-        """Queue a click for ``privads.clicks``; returns its event id."""
+        """Queue a click for ``clicks``; returns its event id."""
         event_id = records.new_event_id()
         click = records.Click(event_id=event_id, ts=time.time(), impression_id=impression_id,
                               user_id=user_id, ad_id=ad_id, value=value)
@@ -356,7 +369,7 @@ class Recommender:
         return event_id
 
     def upsert_ad(self, ad: records.Ad) -> None:
-        """Queue a catalog upsert for ``privads.ads`` (the same path as any producer's)."""
+        """Queue a catalog upsert for ``ads`` (the same path as any producer's)."""
         self.producer.send(records.ADS, ad.ad_id, records.encode(ad))
 
     async def erase_user(self, user_id: str) -> None:

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra import keys
-from streams.records import Impression, Labelled
+from privads.infra import keys
+from privads.infra.records import Impression, Labelled
 
 IMPRESSION_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()), ("ad_id", pa.string()),

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from infra.keys import EXPECTED_SCALE
-from streams.records import Click, Impression, Labelled, Pending
+from privads.infra.keys import EXPECTED_SCALE
+from privads.infra.records import Click, Impression, Labelled, Pending
 
 
 def bucket_of(ts: float, bucket_s: int) -> int:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.settings import Settings
-from infra.store import CatalogStore, ModelPointer
-from learner.encoder import AdEncoder
-from learner.projector import Projector, initial_projector
-from streams.records import Ad
+from privads.infra.records import Ad
+from privads.infra.settings import Settings
+from privads.infra.store import CatalogStore, ModelPointer
+from privads.ranker.encoder import AdEncoder
+from privads.ranker.projector import Projector, initial_projector
 
 log = logging.getLogger(__name__)
 

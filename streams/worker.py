@@ -1,7 +1,7 @@
 """The stream worker: batch agents over aiokafka, exactly-once through Redis checkpoints.
 
 Agents (each a few lines; the work is in ``streams.attribution``,
-``streams.updates`` and ``streams.services``):
+``ranker.updates`` and ``streams.services``):
 
 * ``attribute_and_learn`` — impressions, clicks and forwarded events of the
   partitions this worker owns: decode (bad → dead letter), forward events whose
@@ -36,11 +36,13 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from infra import keys
-from infra.kafka import create_topics
-from infra.runtime import keep_freed_memory
-from infra.settings import Settings
-from infra.store import (
+from privads.infra import keys, records
+from privads.infra.errors import InvalidEvent
+from privads.infra.kafka import async_producer_config, consumer_config, create_topics
+from privads.infra.partitioning import owner
+from privads.infra.runtime import keep_freed_memory
+from privads.infra.settings import Settings
+from privads.infra.store import (
     CatalogStore,
     Conflict,
     ModelPointer,
@@ -51,14 +53,12 @@ from infra.store import (
     WorkerRegistry,
     connect,
 )
-from learner.encoder import AdEncoder
-from learner.quality import QualityWatch
-from streams import archive, records
-from streams.attribution import Clock, Seen, bucket_of, plan_batch
-from streams.partitioning import owner
-from streams.records import InvalidEvent
-from streams.services import AdVectors, CatalogIndexer
-from streams.updates import sigmoid, update_many
+from privads.ranker.encoder import AdEncoder
+from privads.ranker.quality import QualityWatch
+from privads.ranker.updates import UpdateParams, sigmoid, update_many
+from privads.streams import archive
+from privads.streams.attribution import Clock, Seen, bucket_of, plan_batch
+from privads.streams.services import AdVectors, CatalogIndexer
 
 log = logging.getLogger("privads.worker")
 
@@ -102,7 +102,7 @@ class EventAgent:
         self.window_s = settings.attribution_window_s
         self.bucket_s = max(1, int(settings.attribution_window_s // 30))
         self.retention_s = settings.attribution_window_s + settings.dedupe_horizon_s
-        self.params = settings.update_params()
+        self.params = UpdateParams.from_settings(settings)
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.rng = np.random.default_rng(settings.seed)
         self.quality = QualityWatch()
@@ -144,8 +144,10 @@ class EventAgent:
         """
         if fingerprint is None:
             return False
-        probe = AIOKafkaConsumer(bootstrap_servers=self.s.kafka_servers, enable_auto_commit=False,
-                                 auto_offset_reset="none", fetch_max_wait_ms=100)
+        # one record is read: the clients' default fetch sizes, not the workers' large ones
+        probe = AIOKafkaConsumer(**consumer_config(self.s.kafka_servers, auto_offset_reset="none",
+                                                   fetch_max_wait_ms=100, fetch_max_bytes=52_428_800,
+                                                   max_partition_fetch_bytes=1_048_576))
         await probe.start()
         try:
             probe.assign([tp])
@@ -436,26 +438,11 @@ async def consumer_lag(consumer: AIOKafkaConsumer) -> dict[str, int]:
     return lag
 
 
-def consumer_config(settings: Settings) -> dict:
-    """aiokafka settings tuned so that group joins take seconds (see NOTES-infra)."""
-    return dict(
-        bootstrap_servers=settings.kafka_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        rebalance_timeout_ms=5000,
-        max_poll_interval_ms=60000,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        fetch_max_wait_ms=50,
-    )
-
-
 async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKafkaProducer,
                     stop: asyncio.Event) -> None:
     """Catalog upserts → text embeddings (cached) → Redis; at least once, idempotent."""
-    consumer = AIOKafkaConsumer(records.ADS, group_id=f"{settings.worker_group}-catalog", **consumer_config(settings))
+    consumer = AIOKafkaConsumer(records.ADS, group_id=f"{settings.worker_group}-catalog",
+                                **consumer_config(settings.kafka_servers))
     await consumer.start()
     try:
         while not stop.is_set():
@@ -488,12 +475,12 @@ async def run(settings: Settings) -> None:
     catalog = CatalogStore(r)
     ad_vectors = AdVectors(settings, catalog, ModelPointer(r))
     indexer = CatalogIndexer(catalog, AdEncoder(settings.encoder_backend, settings.models_dir / "encoder"))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_servers, linger_ms=5, acks=1)
+    producer = AIOKafkaProducer(**async_producer_config(settings.kafka_servers))
     await producer.start()
     agent = EventAgent(settings, r, producer, ad_vectors)
     await agent.store.set_partitions(settings.partitions)
     consumer = AIOKafkaConsumer(group_id=settings.worker_group, partition_assignment_strategy=(RangePartitionAssignor,),
-                                **consumer_config(settings))
+                                **consumer_config(settings.kafka_servers))
     agent.consumer = consumer
     consumer.subscribe(list(records.EVENT_TOPICS), listener=Listener(agent))
     await consumer.start()

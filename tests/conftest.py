@@ -17,8 +17,8 @@ import httpx
 import pytest
 import redis
 
-from infra.kafka import create_topics
-from infra.processes import (
+from privads.infra.kafka import create_topics
+from privads.infra.processes import (
     Process,
     broker_process,
     free_port,
@@ -26,7 +26,7 @@ from infra.processes import (
     redis_process,
     wait_port_free,
 )
-from infra.settings import Settings
+from privads.infra.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CATALOG = REPO / "data" / "sample_ads.jsonl"

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from api.deps import RecommenderDep, WriteAccess
-from streams.records import Ad
+from privads.api.deps import RecommenderDep, WriteAccess
+from privads.infra.records import Ad
 
 router = APIRouter(tags=["ads"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from api.deps import RecommenderDep, WriteAccess
+from privads.api.deps import RecommenderDep, WriteAccess
 
 router = APIRouter(tags=["clicks"])
 

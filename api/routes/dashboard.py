@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 router = APIRouter(tags=["experiment"])
-PAGE = resources.files("api").joinpath("static", "dashboard.html").read_text(encoding="utf-8")
+PAGE = resources.files("privads.api").joinpath("static", "dashboard.html").read_text(encoding="utf-8")
 
 
 @router.get("/dashboard", response_class=HTMLResponse)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from api.deps import RecommenderDep
+from privads.api.deps import RecommenderDep
 
 router = APIRouter(tags=["experiment"])
 

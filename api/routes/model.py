@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import RecommenderDep
+from privads.api.deps import RecommenderDep
 
 router = APIRouter(tags=["model"])
 

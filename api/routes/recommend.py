@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from api.deps import MetricsDep, RecommenderDep
+from privads.api.deps import MetricsDep, RecommenderDep
 
 router = APIRouter(tags=["recommend"])
 

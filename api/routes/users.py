@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from api.deps import RecommenderDep, WriteAccess
+from privads.api.deps import RecommenderDep, WriteAccess
 
 router = APIRouter(tags=["users"])
 

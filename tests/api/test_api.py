@@ -10,8 +10,7 @@ import redis
 
 from conftest import wait_until
 from helpers import produce, read_topic, sample_ads
-from infra import keys
-from streams import records
+from privads.infra import keys, records
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["insurance", "coffee & tea", "gaming"]

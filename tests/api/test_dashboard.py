@@ -14,10 +14,10 @@ import redis
 
 from conftest import start_api, start_worker, wait_until
 from helpers import produce, sample_ads
-from infra.processes import free_port
-from infra.settings import Settings
-from ranker import experiment
-from streams import records
+from privads.infra import records
+from privads.infra.processes import free_port
+from privads.infra.settings import Settings
+from privads.ranker import experiment
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "gaming"], per_category=6, bid=1.0)

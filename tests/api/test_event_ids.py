@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from conftest import start_api
-from infra.processes import free_port
-from infra.settings import Settings
+from privads.infra.processes import free_port
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import wait_until
 from helpers import produce, sample_ads
-from streams import records
+from privads.infra import records
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "gaming"], per_category=5, bid=1.0)

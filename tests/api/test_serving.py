@@ -11,10 +11,10 @@ import redis
 
 from conftest import start_api, start_worker, wait_until
 from helpers import produce, read_topic, sample_ads
-from infra.processes import free_port
-from infra.settings import Settings
-from ranker import experiment
-from streams import records
+from privads.infra import records
+from privads.infra.processes import free_port
+from privads.infra.settings import Settings
+from privads.ranker import experiment
 
 pytestmark = pytest.mark.integration
 KEY = "s3cret-key"

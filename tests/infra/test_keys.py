@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from infra import keys
+from privads.infra import keys
 
 
 @pytest.mark.parametrize("d", [1, 2, 64])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from infra.settings import Settings
+from privads.infra.settings import Settings
 
 
 @pytest.fixture(autouse=True)

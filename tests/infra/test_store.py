@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import redis
 
-from infra import keys
-from infra.store import AdCountLog, ad_count_deltas, connect
-from ranker.adcounts import AdCounts
-from ranker.scoring import AdEvidence
-from streams.updates import ad_posterior
+from privads.infra import keys
+from privads.infra.store import AdCountLog, ad_count_deltas, connect
+from privads.ranker.adcounts import AdCounts
+from privads.ranker.scoring import AdEvidence
+from privads.ranker.updates import ad_posterior
 
 pytestmark = pytest.mark.integration
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infra.settings import Settings
-from learner import ranking
-from learner.cycle import Examples, choose_ranker
-from learner.projector import Projector
-from learner.synthetic import learned_users, logged_traffic, make_world
-from streams.updates import UpdateParams, logit
+from privads.bench.synthetic import learned_users, logged_traffic, make_world
+from privads.infra.settings import Settings
+from privads.learner import ranking
+from privads.learner.cycle import Examples, choose_ranker
+from privads.ranker.projector import Projector
+from privads.ranker.updates import UpdateParams, logit
 
 D = 16
 
@@ -46,9 +46,9 @@ def test_a_trained_ranker_replaces_the_stream_formula_and_reports_baselines(exam
 def test_a_worse_candidate_ranker_is_rejected_and_the_served_one_kept(examples: Examples) -> None:
     served, _ = choose_ranker(None, examples, IDENTITY, Settings(seed=0))
 
-    def shuffled(data: ranking.Labelled, kind: str, **kw: object) -> ranking.Fitted:  # learns noise
+    def shuffled(data: ranking.LabelledRows, kind: str, **kw: object) -> ranking.Fitted:  # learns noise
         rng = np.random.default_rng(0)
-        noise = ranking.Labelled(data.rows, rng.permutation(data.clicked), data.value, data.group)
+        noise = ranking.LabelledRows(data.rows, rng.permutation(data.clicked), data.value, data.group)
         return ranking.fit(noise, kind, **{**kw, "init": None})  # type: ignore[arg-type]
 
     kept, info = choose_ranker(served, examples, IDENTITY, Settings(seed=0), fitter=shuffled)

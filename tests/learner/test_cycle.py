@@ -13,7 +13,7 @@ import pytest
 
 from conftest import wait_until
 from helpers import produce, read_topic, sample_ads
-from streams import records
+from privads.infra import records
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["gardening", "jewellery"], per_category=8)
@@ -21,7 +21,7 @@ ADS = sample_ads(["gardening", "jewellery"], per_category=8)
 
 def train(settings) -> dict:
     env = {**os.environ, **settings.child_env()}
-    r = subprocess.run([sys.executable, "-m", "infra.cli", "train"], env=env, capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "privads", "train"], env=env, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     return json.loads(r.stdout)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
+from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 
 
 # y = [0,0,1,1], s = [.1,.4,.35,.8]: pairs (pos, neg) correctly ordered: (.35>.1), (.8>.1), (.8>.4) = 3 of 4

@@ -19,11 +19,10 @@ import redis
 
 from conftest import Infra, start_api, start_worker, wait_until
 from helpers import produce, sample_ads
-from infra import keys
-from infra.kafka import create_topics
-from infra.processes import broker_process, free_port, redis_process, wait_port_free
-from infra.settings import Settings
-from streams import records
+from privads.infra import keys, records
+from privads.infra.kafka import create_topics
+from privads.infra.processes import broker_process, free_port, redis_process, wait_port_free
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 WINDOW = 3.0
@@ -40,7 +39,7 @@ def settings(infra: Infra) -> Settings:
 
 
 def privads(settings: Settings, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-m", "privads", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **settings.child_env()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)

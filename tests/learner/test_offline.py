@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.offline import (
+from privads.learner.offline import (
     Log,
     PolicyRows,
     evaluate,

@@ -7,24 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner import ranking
-from learner.evaluation import auc
-from learner.synthetic import learned_users, logged_traffic, make_world
-from ranker.model import RankerModel
-from streams.updates import UpdateParams, logit
+from privads.bench.synthetic import learned_users, logged_traffic, make_world
+from privads.learner import ranking
+from privads.learner.evaluation import auc
+from privads.ranker.model import RankerModel
+from privads.ranker.updates import UpdateParams, logit
 
 PARAMS = UpdateParams(learning_rate=0.8, max_step=1.0, l2_prior=0.01, bias=logit(0.05))
 
 
 @pytest.fixture(scope="module")
-def traffic() -> ranking.Labelled:
+def traffic() -> ranking.LabelledRows:
     world = make_world(3000, 800, d=16, seed=1)
     users, counts = learned_users(world, 20, PARAMS, 16.0, seed=2)
     return logged_traffic(world, users, counts, 12_000, seed=3)
 
 
 @pytest.mark.parametrize("kind", ["dcn", "logistic"])
-def test_numpy_serving_form_matches_torch(traffic: ranking.Labelled, kind: str, tmp_path: Path) -> None:
+def test_numpy_serving_form_matches_torch(traffic: ranking.LabelledRows, kind: str, tmp_path: Path) -> None:
     fitted = ranking.fit(traffic.take(slice(0, 5000)), kind, epochs=1, seed=0)
     rows = traffic.rows.take(np.arange(5000, 6000))
     model = ranking.export(fitted)
@@ -39,7 +39,7 @@ def test_numpy_serving_form_matches_torch(traffic: ranking.Labelled, kind: str, 
     assert (loaded.values(rows) >= 0).all()
 
 
-def test_logistic_has_no_hidden_layers_and_dcn_has_cross_layers(traffic: ranking.Labelled) -> None:
+def test_logistic_has_no_hidden_layers_and_dcn_has_cross_layers(traffic: ranking.LabelledRows) -> None:
     small = traffic.take(slice(0, 2000))
     lr = ranking.export(ranking.fit(small, "logistic", epochs=1))
     dcn = ranking.export(ranking.fit(small, "dcn", epochs=1))
@@ -48,7 +48,7 @@ def test_logistic_has_no_hidden_layers_and_dcn_has_cross_layers(traffic: ranking
     assert dcn.cross_u[0].shape[1] == ranking.DCN_RANK
 
 
-def test_two_seeded_fits_agree_and_other_seeds_differ(traffic: ranking.Labelled) -> None:
+def test_two_seeded_fits_agree_and_other_seeds_differ(traffic: ranking.LabelledRows) -> None:
     small = traffic.take(slice(0, 3000))
     rows = traffic.rows.take(np.arange(3000, 3500))
     a = ranking.export(ranking.fit(small, "dcn", epochs=1, seed=5)).click_logits(rows)
@@ -58,7 +58,7 @@ def test_two_seeded_fits_agree_and_other_seeds_differ(traffic: ranking.Labelled)
     assert not np.allclose(a, c)
 
 
-def test_warm_start_begins_from_the_served_weights(traffic: ranking.Labelled) -> None:
+def test_warm_start_begins_from_the_served_weights(traffic: ranking.LabelledRows) -> None:
     small = traffic.take(slice(0, 3000))
     served = ranking.export(ranking.fit(small, "dcn", epochs=2, seed=0))
     module = ranking.make_module("dcn", small.rows.dense.shape[1], served.mean, served.std, seed=1)
@@ -68,7 +68,7 @@ def test_warm_start_begins_from_the_served_weights(traffic: ranking.Labelled) ->
     np.testing.assert_allclose(copied, served.click_logits(rows), atol=1e-4)
 
 
-def test_a_served_ranker_of_another_size_is_not_warm_started_from(traffic: ranking.Labelled) -> None:
+def test_a_served_ranker_of_another_size_is_not_warm_started_from(traffic: ranking.LabelledRows) -> None:
     small = traffic.take(slice(0, 2000))
     served = ranking.export(ranking.fit(small, "dcn", epochs=1, seed=0, dcn_size=(16, ranking.DCN_HIDDEN)))
     assert served.cross_u[0].shape[1] == 16
@@ -81,7 +81,7 @@ def test_unknown_kind_is_rejected_by_name() -> None:
         ranking.make_module("gbdt", 9, np.zeros(9, np.float32), np.ones(9, np.float32), 0)
 
 
-def test_dcn_beats_logistic_regression_on_held_out_traffic(traffic: ranking.Labelled) -> None:
+def test_dcn_beats_logistic_regression_on_held_out_traffic(traffic: ranking.LabelledRows) -> None:
     # the simulated clicks depend on category × context interactions and a multi-interest maximum:
     # what the cross layers can learn and a linear model cannot
     cut = int(len(traffic) * 0.8)

@@ -18,7 +18,7 @@ needs_obd = pytest.mark.skipif(OBD is None, reason="Open Bandit Dataset sample n
 
 
 def privads(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "privads", *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd)
 
 

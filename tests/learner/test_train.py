@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from learner.evaluation import auc, log_loss
-from learner.projector import Projector, initial_projector
-from learner.train import train_projector
-from streams.updates import logit, sigmoid
+from privads.learner.evaluation import auc, log_loss
+from privads.learner.train import train_projector
+from privads.ranker.projector import Projector, initial_projector
+from privads.ranker.updates import logit, sigmoid
 
 D_AD, D_USER, BIAS = 32, 8, logit(0.1)
 

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 from conftest import start_api, wait_until
-from infra import keys
-from infra.processes import free_port
-from infra.settings import Settings
-from infra.store import CatalogStore, connect
-from learner.cycle import run_cycle
-from learner.projector import Projector, initial_projector
-from learner.train import train_projector
-from streams import archive
-from streams.records import Ad, Labelled
-from streams.updates import logit, sigmoid
+from privads.infra import keys
+from privads.infra.processes import free_port
+from privads.infra.records import Ad, Labelled
+from privads.infra.settings import Settings
+from privads.infra.store import CatalogStore, connect
+from privads.learner.cycle import run_cycle
+from privads.learner.train import train_projector
+from privads.ranker.projector import Projector, initial_projector
+from privads.ranker.updates import logit, sigmoid
+from privads.streams import archive
 
 pytestmark = pytest.mark.integration
 N_ADS, N_USERS, N_IMPS = 300, 1500, 24_000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranker import adcounts
-from ranker.adcounts import AdCounts, RowCounts
+from privads.ranker import adcounts
+from privads.ranker.adcounts import AdCounts, RowCounts
 
 
 class _Catalog:

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from ranker.experiment import CONTROL, TREATMENT, Z95, assign_arm, lift, wilson
+from privads.ranker.experiment import CONTROL, TREATMENT, Z95, assign_arm, lift, wilson
 
 # --- wilson ---------------------------------------------------------------------------
 #
@@ -156,7 +156,7 @@ def test_changing_salt_reshuffles():
 
 
 def test_sequential_lift_hand_computed():
-    from ranker.experiment import sequential_lift
+    from privads.ranker.experiment import sequential_lift
 
     # 60/1000 vs 50/1000: θ = log 1.2, v = 0.94/60 + 0.95/50 = 0.034667, τ = 0.2
     v, t2 = 0.94 / 60 + 0.95 / 50, 0.04
@@ -178,7 +178,7 @@ def test_sequential_lift_hand_computed():
 
 
 def test_peeking_at_an_aa_test_fools_the_fixed_p_value_but_not_the_sequential_one():
-    from ranker.experiment import sequential_lift
+    from privads.ranker.experiment import sequential_lift
 
     rng = np.random.default_rng(0)
     runs, looks, per_look, ctr = 400, 50, 400, 0.05

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranker.features import (
+from privads.ranker.features import (
     CONTEXT_BUCKETS,
     MAX_CONTEXT_TOKENS,
     MAX_POSITION,

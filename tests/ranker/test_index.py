@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranker.index import ServingCatalog
+from privads.ranker.index import ServingCatalog
 
 
 def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -202,7 +202,7 @@ def test_retrieve_orders_by_similarity_plus_log_bid():
 
 # above the exact threshold the index is IVF, tuned at build time to the recall target against exact search
 def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
-    from ranker.index import build_index, fit_width, probe_queries, recall_at_k
+    from privads.ranker.index import build_index, fit_width, probe_queries, recall_at_k
 
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((50, 16)).astype(np.float32)
@@ -213,7 +213,7 @@ def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
                                [None] * 20_000, exact_below=5_000, k=100, target_recall=0.95)
     assert cat.index_type == "IVF-SQfp16" and cat.info.nlist and cat.info.recall_at_k >= 0.95
     # an independent check of the recall the build reported
-    from ranker.scoring import retrieval_keys
+    from privads.ranker.scoring import retrieval_keys
 
     keys = retrieval_keys(vecs, bids)
     width = cat.index.d  # zero padding to a multiple of 8 changes no inner product
@@ -232,8 +232,8 @@ def test_large_catalogs_get_an_ivf_index_that_meets_its_recall_target(tmp_path):
 
 # nprobe is tuned on the queries that will be served when a sample of users is given
 def test_ivf_nprobe_is_tuned_on_served_users_when_given():
-    from ranker.index import build_index, fit_width, recall_at_k, user_queries
-    from ranker.scoring import retrieval_keys
+    from privads.ranker.index import build_index, fit_width, recall_at_k, user_queries
+    from privads.ranker.scoring import retrieval_keys
 
     rng = np.random.default_rng(8)
     centres = rng.standard_normal((50, 16)).astype(np.float32)

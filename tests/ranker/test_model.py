@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from learner import ranking
-from learner.synthetic import learned_users, logged_traffic, make_world
-from ranker.features import candidate_rows, context_ids
-from streams.updates import UpdateParams, logit
+from privads.bench.synthetic import learned_users, logged_traffic, make_world
+from privads.learner import ranking
+from privads.ranker.features import candidate_rows, context_ids
+from privads.ranker.updates import UpdateParams, logit
 
 
 def test_request_logits_equal_candidate_logits_of_the_rows() -> None:

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from ranker.scoring import (
+from privads.ranker.scoring import (
     AdEvidence,
     calibrated_ctr,
     expected_value,

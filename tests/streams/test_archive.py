@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from helpers import impression
-from infra import keys
-from streams import archive
-from streams.records import Labelled
+from privads.infra import keys
+from privads.infra.records import Labelled
+from privads.streams import archive
 
 pytestmark = pytest.mark.integration
 HOUR = 3600.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from streams.attribution import IDLE_GRACE_S, Clock, Seen, bucket_of, plan_batch
-from streams.records import Click, Impression, Pending
+from privads.infra.records import Click, Impression, Pending
+from privads.streams.attribution import IDLE_GRACE_S, Clock, Seen, bucket_of, plan_batch
 
 W, B = 10.0, 1  # a 10 s window, 1 s buckets
 

@@ -18,10 +18,9 @@ from kafka import KafkaConsumer
 
 from conftest import start_worker, wait_until
 from helpers import click, impression, produce, sample_ads
-from infra import keys
-from infra.processes import broker_process, redis_process, wait_port_free
-from infra.settings import Settings
-from streams import records
+from privads.infra import keys, records
+from privads.infra.processes import broker_process, redis_process, wait_port_free
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["gaming", "gardening", "skincare"], per_category=6)

@@ -15,10 +15,9 @@ import redis
 
 from conftest import wait_until
 from helpers import click, impression, produce, read_topic, sample_ads
-from infra import keys
-from infra.processes import free_port
-from infra.settings import Settings
-from streams import records
+from privads.infra import keys, records
+from privads.infra.processes import free_port
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "coffee & tea"], per_category=5)
@@ -200,7 +199,7 @@ def test_bad_messages_go_to_dead_letter_and_good_traffic_flows(infra, catalog, r
 
 
 def test_archive_holds_every_impression_and_label_once(infra, catalog, rds: redis.Redis) -> None:
-    from streams import archive
+    from privads.streams import archive
 
     root = infra.data / "archive"
 
@@ -219,7 +218,7 @@ def test_archive_holds_every_impression_and_label_once(infra, catalog, rds: redi
 
 def test_the_ad_count_log_adds_up_to_the_counts(infra, catalog, rds: redis.Redis) -> None:
     """The API follows the per-ad counts through the log: every committed increment must be in it, once."""
-    from ranker.adcounts import AdCounts
+    from privads.ranker.adcounts import AdCounts
 
     counts = AdCounts()
     for _, fields in rds.xrange(keys.ADSTAT_LOG):

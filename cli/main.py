@@ -10,8 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from infra.processes import port_open
-from infra.settings import Settings
+from privads.infra.processes import port_open
+from privads.infra.settings import Settings
 
 
 def _running(settings: Settings, need_redis: bool = True, need_kafka: bool = True) -> Settings:
@@ -29,27 +29,27 @@ def _running(settings: Settings, need_redis: bool = True, need_kafka: bool = Tru
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.supervisor import up
+    from privads.cli.supervisor import up
 
     return up(settings)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.worker import run_worker
+    from privads.streams.worker import run_worker
 
     run_worker(_running(settings))
     return 0
 
 
 def cmd_learner(settings: Settings, args: argparse.Namespace) -> int:
-    from learner.cycle import run_loop
+    from privads.learner.cycle import run_loop
 
     run_loop(_running(settings))
     return 0
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from learner.cycle import run_cycle
+    from privads.learner.cycle import run_cycle
 
     manifest = asyncio.run(run_cycle(_running(settings), reason="manual"))
     print(json.dumps({"version": manifest["version"], "index": manifest["index"], "path": manifest["path"]}))
@@ -57,7 +57,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    from api.server import serve
+    from privads.api.server import serve
 
     settings = _running(settings)
     host, port = args.host or settings.api_host, args.port or settings.api_port
@@ -69,7 +69,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.kafka import create_topics
+    from privads.infra.kafka import create_topics
 
     created = create_topics(_running(settings, need_redis=False).kafka_servers, settings.partitions)
     print(json.dumps({"created": created}))
@@ -77,7 +77,7 @@ def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.produce import produce_file
+    from privads.infra.produce import produce_file
 
     counts = produce_file(_running(settings, need_redis=False).kafka_servers, args.topic, args.file)
     out = {"topic": args.topic, "produced": counts.produced, "invalid": counts.invalid}
@@ -88,7 +88,7 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.simulate import run_simulation
+    from privads.bench.simulate import run_simulation
 
     key = settings.api_key.get_secret_value() if settings.api_key else None
     out = asyncio.run(run_simulation(settings.api, args.users, args.ads, args.requests, seed=args.seed, k=args.k,
@@ -98,7 +98,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
-    from learner.logs import settled_rows, write_rows
+    from privads.learner.logs import settled_rows, write_rows
 
     rows = settled_rows(settings.data, settings.attribution_window_s)
     write_rows(rows, args.out)
@@ -107,7 +107,7 @@ def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from learner.replay import parse_estimators, run
+    from privads.learner.replay import parse_estimators, run
 
     needs_redis = args.policy not in ("uniform", "popularity", "logged")
     report = run(_running(settings, need_kafka=False) if needs_redis else settings, args.logs, args.policy,
@@ -138,29 +138,28 @@ def cmd_lift(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "stream":
-        from streams.bench import bench_stream
+        from privads.bench.stream import bench_stream
 
         out = bench_stream(settings, events=args.events, users=args.users or 100_000, workers=args.workers,
                            partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
                            window_s=args.window, catalog=args.catalog)
     elif args.what == "serve":
-        from api.bench import bench_serve
+        from privads.bench.serve import bench_serve
 
         out = bench_serve(settings, ads=args.ads or 1_000_000, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, api_workers=args.api_workers)
     elif args.what == "policies":
-        from ranker.bench import PEERS, bench_policies
+        from privads.bench.policies import PEERS, bench_policies
 
         names = tuple(n.strip() for n in args.policies.split(",") if n.strip()) if args.policies else PEERS
         out = bench_policies(settings, users=args.users or 400, ads=args.ads or 200, requests=args.requests,
                              seed=args.seed, policies=names, plot_path=args.plot)
     else:
-        from infra.runtime import keep_freed_memory
-        from learner.bench import bench_learn
+        from privads.bench.learn import bench_learn
+        from privads.infra.runtime import keep_freed_memory
 
         keep_freed_memory()  # the ranker is timed in its serving form, under the API's allocator settings
-        out = bench_learn(args.catalog, args.encoder or settings.encoder_backend, args.ads or 1_000_000,
-                          settings.d_user, settings.seed, settings.update_params(), settings.prior_precision)
+        out = bench_learn(settings, args.catalog, args.encoder or settings.encoder_backend, args.ads or 1_000_000)
     print(json.dumps(out))
     return 0
 

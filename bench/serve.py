@@ -6,7 +6,7 @@ categories) in the production index (IVF-SQfp16, nprobe tuned to recall@500 ≥
 0.95 on a sample of the users it then serves, as the learner tunes it on the
 archive's) and a DCN ranker trained on simulated traffic; warm users written to
 Redis as the workers would. Then ``privads api`` (uvicorn, ``api_workers``
-processes) is started and loaded by ``infra.loadgen_http`` in a separate
+processes) is started and loaded by ``bench.loadgen_http`` in a separate
 process: closed loop, ``concurrency`` requests in flight rotating over 128
 keep-alive connections (so that they spread over the API processes as many
 clients' would; the kernel hashes each connection to one process), 80% warm
@@ -37,17 +37,17 @@ import redis
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from infra import keys
-from infra.kafka import create_topics
-from infra.processes import Process, free_port, python_process, start_private_infra
-from infra.settings import Settings
-from learner import ranking
-from learner.artifacts import write_version
-from learner.bench import synthetic_ads
-from learner.projector import initial_projector
-from learner.synthetic import learned_users, logged_traffic, make_world
-from ranker.index import ServingCatalog
-from streams.updates import UpdateParams
+from privads.bench.learn import synthetic_ads
+from privads.bench.synthetic import learned_users, logged_traffic, make_world
+from privads.infra import keys
+from privads.infra.kafka import create_topics
+from privads.infra.processes import Process, free_port, python_process, start_private_infra
+from privads.infra.settings import Settings
+from privads.learner import ranking
+from privads.ranker.artifacts import write_version
+from privads.ranker.index import ServingCatalog
+from privads.ranker.projector import initial_projector
+from privads.ranker.updates import UpdateParams
 
 CATEGORIES = 1000
 CONNECTIONS = 128  # keep-alive connections of the load generator: many clients', spread over the API processes
@@ -69,7 +69,7 @@ def build_model(ads: int, settings: Settings) -> tuple[dict, np.ndarray, np.ndar
     rng = np.random.default_rng(seed)
     categories = [f"cat-{c}" for c in rng.integers(0, CATEGORIES, ads)]
     ad_ids = [f"ad-{i:07d}" for i in range(ads)]
-    ranker, users, counts = _ranker(settings.update_params(), settings.prior_precision, d, seed)
+    ranker, users, counts = _ranker(UpdateParams.from_settings(settings), settings.prior_precision, d, seed)
     start = time.perf_counter()
     # nprobe is tuned on the users the bench serves (as the learner tunes it on the archive's), the prior included
     catalog = ServingCatalog.build(d, ad_ids, vectors, bids, np.ones(ads, bool), categories,
@@ -123,8 +123,8 @@ _FLOOR_ANSWER = {"request_id": "0" * 32, "policy": "treatment", "model_version":
 
 def floor_app(settings: Settings | None = None) -> FastAPI:
     """A constant ``POST /recommend`` on the same framework stack: what serving costs with no work."""
-    from api.metrics import ApiMetrics
-    from api.middleware import ObserveAndLimit
+    from privads.api.metrics import ApiMetrics
+    from privads.api.middleware import ObserveAndLimit
 
     app = FastAPI()
 
@@ -145,7 +145,7 @@ def floor_app(settings: Settings | None = None) -> FastAPI:
 
 def _load(port: int, pool_file: Path, concurrency: int, duration_s: float, warmup_s: float) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "infra.loadgen_http", "--host", "127.0.0.1", "--port", str(port), "--requests",
+        [sys.executable, "-m", "privads.bench.loadgen_http", "--host", "127.0.0.1", "--port", str(port), "--requests",
          str(pool_file), "--concurrency", str(concurrency), "--duration", str(duration_s), "--warmup",
          str(warmup_s), "--connections", str(max(CONNECTIONS, concurrency))],
         capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
@@ -176,7 +176,7 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
         r.set(keys.MODEL_CURRENT, json.dumps(manifest))
         warm = seed_users(r, users, counts, s.prior_precision)
         pool = tmp / "requests.jsonl"
-        from infra.loadgen_http import write_requests
+        from privads.bench.loadgen_http import write_requests
 
         write_requests(pool, request_pool(warm, 20_000, s.seed))
 
@@ -192,7 +192,7 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
         api.stop(30)
         procs.remove(api)
 
-        floor = Process("floor", [sys.executable, "-m", "api.bench", str(floor_port)], tmp / "floor.log",
+        floor = Process("floor", [sys.executable, "-m", "privads.bench.serve", str(floor_port)], tmp / "floor.log",
                         env=s.child_env(),
                         ready=lambda: httpx.get(f"http://127.0.0.1:{floor_port}/healthz", timeout=1).status_code == 200)
         floor.start(timeout=60)
@@ -220,6 +220,6 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
 
 
 if __name__ == "__main__":  # the floor server: ``python -m api.bench PORT`` (settings from the environment)
-    from api.server import serve
+    from privads.api.server import serve
 
-    serve(Settings(), "127.0.0.1", int(sys.argv[1]), factory="api.bench:floor_app")
+    serve(Settings(), "127.0.0.1", int(sys.argv[1]), factory="privads.bench.serve:floor_app")

@@ -1,7 +1,7 @@
 """Versioned model artifacts under ``PRIVADS_DATA/models/<version>/``.
 
 A version directory is written completely under a temporary name and renamed
-into place, then announced (Redis pointer + ``privads.model-updates``), so a
+into place, then announced (Redis pointer + ``model-updates``), so a
 reader never sees half a version.
 """
 
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from learner.projector import Projector
-from ranker.index import ServingCatalog
-from ranker.model import RankerModel
+from privads.ranker.index import ServingCatalog
+from privads.ranker.model import RankerModel
+from privads.ranker.projector import Projector
 
 MANIFEST = "manifest.json"
 

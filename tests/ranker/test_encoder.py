@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import SAMPLE_CATALOG
-from learner.encoder import ONNX_FILE, AdEncoder, _build_graph, _sentence_transformer, _session, text_hash
+from privads.ranker.encoder import ONNX_FILE, AdEncoder, _build_graph, _sentence_transformer, _session, text_hash
 
 TEXTS = [json.loads(line)["text"] for line in SAMPLE_CATALOG.read_text().splitlines()[:200]]
 CATS = [json.loads(line)["category"] for line in SAMPLE_CATALOG.read_text().splitlines()[:200]]

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
+from privads.infra.errors import InvalidEvent
+
 # --- topics -----------------------------------------------------------------
 
 IMPRESSIONS = "privads.impressions"
@@ -127,10 +129,6 @@ def new_event_ids(n: int) -> list[str]:
     h = raw.hex()
     return [f"{h[j:j + 8]}-{h[j + 8:j + 12]}-{h[j + 12:j + 16]}-{h[j + 16:j + 20]}-{h[j + 20:j + 32]}"
             for j in range(0, 32 * n, 32)]
-
-
-class InvalidEvent(ValueError):
-    """A message that cannot be decoded or validated; the text names what is wrong."""
 
 
 @dataclass(frozen=True, slots=True)

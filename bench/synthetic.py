@@ -13,7 +13,7 @@ The world (all seeded):
 - a click's value is the bid times a log-normal factor that depends on the category.
 
 The user vectors the ranker sees are not the truth: they are what the stream's
-own online update (``streams.updates.update_many``) learns from each user's
+own online update (``ranker.updates.update_many``) learns from each user's
 earlier impressions, exactly as served.
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from learner.ranking import Labelled
-from ranker.features import build_rows, category_id, context_ids
-from streams.updates import UpdateParams, sigmoid, update_many
+from privads.learner.ranking import LabelledRows
+from privads.ranker.features import build_rows, category_id, context_ids
+from privads.ranker.updates import UpdateParams, sigmoid, update_many
 
 DEVICES = ("mobile", "desktop", "tablet")
 DAYPARTS = 4
@@ -124,7 +124,7 @@ def context_tokens(device: np.ndarray, daypart: np.ndarray) -> np.ndarray:
 
 
 def logged_traffic(world: World, users: np.ndarray, counts: np.ndarray, requests: int, *, k: int = 10,
-                   candidates: int = 100, seed: int = 0) -> Labelled:
+                   candidates: int = 100, seed: int = 0) -> LabelledRows:
     """``requests`` logged requests of ``k`` ads each, in time order.
 
     The logging policy ranks a random candidate set by the learned ``u·p`` plus
@@ -149,4 +149,4 @@ def logged_traffic(world: World, users: np.ndarray, counts: np.ndarray, requests
     cats = np.array([category_id(f"topic-{t}") for t in range(world.device_effect.shape[1])])
     rows = build_rows(users[u_idx], counts[u_idx], world.ads[a_idx], world.bids[a_idx], cats[world.topic[a_idx]],
                       context_tokens(dev, day), pos)
-    return Labelled(rows, clicked, value, np.repeat(np.arange(requests), k))
+    return LabelledRows(rows, clicked, value, np.repeat(np.arange(requests), k))

@@ -3,10 +3,10 @@
 Each policy answers ``rank(user, k)`` with ad indices, best first, and learns
 from ``learn(user, ads, clicked)`` after the audience has reacted. All of them
 see the same requests (the same users in the same order) and the same click
-model (``learner.audience``); each is seeded.
+model (``bench.audience``); each is seeded.
 
 - ``PrivAdsPolicy`` — what the treatment arm serves, in process: the projected
-  MiniLM vectors of the ad texts, the user posteriors of ``streams.updates``,
+  MiniLM vectors of the ad texts, the user posteriors of ``ranker.updates``,
   ``ranker.policy.thompson_policy`` with the per-ad calibration factors, the
   stream's counting (an impression counts as shown, with the pCTR it was served
   at, as soon as it is served; a click updates the user at once). Negatives
@@ -32,8 +32,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ranker.policy import ThompsonParams, popularity_order, thompson_policy
-from streams.updates import UpdateParams, update_many
+from privads.ranker.policy import ThompsonParams, popularity_order, thompson_policy
+from privads.ranker.updates import UpdateParams, update_many
 
 
 class Policy(Protocol):

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from learner import ranking
-from learner.encoder import AdEncoder
-from learner.evaluation import auc, log_loss
-from learner.synthetic import learned_users, logged_traffic, make_world
-from ranker.features import candidate_rows
-from ranker.index import build_index, fit_width, probe_queries
-from ranker.scoring import retrieval_keys
-from streams.updates import UpdateParams, sigmoid
+from privads.bench.synthetic import learned_users, logged_traffic, make_world
+from privads.infra.settings import Settings
+from privads.learner import ranking
+from privads.learner.evaluation import auc, log_loss
+from privads.ranker.encoder import AdEncoder
+from privads.ranker.features import candidate_rows
+from privads.ranker.index import build_index, fit_width, probe_queries
+from privads.ranker.scoring import retrieval_keys
+from privads.ranker.updates import UpdateParams, sigmoid
 
 
 def synthetic_ads(n: int, d: int, topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +111,7 @@ def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 2
             "dcn_sizes": sizes}
 
 
-def bench_learn(catalog: Path, backend: str, ads: int, d: int, seed: int, params: UpdateParams,
-                prior_precision: float, repeat: int = 3) -> dict:
+def bench_learn(settings: Settings, catalog: Path, backend: str, ads: int, repeat: int = 3) -> dict:
     """Encode the catalog's real ad texts ``repeat`` times (after a warm-up); report ads/s."""
     texts = [json.loads(line)["text"] for line in catalog.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="privads-bench-learn-") as tmp:
@@ -121,6 +121,7 @@ def bench_learn(catalog: Path, backend: str, ads: int, d: int, seed: int, params
         for _ in range(repeat):
             enc.encode(texts)
         seconds = time.perf_counter() - start
+    d, seed = settings.d_user, settings.seed
     return {**bench_index(ads, d, seed), "encode_backend": backend, "encode_texts": len(texts) * repeat,
             "encode_ads_per_s": round(len(texts) * repeat / seconds),
-            **bench_ranker(params, prior_precision, d=d, seed=seed)}
+            **bench_ranker(UpdateParams.from_settings(settings), settings.prior_precision, d=d, seed=seed)}

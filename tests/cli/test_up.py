@@ -14,7 +14,7 @@ import pytest
 
 from conftest import wait_until
 from helpers import SAMPLE_CATALOG
-from infra.processes import free_port, port_open
+from privads.infra.processes import free_port, port_open
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def child(marker: str, role: str) -> int | None:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"infra.cli" in argv and role.encode() in argv:
+        if b"privads" in argv and role.encode() in argv:
             return pid
     return None
 
@@ -55,7 +55,7 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
            "PRIVADS_CATALOG": str(catalog)}
     env.pop("PRIVADS_KAFKA", None)
     env.pop("PRIVADS_REDIS", None)
-    up = subprocess.Popen([sys.executable, "-m", "infra.cli", "up"], env=env, stdout=subprocess.PIPE,
+    up = subprocess.Popen([sys.executable, "-m", "privads", "up"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
     try:
         api = f"http://127.0.0.1:{aport}"
@@ -96,6 +96,6 @@ def test_up_refuses_a_busy_port_with_one_line(tmp_path: Path) -> None:
         busy = s.getsockname()[1]
         env = {**os.environ, "PRIVADS_DATA": str(tmp_path), "PRIVADS_EMBEDDED_KAFKA_PORT": str(busy)}
         env.pop("PRIVADS_KAFKA", None)
-        r = subprocess.run([sys.executable, "-m", "infra.cli", "up"], env=env, capture_output=True, timeout=60)
+        r = subprocess.run([sys.executable, "-m", "privads", "up"], env=env, capture_output=True, timeout=60)
     assert r.returncode != 0
     assert f"port {busy} is in use" in r.stderr.decode()

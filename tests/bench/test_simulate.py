@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from conftest import start_api, start_worker, wait_until
-from infra.processes import free_port
-from infra.settings import Settings
+from privads.infra.processes import free_port
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def test_simulate_reports_per_arm_against_the_oracle_and_its_clicks_reach_the_st
     worker = start_worker(settings, rds)
     api = start_api(settings)
     try:
-        proc = subprocess.run([sys.executable, "-m", "infra.cli", "simulate", "--users", "30", "--ads", "20",
+        proc = subprocess.run([sys.executable, "-m", "privads", "simulate", "--users", "30", "--ads", "20",
                                "--requests", "400", "--seed", "3", "--concurrency", "4"],
                               capture_output=True, text=True, timeout=600, env={**os.environ, **settings.child_env()})
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from learner.audience import efficiency, make_audience
+from privads.bench.audience import efficiency, make_audience
 
 
 def test_audience_is_seeded_and_its_texts_carry_their_topic() -> None:
@@ -15,7 +15,7 @@ def test_audience_is_seeded_and_its_texts_carry_their_topic() -> None:
     assert a.ad_texts == b.ad_texts and np.array_equal(a.interest, b.interest)
     assert make_audience(30, 40, seed=5).ad_texts != a.ad_texts
     assert len(set(a.ad_texts)) == 40 and np.allclose(a.interest.sum(axis=1), 1.0)
-    from learner.audience import TOPICS
+    from privads.bench.audience import TOPICS
 
     for text, t in zip(a.ad_texts, a.ad_topic):
         assert any(noun in text for noun in TOPICS[a.topics[t]][0])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infra.settings import Settings
-from learner.audience import make_audience
-from ranker.bench import make_policies, run_policies
-from ranker.peers import PrivAdsPolicy
+from privads.bench.audience import make_audience
+from privads.bench.peers import PrivAdsPolicy
+from privads.bench.policies import make_policies, run_policies
+from privads.infra.settings import Settings
 
 ALL = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
 

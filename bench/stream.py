@@ -17,12 +17,11 @@ from pathlib import Path
 
 import redis
 
-from infra import keys
-from infra.kafka import create_topics
-from infra.processes import Process, python_process, start_private_infra
-from infra.produce import produce_lines
-from infra.settings import Settings
-from streams import records
+from privads.infra import keys, records
+from privads.infra.kafka import consumer_config, create_topics
+from privads.infra.processes import Process, python_process, start_private_infra
+from privads.infra.produce import produce_lines
+from privads.infra.settings import Settings
 
 
 def _wait(check: object, timeout: float, what: str, every: float = 0.2) -> None:
@@ -54,8 +53,7 @@ async def _raw_consume(servers: str, topic: str, expected: int) -> float:
     """Messages/s of a bare aiokafka getmany loop reading ``topic`` from the start."""
     from aiokafka import AIOKafkaConsumer
 
-    c = AIOKafkaConsumer(topic, bootstrap_servers=servers, group_id=None, auto_offset_reset="earliest",
-                         fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    c = AIOKafkaConsumer(topic, **consumer_config(servers, group_id=None))
     await c.start()
     try:
         n, start = 0, time.perf_counter()
@@ -70,7 +68,7 @@ async def _raw_consume(servers: str, topic: str, expected: int) -> float:
 
 
 def _loadgen(servers: str, n: int, users: int, rate: float, seed: int, ads_file: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "streams.loadgen", servers, str(n), str(users), str(rate),
+    out = subprocess.run([sys.executable, "-m", "privads.bench.loadgen", servers, str(n), str(users), str(rate),
                           str(seed), str(ads_file)], capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr.strip().splitlines()[-1:]}")

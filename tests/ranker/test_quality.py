@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.evaluation import auc, log_loss
-from learner.quality import QualityWatch
+from privads.learner.evaluation import auc, log_loss
+from privads.ranker.quality import QualityWatch
 
 
 def stream(n: int, ctr_of_p, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,8 @@ from typing import NoReturn
 
 import numpy as np
 
+from privads.infra.errors import HttpProtocolError
+
 # Parser states of a connection while it reads one response.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = range(7)
 
@@ -43,10 +45,6 @@ _MAX_LINE = 64 * 1024
 _CONNECT_BACKOFF_S = 0.05
 
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-
-
-class HttpProtocolError(ConnectionError):
-    """The server's bytes could not be framed as an HTTP/1.1 response; the connection is dropped."""
 
 
 @dataclass(frozen=True)

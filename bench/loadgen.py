@@ -21,10 +21,11 @@ def produce(servers: str, n: int, users: int, rate: float, seed: int, ad_ids: li
     """Produce ``n`` events (impressions, and clicks for ~5% of them) over ``users`` users."""
     from confluent_kafka import Producer
 
+    from privads.infra.kafka import rdkafka_config
+
     rng = np.random.default_rng(seed)
     # murmur2_random is Kafka's Java partitioner: the same partitions the API's impressions land on
-    p = Producer({"bootstrap.servers": servers, "partitioner": "murmur2_random", "linger.ms": 20,
-                  "batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000, "acks": 1})
+    p = Producer(rdkafka_config(servers, **{"batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000}))
     n_imp = int(round(n / (1 + CTR)))
     user_of = rng.integers(0, users, n_imp)
     ad_of = rng.integers(0, len(ad_ids), n_imp)

@@ -1,4 +1,4 @@
-"""Unit tests for the online user update maths (``streams.updates``).
+"""Unit tests for the online user update maths (``ranker.updates``).
 
 Every expected number below is derived by hand in the comments; the bias
 ``ln 3`` is used because ``σ(ln 3) = 3 / (3 + 1) = 0.75`` exactly.
@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from streams.updates import UpdateParams, logit, sigmoid, update_user
+from privads.ranker.updates import UpdateParams, logit, sigmoid, update_user
 
 LN3 = math.log(3.0)
 P = np.array([0.6, 0.8], dtype=np.float32)  # unit norm: 0.36 + 0.64 = 1
@@ -211,7 +211,7 @@ def test_click_increases_and_non_click_decreases_score(max_step):
 
 # Beta posterior per ad: prior Beta(0.05·20, 0.95·20) = Beta(1, 19); 3 clicks in 10 → Beta(4, 26)
 def test_ad_posterior_hand_computed():
-    from streams.updates import ad_posterior
+    from privads.ranker.updates import ad_posterior
 
     a, b = ad_posterior(np.array([0, 3]), np.array([0, 10]), base_rate=0.05, strength=20.0)
     np.testing.assert_allclose(a, [1.0, 4.0])
@@ -220,7 +220,7 @@ def test_ad_posterior_hand_computed():
 
 # one step, σ = 1, δ = 1e-5: ε = min_α α/2 + ln(1e5)/(α−1); α−1 = √(2·ln 1e5) = 4.7985 → ε = 5.2985
 def test_dp_epsilon_hand_computed_and_monotone():
-    from streams.updates import dp_epsilon
+    from privads.ranker.updates import dp_epsilon
 
     assert dp_epsilon(1, 1.0, 1e-5) == pytest.approx(0.5 + 2 * np.sqrt(np.log(1e5) / 2), abs=2e-3)
     assert dp_epsilon(0, 1.0, 1e-5) == 0.0
@@ -230,7 +230,7 @@ def test_dp_epsilon_hand_computed_and_monotone():
 
 # DP mode: each example's gradient is clipped to C before the noise; with no noise the step is the clipped gradient
 def test_dp_clipping_bounds_each_step():
-    from streams.updates import update_many
+    from privads.ranker.updates import update_many
 
     d = 4
     m = np.zeros((1, d), np.float32)

@@ -1,11 +1,11 @@
-"""``privads bench policies``: the peers of ``ranker.peers`` on one simulated audience, side by side.
+"""``privads bench policies``: the peers of ``bench.peers`` on one simulated audience, side by side.
 
 Every policy answers the same requests: the same users in the same order
 (seeded), k ads each, clicked by the audience's true model with common random
 numbers (request i, position j uses the same uniform draw for every policy, so
 two policies that show the same list get the same clicks). Efficiency is
 ``Σ(E[CTR] − random) / Σ(oracle − random)`` over the requests so far
-(``learner.audience.efficiency``), from the true expected CTR of the lists shown,
+(``bench.audience.efficiency``), from the true expected CTR of the lists shown,
 not the sampled clicks.
 """
 
@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import Settings
-from learner.audience import Audience, efficiency, make_audience
-from ranker.peers import (
+from privads.bench.audience import Audience, efficiency, make_audience
+from privads.bench.peers import (
     Policy,
     PopularityPolicy,
     PrivAdsPolicy,
@@ -27,14 +26,17 @@ from ranker.peers import (
     RiverThompson,
     VowpalPolicy,
 )
+from privads.infra.settings import Settings
+from privads.ranker.policy import ThompsonParams
+from privads.ranker.updates import UpdateParams
 
 PEERS = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
 
 
 def ad_vectors(aud: Audience, settings: Settings) -> np.ndarray:
     """The audience's ads as the treatment serves them before any learner cycle: MiniLM, then the seeded projector."""
-    from learner.encoder import AdEncoder
-    from learner.projector import initial_projector
+    from privads.ranker.encoder import AdEncoder
+    from privads.ranker.projector import initial_projector
 
     x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(aud.ad_texts)
     return initial_projector(settings.d_ad, settings.d_user, settings.seed).project(x)
@@ -56,8 +58,9 @@ def make_policies(names: tuple[str, ...], aud: Audience, vectors: np.ndarray, se
     out: list[Policy] = []
     for name in names:
         if name == "privads":
-            out.append(PrivAdsPolicy(vectors, bids, aud.users, settings.thompson_params(), settings.update_params(),
-                                     settings.prior_precision, seed, negatives_after))
+            out.append(PrivAdsPolicy(vectors, bids, aud.users, ThompsonParams.from_settings(settings),
+                                     UpdateParams.from_settings(settings), settings.prior_precision, seed,
+                                     negatives_after))
         elif name == "random":
             out.append(RandomPolicy(n, seed))
         elif name == "popularity":

@@ -9,8 +9,8 @@ import time
 
 import httpx
 
-from infra.kafka import create_topics
-from infra.processes import (
+from privads.infra.kafka import create_topics
+from privads.infra.processes import (
     Process,
     StartError,
     broker_process,
@@ -19,8 +19,8 @@ from infra.processes import (
     redis_process,
     wait_port_free,
 )
-from infra.produce import produce_file
-from infra.settings import Settings
+from privads.infra.produce import produce_file
+from privads.infra.settings import Settings
 
 log = logging.getLogger("privads.up")
 MAX_RESTARTS = 5

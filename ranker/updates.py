@@ -24,8 +24,12 @@ Gaussian mechanism, composed over T steps).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from privads.infra.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,12 @@ class UpdateParams:
     bias: float
     dp_clip: float | None = None
     dp_noise: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UpdateParams:
+        """The stream's online-update hyper-parameters."""
+        return cls(learning_rate=settings.learning_rate, max_step=settings.max_step, l2_prior=settings.l2_prior,
+                   bias=logit(settings.base_rate), dp_clip=settings.dp_clip, dp_noise=settings.dp_noise)
 
 
 def sigmoid(z: np.ndarray | float) -> np.ndarray | float:

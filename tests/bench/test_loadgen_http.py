@@ -20,8 +20,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from infra.loadgen_http import LoadResult, read_requests, run_load, write_requests
-from infra.processes import free_port
+from privads.bench.loadgen_http import LoadResult, read_requests, run_load, write_requests
+from privads.infra.processes import free_port
 
 RESULT_KEYS = {"requests", "errors", "statuses", "duration_s", "qps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
                "concurrency"}
@@ -221,8 +221,8 @@ def test_cli_prints_one_json_object(api: tuple[int, Counter[int]], tmp_path: Pat
     write_requests(file, pool)
     assert read_requests(file) == [("POST", "/echo", json.dumps({"id": i}, separators=(",", ":")).encode())
                                    for i in range(4)] + [("GET", "/ping", None)]
-    proc = subprocess.run([sys.executable, "-m", "infra.loadgen_http", "--port", str(port), "--requests", str(file),
-                           "--concurrency", "4", "--duration", "0.6", "--warmup", "0.1"],
+    proc = subprocess.run([sys.executable, "-m", "privads.bench.loadgen_http", "--port", str(port), "--requests",
+                           str(file), "--concurrency", "4", "--duration", "0.6", "--warmup", "0.1"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -234,7 +234,7 @@ def test_cli_prints_one_json_object(api: tuple[int, Counter[int]], tmp_path: Pat
 
 
 def test_cli_failure_is_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "infra.loadgen_http", "--port", "1", "--requests",
+    proc = subprocess.run([sys.executable, "-m", "privads.bench.loadgen_http", "--port", "1", "--requests",
                            str(tmp_path / "missing.jsonl"), "--duration", "1"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode != 0 and proc.stdout == ""

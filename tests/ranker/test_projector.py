@@ -1,4 +1,4 @@
-"""Unit tests for the projector (``learner.projector``) and versioned artifacts (``learner.artifacts``)."""
+"""Unit tests for the projector (``ranker.projector``) and versioned artifacts (``ranker.artifacts``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.artifacts import MANIFEST, collect_garbage, load_version, write_version
-from learner.projector import Projector, initial_projector
-from ranker.index import ServingCatalog
+from privads.ranker.artifacts import MANIFEST, collect_garbage, load_version, write_version
+from privads.ranker.index import ServingCatalog
+from privads.ranker.projector import Projector, initial_projector
 
 # --- projector --------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``privads simulate``: a synthetic audience (``learner.audience``) driving a running API over HTTP.
+"""``privads simulate``: a synthetic audience (``bench.audience``) driving a running API over HTTP.
 
 It puts the audience's ads into the catalog with ``PUT /ads``, waits until they
 are recommendable, then sends ``requests`` ``POST /recommend`` calls for
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from learner.audience import Audience, efficiency, make_audience
+from privads.bench.audience import Audience, efficiency, make_audience
 
 
 @dataclass

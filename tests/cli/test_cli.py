@@ -10,14 +10,14 @@ import sys
 import pytest
 
 from helpers import read_topic
-from infra.processes import free_port
-from streams import records
+from privads.infra import records
+from privads.infra.processes import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def privads(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], env={**os.environ, **(env or {})},
+    return subprocess.run([sys.executable, "-m", "privads", *args], env={**os.environ, **(env or {})},
                           input=stdin, capture_output=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for topic records, strict decoding and dead letters (``streams.records``)."""
+"""Unit tests for topic records, strict decoding and dead letters (``infra.records``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from streams import records
-from streams.records import (
+from privads.infra import records
+from privads.infra.errors import InvalidEvent
+from privads.infra.records import (
     ADS,
     CLICKS,
     IMPRESSIONS,
@@ -16,7 +17,6 @@ from streams.records import (
     Ad,
     Click,
     Impression,
-    InvalidEvent,
     Pending,
     dead_letter,
     decode,
