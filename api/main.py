@@ -127,8 +127,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.state.refresh_metrics = refresh_metrics
 
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # starlette's stub types every handler as taking any Exception, not the class it is registered for
+    # (Kludex/starlette#2417)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RedisConnectionError, _backend_down)
     app.add_exception_handler(RedisTimeoutError, _backend_down)
     app.add_exception_handler(PrivAdsError, _domain_error)

@@ -87,7 +87,7 @@ def serve(settings: Settings, host: str, port: int, factory: str = "privads.api.
             time.sleep(0.2)
     finally:
         for p in workers:
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + settings.stop_timeout_s
         for p in workers:

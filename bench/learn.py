@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ from privads.infra.settings import Settings
 from privads.learner import ranking
 from privads.learner.evaluation import auc, log_loss
 from privads.ranker.encoder import AdEncoder
-from privads.ranker.features import candidate_rows
+from privads.ranker.features import Rows, candidate_rows
 from privads.ranker.index import build_index, fit_width, probe_queries
+from privads.ranker.model import RankerModel
 from privads.ranker.scoring import retrieval_keys
 from privads.ranker.updates import UpdateParams, sigmoid
 
@@ -47,11 +49,11 @@ def bench_index(ads: int, d: int, seed: int) -> dict:
             "search_p99_ms_500": round(float(np.percentile(times, 99)), 3)}
 
 
-def _p99_ms(fn: object, runs: int) -> tuple[float, float]:
+def _p99_ms(fn: Callable[[], object], runs: int) -> tuple[float, float]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         times.append((time.perf_counter() - start) * 1000)
     return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)
 
@@ -80,18 +82,23 @@ def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 2
     for kind in kinds:
         fitted = ranking.fit(train, kind, epochs=epochs, seed=seed)
         z = ranking.predict_logits(fitted, hold.rows)
-        row = {"auc": round(auc(hold.clicked, z), 4), "log_loss": round(log_loss(hold.clicked, sigmoid(z)), 5),
-               "train_examples_per_s": round(fitted.examples_per_s)}
+        row: dict[str, object] = {
+            "auc": round(auc(hold.clicked, z), 4), "log_loss": round(log_loss(hold.clicked, sigmoid(z)), 5),
+            "train_examples_per_s": round(fitted.examples_per_s)}
         if kind in ("dcn", "logistic"):
             model = ranking.export(fitted)
-            row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(lambda m=model: m.request_logits(
-                u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx), 2000)
+
+            # defs rather than lambdas with a default (the loop's model): mypy cannot type those as Callable[[], ...]
+            def serve(m: RankerModel = model) -> np.ndarray:
+                return m.request_logits(u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)
+
+            row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(serve, 2000)
             row["served_form"] = "numpy"
         else:
             rows = candidate_rows(u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)
 
-            def run(f: ranking.Fitted = fitted, r: object = rows) -> None:
-                ranking.predict_logits(f, r)  # type: ignore[arg-type]
+            def run(f: ranking.Fitted = fitted, r: Rows = rows) -> None:
+                ranking.predict_logits(f, r)
 
             row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(run, 300)
             row["served_form"] = "torch"
@@ -101,8 +108,11 @@ def bench_ranker(params: UpdateParams, prior_precision: float, *, users: int = 2
         model = ranking.export(ranking.fit(train, "dcn", epochs=epochs, seed=seed, dcn_size=(rank, hidden)))
         row = {"auc": round(auc(hold.clicked, model.click_logits(hold.rows)), 4),
                "served": (rank, hidden) == (ranking.DCN_RANK, ranking.DCN_HIDDEN)}
-        row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(lambda m=model: m.request_logits(
-            u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx), 2000)
+
+        def serve_size(m: RankerModel = model) -> np.ndarray:
+            return m.request_logits(u[0], int(counts[0]), world.ads[cand], world.bids[cand], cats, ctx)
+
+        row["p50_ms_500"], row["p99_ms_500"] = _p99_ms(serve_size, 2000)
         sizes[f"rank{rank}-mlp{'x'.join(map(str, hidden))}"] = row
     best = compared["dcn"]
     return {"ranker": "dcn", "ranker_auc": best["auc"], "baseline_auc": compared["logistic"]["auc"],

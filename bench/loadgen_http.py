@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import numpy as np
 
@@ -156,7 +156,8 @@ class _Connection(asyncio.Protocol):
         return self._waiter is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
-        self._transport = transport  # type: ignore[assignment]
+        # create_connection's transports are stream Transports; the Protocol API types them as any transport
+        self._transport = cast(asyncio.Transport, transport)
 
     def send(self, data: bytes, head_request: bool, now: float) -> asyncio.Future[int]:
         """Write one request; the future resolves to the status once the whole response is read."""
@@ -165,7 +166,8 @@ class _Connection(asyncio.Protocol):
         self._head_request = head_request
         self._state = _HEAD
         self.sent_at = now
-        self._transport.write(data)  # type: ignore[union-attr]
+        assert self._transport is not None  # create_connection hands the protocol out after connection_made
+        self._transport.write(data)
         return waiter
 
     def abort(self, timed_out: bool = False) -> None:
@@ -402,8 +404,8 @@ class _Run:
                 if conn is not None:
                     conn.abort()
         for task in workers:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
         return self._result()
 
     async def _worker(self, i: int) -> None:
@@ -439,7 +441,7 @@ class _Run:
                     _, proto = await asyncio.wait_for(
                         loop.create_connection(lambda: _Connection(loop), self.host, self.port),
                         timeout=min(self.timeout_s, max(0.001, end - perf())))
-                except (OSError, asyncio.TimeoutError) as e:
+                except (OSError, TimeoutError) as e:
                     self._error(perf(), e)
                     await asyncio.sleep(min(_CONNECT_BACKOFF_S, max(0.0, end - perf())))
                     continue
@@ -452,7 +454,7 @@ class _Run:
             t0 = perf()
             try:
                 status = await conn.send(data, head_request, t0)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (OSError, TimeoutError) as e:
                 self._error(perf(), e)
                 continue
             t1 = perf()

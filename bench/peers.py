@@ -1,19 +1,21 @@
 """The policies ``privads bench policies`` puts side by side on one simulated audience.
 
-Each policy answers ``rank(user, k)`` with ad indices, best first, and learns
-from ``learn(user, ads, clicked)`` after the audience has reacted. All of them
-see the same requests (the same users in the same order) and the same click
-model (``bench.audience``); each is seeded.
+Every one is a ``ranker.policy.Policy``: it ranks a slate of the world's ads
+(``rows`` = ad indices, ``user`` = the user's index, ``bids``) into k of them with
+``rank``, and learns from ``learn(slate, ranked, clicked)`` after the audience has
+reacted. All of them see the same requests (the same users in the same order) and
+the same click model (``bench.audience``); each is seeded.
 
 - ``PrivAdsPolicy`` — what the treatment arm serves, in process: the projected
   MiniLM vectors of the ad texts, the user posteriors of ``ranker.updates``,
-  ``ranker.policy.thompson_policy`` with the per-ad calibration factors, the
+  ``ranker.policy.ThompsonPolicy`` with the per-ad calibration factors, the
   stream's counting (an impression counts as shown, with the pCTR it was served
   at, as soon as it is served; a click updates the user at once). Negatives
   reach the user vectors only when their attribution window closes, as in the
   live stream: ``negatives_after`` requests later (``None``: after the run).
-- ``RandomPolicy`` — k ads uniformly.
-- ``PopularityPolicy`` — the popularity control of ``/recommend``.
+- ``RandomPolicy`` — k ads uniformly (``ranker.policy.UniformPolicy``).
+- ``PopularityPeer`` — the popularity control of ``/recommend``
+  (``ranker.policy.PopularityPolicy``) over its own counts.
 - ``RiverThompson`` — river's ``bandit.ThompsonSampling`` with Beta rewards, one
   arm per ad, non-contextual; a list is k pulls without replacement.
 - ``VowpalPolicy`` — Vowpal Wabbit's ``--cb_explore_adf`` (SquareCB exploration)
@@ -21,97 +23,91 @@ model (``bench.audience``); each is seeded.
   action features and their interactions (``-q UA``); a list is k draws without
   replacement from its action distribution; every shown ad is one bandit example.
 
-The figures compare policies, not systems: no network, no broker, labels at
-once for every peer.
+River's and VW's propensities beyond the first slot are not computed (NaN): the
+bench measures policies online, it does not log them.
+
+The figures compare policies, not systems: no network, no broker.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from dataclasses import replace
 
 import numpy as np
 
-from privads.ranker.policy import ThompsonParams, popularity_order, thompson_policy
+from privads.bench import optional
+from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
+from privads.ranker.scoring import Ranked
 from privads.ranker.updates import UpdateParams, update_many
 
 
-class Policy(Protocol):
-    name: str
-
-    def rank(self, user: int, k: int) -> np.ndarray: ...
-
-    def learn(self, user: int, ads: np.ndarray, clicked: np.ndarray) -> None: ...
+def _unknown(k: int) -> np.ndarray:
+    return np.full(k, np.nan)
 
 
-class RandomPolicy:
+class RandomPolicy(UniformPolicy):
+    """k ads uniformly: the random control."""
+
     name = "random"
 
-    def __init__(self, n_ads: int, seed: int) -> None:
-        self.n = n_ads
-        self.rng = np.random.default_rng(seed)
 
-    def rank(self, user: int, k: int) -> np.ndarray:
-        return self.rng.choice(self.n, size=min(k, self.n), replace=False)
-
-    def learn(self, user: int, ads: np.ndarray, clicked: np.ndarray) -> None:
-        return None
-
-
-class PopularityPolicy:
-    """The control arm's ranking: posterior-mean CTR × bid from its own clicks and impressions."""
+class PopularityPeer(Policy):
+    """The control arm's ranking (``PopularityPolicy``) over the clicks and impressions of its own traffic."""
 
     name = "popularity"
+    deterministic = True
 
-    def __init__(self, bids: np.ndarray, prior_ctr: float, strength: float) -> None:
-        self.bids = bids
-        self.clicks = np.zeros(bids.shape[0], np.int64)
-        self.shown = np.zeros(bids.shape[0], np.int64)
-        self.active = np.ones(bids.shape[0], bool)
-        self.prior, self.strength = prior_ctr, strength
+    def __init__(self, n_ads: int, prior_ctr: float, strength: float) -> None:
+        self.policy = PopularityPolicy(prior_ctr, strength)
+        self.clicks = np.zeros(n_ads, np.int64)
+        self.shown = np.zeros(n_ads, np.int64)
 
-    def rank(self, user: int, k: int) -> np.ndarray:
-        rows, _ = popularity_order(self.clicks, self.shown, self.bids, self.active, self.prior, self.strength, k)
-        return rows
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        return self.policy.rank(replace(slate, clicks=self.clicks[slate.rows], shown=self.shown[slate.rows]), k)
 
-    def learn(self, user: int, ads: np.ndarray, clicked: np.ndarray) -> None:
+    def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
+        ads = slate.rows[ranked.index]
         self.shown[ads] += 1
         self.clicks[ads] += clicked.astype(np.int64)
 
 
-class PrivAdsPolicy:
+class PrivAdsPolicy(Policy):
     """The treatment arm's policy and online learning, in process (see the module docstring)."""
 
     name = "privads"
 
-    def __init__(self, vectors: np.ndarray, bids: np.ndarray, users: int, thompson: ThompsonParams,
-                 update: UpdateParams, prior_precision: float, seed: int, negatives_after: int | None = None) -> None:
+    def __init__(self, vectors: np.ndarray, users: int, thompson: ThompsonParams, update: UpdateParams,
+                 prior_precision: float, seed: int, negatives_after: int | None = None) -> None:
         n, d = vectors.shape
-        self.vectors, self.bids = vectors, bids
+        self.vectors = vectors
         self.categories = np.zeros(n, np.int64)
         self.mean = np.zeros((users, d), np.float32)
         self.precision = np.full((users, d), prior_precision, np.float32)
         self.count = np.zeros(users, np.int64)
         self.prior = np.zeros(d, np.float32)
         self.clicks = np.zeros(n, np.int64)
+        self.shown = np.zeros(n, np.int64)
         self.expected = np.zeros(n, np.float64)
-        self.thompson, self.update = thompson, update
-        self.rng = np.random.default_rng(seed)
+        self.thompson = ThompsonPolicy(thompson, None, np.random.default_rng(seed))
+        self.update = update
         self.negatives_after = negatives_after
         self.waiting: deque[tuple[int, int, int]] = deque()  # (due request, user, ad) of unclicked impressions
         self.requests = 0
-        self._pctr: dict[int, np.ndarray] = {}
 
-    def rank(self, user: int, k: int) -> np.ndarray:
-        r = thompson_policy(self.mean[user], self.precision[user], int(self.count[user]), self.vectors, self.bids,
-                            self.categories, [], None, self.clicks, self.expected, k, self.thompson, self.rng)
-        self._pctr[user] = r.pctr
-        return r.index
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        u, rows = int(slate.user), slate.rows
+        (bids,) = slate.need("bids")
+        return self.thompson.rank(Slate(rows, u, self.mean[u], self.precision[u], int(self.count[u]),
+                                        self.vectors[rows], bids, self.categories[rows], clicks=self.clicks[rows],
+                                        shown=self.shown[rows], expected=self.expected[rows]), k)
 
-    def learn(self, user: int, ads: np.ndarray, clicked: np.ndarray) -> None:
+    def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
         self.requests += 1
-        pctr = self._pctr.pop(user)
-        self.expected[ads] += pctr
+        user, ads = int(slate.user), slate.rows[ranked.index]
+        assert ranked.pctr is not None  # the Thompson policy logs its pCTR
+        self.expected[ads] += ranked.pctr
+        self.shown[ads] += 1
         self.clicks[ads] += clicked.astype(np.int64)
         users, shown, labels = [user] * int(clicked.sum()), list(ads[clicked]), [1.0] * int(clicked.sum())
         if self.negatives_after is not None:
@@ -132,57 +128,61 @@ class PrivAdsPolicy:
         np.add.at(self.count, users, 1)
 
 
-class RiverThompson:
+class RiverThompson(Policy):
     """river's non-contextual Thompson-sampling bandit, one Beta arm per ad."""
 
     name = "river-thompson"
 
-    def __init__(self, n_ads: int, seed: int) -> None:
+    def __init__(self, seed: int) -> None:
         from river import bandit, proba
 
         self.policy = bandit.ThompsonSampling(reward_obj=proba.Beta(), seed=seed)
-        self.arms = list(range(n_ads))
 
-    def rank(self, user: int, k: int) -> np.ndarray:
-        left, out = list(self.arms), []
-        for _ in range(min(k, len(left))):
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        position = {int(a): i for i, a in enumerate(slate.rows.tolist())}
+        left: list[int | str] = list(position)  # river's arm ids
+        out = []
+        for _ in range(k):
             arm = self.policy.pull(left)
-            out.append(arm)
+            out.append(position[int(arm)])
             left.remove(arm)
-        return np.asarray(out, np.int64)
+        return Ranked(np.asarray(out, np.int64), np.zeros(k), _unknown(k))
 
-    def learn(self, user: int, ads: np.ndarray, clicked: np.ndarray) -> None:
-        for a, y in zip(ads.tolist(), clicked.tolist()):
+    def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
+        for a, y in zip(slate.rows[ranked.index].tolist(), clicked.tolist(), strict=True):
             self.policy.update(a, bool(y))
 
 
-class VowpalPolicy:
+class VowpalPolicy(Policy):
     """Vowpal Wabbit ``--cb_explore_adf`` over (user id) × (ad id, ad words)."""
 
     name = "vowpalwabbit"
 
     def __init__(self, texts: list[str], seed: int, args: str = "--squarecb") -> None:
-        import vowpalwabbit
-
+        vowpalwabbit = optional("vowpalwabbit")
         self.vw = vowpalwabbit.Workspace(f"--cb_explore_adf {args} -q UA --quiet --random_seed {seed}")
         self.actions = [f"|A ad{i} " + " ".join(_token(w) for w in t.split()) for i, t in enumerate(texts)]
         self.rng = np.random.default_rng(seed)
         self._pmf: dict[int, np.ndarray] = {}
 
-    def rank(self, user: int, k: int) -> np.ndarray:
-        pmf = np.asarray(self.vw.predict([f"shared |U u{user}", *self.actions]), np.float64)
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        actions = [self.actions[a] for a in slate.rows.tolist()]
+        pmf = np.asarray(self.vw.predict([f"shared |U u{slate.user}", *actions]), np.float64)
         pmf = np.maximum(pmf, 1e-12)
         pmf /= pmf.sum()
-        self._pmf[user] = pmf
-        k = min(k, pmf.shape[0])
+        self._pmf[int(slate.user)] = pmf
         # k draws without replacement from the action distribution (Gumbel top-k = sequential draws)
-        return np.argsort(-(np.log(pmf) + self.rng.gumbel(size=pmf.shape[0])))[:k]
+        index = np.argsort(-(np.log(pmf) + self.rng.gumbel(size=pmf.shape[0])))[:k]
+        propensity = _unknown(k)
+        propensity[0] = pmf[index[0]]  # the first draw's; later slots' are not computed
+        return Ranked(index, np.zeros(k), propensity)
 
-    def learn(self, user: int, ads: np.ndarray, clicked: np.ndarray) -> None:
-        pmf = self._pmf.pop(user)
-        for a, y in zip(ads.tolist(), clicked.tolist()):
+    def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
+        pmf = self._pmf.pop(int(slate.user))
+        for i, y in zip(ranked.index.tolist(), clicked.tolist(), strict=True):
             # cost −1 for a click, 0 otherwise, at the probability the action had of being drawn first
-            self.vw.learn([f"shared |U u{user}", f"0:{-1.0 if y else 0.0}:{pmf[a]:.6g} {self.actions[a]}"])
+            a = int(slate.rows[i])
+            self.vw.learn([f"shared |U u{slate.user}", f"0:{-1.0 if y else 0.0}:{pmf[i]:.6g} {self.actions[a]}"])
 
 
 def _token(word: str) -> str:

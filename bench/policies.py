@@ -17,17 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from privads.bench import optional
 from privads.bench.audience import Audience, efficiency, make_audience
-from privads.bench.peers import (
-    Policy,
-    PopularityPolicy,
-    PrivAdsPolicy,
-    RandomPolicy,
-    RiverThompson,
-    VowpalPolicy,
-)
+from privads.bench.peers import PopularityPeer, PrivAdsPolicy, RandomPolicy, RiverThompson, VowpalPolicy
 from privads.infra.settings import Settings
-from privads.ranker.policy import ThompsonParams
+from privads.ranker.policy import Policy, Slate, ThompsonParams
 from privads.ranker.updates import UpdateParams
 
 PEERS = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
@@ -54,19 +48,18 @@ def make_policies(names: tuple[str, ...], aud: Audience, vectors: np.ndarray, se
                   negatives_after: int | None) -> list[Policy]:
     check_policies(names)
     n = len(aud.ad_ids)
-    bids = np.ones(n)
     out: list[Policy] = []
     for name in names:
         if name == "privads":
-            out.append(PrivAdsPolicy(vectors, bids, aud.users, ThompsonParams.from_settings(settings),
+            out.append(PrivAdsPolicy(vectors, aud.users, ThompsonParams.from_settings(settings),
                                      UpdateParams.from_settings(settings), settings.prior_precision, seed,
                                      negatives_after))
         elif name == "random":
-            out.append(RandomPolicy(n, seed))
+            out.append(RandomPolicy(np.random.default_rng(seed)))
         elif name == "popularity":
-            out.append(PopularityPolicy(bids, settings.base_rate, settings.popularity_prior_strength))
+            out.append(PopularityPeer(n, settings.base_rate, settings.popularity_prior_strength))
         elif name == "river-thompson":
-            out.append(RiverThompson(n, seed))
+            out.append(RiverThompson(seed))
         else:  # "vowpalwabbit", the last of PEERS
             out.append(VowpalPolicy(aud.ad_texts, seed))
     return out
@@ -81,16 +74,19 @@ def run_policies(aud: Audience, policies: list[Policy], requests: int, k: int, s
     oracle = np.array([aud.oracle_ctr(int(u), k) for u in range(aud.users)])[users]
     random = np.array([aud.random_ctr(int(u), k) for u in range(aud.users)])[users]
     marks = np.unique(np.linspace(requests / points, requests, points).astype(int))
+    ads, bids = np.arange(len(aud.ad_ids)), np.ones(len(aud.ad_ids))
     report: dict[str, Any] = {}
     for policy in policies:
         expected = np.zeros(requests)
         clicks = 0
         started = time.perf_counter()
         for i, u in enumerate(users.tolist()):
-            shown = policy.rank(u, k)
+            slate = Slate(ads, u, bids=bids)
+            ranked = policy.rank(slate, k)
+            shown = ads[ranked.index]
             p = aud.click_probability(u, shown)
             clicked = uniforms[i, :shown.shape[0]] < p
-            policy.learn(u, shown, clicked)
+            policy.learn(slate, ranked, clicked)
             expected[i] = p.mean()
             clicks += int(clicked.sum())
         seconds = time.perf_counter() - started
@@ -107,10 +103,8 @@ def run_policies(aud: Audience, policies: list[Policy], requests: int, k: int, s
 
 def plot(result: dict[str, Any], path: Path, title: str) -> None:
     """Cumulative efficiency against requests, one line per policy (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    optional("matplotlib").use("Agg")
+    plt = optional("matplotlib.pyplot")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     for name, r in result["policies"].items():

@@ -46,6 +46,7 @@ from privads.infra.settings import Settings
 from privads.learner import ranking
 from privads.ranker.artifacts import write_version
 from privads.ranker.index import ServingCatalog
+from privads.ranker.model import RankerModel
 from privads.ranker.projector import initial_projector
 from privads.ranker.updates import UpdateParams
 
@@ -53,7 +54,8 @@ CATEGORIES = 1000
 CONNECTIONS = 128  # keep-alive connections of the load generator: many clients', spread over the API processes
 
 
-def _ranker(params: UpdateParams, prior_precision: float, d: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
+def _ranker(params: UpdateParams, prior_precision: float, d: int,
+            seed: int) -> tuple[RankerModel, np.ndarray, np.ndarray]:
     """A DCN trained on simulated traffic, and the simulated users' vectors and counts."""
     world = make_world(20_000, 5_000, d=d, seed=seed)
     users, counts = learned_users(world, 30, params, prior_precision, seed=seed + 1)
@@ -99,7 +101,7 @@ def seed_users(r: redis.Redis, users: np.ndarray, counts: np.ndarray, prior_prec
 def request_pool(warm: list[str], n: int, seed: int) -> list[tuple[str, str, object]]:
     """``n`` /recommend bodies: 80% warm users, 20% never seen; device and daypart context."""
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[tuple[str, str, object]] = []
     for i in range(n):
         user = warm[int(rng.integers(len(warm)))] if rng.random() < 0.8 else f"bench-new-{seed}-{i}"
         out.append(("POST", "/recommend", {"user_id": user, "k": 10, "context": {

@@ -57,7 +57,7 @@ def _summary(t: Tally, quarters: int, total: int) -> dict[str, Any]:
 
 
 async def _put_catalog(c: httpx.AsyncClient, aud: Audience, bid: float) -> None:
-    for ad_id, text, topic in zip(aud.ad_ids, aud.ad_texts, aud.ad_topic.tolist()):
+    for ad_id, text, topic in zip(aud.ad_ids, aud.ad_texts, aud.ad_topic.tolist(), strict=True):
         r = await c.put(f"/ads/{ad_id}", json={"text": text, "bid": bid, "category": aud.topics[topic]})
         if r.status_code != 200:
             raise RuntimeError(f"PUT /ads/{ad_id}: HTTP {r.status_code} {r.text[:200]}")
@@ -127,7 +127,7 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
                 t.oracle.append(aud.oracle_ctr(user, k))
                 t.random.append(aud.random_ctr(user, k))
                 t.order.append(i)
-                for a in (a for a, hit in zip(shown, clicked) if hit):
+                for a in (a for a, hit in zip(shown, clicked, strict=True) if hit):
                     cr = await c.post("/clicks", json={"impression_id": a["impression_id"],
                                                        "user_id": f"sim-{seed}-user-{user}", "ad_id": a["ad_id"]})
                     failures += cr.status_code != 202

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -24,10 +25,10 @@ from privads.infra.produce import produce_lines
 from privads.infra.settings import Settings
 
 
-def _wait(check: object, timeout: float, what: str, every: float = 0.2) -> None:
+def _wait(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(every)
     raise TimeoutError(f"bench: timed out waiting for {what}")
@@ -126,8 +127,10 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
         hist = {int(k): int(v) for k, v in r.hgetall(keys.FRESHNESS).items()}
 
         # 3. memory per user (the value and Redis' own overhead for the key)
-        sample = [k for _, k in zip(range(2000), r.scan_iter(match=keys.USER_PREFIX + "*", count=1000))]
+        # the first 2000 keys the scan yields (there may be fewer)
+        sample = [k for _, k in zip(range(2000), r.scan_iter(match=keys.USER_PREFIX + "*", count=1000), strict=False)]
         sizes = [r.memory_usage(k, samples=0) or 0 for k in sample]
+        first = r.get(sample[0]) if sample else None  # None too if the key went between the scan and the read
         return {
             "events": sent["events"], "impressions": sent["impressions"], "clicks": sent["clicks"],
             "users": users, "workers": workers, "partitions": partitions, "cores": os.cpu_count(),
@@ -139,7 +142,7 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
             "freshness_p50_ms": _quantile(hist, 0.5), "freshness_p99_ms": _quantile(hist, 0.99),
             "freshness_samples": sum(hist.values()),
             "bytes_per_user": round(sum(sizes) / len(sizes)) if sizes else None,
-            "user_value_bytes": len(r.get(sample[0])) if sample else None,
+            "user_value_bytes": len(first) if first is not None else None,
             "users_learned": r.dbsize() and sum(1 for _ in r.scan_iter(match=keys.USER_PREFIX + "*", count=10000)),
             "dead_letters": _stat(r, "dead_letters"), "forwarded": _stat(r, "forwarded"),
         }

@@ -102,7 +102,9 @@ def learned_users(world: World, history: int, params: UpdateParams, prior_precis
     counts : ndarray of int, shape (U,)
     """
     rng = np.random.default_rng(seed)
-    n_users, d = world.interests.shape[0], world.ads.shape[1]
+    # typed: numpy's stub takes an untyped ``shape[0]`` for a scalar size and types ``counts`` as one number
+    n_users: int = world.interests.shape[0]
+    d: int = world.ads.shape[1]
     counts = rng.integers(1, 2 * history, n_users)  # some users are new, some well known
     user_index = np.repeat(np.arange(n_users), counts)
     rng.shuffle(user_index)

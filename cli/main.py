@@ -1,4 +1,4 @@
-"""The ``privads`` command line (contract §5). Every failure exits non-zero with one line."""
+"""The ``privads`` command line (README.md, "Command line"). Every failure exits non-zero with one line."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("up", help="the whole stack, foreground; Ctrl-C stops it").set_defaults(fn=cmd_up)
-    sub.add_parser("worker", help="the stream worker (Faust agents)").set_defaults(fn=cmd_worker)
+    sub.add_parser("worker", help="the stream worker (batch agents over aiokafka)").set_defaults(fn=cmd_worker)
     sub.add_parser("learner", help="the periodic learner loop").set_defaults(fn=cmd_learner)
     sub.add_parser("train", help="one learner cycle now").set_defaults(fn=cmd_train)
     a = sub.add_parser("api", help="the HTTP API (uvicorn)")

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -62,7 +63,8 @@ class Stack:
             log.info("embedded redis-server on 127.0.0.1:%d (AOF in %s)", port, s.data / "redis")
         self.settings = s.model_copy(update=updates)
 
-    def _app(self, name: str, args: list[str], ready: object = None, timeout: float = 120) -> Process:
+    def _app(self, name: str, args: list[str], ready: Callable[[], bool] | None = None,
+             timeout: float = 120) -> Process:
         p = python_process(name, args, self.logs / f"{name}.log", self.settings.child_env(), ready=ready)
         p.start(timeout=timeout)
         self.apps.append(p)

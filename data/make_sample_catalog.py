@@ -600,7 +600,7 @@ def _category_sizes(n: int, rng: random.Random) -> dict[str, int]:
     weights = [CATEGORIES[c]["weight"] * rng.uniform(0.8, 1.2) for c in names]
     spare = n - MIN_PER_CATEGORY * len(names)
     total = sum(weights)
-    sizes = {c: MIN_PER_CATEGORY + int(spare * w / total) for c, w in zip(names, weights)}
+    sizes = {c: MIN_PER_CATEGORY + int(spare * w / total) for c, w in zip(names, weights, strict=True)}
     # Hand out the rounding remainder to the heaviest categories.
     order = sorted(names, key=lambda c: -CATEGORIES[c]["weight"])
     i = 0

@@ -219,6 +219,7 @@ def start_private_infra(directory: Path, procs: list[Process]) -> tuple[str, str
     return f"127.0.0.1:{kport}", f"redis://127.0.0.1:{rport}/0"
 
 
-def python_process(name: str, args: Sequence[str], log: Path, env: dict[str, str], **kw: object) -> Process:
+def python_process(name: str, args: Sequence[str], log: Path, env: dict[str, str],
+                   ready: Callable[[], bool] | None = None, cwd: Path | None = None) -> Process:
     """A PrivAds child: ``python -m infra.cli ARGS`` with the given environment."""
-    return Process(name, [sys.executable, "-m", "privads", *args], log, env=env, **kw)  # type: ignore[arg-type]
+    return Process(name, [sys.executable, "-m", "privads", *args], log, ready=ready, env=env, cwd=cwd)

@@ -1,4 +1,4 @@
-"""Topics and event records, defined once (contract §3).
+"""Topics and event records, defined once (README.md, "Events").
 
 Decoding is strict on the fields the contract names and lenient on everything
 else: unknown extra fields are kept in ``extra`` (never rejected).

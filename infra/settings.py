@@ -17,11 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """PrivAds configuration, from ``PRIVADS_*`` environment variables (contract §2)."""
+    """PrivAds configuration, from ``PRIVADS_*`` environment variables (README.md, "Configuration")."""
 
     model_config = SettingsConfigDict(env_prefix="PRIVADS_", extra="ignore")
 
-    # contract §2
+    # the public configuration (README.md, "Configuration")
     kafka: str | None = Field(None, description="bootstrap servers; unset → embedded broker")
     redis: str | None = Field(None, description="Redis URL; unset → embedded redis-server")
     data: Path = Field(Path("./.privads"), description="data dir")

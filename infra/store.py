@@ -1,7 +1,7 @@
 """Redis I/O for every piece of PrivAds state (key layout in ``infra.keys``).
 
 Each store is a thin async wrapper: batching through pipelines, no maths. Who
-may call the writing methods is fixed by DESIGN.md's ownership table.
+may call the writing methods is fixed by the ownership table of docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import hiredis
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import DataError
+from redis.typing import EncodableT, FieldT, XReadResponse
 
 from privads.infra import keys, records
 from privads.infra.errors import Conflict
@@ -30,13 +32,15 @@ class HiredisConnection(aioredis.Connection):
     tens of thousands of fields per command).
     """
 
-    def pack_command(self, *args: object) -> list[bytes]:
-        if isinstance(args[0], str):
-            args = tuple(args[0].encode().split()) + args[1:]
-        elif b" " in args[0]:  # type: ignore[operator]
-            args = tuple(args[0].split()) + args[1:]  # type: ignore[union-attr]
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        cmd = args[0]
+        if isinstance(cmd, str):
+            args = (*cmd.encode().split(), *args[1:])
+        elif isinstance(cmd, (bytes, bytearray)) and b" " in cmd:
+            args = (*cmd.split(), *args[1:])
         try:
-            return [hiredis.pack_command(args)]
+            # hiredis's stub types the argument as a 1-tuple (Tuple[X] where it means Tuple[X, ...])
+            return [hiredis.pack_command(args)]  # type: ignore[arg-type]
         except TypeError as e:
             raise DataError(str(e)) from None
 
@@ -44,6 +48,20 @@ class HiredisConnection(aioredis.Connection):
 def connect(url: str) -> aioredis.Redis:
     return aioredis.from_url(url, decode_responses=False, health_check_interval=10,
                              connection_class=HiredisConnection)
+
+
+# Replies are bytes, never str: no client of PrivAds turns decode_responses on (``connect`` leaves it off, the sync
+# clients keep the default). redis-py's annotations cannot see the flag and say ``bytes | str``: hence the casts.
+
+# A stream's entries as XRANGE, XREVRANGE and XREAD return them: (id, fields). Only XCLAIM/XAUTOCLAIM can
+# return the (None, None) of a deleted entry that redis-py's StreamEntry allows for.
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _xread_entries(reply: XReadResponse) -> StreamEntries:
+    """The entries of the one stream an XREAD read: RESP2's reply is ``[[stream, entries]]``, or empty."""
+    streams = cast(list[list[Any]], reply)
+    return streams[0][1] if streams else []
 
 
 # --- catalog -----------------------------------------------------------------
@@ -68,14 +86,14 @@ class CatalogStore:
     async def cached_embeddings(self, hashes: Sequence[str]) -> list[bytes | None]:
         if not hashes:
             return []
-        return await self.r.mget([keys.embedding(h) for h in hashes])
+        return cast(list[bytes | None], await self.r.mget([keys.embedding(h) for h in hashes]))
 
     async def upsert(self, ads: Sequence[Ad], hashes: Sequence[str], new_embeddings: dict[str, np.ndarray]) -> None:
         """Store ads and any newly computed embeddings, then log the change (readers follow the log)."""
         pipe = self.r.pipeline(transaction=True)
         for h, vec in new_embeddings.items():
             pipe.set(keys.embedding(h), vec.astype("<f4").tobytes())
-        for ad, h in zip(ads, hashes):
+        for ad, h in zip(ads, hashes, strict=True):
             pipe.hset(keys.ad(ad.ad_id), mapping={
                 "text": ad.text, "bid": repr(float(ad.bid)), "category": ad.category or "",
                 "active": "1" if ad.active else "0", "text_hash": h, "ts": repr(float(ad.ts)),
@@ -85,7 +103,7 @@ class CatalogStore:
         await pipe.execute()
 
     async def all_ids(self) -> list[str]:
-        return sorted(x.decode() for x in await self.r.smembers(keys.ADS))
+        return sorted(x.decode() for x in cast(set[bytes], await self.r.smembers(keys.ADS)))
 
     async def read(self, ad_ids: Sequence[str]) -> tuple[list[CatalogEntry], np.ndarray]:
         """Ads and their text embeddings; ads without a stored embedding are skipped.
@@ -100,7 +118,7 @@ class CatalogStore:
             pipe.hgetall(keys.ad(a))
         rows = await pipe.execute()
         entries = []
-        for a, h in zip(ad_ids, rows):
+        for a, h in zip(ad_ids, rows, strict=True):
             if not h:
                 continue
             entries.append(CatalogEntry(
@@ -109,24 +127,23 @@ class CatalogStore:
                 text_hash=h[b"text_hash"].decode(),
             ))
         blobs = await self.cached_embeddings([e.text_hash for e in entries])
-        kept = [(e, b) for e, b in zip(entries, blobs) if b is not None]
+        kept = [(e, b) for e, b in zip(entries, blobs, strict=True) if b is not None]
         if not kept:
             return [], np.zeros((0, 384), dtype=np.float32)
         return [e for e, _ in kept], np.stack([np.frombuffer(b, dtype="<f4") for _, b in kept])
 
     async def last_change(self) -> str:
         """Id of the newest catalog change ("0-0" when none)."""
-        last = await self.r.xrevrange(keys.CATALOG_LOG, count=1)
+        last = cast(StreamEntries | None, await self.r.xrevrange(keys.CATALOG_LOG, count=1))
         return last[0][0].decode() if last else "0-0"
 
     async def changes_since(
         self, change_id: str, block_ms: int | None = None, count: int = 10_000
     ) -> tuple[str, list[str]]:
         """Ad ids changed after ``change_id``; returns (newest change id, ad ids)."""
-        res = await self.r.xread({keys.CATALOG_LOG: change_id}, count=count, block=block_ms)
-        if not res:
+        entries = _xread_entries(await self.r.xread({keys.CATALOG_LOG: change_id}, count=count, block=block_ms))
+        if not entries:
             return change_id, []
-        entries = res[0][1]
         return entries[-1][0].decode(), list(dict.fromkeys(f[b"ad_id"].decode() for _, f in entries))
 
 
@@ -141,13 +158,13 @@ class UserStore:
 
     async def get(self, user_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
         """One user's (mean, precision, count), or None if the stream has not learned about them."""
-        blob = await self.r.get(keys.user(user_id))
+        blob = cast(bytes | None, await self.r.get(keys.user(user_id)))
         return keys.unpack_user(blob) if blob else None
 
     async def get_many(self, user_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
         if not user_ids:
             return []
-        blobs = await self.r.mget([keys.user(u) for u in user_ids])
+        blobs = cast(list[bytes | None], await self.r.mget([keys.user(u) for u in user_ids]))
         return [keys.unpack_user(b) if b else None for b in blobs]
 
     async def erased_at(self, user_ids: Sequence[str]) -> list[float | None]:
@@ -177,11 +194,11 @@ class UserStore:
     async def _scrub_pending(self, user_id: str, p: int) -> None:
         buckets = [int(b) for b in await self.r.smembers(keys.buckets(p))]
         for key in [keys.pending(p, b) for b in buckets]:
-            entries = await self.r.hgetall(key)
+            entries = cast(dict[bytes, bytes], await self.r.hgetall(key))
             mine = [iid for iid, blob in entries.items() if records.unpack_pending(blob).user_id == user_id]
             if mine:
                 await self.r.hdel(key, *mine)
-        entries = await self.r.hgetall(keys.orphans(p))
+        entries = cast(dict[bytes, bytes], await self.r.hgetall(keys.orphans(p)))
         mine = [iid for iid, blob in entries.items() if records.unpack_click(blob).user_id == user_id]
         if mine:
             await self.r.hdel(keys.orphans(p), *mine)
@@ -191,6 +208,12 @@ class UserStore:
 
 
 # --- partition state (the workers' exactly-once unit) -----------------------------------
+
+
+def _mark(v: bytes) -> tuple[float, float]:
+    """A topic's ``wm:`` field, as ``commit`` writes it: ``"{watermark!r},{seen!r}"``."""
+    watermark, seen = v.split(b",")
+    return float(watermark), float(seen)
 
 
 @dataclass
@@ -207,12 +230,9 @@ class Checkpoint:
     def parse(cls, h: dict[bytes, bytes]) -> Checkpoint:
         offsets = {k[4:].decode(): int(v) for k, v in h.items() if k.startswith(b"off:")}
         fingerprints = {k[3:].decode(): int(v) for k, v in h.items() if k.startswith(b"fp:")}
-
-        def num(name: bytes, kind: type) -> object:
-            return kind(h[name]) if name in h else None
-
-        marks = {k[3:].decode(): tuple(float(x) for x in v.split(b",")) for k, v in h.items() if k.startswith(b"wm:")}
-        return cls(offsets, fingerprints, int(h.get(b"seq", 0)), num(b"closed", int), marks)  # type: ignore[arg-type]
+        closed = int(h[b"closed"]) if b"closed" in h else None
+        marks = {k[3:].decode(): _mark(v) for k, v in h.items() if k.startswith(b"wm:")}
+        return cls(offsets, fingerprints, int(h.get(b"seq", 0)), closed, marks)
 
 
 @dataclass
@@ -249,7 +269,7 @@ class PartitionStore:
         bkts = {p: {int(b) for b in res[2 * i + 1]} for i, p in enumerate(partitions)}
         return ckpts, bkts
 
-    async def read(self, requests: Sequence[tuple[str, tuple]]) -> list[object]:
+    async def read(self, requests: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Run a list of read commands ``(name, args)`` in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for name, args in requests:
@@ -280,9 +300,12 @@ class PartitionStore:
                 if now != want:
                     raise Conflict(f"partition {p}: seq {now} != {want}")
             pipe.multi()
+            # The type: ignores below are for redis-py's stubs: hset types its mapping Mapping[FieldT, EncodableT]
+            # and xadd its fields dict[FieldT, EncodableT]; their key type is invariant, so a dict[str, bytes] or a
+            # dict[bytes, bytes] is refused (mset and zadd take a TypeVar key and accept them).
             for w in writes:
                 ck = keys.checkpoint(w.partition)
-                mapping: dict[str, object] = {f"off:{t}": o for t, o in w.offsets.items()}
+                mapping: dict[FieldT, EncodableT] = {f"off:{t}": o for t, o in w.offsets.items()}
                 mapping.update({f"fp:{t}": f for t, f in w.fingerprints.items()})
                 mapping["closed"] = w.closed_before
                 mapping.update({f"wm:{t}": f"{wm!r},{seen!r}" for t, (wm, seen) in w.marks.items()})
@@ -290,7 +313,7 @@ class PartitionStore:
                 pipe.hincrby(ck, "seq", 1)
                 for b, recs in w.pending.items():
                     key = keys.pending(w.partition, b)
-                    pipe.hset(key, mapping=recs)
+                    pipe.hset(key, mapping=recs)  # type: ignore[arg-type]  # see above
                     pipe.expire(key, w.pending_ttl_s)
                 if w.pending:
                     pipe.sadd(keys.buckets(w.partition), *w.pending)
@@ -298,11 +321,11 @@ class PartitionStore:
                     pipe.srem(keys.buckets(w.partition), *w.drop_buckets)
                     pipe.delete(*[keys.pending(w.partition, b) for b in w.drop_buckets])
                 if w.put_orphans:
-                    pipe.hset(keys.orphans(w.partition), mapping=w.put_orphans)
+                    pipe.hset(keys.orphans(w.partition), mapping=w.put_orphans)  # type: ignore[arg-type]  # see above
                 if w.del_orphans:
                     pipe.hdel(keys.orphans(w.partition), *w.del_orphans)
                 if w.archive:
-                    pipe.xadd(keys.archive(w.partition), w.archive)
+                    pipe.xadd(keys.archive(w.partition), w.archive)  # type: ignore[arg-type]  # see above
             if users:
                 pipe.mset({keys.user(u): blob for u, blob in users.items()})
             for key, incs in counters.items():
@@ -388,10 +411,9 @@ class AdCountLog:
     async def since(self, last_id: bytes, block_ms: int | None = None,
                     count: int = 1000) -> tuple[list[dict[str, dict[str, list[int]]]], bytes]:
         """The increments logged after ``last_id`` (waiting up to ``block_ms`` for one), and the newest id read."""
-        got = await self.r.xread({keys.ADSTAT_LOG: last_id}, count=count, block=block_ms)
-        if not got:
+        entries = _xread_entries(await self.r.xread({keys.ADSTAT_LOG: last_id}, count=count, block=block_ms))
+        if not entries:
             return [], last_id
-        entries = got[0][1]
         return [orjson.loads(fields[b"d"]) for _, fields in entries], entries[-1][0]
 
 
@@ -402,7 +424,7 @@ class Counters:
         self.r = r
 
     async def stats(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in (await self.r.hgetall(keys.STATS)).items()}
+        return {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], await self.r.hgetall(keys.STATS)).items()}
 
     async def arm_series(self, window_s: float, now: float | None = None) -> tuple[list[float], dict[str, dict]]:
         """Impressions and clicks per arm and per minute bucket, for impressions in the last ``window_s`` seconds.
@@ -416,7 +438,7 @@ class Counters:
         """
         now = time.time() if now is None else now
         first, last = int(now - window_s) // keys.ARM_BUCKET_S, int(now) // keys.ARM_BUCKET_S
-        arms = sorted(a.decode() for a in await self.r.smembers("arms"))
+        arms = sorted(a.decode() for a in cast(set[bytes], await self.r.smembers("arms")))
         pipe = self.r.pipeline(transaction=False)
         for a in arms:
             for b in range(first, last + 1):
@@ -457,7 +479,8 @@ class WorkerRegistry:
                                                                  "lag": lag or {}}))
 
     async def alive(self, now: float, within_s: float = 5.0) -> dict[str, dict]:
-        beats = {k.decode(): orjson.loads(v) for k, v in (await self.r.hgetall(keys.WORKERS)).items()}
+        hashed = cast(dict[bytes, bytes], await self.r.hgetall(keys.WORKERS))
+        beats = {k.decode(): orjson.loads(v) for k, v in hashed.items()}
         return {k: v for k, v in beats.items() if now - v["ts"] <= within_s}
 
 

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import redis.asyncio as aioredis
 import torch
 
 from privads.infra.kafka import make_producer
 from privads.infra.records import MODEL_UPDATES
 from privads.infra.settings import Settings
-from privads.infra.store import CatalogStore, ModelPointer, QualityBoard, UserStore, connect
+from privads.infra.store import CatalogEntry, CatalogStore, ModelPointer, QualityBoard, UserStore, connect
 from privads.learner import ranking
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from privads.learner.train import train_projector
@@ -70,12 +71,12 @@ class Examples:
     group: np.ndarray  # (n,) request index
     ad_ids: np.ndarray  # (n,) object
 
-    def take(self, idx: slice) -> "Examples":
+    def take(self, idx: slice) -> Examples:
         return Examples(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
-async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.ndarray],
-                        entries: dict[str, object]) -> Examples | None:
+async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[str, np.ndarray],
+                        entries: dict[str, CatalogEntry]) -> Examples | None:
     """Archived impressions whose attribution window has closed, labelled by the archived clicks.
 
     Rows whose user has no learned state (erased, or never labelled) or whose ad
@@ -93,11 +94,12 @@ async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.
     event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)[rows]
     user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)[rows]
     ad_ids = np.asarray(imps.column("ad_id").to_pylist(), dtype=object)[rows]
-    values = dict(zip(labels.column("impression_id").to_pylist(), labels.column("value").to_pylist()))
+    values = dict(zip(labels.column("impression_id").to_pylist(), labels.column("value").to_pylist(), strict=True))
     distinct = list(dict.fromkeys(user_ids.tolist()))
-    states = await UserStore(r).get_many(distinct)  # type: ignore[arg-type]
-    user_state = {u: s for u, s in zip(distinct, states) if s is not None and s[0].shape[0] == settings.d_user}
-    keep = np.array([u in user_state and a in embeddings for u, a in zip(user_ids, ad_ids)], dtype=bool)
+    states = await UserStore(r).get_many(distinct)
+    user_state = {u: s for u, s in zip(distinct, states, strict=True)
+                  if s is not None and s[0].shape[0] == settings.d_user}
+    keep = np.array([u in user_state and a in embeddings for u, a in zip(user_ids, ad_ids, strict=True)], dtype=bool)
     if not keep.any():
         return None
     rows = rows[keep]
@@ -112,8 +114,8 @@ async def load_examples(settings: Settings, r: object, embeddings: dict[str, np.
         clicked=np.array([e in values for e in event_ids[keep]], dtype=np.float32),
         ts=ts[rows],
         counts=np.array([user_state[u][2] for u in kept_users], dtype=np.int64),
-        bids=np.array([entries[a].bid for a in kept_ads], dtype=np.float32),  # type: ignore[attr-defined]
-        category=np.array([category_id(entries[a].category) for a in kept_ads], dtype=np.int64),  # type: ignore
+        bids=np.array([entries[a].bid for a in kept_ads], dtype=np.float32),
+        category=np.array([category_id(entries[a].category) for a in kept_ads], dtype=np.int64),
         context=np.stack([context_ids(orjson.loads(j).get("context")) for j in raw]) if raw
         else np.zeros((0, MAX_CONTEXT_TOKENS), np.int64),
         position=imps.column("position").take(rows).to_numpy(zero_copy_only=False).astype(np.int64),
@@ -176,7 +178,7 @@ def popularity_scores(train: Examples, hold: Examples, prior: float, strength: f
     """Each holdout row's ad's smoothed training CTR ``(clicks + s·prior) / (shown + s)``, shape (n_hold,)."""
     shown: dict[str, float] = {}
     clicks: dict[str, float] = {}
-    for a, y in zip(train.ad_ids.tolist(), train.clicked.tolist()):
+    for a, y in zip(train.ad_ids.tolist(), train.clicked.tolist(), strict=True):
         shown[a] = shown.get(a, 0.0) + 1.0
         clicks[a] = clicks.get(a, 0.0) + y
     return np.array([(clicks.get(a, 0.0) + strength * prior) / (shown.get(a, 0.0) + strength)
@@ -257,7 +259,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             entries += chunk
             embs.append(emb)
         emb_all = np.concatenate(embs) if embs else np.zeros((0, settings.d_ad), np.float32)
-        examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all)},
+        examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all, strict=True)},
                                        {e.ad_id: e for e in entries})
         served = projector
         projector, proj_eval = await asyncio.to_thread(choose_projector, served, examples, settings, trainer)

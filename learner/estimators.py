@@ -1,6 +1,6 @@
 """Off-policy estimators for position-based logged impressions: the pure maths (numpy only, no I/O).
 
-Shaped on Open Bandit Pipeline's ``obp/ope/estimators.py`` (Saito et al., Apache-2.0): each
+Shaped on Open Bandit Pipeline's estimators (``obp.ope.estimators``, Saito et al., Apache-2.0): each
 estimator is written as per-row terms whose aggregate is the estimate, and its confidence
 interval comes from resampling those rows. Unlike obp, every estimator here is a *ratio of row
 sums* ``Σ a_i / Σ b_i`` (``b_i = 1`` for the plain means), and the bootstrap recomputes that

@@ -1,7 +1,7 @@
 """Logged impressions on disk: ``privads export-logs`` and the readers of ``privads replay``.
 
 An exported log has one row per impression whose label is settled (clicked, or
-its attribution window has passed): the impression's fields (contract §3),
+its attribution window has passed): the impression's fields (README.md, "Events"),
 ``context`` as an object, ``clicked`` (0/1), ``value`` (the click's value, 0
 without one) and ``click_ts`` (null unless clicked). ``.jsonl`` and
 ``.parquet`` are chosen by the file's extension; Parquet stores ``context`` as
@@ -176,10 +176,10 @@ def _rows(path: Path, records: list[dict[str, Any]]) -> Rows:
         if missing:
             raise LogError(f"{path}: row {i} has no {', '.join(missing)} (is it an exported log?)")
 
-    def prop(v: object) -> float:
+    def prop(v: float | str | None) -> float:  # a JSON number or Parquet double (a string would be converted)
         if v is None:
             return math.nan
-        p = float(v)  # type: ignore[arg-type]
+        p = float(v)
         if not 0.0 < p <= 1.0:
             raise LogError(f"{path}: propensity must be in (0, 1], got {p}")
         return p

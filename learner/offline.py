@@ -1,9 +1,9 @@
 """Offline evaluation of a policy on logged impressions: the pure part (numpy only, no I/O).
 
-``learner.replay`` reads the logs and builds the policies that need served models;
-this module holds what every policy reduces to, the reward model the direct
-method needs, and the evaluation that runs the estimators of
-``learner.estimators`` over them.
+``learner.replay`` reads the logs and builds the slates of the policies that need
+served models; this module turns any ``ranker.policy.Policy`` into what the
+estimators need (``policy_rows``), holds the reward model the direct method needs,
+and runs the estimators of ``learner.estimators`` over them.
 
 Data model: one row per logged impression (an ad shown at a position in a
 request), the per-slot model of ``learner.estimators``. A policy is evaluated
@@ -32,13 +32,16 @@ Intervals (``ci``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
 from privads.learner.estimators import CIMethod, OPEResult, dm, dr, ips, replay, snips
 from privads.ranker.experiment import wilson
+from privads.ranker.policy import Policy, PopularityPolicy, Slate, UniformPolicy
 
 ESTIMATORS = ("replay", "ips", "snips", "dm", "dr")
 NEEDS_PSCORE = frozenset({"ips", "snips", "dr"})
@@ -177,18 +180,89 @@ def fit_reward_table(log: Log, strength: float = REWARD_STRENGTH,
     return (s + strength * slot[None, :]) / (n + strength), slot
 
 
-# --- policies that need no served model ------------------------------------------------------
+# --- policies: from any ranker.policy.Policy to the estimators' rows ------------------------
+
+#: a request's slate, and the action index of each of its candidates (-1: outside the log's action set)
+SlateOf = Callable[[int], tuple[Slate, np.ndarray]]
+
+
+def action_set_slate(log: Log) -> Slate:
+    """The log's whole action set as one slate (rows = action indices), with its own clicks and impressions.
+
+    The candidates of the policies defined on the log itself (``uniform_policy``,
+    ``popularity_policy``); bids are 1 (logs carry none).
+    """
+    a = len(log.actions)
+    return Slate(np.arange(a), clicks=np.bincount(log.action, weights=log.reward, minlength=a),
+                 shown=np.bincount(log.action, minlength=a).astype(np.float64), bids=np.ones(a))
+
+
+def policy_rows(policy: Policy, log: Log, slates: Slate | SlateOf, *, draws: int, rng: np.random.Generator,
+                name: str | None = None, notes: list[str] | None = None) -> PolicyRows:
+    """``policy``'s distribution over actions at every logged row: what the estimators evaluate.
+
+    Each logged request is ranked with as many slots as the log shows for it.
+    π_e(a | slot) is exact for a uniform policy (1/A) and a deterministic one (its
+    list), and otherwise the share of ``policy.sample_lists`` draws that put ``a``
+    at the slot.
+
+    Parameters
+    ----------
+    policy : Policy
+    log : Log
+    slates : Slate or callable
+        One slate for every request, whose rows are the log's action indices
+        (``action_set_slate``), or ``request → (slate, action index of each
+        candidate)`` (``SlateOf``).
+    draws : int
+        Monte-Carlo lists per request for a stochastic policy.
+    rng : numpy Generator
+        Replay's draw of a uniform policy's action.
+    """
+    name, notes, n = name or policy.name, notes or [], len(log)
+    if isinstance(slates, Slate):
+        a = len(log.actions)
+        if policy.uniform and slates.size == a:
+            return PolicyRows(name, np.full(n, 1.0 / a), rng.integers(0, a, n), uniform_over=a,
+                              notes=notes or [f"uniform over the {a} ads the log shows"])
+        if policy.deterministic:  # one list serves every request: slot j shows its j-th ad
+            top = slates.rows[policy.rank(slates, max(log.positions, 1)).index]
+            served = top[np.minimum(log.position, top.size - 1)]
+            return PolicyRows(name, (served == log.action).astype(np.float64), served,
+                              ptr=np.arange(n + 1, dtype=np.int64), support=served, prob=np.ones(n), notes=notes)
+        constant = slates
+        slate_of: SlateOf = lambda _: (constant, constant.rows)  # noqa: E731 - one slate for every request
+    else:
+        slate_of = slates
+    first_row: dict[int, int] = {}
+    slots: dict[int, int] = {}
+    for i, (req, pos) in enumerate(zip(log.request.tolist(), log.position.tolist(), strict=True)):
+        first_row.setdefault(req, i)
+        slots[req] = max(slots.get(req, 0), pos + 1)
+    requests = np.array(sorted(first_row), dtype=np.int64)
+    lists, served = [], []
+    for req in requests.tolist():
+        slate, actions = slate_of(req)
+        k = slots[req]
+        drawn = policy.sample_lists(slate, k, draws)
+        mc = actions[drawn] if drawn.size else np.zeros((drawn.shape[0], 0), np.int64)
+        if mc.shape[1] < k:  # fewer candidates than slots: the missing slots are empty
+            mc = np.hstack([mc, np.full((mc.shape[0], k - mc.shape[1]), -1, np.int64)])
+        lists.append(mc)
+        served.append(mc[0])
+    return policy_from_lists(name, log, requests, lists, served, notes)
 
 
 def uniform_policy(log: Log, rng: np.random.Generator) -> PolicyRows:
-    """Every ad of the log's action set equally likely at every slot."""
-    a = len(log.actions)
-    return PolicyRows("uniform", np.full(len(log), 1.0 / a), rng.integers(0, a, len(log)), uniform_over=a,
-                      notes=[f"uniform over the {a} ads the log shows"])
+    """Every ad of the log's action set equally likely at every slot (``ranker.policy.UniformPolicy``)."""
+    return policy_rows(UniformPolicy(rng), log, action_set_slate(log), draws=1, rng=rng)
 
 
 def logged_policy(log: Log) -> PolicyRows:
-    """The logging policy itself (a sanity check: IPS and SNIPS give the on-policy mean reward)."""
+    """The logging policy itself (a sanity check: IPS and SNIPS give the on-policy mean reward).
+
+    Not a ``Policy``: it is the log's own choices, π_e = π₀ at every row.
+    """
     n = len(log)
     return PolicyRows("logged", log.pscore.copy(), log.action.copy(), ptr=np.arange(n + 1, dtype=np.int64),
                       support=log.action.copy(), prob=np.ones(n),
@@ -196,21 +270,15 @@ def logged_policy(log: Log) -> PolicyRows:
 
 
 def popularity_policy(log: Log, strength: float = REWARD_STRENGTH) -> PolicyRows:
-    """Slot j shows the j-th best ad by the log's own click rate (all slots pooled, shrunk to the mean).
+    """Slot j shows the j-th best ad by the log's own click rate (``ranker.policy.PopularityPolicy``).
 
+    All slots pooled, shrunk to the log's mean by ``strength`` impressions.
     Deterministic; the ranking is fitted on the same log it is evaluated on
     (in-sample, so slightly optimistic).
     """
-    a = len(log.actions)
-    clicks = np.bincount(log.action, weights=log.reward, minlength=a)
-    shown = np.bincount(log.action, minlength=a).astype(np.float64)
     mean = float(log.reward.mean()) if len(log) else 0.0
-    order = np.argsort(-(clicks + strength * mean) / (shown + strength), kind="stable")
-    top = order[np.minimum(log.position, a - 1)]
-    n = len(log)
-    return PolicyRows("popularity", (top == log.action).astype(np.float64), top,
-                      ptr=np.arange(n + 1, dtype=np.int64), support=top, prob=np.ones(n),
-                      notes=["ranked by the log's own click rates (in-sample)"])
+    return policy_rows(PopularityPolicy(mean, strength), log, action_set_slate(log), draws=1,
+                       rng=np.random.default_rng(0), notes=["ranked by the log's own click rates (in-sample)"])
 
 
 def policy_from_lists(name: str, log: Log, requests: np.ndarray, lists: list[np.ndarray], served: list[np.ndarray],
@@ -332,6 +400,7 @@ def _dm_normal_interval(policy: PolicyRows, log: Log, v: np.ndarray, estimate: f
     counts = np.bincount(cell, minlength=a * p)
     table, _ = fit_reward_table(log, strength)
     # the policy's mass on each (action, slot) cell, summed over rows
+    mass: np.ndarray
     if policy.uniform_over is not None:
         mass = np.repeat(np.bincount(log.position, minlength=p)[None, :] / a, a, axis=0).ravel()
     else:
@@ -364,7 +433,7 @@ def evaluate(policy: PolicyRows, log: Log, estimators: tuple[str, ...] = ESTIMAT
         raise ValueError(f"{', '.join(sorted(NEEDS_PSCORE & set(estimators)))}: {missing} of {len(log)} rows have no "
                          "logged propensity; use dm or replay, or logs from a policy that logs propensities")
     mass = unsupported(policy, log)
-    common = {"alpha": alpha, "n_bootstrap": n_bootstrap, "seed": seed, "ci": ci}
+    common: dict[str, Any] = {"alpha": alpha, "n_bootstrap": n_bootstrap, "seed": seed, "ci": ci}
     out: dict[str, OPEResult] = {}
     table, slot = fit_reward_table(log, strength)
     v, q = _dm_terms(policy, log, table, slot)

@@ -1,12 +1,12 @@
 """Ranker training (torch): the served deep & cross network, the logistic baseline, and the
-two designs from the seeds it was chosen against.
+two published designs it was chosen against (``privads bench learn``, BENCHMARKS.md).
 
 - ``dcn``: DCN-v2 (low-rank cross layers + MLP), exported to ``ranker.model.RankerModel``
   and served in numpy.
 - ``logistic``: the same features, linear (one-hot category/context): the baseline.
-- ``transformer``: the seeds' ranker: feature tokens through a transformer encoder, then
-  cross layers (two-stage-ad-recommender-summary.md, scaled to CPU serving).
-- ``mns-lsh``: Tencent's representation notes: numeric features (``u·p``, bid, count)
+- ``transformer``: a two-stage recommender's ranking stage: feature tokens through a
+  transformer encoder, then cross layers (scaled to CPU serving).
+- ``mns-lsh``: Tencent's ad representations: numeric features (``u·p``, bid, count)
   as Multiple-Numeral-System embeddings, the ad as an LSH HashID (sign bits of ``p``
   under random hyperplanes), MNS-embedded too.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -61,6 +62,10 @@ class LabelledRows:
 
 class _Base(nn.Module):
     """Shared parts: standardisation, embeddings, ``a``, position bias, the two heads."""
+
+    # buffers (register_buffer), declared: else they type as ``Tensor | Module`` (nn.Module.__getattr__)
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, width: int, mean: np.ndarray, std: np.ndarray, emb: int, head_in: int) -> None:
         super().__init__()
@@ -113,7 +118,16 @@ class DCN(_Base):
         super().__init__(width, mean, std, emb, hidden[-1] if hidden else f0)
         self.cross = nn.ModuleList(CrossLayer(f0, rank) for _ in range(cross))
         dims = (f0, *hidden)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+    # a ModuleList's items type as plain Modules: these are the layers __init__ put in them
+    @property
+    def cross_layers(self) -> list[CrossLayer]:
+        return [cast(CrossLayer, c) for c in self.cross]
+
+    @property
+    def hidden_layers(self) -> list[nn.Linear]:
+        return [cast(nn.Linear, h) for h in self.hidden]
 
     def trunk(self, dense: torch.Tensor, category: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x0 = self.x0(dense, category, context)
@@ -161,6 +175,8 @@ class MnsLsh(_Base):
 
     BASES = (2, 3, 5, 7)
     LEVELS = 256  # each number is quantised to one of 256 levels before its digits are taken
+    planes: torch.Tensor  # buffers, declared (see _Base)
+    bit_offset: torch.Tensor
 
     def __init__(self, width: int, mean: np.ndarray, std: np.ndarray, *, emb: int = 16, bits: int = 16,
                  hidden: tuple[int, ...] = (128, 64), seed: int = 0) -> None:
@@ -174,11 +190,11 @@ class MnsLsh(_Base):
         self.hash_emb = nn.Embedding(2 * bits, emb)  # HashID bits are base-2 digits
         self.register_buffer("bit_offset", torch.arange(bits) * 2)
         dims = (self.dim + 6 * emb, *hidden)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def mns(self, table: nn.Embedding, v: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(((v + 4.0) / 8.0 * self.LEVELS).long(), 0, self.LEVELS - 1)  # standardised value, ±4σ
-        out, offset = 0, 0
+        out, offset = torch.zeros(()), 0  # a zero Tensor rather than the int 0: the sum is a Tensor throughout
         for base, n in self.digits:
             r = q
             for k in range(n):
@@ -193,7 +209,8 @@ class MnsLsh(_Base):
         bits = (dense[:, 2 * d:3 * d] @ self.planes > 0).long()
         parts = [x[:, :d], self.hash_emb(self.bit_offset + bits).sum(1), self.category(category),
                  self.context(context).sum(1)]
-        parts += [self.mns(t, x[:, 3 * d + i]) for i, t in enumerate(self.numbers)]
+        # self.numbers holds the nn.Embedding tables of __init__ (a ModuleList's items type as plain Modules)
+        parts += [self.mns(cast(nn.Embedding, t), x[:, 3 * d + i]) for i, t in enumerate(self.numbers)]
         z = torch.cat(parts, 1)
         for layer in self.hidden:
             z = torch.relu(layer(z))
@@ -329,18 +346,21 @@ def export(fitted: Fitted) -> RankerModel:
         context_emb=a(m.context.weight), click_w=a(m.click.weight[0]), click_b=float(m.click.bias.detach()),
         value_w=a(m.value.weight[0]), value_b=float(m.value.bias.detach()), dot_weight=float(m.dot_weight.detach()),
         position_bias=a(m.position_bias),
-        cross_u=[a(c.v.weight.T) for c in m.cross], cross_v=[a(c.u.weight.T) for c in m.cross],
-        cross_b=[a(c.u.bias) for c in m.cross],
-        hidden_w=[a(h.weight.T) for h in m.hidden], hidden_b=[a(h.bias) for h in m.hidden])
+        cross_u=[a(c.v.weight.T) for c in m.cross_layers], cross_v=[a(c.u.weight.T) for c in m.cross_layers],
+        cross_b=[a(c.u.bias) for c in m.cross_layers],
+        hidden_w=[a(h.weight.T) for h in m.hidden_layers], hidden_b=[a(h.bias) for h in m.hidden_layers])
 
 
 def _load_numpy(module: _Base, model: RankerModel) -> None:
     """Copy a served model's weights into a fresh module of the same shape (the warm start)."""
-    if not isinstance(module, DCN) or len(module.cross) != len(model.cross_u) or \
-            len(module.hidden) != len(model.hidden_w) or \
-            any(h.weight.shape[::-1] != w.shape for h, w in zip(module.hidden, model.hidden_w)) or \
-            any(c.v.weight.shape[::-1] != u.shape for c, u in zip(module.cross, model.cross_u)):
-        return  # a different architecture: train from scratch
+    # a different architecture: train from scratch
+    if not isinstance(module, DCN):
+        return
+    cross, hidden = module.cross_layers, module.hidden_layers
+    if len(cross) != len(model.cross_u) or len(hidden) != len(model.hidden_w) or \
+            any(h.weight.shape[::-1] != w.shape for h, w in zip(hidden, model.hidden_w, strict=True)) or \
+            any(c.v.weight.shape[::-1] != u.shape for c, u in zip(cross, model.cross_u, strict=True)):
+        return
     t = torch.from_numpy
     with torch.no_grad():
         module.category.weight.copy_(t(model.category_emb))
@@ -351,10 +371,10 @@ def _load_numpy(module: _Base, model: RankerModel) -> None:
         module.value.bias.fill_(model.value_b)
         module.dot_weight.fill_(model.dot_weight)
         module.position_bias.copy_(t(model.position_bias))
-        for c, u, v, b in zip(module.cross, model.cross_u, model.cross_v, model.cross_b):
+        for c, u, v, b in zip(cross, model.cross_u, model.cross_v, model.cross_b, strict=True):
             c.v.weight.copy_(t(u).T)
             c.u.weight.copy_(t(v).T)
             c.u.bias.copy_(t(b))
-        for h, w, b in zip(module.hidden, model.hidden_w, model.hidden_b):
+        for h, w, b in zip(hidden, model.hidden_w, model.hidden_b, strict=True):
             h.weight.copy_(t(w).T)
             h.bias.copy_(t(b))

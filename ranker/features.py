@@ -80,7 +80,7 @@ class Rows:
     def __len__(self) -> int:
         return int(self.dot.shape[0])
 
-    def take(self, idx: np.ndarray) -> "Rows":
+    def take(self, idx: np.ndarray) -> Rows:
         return Rows(self.dense[idx], self.dot[idx], self.category[idx], self.context[idx], self.position[idx])
 
 

@@ -63,7 +63,8 @@ def recall_at_k(index: faiss.Index, exact: faiss.Index, queries: np.ndarray, k: 
     """Mean share of the exact top-k that ``index`` returns."""
     _, got = index.search(queries, k)
     _, want = exact.search(queries, k)
-    return float(np.mean([len(set(g[g >= 0]) & set(w[w >= 0])) / max(1, (w >= 0).sum()) for g, w in zip(got, want)]))
+    shares = [len(set(g[g >= 0]) & set(w[w >= 0])) / max(1, (w >= 0).sum()) for g, w in zip(got, want, strict=True)]
+    return float(np.mean(shares))
 
 
 def user_queries(users: np.ndarray) -> np.ndarray:
@@ -117,10 +118,10 @@ def build_index(keys: np.ndarray, ids: np.ndarray, *, exact_below: int = EXACT_B
     start = time.perf_counter()
     n, dim = keys.shape
     if n < exact_below:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         if n:
-            index.add_with_ids(keys, ids)
-        return index, IndexInfo("Flat", n, time.perf_counter() - start, 1.0, k)
+            flat.add_with_ids(keys, ids)
+        return flat, IndexInfo("Flat", n, time.perf_counter() - start, 1.0, k)
     rng = np.random.default_rng(seed)
     nlist = int(2 ** round(np.log2(2 * np.sqrt(n))))
     padded = fit_width(keys, -(-dim // 8) * 8)
@@ -187,7 +188,7 @@ class ServingCatalog:
 
     @classmethod
     def build(cls, d: int, ad_ids: list[str], vectors: np.ndarray, bids: np.ndarray, active: np.ndarray,
-              categories: list[str | None], **index_options: Any) -> ServingCatalog:
+              categories: Sequence[str | None], **index_options: Any) -> ServingCatalog:
         """A catalog whose index is chosen by size (``build_index``) over its active ads."""
         n = len(ad_ids)
         on = np.flatnonzero(active)
@@ -237,7 +238,7 @@ class ServingCatalog:
             categories = [categories[i] for i in keep]
             vectors, bids, active = vectors[keep], bids[keep], active[keep]
         rows = []
-        for ad_id, cat in zip(ad_ids, categories):
+        for ad_id, cat in zip(ad_ids, categories, strict=True):
             r = self.row.get(ad_id)
             if r is None:
                 r = len(self.ad_ids)
@@ -251,7 +252,8 @@ class ServingCatalog:
         self._grow(len(self.ad_ids))
         was = rows_a[self.active[rows_a]]
         if was.size:
-            self.index.remove_ids(was)
+            # faiss's stub says an IDSelector; its Python wrapper (class_wrappers) takes an array of ids too
+            self.index.remove_ids(was)  # type: ignore[arg-type]
         self.vectors[rows_a] = vectors
         self.bids[rows_a] = bids
         self.active[rows_a] = active

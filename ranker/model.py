@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from privads.ranker.features import CONTEXT_BUCKETS, MIN_BID, Rows
 
@@ -78,13 +79,13 @@ class RankerModel:
     def _layers(self, x0: np.ndarray) -> np.ndarray:
         x = x0
         # in place: each layer allocates only its matmul's output (serving runs this per request)
-        for u, v, b in zip(self.cross_u, self.cross_v, self.cross_b):
+        for u, v, b in zip(self.cross_u, self.cross_v, self.cross_b, strict=True):
             y = (x @ u) @ v
             y += b
             y *= x0
             y += x
             x = y
-        for w, b in zip(self.hidden_w, self.hidden_b):
+        for w, b in zip(self.hidden_w, self.hidden_b, strict=True):
             x = x @ w
             x += b
             np.maximum(x, 0.0, out=x)
@@ -150,18 +151,21 @@ class RankerModel:
     # --- persistence ----------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        arrays = {"kind": np.array(self.kind), "mean": self.mean, "std": self.std,
-                  "category_emb": self.category_emb, "context_emb": self.context_emb,
-                  "click_w": self.click_w, "click_b": np.float32(self.click_b),
-                  "value_w": self.value_w, "value_b": np.float32(self.value_b),
-                  "dot_weight": np.float32(self.dot_weight), "position_bias": self.position_bias}
+        arrays: dict[str, ArrayLike] = {
+            "kind": np.array(self.kind), "mean": self.mean, "std": self.std,
+            "category_emb": self.category_emb, "context_emb": self.context_emb,
+            "click_w": self.click_w, "click_b": np.float32(self.click_b),
+            "value_w": self.value_w, "value_b": np.float32(self.value_b),
+            "dot_weight": np.float32(self.dot_weight), "position_bias": self.position_bias,
+        }
         for name in ("cross_u", "cross_v", "cross_b", "hidden_w", "hidden_b"):
             for i, a in enumerate(getattr(self, name)):
                 arrays[f"{name}_{i}"] = a
-        np.savez(path, **arrays)
+        # allow_pickle spelled out (its default): else, to mypy, any entry of ``arrays`` could be that flag
+        np.savez(path, allow_pickle=True, **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> "RankerModel":
+    def load(cls, path: Path) -> RankerModel:
         with np.load(path) as z:
             def stack(name: str) -> list[np.ndarray]:
                 out, i = [], 0

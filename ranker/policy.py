@@ -1,31 +1,168 @@
-"""The serving policies, as pure functions from state and candidates to a ranked list (numpy only).
+"""Ranking policies: one interface for serving, ``privads bench policies`` and offline replay (numpy only).
 
-``ranker.service`` does the I/O (Redis, the index) and calls these; the
-replay tools can call them on logged state the same way.
+A policy ranks one request's candidates, a ``Slate``, into a list of k ads with the
+probability it had of showing each one at its position (``scoring.Ranked``). The
+shape is river's bandit policies (``river.bandit.base.Policy``: a public ``pull`` over an
+abstract ``_pull``): the public ``Policy.rank`` checks its input and treats the empty slate
+once, for every policy; a policy overrides ``_rank`` alone.
 
-- ``thompson_policy`` — the learned policy (treatment, or a pinned version):
+- ``ThompsonPolicy`` — the learned policy (treatment, or a pinned version):
   one posterior draw of the user vector, the ranker's pCTR for it times a drawn
   per-ad calibration factor (``ranker.scoring.AdEvidence``), ranked by expected
   value ``pCTR × bid``; propensities by Monte-Carlo over the same joint draws.
-- ``popularity_order`` — the non-personalised control: ads by their posterior
+- ``PopularityPolicy`` — the non-personalised control: ads by their posterior
   mean CTR in the arm times the bid; deterministic, so propensity 1.
-- ``uniform_rank`` (in ``ranker.scoring``) — the random control.
+- ``UniformPolicy`` — the random control: k distinct candidates, uniformly.
+
+The bench's peers (``bench.peers``) subclass ``Policy`` too, and learn in process
+through ``Policy.learn``; the served policies learn in the stream workers, so theirs
+does nothing. Offline replay (``learner.replay``) evaluates any policy through
+``Policy.sample_lists``: draws of its list, whose per-slot shares are π(ad | slot).
+``tests/ranker/test_policy.py`` checks every policy generically.
+
+``ranker.service`` does the I/O (Redis, the index) and builds the slates; the
+replay tools build them from logged state the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from privads.infra.errors import InvalidInput
 from privads.ranker.model import RankerModel
-from privads.ranker.scoring import AdEvidence, Ranked, optimistic_value, popularity_scores, thompson_rank, top_k
+from privads.ranker.scoring import (
+    AdEvidence,
+    Ranked,
+    optimistic_value,
+    popularity_scores,
+    thompson_rank,
+    top_k,
+    uniform_rank,
+)
 from privads.ranker.updates import logit, sigmoid
 
 if TYPE_CHECKING:
     from privads.infra.settings import Settings
 
+NO_CONTEXT = np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Slate:
+    """What a policy sees of one request: the candidates it may show, and what is known of them and the user.
+
+    Only ``rows`` is required; a policy that needs a field the caller left out
+    says which (``need``).
+
+    Attributes
+    ----------
+    rows : ndarray of int, shape (C,)
+        The candidates' ids in the caller's catalog (serving: catalog rows; the bench: ad indices).
+    user : str or int
+        The user's id (a policy that keeps its own per-user state keys it by this).
+    mean, precision : ndarray, shape (D,), optional
+        The user's posterior (the population prior for unknown users).
+    count : int
+        Labelled impressions the user's vector has learned from.
+    vectors : ndarray, shape (C, D), optional
+        Projected candidate vectors.
+    bids : ndarray, shape (C,), optional
+    category_ids : ndarray of int, shape (C,), optional
+    context : ndarray of int, shape (T,)
+        Hashed request-context tokens (``ranker.features.context_ids``).
+    clicks, shown, expected : ndarray, shape (C,), optional
+        The candidates' clicks, impressions and the clicks the served models
+        predicted for those impressions, in the user's arm (``AdEvidence``).
+    logits : ndarray, shape (C,), optional
+        The ranker's ``h(x)`` of the candidates at the posterior mean, when already
+        computed (``candidate_logits``: deterministic given the state).
+    """
+
+    rows: np.ndarray
+    user: str | int = ""
+    mean: np.ndarray | None = None
+    precision: np.ndarray | None = None
+    count: int = 0
+    vectors: np.ndarray | None = None
+    bids: np.ndarray | None = None
+    category_ids: np.ndarray | None = None
+    context: np.ndarray = field(default_factory=lambda: NO_CONTEXT)
+    clicks: np.ndarray | None = None
+    shown: np.ndarray | None = None
+    expected: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[0])
+
+    def need(self, *names: str) -> list[np.ndarray]:
+        """The named fields, or ``InvalidInput`` naming the first one the caller did not give."""
+        out = []
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                raise InvalidInput(f"slate.{name}: this policy needs it and the request's slate has none")
+            out.append(value)
+        return out
+
+
+EMPTY = Ranked(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+
+
+class Policy(abc.ABC):
+    """A ranking policy: ``rank`` one request's slate into k ads with their propensities.
+
+    Subclasses override ``_rank`` (and ``learn`` if they learn in process). Class
+    attributes say what offline evaluation may assume: a ``deterministic`` policy's
+    one list is its distribution; a ``uniform`` one shows every candidate at every
+    slot with probability 1/C.
+    """
+
+    name: ClassVar[str] = "policy"
+    deterministic: ClassVar[bool] = False
+    uniform: ClassVar[bool] = False
+
+    def rank(self, slate: Slate, k: int) -> Ranked:
+        """The list to show: at most ``k`` distinct candidates, best first.
+
+        Returns
+        -------
+        Ranked
+            ``index`` holds positions in the slate's arrays; ``propensity[j]`` is the
+            probability this policy had of showing ``index[j]`` at position ``j``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise InvalidInput(f"k: must be a positive integer, got {k!r}")
+        if slate.size == 0:
+            return EMPTY
+        return self._rank(slate, min(int(k), slate.size))
+
+    @abc.abstractmethod
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        """Rank a non-empty slate; ``1 ≤ k ≤ slate.size``."""
+
+    def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
+        """See how a served list did (``clicked``: bool, shape (len(ranked.index),)).
+
+        The served policies learn in the stream workers, from the events; a policy
+        that learns in process (the bench's peers) overrides this.
+        """
+        return None
+
+    def sample_lists(self, slate: Slate, k: int, draws: int) -> np.ndarray:
+        """Independent lists this policy could show, shape (draws, ≤ k): positions in the slate.
+
+        What offline evaluation counts to get π(ad | slot). A deterministic policy
+        returns its one list (shape (1, ≤ k)); a Monte-Carlo policy overrides this
+        to return the draws it makes anyway.
+        """
+        return np.stack([self.rank(slate, k).index for _ in range(1 if self.deterministic else draws)])
 
 @dataclass(frozen=True, slots=True)
 class ThompsonParams:
@@ -67,7 +204,7 @@ def thompson_policy(
     ads: np.ndarray,
     bids: np.ndarray,
     category_ids: np.ndarray,
-    context: list[int],
+    context: np.ndarray,
     ranker: RankerModel | None,
     clicks: np.ndarray,
     expected: np.ndarray,
@@ -88,7 +225,7 @@ def thompson_policy(
         Projected candidate vectors.
     bids : ndarray, shape (C,)
     category_ids : ndarray of int, shape (C,)
-    context : list of int
+    context : ndarray of int, shape (T,)
         Hashed request-context tokens (``ranker.features.context_ids``).
     ranker : RankerModel or None
         None: ``σ(u·p + bias)``, the stream's own model.
@@ -173,7 +310,8 @@ def popularity_order(
     return best, scores[best]
 
 
-def counts_by_row(counts: dict[str, tuple[int, ...]], row: dict[str, int], n: int) -> tuple[np.ndarray, np.ndarray]:
+def counts_by_row(counts: Mapping[str, tuple[int, ...]], row: Mapping[str, int],
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
     """Scatter ``ad id → (clicks, shown, …)`` onto catalog rows; unknown ids are ignored.
 
     Returns
@@ -186,6 +324,69 @@ def counts_by_row(counts: dict[str, tuple[int, ...]], row: dict[str, int], n: in
         if r is not None and r < n:
             clicks[r], impressions[r] = c, m
     return clicks, impressions
+
+
+class ThompsonPolicy(Policy):
+    """The learned policy (``thompson_policy``) over one model version's ranker.
+
+    Needs the slate's user posterior, vectors, bids, category ids and the arm's
+    ``clicks`` and ``expected``; uses its ``logits`` when given.
+    """
+
+    name = "thompson"
+
+    def __init__(self, params: ThompsonParams, ranker: RankerModel | None, rng: np.random.Generator) -> None:
+        self.params, self.ranker, self.rng = params, ranker, rng
+
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        return self._draw(slate, k, self.params)
+
+    def _draw(self, slate: Slate, k: int, params: ThompsonParams) -> Ranked:
+        mean, precision, ads, bids, categories, clicks, expected = slate.need(
+            "mean", "precision", "vectors", "bids", "category_ids", "clicks", "expected")
+        return thompson_policy(mean, precision, slate.count, ads, bids, categories, slate.context, self.ranker,
+                               clicks, expected, k, params, self.rng, logits=slate.logits)
+
+    def sample_lists(self, slate: Slate, k: int, draws: int) -> np.ndarray:
+        """The Monte-Carlo lists of one call with ``draws`` joint draws (the served one among them)."""
+        if slate.size == 0:
+            return np.zeros((draws, 0), np.int64)
+        lists = self._draw(slate, min(k, slate.size), replace(self.params, draws=draws)).lists
+        assert lists is not None  # thompson_rank always returns its draws
+        return lists
+
+
+class PopularityPolicy(Policy):
+    """Ads by their posterior-mean CTR in the arm times the bid (Beta prior ``prior_ctr`` worth ``strength``).
+
+    Needs the slate's ``clicks``, ``shown`` and ``bids``. Deterministic: ties go to
+    the earlier candidate (a stable sort), so a given state always shows one list.
+    """
+
+    name = "popularity"
+    deterministic = True
+
+    def __init__(self, prior_ctr: float, strength: float) -> None:
+        self.prior_ctr, self.strength = prior_ctr, strength
+
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        clicks, shown, bids = slate.need("clicks", "shown", "bids")
+        scores = popularity_scores(clicks, shown, bids, self.prior_ctr, self.strength)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return Ranked(index=order, score=scores[order], propensity=np.ones(order.shape[0]))
+
+
+class UniformPolicy(Policy):
+    """k distinct candidates uniformly at random: every candidate at every slot with probability 1/C."""
+
+    name = "uniform"
+    uniform = True
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def _rank(self, slate: Slate, k: int) -> Ranked:
+        return uniform_rank(slate.size, k, self.rng)
 
 
 def describe(params: ThompsonParams) -> dict[str, Any]:

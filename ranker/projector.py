@@ -47,7 +47,7 @@ class Projector:
         np.savez(path, weight=self.weight, bias=self.bias)
 
     @classmethod
-    def load(cls, path: Path) -> "Projector":
+    def load(cls, path: Path) -> Projector:
         with np.load(path) as z:
             return cls(weight=z["weight"].astype(np.float32), bias=z["bias"].astype(np.float32))
 

@@ -45,7 +45,7 @@ class QualityWatch:
     def update(self, y: np.ndarray, p: np.ndarray) -> int:
         """Feed outcomes ``y`` (shape (n,)) and predicted click probabilities ``p`` (shape (n,)); returns new drifts."""
         found = 0
-        for yi, pi in zip(np.asarray(y, dtype=bool).tolist(), np.clip(p, 1e-7, 1 - 1e-7).tolist()):
+        for yi, pi in zip(np.asarray(y, dtype=bool).tolist(), np.clip(p, 1e-7, 1 - 1e-7).tolist(), strict=True):
             self.auc.update(yi, pi)
             self.loss.update(yi, pi)
             self.adwin.update(-math.log(pi) if yi else -math.log(1 - pi))
@@ -58,4 +58,5 @@ class QualityWatch:
     def snapshot(self) -> QualitySnapshot:
         if not self.examples:
             return QualitySnapshot(0, None, None, 0)
-        return QualitySnapshot(self.examples, float(self.auc.get()), float(self.loss.get()), self.drifts)
+        # the wrapped metrics (.obj), typed: Rolling forwards .get to them through a __getattr__ typed as object
+        return QualitySnapshot(self.examples, float(self.auc.obj.get()), float(self.loss.obj.get()), self.drifts)

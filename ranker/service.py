@@ -53,11 +53,15 @@ from privads.ranker.artifacts import ModelVersion, load_version, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import (
+    EMPTY,
+    PopularityPolicy,
+    Slate,
     ThompsonParams,
+    ThompsonPolicy,
+    UniformPolicy,
     candidate_logits,
     counts_by_row,
     popularity_order,
-    thompson_policy,
 )
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
@@ -66,7 +70,6 @@ from privads.ranker.updates import dp_epsilon
 log = logging.getLogger(__name__)
 
 POPULAR_KEPT = 256  # the popularity control keeps this many ranked ads (k ≤ 100, plus room for deactivations)
-_EMPTY = scoring.Ranked(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,9 @@ class Recommender:
         self.producer = producer
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams.from_settings(settings)
+        # the controls' policies; the learned one is built per request over the version it serves
+        self.popularity = PopularityPolicy(settings.base_rate, settings.popularity_prior_strength)
+        self.uniform = UniformPolicy(self.rng)
         # the population prior: the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
@@ -143,8 +149,8 @@ class Recommender:
                                     "index": {"type": "Flat"}}, proj, ServingCatalog(settings.d_user))
         self.pinned: ModelVersion | None = None  # the `pinned` control's version
         self.change_id = "0-0"
-        # the popularity control's ranking: (catalog it was computed on, rows best first, scores)
-        self.popular: tuple[ServingCatalog, np.ndarray, np.ndarray] | None = None
+        # the popularity control's candidates: (catalog they were ranked on, rows best first)
+        self.popular: tuple[ServingCatalog, np.ndarray] | None = None
         self._popular_key: tuple | None = None
         self.ready = asyncio.Event()
 
@@ -202,10 +208,10 @@ class Recommender:
         counts = self.ad_counts.of_arm(experiment.CONTROL)
         n = len(cat.ad_ids)
         clicks, impressions = counts_by_row(counts, cat.row, n)
-        rows, scores = await asyncio.to_thread(
+        rows, _ = await asyncio.to_thread(
             popularity_order, clicks, impressions, cat.bids[:n], cat.active[:n].copy(), self.settings.base_rate,
             self.settings.popularity_prior_strength, POPULAR_KEPT)
-        self.popular, self._popular_key = (cat, rows, scores), key
+        self.popular, self._popular_key = (cat, rows), key
 
     async def follow(self, poll_s: float = 1.0) -> None:
         """Run forever: apply catalog changes as they are logged, swap in new model versions."""
@@ -285,7 +291,7 @@ class Recommender:
         pctr = ranked.pctr.tolist() if ranked.pctr is not None else [None] * ranked.index.size
         shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p) for pos, (ad_id, score, prop, p) in
                  enumerate(zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist(),
-                               pctr))]
+                               pctr, strict=True))]
         self._log_impressions(user_id, arm, version.version, request_id, context, shown)
         return Recommendation(request_id, arm, version.version, shown)
 
@@ -300,7 +306,7 @@ class Recommender:
         cands = self._candidates_lru.get(key)
         rows = cands.rows if cands is not None else self._retrieve(cat, mean)
         if rows.size == 0:
-            return cat, rows, _EMPTY
+            return cat, rows, EMPTY
         ads, bids, categories = cat.vectors[rows], cat.bids[rows], cat.category_ids[rows]
         if cands is None:
             logits = None if version.ranker is None else candidate_logits(version.ranker, mean, count, ads, bids,
@@ -308,10 +314,10 @@ class Recommender:
             cands = self._remember(key, Candidates(rows, logits))
         else:
             self._candidates_lru.move_to_end(key)
-        clicks, _, expected = self.row_counts(cat, arm).take(rows)
-        ranked = thompson_policy(mean, precision, count, ads, bids, categories, ctx, version.ranker, clicks,
-                                 expected, k, self.params, self.rng, logits=cands.logits)
-        return cat, rows, ranked
+        clicks, shown, expected = self.row_counts(cat, arm).take(rows)
+        slate = Slate(rows, user_id, mean, precision, count, ads, bids, categories, ctx, clicks, shown, expected,
+                      cands.logits)
+        return cat, rows, ThompsonPolicy(self.params, version.ranker, self.rng).rank(slate, k)
 
     def _retrieve(self, cat: ServingCatalog, mean: np.ndarray) -> np.ndarray:
         n = self.settings.candidates
@@ -325,29 +331,31 @@ class Recommender:
         return cands
 
     def _popularity(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
-        """The popularity control: the arm's best ads by posterior-mean CTR × bid (deterministic)."""
+        """The popularity control: the arm's best ads by posterior-mean CTR × bid (deterministic).
+
+        Its candidates are the arm's best ``POPULAR_KEPT`` of the whole catalog, re-ranked every
+        ``popularity_refresh_s`` off the event loop; each request ranks them by the current counts.
+        """
         popular = self.popular
         active = len(version.catalog)
         if popular is None or popular[1].size < min(k, active):
-            # not ranked yet, or ranked before the catalog filled: rank now from the arm's prior (bid alone)
+            # not ranked yet, or ranked before the catalog filled: the best by the arm's prior (bid alone)
             cat = version.catalog
             n = len(cat.ad_ids)
             zeros = np.zeros(n, np.int64)
-            rows, scores = popularity_order(zeros, zeros, cat.bids[:n], cat.active[:n], self.settings.base_rate,
-                                            self.settings.popularity_prior_strength, k)
+            rows, _ = popularity_order(zeros, zeros, cat.bids[:n], cat.active[:n], self.settings.base_rate,
+                                       self.settings.popularity_prior_strength, k)
         else:
-            cat, rows, scores = popular
-            still = cat.active[rows]  # deactivated since the last re-rank: skip
-            rows, scores = rows[still], scores[still]
-        return cat, rows, scoring.fixed_rank(np.arange(rows.size), scores, k)
+            cat, rows = popular
+            rows = rows[cat.active[rows]]  # deactivated since the last re-rank: skip
+        clicks, shown, _ = self.row_counts(cat, experiment.CONTROL).take(rows)
+        return cat, rows, self.popularity.rank(Slate(rows, clicks=clicks, shown=shown, bids=cat.bids[rows]), k)
 
     def _random(self, version: ModelVersion, k: int) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """The random control: k distinct active ads, uniformly."""
         cat = version.catalog
         rows = cat.active_rows()
-        if rows.size == 0:
-            return cat, rows, _EMPTY
-        return cat, rows, scoring.uniform_rank(rows.size, k, self.rng)
+        return cat, rows, self.uniform.rank(Slate(rows), k)
 
     def _log_impressions(self, user_id: str, policy: str, model_version: str | None, request_id: str,
                          context: dict[str, Any] | None, shown: list[ShownAd]) -> None:
@@ -396,13 +404,13 @@ class Recommender:
                                else 60.0, "starts": starts, "arms": {}, "lift": [], "lift_ci95": [],
                                "lift_ci95_sequential": []}
         for arm, s in arms.items():
-            out["arms"][arm] = {"impressions": s["impressions"], "clicks": s["clicks"],
-                                "ctr": [c / n if n else None for c, n in zip(s["clicks"], s["impressions"])]}
+            ctr = [c / n if n else None for c, n in zip(s["clicks"], s["impressions"], strict=True)]
+            out["arms"][arm] = {"impressions": s["impressions"], "clicks": s["clicks"], "ctr": ctr}
         empty = {"impressions": [0] * len(starts), "clicks": [0] * len(starts)}
         t, c = arms.get(experiment.TREATMENT, empty), arms.get(experiment.CONTROL, empty)
         # cumulative from the window's start: what the sequential interval assumes
         cum = [np.cumsum(x).tolist() for x in (t["clicks"], t["impressions"], c["clicks"], c["impressions"])]
-        for ct, nt, cc, nc in zip(*cum):
+        for ct, nt, cc, nc in zip(*cum, strict=True):
             fixed = experiment.lift(ct, nt, cc, nc)
             out["lift"].append(fixed.lift)
             out["lift_ci95"].append(fixed.ci95)

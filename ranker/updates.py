@@ -24,7 +24,7 @@ Gaussian mechanism, composed over T steps).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -50,8 +50,16 @@ class UpdateParams:
                    bias=logit(settings.base_rate), dp_clip=settings.dp_clip, dp_noise=settings.dp_noise)
 
 
+@overload
+def sigmoid(z: np.ndarray) -> np.ndarray: ...
+
+
+@overload
+def sigmoid(z: float) -> float: ...
+
+
 def sigmoid(z: np.ndarray | float) -> np.ndarray | float:
-    """Numerically stable logistic function."""
+    """Numerically stable logistic function (a float for a scalar: numpy returns a ufunc's 0-d result as a scalar)."""
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z)))
 
 
@@ -92,7 +100,7 @@ def update_user(
     m = mean.astype(np.float64, copy=True)
     q = precision.astype(np.float64, copy=True)
     mu = prior_mean.astype(np.float64, copy=False)
-    for p, y in zip(ads.astype(np.float64, copy=False), clicked):
+    for p, y in zip(ads.astype(np.float64, copy=False), clicked, strict=True):
         s = float(sigmoid(m @ p + params.bias))
         step = params.learning_rate * ((s - float(y)) * p + params.l2_prior * (m - mu))
         norm = float(np.linalg.norm(step))
@@ -159,6 +167,7 @@ def update_many(
         s = sigmoid(np.einsum("ij,ij->i", m[u], p) + params.bias)
         grad = (s - y)[:, None] * p + params.l2_prior * (m[u] - mu)
         if params.dp_clip is not None:
+            assert rng is not None  # checked before the loop
             gnorm = np.linalg.norm(grad, axis=1, keepdims=True)
             grad *= np.minimum(1.0, params.dp_clip / np.maximum(gnorm, 1e-12))
             grad += rng.standard_normal(grad.shape) * (params.dp_noise * params.dp_clip)

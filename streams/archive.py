@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 import numpy as np
@@ -30,6 +31,11 @@ import pyarrow.parquet as pq
 
 from privads.infra import keys
 from privads.infra.records import Impression, Labelled
+
+if TYPE_CHECKING:  # for annotations only: reading the archive (learner.logs) does without redis
+    import redis
+
+    from privads.infra.store import StreamEntries
 
 IMPRESSION_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()), ("ad_id", pa.string()),
@@ -60,19 +66,19 @@ def _write(path: Path, table: pa.Table) -> None:
 _impression = msgspec.json.Decoder(Impression)
 
 
-def columns_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[dict[str, list], dict[str, list]]:
+def columns_of(entries: StreamEntries) -> tuple[dict[str, list], dict[str, list]]:
     """Impression and label columns of a chunk of archive entries (column-wise: this runs per event)."""
     lines = [ln for _, f in entries for ln in f.get(b"imp", b"").split(b"\n") if ln]
     imps = [_impression.decode(ln) for ln in lines]
     labs = [lab for _, f in entries if f.get(b"lab") for lab in _labels.decode(f[b"lab"])]
-    imp_cols = {
+    imp_cols: dict[str, list] = {
         "event_id": [i.event_id for i in imps], "ts": [i.ts for i in imps], "user_id": [i.user_id for i in imps],
         "ad_id": [i.ad_id for i in imps], "position": [i.position for i in imps],
         "propensity": [i.propensity for i in imps], "policy": [i.policy for i in imps],
         "model_version": [i.model_version for i in imps], "request_id": [i.request_id for i in imps],
         "raw": [ln.decode() for ln in lines],
     }
-    lab_cols = {
+    lab_cols: dict[str, list] = {
         "impression_id": [x.impression_id for x in labs], "user_id": [x.user_id for x in labs],
         "ad_id": [x.ad_id for x in labs], "ts": [x.ts for x in labs], "clicked": [int(x.clicked) for x in labs],
         "value": [x.value for x in labs], "policy": [x.policy for x in labs],
@@ -80,7 +86,7 @@ def columns_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[dict[st
     return imp_cols, lab_cols
 
 
-def write_chunk(root: Path, partition: int, first_id: str, entries: list) -> int:
+def write_chunk(root: Path, partition: int, first_id: str, entries: StreamEntries) -> int:
     """Write a chunk's rows into hour files named by ``first_id``; returns the number of rows."""
     imp_cols, lab_cols = columns_of(entries)
     name = f"p{partition}-{first_id}.parquet"
@@ -97,7 +103,7 @@ def write_chunk(root: Path, partition: int, first_id: str, entries: list) -> int
     return rows
 
 
-def drain(r: object, root: Path, partition: int, chunk: int = 500) -> int:
+def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
     """Move archived entries of one partition from Redis into Parquet; returns rows written.
 
     ``r`` is a synchronous redis client (the drain runs in a thread).
@@ -105,14 +111,15 @@ def drain(r: object, root: Path, partition: int, chunk: int = 500) -> int:
     stream = keys.archive(partition)
     written = 0
     while True:
-        entries = r.xrange(stream, count=chunk)  # type: ignore[attr-defined]
+        # bytes: the client leaves decode_responses off (see infra.store)
+        entries = cast("StreamEntries | None", r.xrange(stream, count=chunk))
         if not entries:
             return written
         first, last = entries[0][0].decode(), entries[-1][0].decode()
         written += write_chunk(root, partition, first.replace("-", "_"), entries)
         # only now: everything up to `last` is on disk. Exactly: an approximate (~) trim keeps whole stream nodes,
         # whose entries the next drain would then write a second time under another file name
-        r.xtrim(stream, minid=_after(last), approximate=False)  # type: ignore[attr-defined]
+        r.xtrim(stream, minid=_after(last), approximate=False)
         if len(entries) < chunk:
             return written
 

@@ -206,7 +206,7 @@ def plan_batch(
 
     # close every bucket whose window has passed: this batch's updates win over what Redis held
     closing: dict[int, dict[str, Pending]] = {b: dict(recs) for b, recs in seen.due.items() if b < cutoff}
-    for iid, (b, _) in new.items():
+    for b, _ in new.values():
         if b < max(cutoff, plan.closed_before):  # arrived after its own window: due at once
             closing.setdefault(b, {})
     for b in sorted(closing):

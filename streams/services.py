@@ -31,12 +31,12 @@ class CatalogIndexer:
         ads = list(latest.values())
         hashes = [self.encoder.hash(a.text) for a in ads]
         cached = await self.catalog.cached_embeddings(hashes)
-        todo = {h: a.text for a, h, c in zip(ads, hashes, cached) if c is None}
+        todo = {h: a.text for a, h, c in zip(ads, hashes, cached, strict=True) if c is None}
         new: dict[str, np.ndarray] = {}
         if todo:
             loop = asyncio.get_running_loop()
             vecs = await loop.run_in_executor(None, self.encoder.encode, list(todo.values()))
-            new = dict(zip(todo.keys(), vecs))
+            new = dict(zip(todo.keys(), vecs, strict=True))
         await self.catalog.upsert(ads, hashes, new)
         return len(new)
 
@@ -68,6 +68,6 @@ class AdVectors:
         if missing:
             entries, emb = await self.catalog.read(missing)
             if entries:
-                for e, v in zip(entries, self.projector.project(emb)):
+                for e, v in zip(entries, self.projector.project(emb), strict=True):
                     self.cache[e.ad_id] = v
         return {a: self.cache[a] for a in ad_ids if a in self.cache}

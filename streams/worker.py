@@ -31,9 +31,11 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 import numpy as np
 import redis
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 from redis.exceptions import RedisError
 
 from privads.infra import keys, records
@@ -93,7 +95,8 @@ class PartitionBatch:
 class EventAgent:
     """Attribution and user learning for the partitions this worker owns."""
 
-    def __init__(self, settings: Settings, redis: object, producer: AIOKafkaProducer, ad_vectors: AdVectors) -> None:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, producer: AIOKafkaProducer,
+                 ad_vectors: AdVectors) -> None:
         self.s = settings
         self.store = PartitionStore(redis)
         self.users = UserStore(redis)
@@ -162,7 +165,7 @@ class EventAgent:
 
     # --- one batch ----------------------------------------------------------------------
 
-    async def step(self, batch: dict[TopicPartition, list], tick: bool) -> None:
+    async def step(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], tick: bool) -> None:
         by_p: dict[int, PartitionBatch] = {}
         side: list[tuple[str, int | None, bytes | None, bytes, list]] = []  # topic, partition, key, value, headers
         if batch:
@@ -208,7 +211,7 @@ class EventAgent:
             except Exception as e:  # noqa: BLE001 - a rebalance may have moved the partition
                 log.debug("offset commit skipped: %s", e)
 
-    def _route(self, tp: TopicPartition, m: object, pb: PartitionBatch, side: list) -> None:
+    def _route(self, tp: TopicPartition, m: ConsumerRecord[bytes, bytes], pb: PartitionBatch, side: list) -> None:
         """Decode one message into its partition batch, or into a side output (dead letter, forward)."""
         topic = tp.topic
         if topic == records.REPARTITION:
@@ -291,18 +294,18 @@ class EventAgent:
             seen = Seen(closed_before=closed)
             i = start
             for b, ids in imp_by_bucket.items():
-                for iid, blob in zip(ids, results[i]):
+                for iid, blob in zip(ids, results[i], strict=True):
                     if blob is not None:
                         seen.pending[iid] = (b, records.unpack_pending(blob))
                 i += 1
             if click_ids:
                 for b in bkts:
-                    for iid, blob in zip(click_ids, results[i]):
+                    for iid, blob in zip(click_ids, results[i], strict=True):
                         if blob is not None:
                             seen.pending[iid] = (b, records.unpack_pending(blob))
                     i += 1
             if lookup:
-                for iid, blob in zip(lookup, results[i]):
+                for iid, blob in zip(lookup, results[i], strict=True):
                     if blob is not None:
                         seen.orphans[iid] = records.unpack_click(blob)
                 i += 1
@@ -354,7 +357,7 @@ class EventAgent:
             self.users.get_many(user_ids), self.users.erased_at(user_ids),
             self.ad_vectors.get([ex.ad_id for ex in labelled]))
         row = {u: i for i, u in enumerate(user_ids)}
-        gone = {u: t for u, t in zip(user_ids, erased) if t is not None}
+        gone = {u: t for u, t in zip(user_ids, erased, strict=True) if t is not None}
         keep = []
         for ex in labelled:
             if ex.ad_id not in vectors:
@@ -432,7 +435,7 @@ async def consumer_lag(consumer: AIOKafkaConsumer) -> dict[str, int]:
             continue
         try:
             position = await asyncio.wait_for(consumer.position(tp), 1.0)
-        except (KafkaError, asyncio.TimeoutError, AssertionError):  # being reassigned or reset: next beat
+        except (KafkaError, TimeoutError, AssertionError):  # being reassigned or reset: next beat
             continue
         lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
     return lag
@@ -556,9 +559,9 @@ async def run(settings: Settings) -> None:
     await asyncio.to_thread(archive_partitions, owned)  # leave nothing committed but unarchived
     archive_redis.close()
     await r.aclose()
-    for t in done:
-        if t is not stopper and t.exception() is not None:
-            raise t.exception()
+    for task in done:
+        if task is not stopper and (exc := task.exception()) is not None:
+            raise exc
 
 
 def run_worker(settings: Settings) -> None:

@@ -62,7 +62,7 @@ def client(infra, settings: Settings, rds: redis.Redis):
 
 
 def render(url: str, profile: Path) -> str:
-    """The page's DOM after its scripts ran, from headless Chromium (flags from NOTES: no background traffic)."""
+    """The page's DOM after its scripts ran, from headless Chromium (no background traffic: there is no network)."""
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed for this test (make test installs it)"
     proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",

@@ -78,7 +78,7 @@ def test_arms_split_by_ratio_stay_sticky_and_are_logged(infra, client: httpx.Cli
     # to back get the same list (it re-ranks as the arm's counts move, every 0.5 s here, so not across the run)
     assert all(a["propensity"] == 1.0 for u in control for a in first[u]["ads"])
     same = 0
-    for a, b in zip(control[0:10:2], control[1:10:2]):
+    for a, b in zip(control[0:10:2], control[1:10:2], strict=True):
         la, lb = (tuple(x["ad_id"] for x in client.post("/recommend", json={"user_id": u, "k": 3}).json()["ads"])
                   for u in (a, b))
         same += la == lb

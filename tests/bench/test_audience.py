@@ -17,7 +17,7 @@ def test_audience_is_seeded_and_its_texts_carry_their_topic() -> None:
     assert len(set(a.ad_texts)) == 40 and np.allclose(a.interest.sum(axis=1), 1.0)
     from privads.bench.audience import TOPICS
 
-    for text, t in zip(a.ad_texts, a.ad_topic):
+    for text, t in zip(a.ad_texts, a.ad_topic, strict=True):
         assert any(noun in text for noun in TOPICS[a.topics[t]][0])
 
 

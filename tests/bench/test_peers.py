@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from policy_checks import CHECKS
 
 from privads.bench.audience import make_audience
 from privads.bench.peers import PrivAdsPolicy
 from privads.bench.policies import make_policies, run_policies
 from privads.infra.settings import Settings
+from privads.ranker.policy import Slate
 
 ALL = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
 
@@ -31,6 +33,21 @@ def _settings() -> Settings:
     return Settings(d_user=16, kafka="unused:1", redis="redis://unused")
 
 
+def _slate(audience, user: int) -> Slate:
+    n = len(audience.ad_ids)
+    return Slate(np.arange(n), user, bids=np.ones(n))
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ALL)
+def test_every_peer_passes_the_generic_policy_checks(audience, vectors, name: str, check) -> None:
+    def make(seed: int):
+        (policy,) = make_policies((name,), audience, vectors, _settings(), seed=seed, negatives_after=5)
+        return policy
+
+    check(make, _slate(audience, 3))
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(audience, vectors, name: str) -> None:
     runs = []
@@ -39,10 +56,12 @@ def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(audience, v
         shown = []
         rng = np.random.default_rng(1)
         for u in rng.integers(audience.users, size=60).tolist():
-            ads = policy.rank(u, 10)
+            slate = _slate(audience, u)
+            ranked = policy.rank(slate, 10)
+            ads = slate.rows[ranked.index]
             assert ads.shape == (10,) and len(set(ads.tolist())) == 10
             assert ads.min() >= 0 and ads.max() < len(audience.ad_ids)
-            policy.learn(u, ads, rng.random(10) < audience.click_probability(u, ads))
+            policy.learn(slate, ranked, rng.random(10) < audience.click_probability(u, ads))
             shown.append(ads.tolist())
         runs.append(shown)
     assert runs[0] == runs[1]
@@ -51,12 +70,15 @@ def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(audience, v
 def test_privads_learns_clicks_at_once_and_negatives_when_their_window_closes(audience, vectors) -> None:
     (p,) = make_policies(("privads",), audience, vectors, _settings(), seed=0, negatives_after=2)
     assert isinstance(p, PrivAdsPolicy)
-    ads = p.rank(0, 5)
-    p.learn(0, ads, np.array([True, False, False, False, False]))
+    slate = _slate(audience, 0)
+    ranked = p.rank(slate, 5)
+    ads = slate.rows[ranked.index]
+    p.learn(slate, ranked, np.array([True, False, False, False, False]))
     assert p.count[0] == 1 and p.clicks[ads[0]] == 1  # the click, at once
-    assert p.expected[ads].min() > 0  # every shown ad, with the pCTR it was served at
+    assert p.expected[ads].min() > 0 and p.shown[ads].min() == 1  # every shown ad, with the pCTR it was served at
     for u in (1, 2):
-        p.learn(u, p.rank(u, 5), np.zeros(5, bool))
+        other = _slate(audience, u)
+        p.learn(other, p.rank(other, 5), np.zeros(5, bool))
     assert p.count[0] == 5  # two requests later, its four negatives
 
 
@@ -82,3 +104,12 @@ def test_common_random_numbers_give_the_same_clicks_to_the_same_lists(audience, 
 def test_an_unknown_policy_is_refused_by_name(audience, vectors) -> None:
     with pytest.raises(ValueError, match="unknown policy 'magic'"):
         make_policies(("magic",), audience, vectors, _settings(), seed=0, negatives_after=None)
+
+
+def test_a_missing_bench_dependency_is_named_with_its_extra() -> None:
+    from privads.bench import optional
+    from privads.infra.errors import NotFound
+
+    with pytest.raises(NotFound, match=r"no_such_module_xyz is not installed: .*privads\[bench\]"):
+        optional("no_such_module_xyz")
+    assert optional("numpy") is np

@@ -42,9 +42,9 @@ def test_contract_defaults():
 def test_unresolved_infrastructure_raises():
     s = Settings()
     with pytest.raises(RuntimeError, match="PRIVADS_KAFKA"):
-        s.kafka_servers
+        _ = s.kafka_servers
     with pytest.raises(RuntimeError, match="PRIVADS_REDIS"):
-        s.redis_url
+        _ = s.redis_url
 
 
 def test_env_overrides(monkeypatch, tmp_path):

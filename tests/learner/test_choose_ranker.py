@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -46,10 +48,10 @@ def test_a_trained_ranker_replaces_the_stream_formula_and_reports_baselines(exam
 def test_a_worse_candidate_ranker_is_rejected_and_the_served_one_kept(examples: Examples) -> None:
     served, _ = choose_ranker(None, examples, IDENTITY, Settings(seed=0))
 
-    def shuffled(data: ranking.LabelledRows, kind: str, **kw: object) -> ranking.Fitted:  # learns noise
+    def shuffled(data: ranking.LabelledRows, kind: str, **kw: Any) -> ranking.Fitted:  # learns noise; kw: fit's options
         rng = np.random.default_rng(0)
         noise = ranking.LabelledRows(data.rows, rng.permutation(data.clicked), data.value, data.group)
-        return ranking.fit(noise, kind, **{**kw, "init": None})  # type: ignore[arg-type]
+        return ranking.fit(noise, kind, **{**kw, "init": None})
 
     kept, info = choose_ranker(served, examples, IDENTITY, Settings(seed=0), fitter=shuffled)
     assert info["trained"] and not info["promoted"] and "AUC" in info["reason"], info

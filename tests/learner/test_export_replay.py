@@ -64,7 +64,7 @@ def traffic(infra: Infra, settings: Settings, rds: redis.Redis, tmp_path_factory
         with httpx.Client(base_url=settings.api, timeout=10) as c:
             produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
             wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
-            for rnd in range(4):
+            for _ in range(4):
                 for u in range(40):
                     body = c.post("/recommend", json={"user_id": f"user-{u}", "k": 4,
                                                       "context": {"device": ["mobile", "desktop"][u % 2]}}).json()

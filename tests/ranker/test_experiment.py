@@ -187,9 +187,10 @@ def test_peeking_at_an_aa_test_fools_the_fixed_p_value_but_not_the_sequential_on
         ct = np.cumsum(rng.binomial(per_look, ctr, looks))
         cc = np.cumsum(rng.binomial(per_look, ctr, looks))
         n = per_look * np.arange(1, looks + 1)
-        fixed_ever += any((lift(int(a), int(m), int(b), int(m)).p_value or 1) < 0.05 for a, b, m in zip(ct, cc, n))
+        fixed_ever += any((lift(int(a), int(m), int(b), int(m)).p_value or 1) < 0.05
+                          for a, b, m in zip(ct, cc, n, strict=True))
         seq_ever += any((sequential_lift(int(a), int(m), int(b), int(m)).p_value or 1) < 0.05
-                        for a, b, m in zip(ct, cc, n))
+                        for a, b, m in zip(ct, cc, n, strict=True))
     # 50 looks at a 5% test: the fixed p-value crosses in about a quarter of A/A runs; the always-valid one
     # in at most 5% (Ville), up to this simulation's error
     assert fixed_ever / runs > 0.15

@@ -143,7 +143,7 @@ def test_inputs_not_modified_and_outputs_are_new_float32():
     prior = rng.standard_normal(5).astype(np.float32)
     before = [a.copy() for a in (mean, prec, ads, clicked, prior)]
     m, q = update_user(mean, prec, ads, clicked, prior, _params(lr=0.8, max_step=1.0, l2=0.01, bias=-2.9))
-    for a, b in zip((mean, prec, ads, clicked, prior), before):
+    for a, b in zip((mean, prec, ads, clicked, prior), before, strict=True):
         np.testing.assert_array_equal(a, b)
     assert m.dtype == np.float32 and q.dtype == np.float32
     assert not np.shares_memory(m, mean) and not np.shares_memory(q, prec)
