@@ -60,17 +60,18 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, every: fl
 def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     data = tmp_path_factory.mktemp("privads")
     kport, rport = free_port(), free_port()
-    broker = broker_process(kport, data / "logs" / "broker.log")
-    broker.start(timeout=30)
-    red = redis_process(rport, data / "redis", data / "logs" / "redis.log")
-    red.start(timeout=30)
     kafka = f"127.0.0.1:{kport}"
-    create_topics(kafka, partitions=2)
-    try:
-        yield Infra(kafka, f"redis://127.0.0.1:{rport}/0", data, broker, red)
+    box = Infra(kafka, f"redis://127.0.0.1:{rport}/0", data, broker_process(kport, data / "logs" / "broker.log"),
+                redis_process(rport, data / "redis", data / "logs" / "redis.log"))
+    try:  # started inside: a failed start still stops what did start
+        box.broker.start(timeout=30)
+        box.redis.start(timeout=30)
+        create_topics(kafka, partitions=2)
+        yield box
     finally:
-        red.stop(10)
-        broker.stop(10)
+        # the ones running now: a recovery test may have replaced the first broker or redis-server with new ones
+        box.redis.stop(10)
+        box.broker.stop(10)
         wait_port_free("127.0.0.1", kport)
 
 
