@@ -8,15 +8,21 @@ the topics from the words. Users have latent interests over the topics
     P(click) = position_bias[j] · (base + gain · interest[user, topic(ad)])
 
 which is the ground truth: the oracle shows each user the ads of their
-strongest topics, in that order; the random policy shows k ads uniformly. A
-policy's *efficiency* on a request is ``(E[CTR] − random) / (oracle − random)``
-where E[CTR] is the true expected click rate of the list it showed (not the
-sampled clicks): 0 is no better than random, 1 is the oracle.
+strongest topics, in that order; the random policy shows k of the audience's ads
+uniformly. A policy's *efficiency* on a request is ``(E[CTR] − random) /
+(oracle − random)`` where E[CTR] is the true expected click rate of the list it
+showed (not the sampled clicks): 0 is no better than random, 1 is the oracle.
+
+Ads are ranked by expected value, so the audience's ads have bids too (``bids``;
+``draw_bids`` draws them like a catalog's), and the world may hold ads that are
+not the audience's (a catalog's, ``other_bids``), which it clicks at the base
+rate only. *Value* efficiency is the same ratio in expected value per request
+(Σ P(click) × bid): the value oracle picks the k best of every ad in the world.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -65,6 +71,10 @@ class Audience:
         Each user's interest per topic, in [0, 1], rows summing to 1.
     position_bias : ndarray, shape (K,)
     base, gain : float
+    bids : ndarray, shape (M,)
+        The audience's ads' bids.
+    other_bids : ndarray, shape (O,)
+        Bids of the world's other ads (clicked at ``base`` only).
     """
 
     topics: list[str]
@@ -75,6 +85,19 @@ class Audience:
     position_bias: np.ndarray
     base: float
     gain: float
+    bids: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    other_bids: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        if self.bids.size == 0:  # no bids given: every ad bids 1
+            object.__setattr__(self, "bids", np.ones(len(self.ad_ids)))
+        if self.bids.shape != (len(self.ad_ids),) or (self.bids < 0).any():
+            raise ValueError(f"bids: expected {len(self.ad_ids)} bids ≥ 0, got shape {self.bids.shape}")
+
+    def with_bids(self, bids: np.ndarray, other_bids: np.ndarray | None = None) -> Audience:
+        """The same audience with its ads at ``bids``, beside other ads at ``other_bids``."""
+        return replace(self, bids=np.asarray(bids, np.float64),
+                       other_bids=np.zeros(0) if other_bids is None else np.asarray(other_bids, np.float64))
 
     @property
     def users(self) -> int:
@@ -93,6 +116,17 @@ class Audience:
     def random_ctr(self, user: int, k: int) -> float:
         """The expected CTR of k ads drawn uniformly, for ``user``."""
         mean = float(np.mean(self.base + self.gain * self.interest[user, self.ad_topic]))
+        return float(np.mean(self.position_bias[:k]) * mean)
+
+    def oracle_value(self, user: int, k: int) -> float:
+        """The best expected value per slot of a k-list: the world's k best ads by P(click) × bid, best on top."""
+        mine = (self.base + self.gain * self.interest[user, self.ad_topic]) * self.bids
+        best = np.sort(np.concatenate([mine, self.base * self.other_bids]))[::-1][:k]
+        return float(np.mean(self.position_bias[:best.shape[0]] * best))
+
+    def random_value(self, user: int, k: int) -> float:
+        """The expected value per slot of k of the audience's ads drawn uniformly."""
+        mean = float(np.mean((self.base + self.gain * self.interest[user, self.ad_topic]) * self.bids))
         return float(np.mean(self.position_bias[:k]) * mean)
 
 
@@ -120,6 +154,13 @@ def make_audience(users: int, ads: int, *, seed: int = 0, concentration: float =
     bias = 1.0 / (1.0 + np.arange(positions)) ** 0.5
     return Audience(names, [f"sim-ad-{seed}-{i:04d}" for i in range(ads)], texts, ad_topic, interest, bias, base,
                     gain)
+
+
+def draw_bids(catalog_bids: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` bids drawn like a catalog's: with replacement from its bids (1.0 each when it has none)."""
+    if catalog_bids.size == 0:
+        return np.ones(n)
+    return rng.choice(np.asarray(catalog_bids, np.float64), size=n, replace=True)
 
 
 def efficiency(ctr: np.ndarray, oracle: np.ndarray, random: np.ndarray) -> float:

@@ -87,12 +87,26 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bid(text: str) -> float | None:
+    """``--bid``: a bid ≥ 0, or ``catalog`` (None: drawn like the catalog's)."""
+    if text == "catalog":
+        return None
+    try:
+        bid = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor `catalog`") from None
+    if not bid >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a bid must be ≥ 0")
+    return bid
+
+
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from privads.bench.simulate import run_simulation
 
     key = settings.api_key.get_secret_value() if settings.api_key else None
+    catalog = settings.catalog if settings.catalog is not None and settings.catalog.is_file() else None
     out = asyncio.run(run_simulation(settings.api, args.users, args.ads, args.requests, seed=args.seed, k=args.k,
-                                     concurrency=args.concurrency, bid=args.bid, api_key=key))
+                                     concurrency=args.concurrency, bid=args.bid, catalog=catalog, api_key=key))
     print(json.dumps(out))
     return 0
 
@@ -188,9 +202,9 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--k", type=int, default=10, help="ads per request")
     sm.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    sm.add_argument("--bid", type=float, default=10.0,
-                    help="the audience's ads' bid; the default outbids the sample catalog (≤ 5.65), so that by "
-                    "expected value the audience's ads are the ones to show and the CTR oracle is the right yardstick")
+    sm.add_argument("--bid", type=_bid, default=None, metavar="B|catalog",
+                    help="the audience's ads' bid: a number, or `catalog` (the default): each ad's bid drawn from "
+                    "the catalog's (PRIVADS_CATALOG; 1.0 without one), never above it")
     sm.set_defaults(fn=cmd_simulate)
     ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
     ex.add_argument("out", type=Path, help="OUT.jsonl or OUT.parquet")

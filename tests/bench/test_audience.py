@@ -36,3 +36,44 @@ def test_efficiency_is_zero_for_random_and_one_for_the_oracle() -> None:
     assert efficiency(oracle, oracle, random) == 1.0 and efficiency(random, oracle, random) == 0.0
     assert efficiency(np.array([0.2, 0.05]), oracle, random) == pytest.approx(0.1 / 0.35)
     assert np.isnan(efficiency(random, random, random))
+
+
+def test_value_oracle_is_the_best_list_of_the_whole_world_and_random_the_mean_of_the_audiences() -> None:
+    aud = make_audience(3, 6, seed=2).with_bids(np.array([1.0, 0.5, 2.0, 1.0, 3.0, 0.2]), np.array([4.0, 0.1]))
+    k = 3
+    value = lambda user, i: ((aud.base + aud.gain * aud.interest[user, aud.ad_topic[i]]) * aud.bids[i]  # noqa: E731
+                             if i < 6 else aud.base * aud.other_bids[i - 6])
+    for user in range(aud.users):
+        lists = list(itertools.permutations(range(8), k))
+        per_slot = [np.mean(aud.position_bias[:k] * np.array([value(user, i) for i in lst])) for lst in lists]
+        assert aud.oracle_value(user, k) == pytest.approx(max(per_slot))
+        mine = [np.mean(aud.position_bias[:k] * np.array([value(user, i) for i in lst]))
+                for lst in itertools.permutations(range(6), k)]
+        assert aud.random_value(user, k) == pytest.approx(np.mean(mine))
+
+
+def test_bids_are_drawn_from_the_catalogs_and_default_to_one() -> None:
+    from privads.bench.audience import draw_bids
+
+    catalog = np.array([0.5, 1.0, 5.65])
+    drawn = draw_bids(catalog, 1000, np.random.default_rng(0))
+    assert set(np.unique(drawn)) == set(catalog) and drawn.max() <= catalog.max()
+    assert np.array_equal(draw_bids(np.zeros(0), 4, np.random.default_rng(0)), np.ones(4))
+    assert np.array_equal(make_audience(2, 5, seed=0).bids, np.ones(5))
+    with pytest.raises(ValueError, match="bids"):
+        make_audience(2, 5, seed=0).with_bids(np.ones(4))
+
+
+def test_simulate_draws_its_ads_bids_from_the_catalog_file_never_above_it(tmp_path) -> None:
+    from privads.bench.simulate import audience_bids, catalog_bids
+
+    path = tmp_path / "catalog.jsonl"
+    path.write_text('{"ad_id": "a", "text": "x", "bid": 0.5}\n{"ad_id": "b", "text": "y", "bid": 5.65}\n'
+                    '{"ad_id": "c", "text": "z", "bid": 9.0, "active": false}\n\n')
+    others = catalog_bids(path)
+    assert others == {"a": 0.5, "b": 5.65}  # the inactive ad is not shown, so not a bid to draw from
+    drawn = audience_bids(200, None, others, seed=1)
+    assert set(np.unique(drawn)) == {0.5, 5.65}
+    assert np.array_equal(audience_bids(200, None, others, seed=1), drawn)
+    assert np.array_equal(audience_bids(3, 2.0, others, seed=1), [2.0, 2.0, 2.0])
+    assert np.array_equal(audience_bids(3, None, catalog_bids(None), seed=1), np.ones(3))

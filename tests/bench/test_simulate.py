@@ -35,11 +35,16 @@ def test_simulate_reports_per_arm_against_the_oracle_and_its_clicks_reach_the_st
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout)
         assert out["failed_calls"] == 0 and set(out["arms"]) == {"treatment", "control"}
+        # no catalog file: the audience's ads bid 1.0, and every shown ad is theirs
+        assert out["bid"] == "catalog" and out["bids"] == {"min": 1.0, "median": 1.0, "max": 1.0}
+        assert out["catalog_ads"] == 0 and out["unknown_bid_impressions"] == 0
         assert sum(a["requests"] for a in out["arms"].values()) == 400
         for a in out["arms"].values():
             assert a["impressions"] == 10 * a["requests"]
             assert 0 < a["random_ctr"] < a["oracle_ctr"] and len(a["efficiency_by_quarter"]) == 4
             assert a["expected_ctr"] <= a["oracle_ctr"] + 1e-12
+            assert 0 < a["random_value"] < a["oracle_value"] and len(a["value_efficiency_by_quarter"]) == 4
+            assert a["expected_value"] <= a["oracle_value"] + 1e-12
         clicks = sum(a["clicks"] for a in out["arms"].values())
         assert clicks > 0
         # every click it reported was joined and counted by the workers
