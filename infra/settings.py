@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     shortlist: int = Field(50, ge=1, le=10000, description="candidates in the Monte-Carlo (≥ 3k)")
     calibration_strength: float = Field(5.0, gt=0, description="prior weight, in clicks, of each ad's calibration "
                                         "factor (its clicks over the clicks the served model predicted)")
+    category_strength: float = Field(5.0, gt=0, description="prior weight, in clicks, of each category's pooled "
+                                     "calibration factor, the prior mean of its ads' factors")
+    rekey_tolerance: float = Field(0.1, ge=0, description="an ad's retrieval key follows its calibration factor "
+                                   "once the factor has moved by more than this, in log")
     popularity_prior_strength: float = Field(20.0, gt=0, description="the base rate's weight, in impressions, in "
                                              "the popularity control's per-ad Beta")
     popularity_refresh_s: float = Field(2.0, gt=0, description="how often the popularity control re-ranks")

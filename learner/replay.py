@@ -45,6 +45,7 @@ from privads.ranker.adcounts import AdCounts, RowCounts
 from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.policy import Slate, ThompsonParams, ThompsonPolicy
+from privads.ranker.service import group_factors, learned_slate, rekey_now, retrieve
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -130,6 +131,9 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     row_counts = {arm: RowCounts(cat, arm) for arm in experiment.ARMS}
     for rc in row_counts.values():
         rc.sync(counts)
+    # retrieval keys follow the treatment's evidence, as /recommend's do; each arm's category factors its priors
+    rekey_now(cat, row_counts[experiment.TREATMENT], settings)
+    factors = {arm: group_factors(cat, rc, settings.category_strength) for arm, rc in row_counts.items()}
     unknown = 0
 
     def slate_of(req: int) -> tuple[Slate, np.ndarray]:
@@ -138,11 +142,10 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
         state = states.get(rows.user_id[i])
         unknown += state is None
         mean, precision, count = state if state else (prior_mean, prior_precision, 0)
-        cand = cat.active_rows() if len(cat) <= settings.candidates else cat.retrieve(mean, settings.candidates)
+        cand = retrieve(cat, mean, settings.candidates)
         arm = experiment.TREATMENT if rows.policy[i] != experiment.CONTROL else experiment.CONTROL
-        clicks, shown, expected = row_counts[arm].take(cand)
-        slate = Slate(cand, rows.user_id[i], mean, precision, count, cat.vectors[cand], cat.bids[cand],
-                      cat.category_ids[cand], context_ids(rows.context[i]), clicks, shown, expected)
+        slate = learned_slate(cat, row_counts[arm], factors[arm], cand, rows.user_id[i], (mean, precision, count),
+                              context_ids(rows.context[i]), None)
         return slate, np.array([action_of.get(a, -1) for a in cat.ids_of(cand)], dtype=np.int64)
 
     out = policy_rows(policy, log, slate_of, draws=draws, rng=np.random.default_rng(seed), name=name)

@@ -1,9 +1,11 @@
 """The serving catalog: ad vectors, bids and a FAISS inner-product index over them.
 
 Ads get dense integer ids (their row in ``vectors``); the index holds only the
-active ones, keyed by ``[p, log bid]`` (``ranker.scoring.retrieval_keys``) so that
-one index serves both plain similarity and expected-value retrieval. Updates
-are in place, so the catalog is owned by one event loop.
+active ones, keyed by ``[p, log(bid · r)]`` (``ranker.scoring.retrieval_keys``) so
+that one index serves both plain similarity and expected-value retrieval; ``r`` is
+the ad's calibration factor as the serving arm's evidence has it (``factors``; 1
+until ``rekey`` moves it). Updates are in place, so the catalog is owned by one
+event loop.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def build_index(keys: np.ndarray, ids: np.ndarray, *, exact_below: int = EXACT_B
     index.cp.seed = seed
     index.train(padded[rng.choice(n, min(n, 40 * nlist), replace=False)])
     index.add_with_ids(padded, ids)
+    _fast_removal(index)
     exact = faiss.IndexIDMap2(faiss.IndexFlatIP(width))
     exact.add_with_ids(padded, ids)
     del padded
@@ -149,6 +152,14 @@ def build_index(keys: np.ndarray, ids: np.ndarray, *, exact_below: int = EXACT_B
     build_s = time.perf_counter() - start
     recall = recall_at_k(index, exact, check, k)
     return index, IndexInfo("IVF-SQfp16", n, build_s, recall, k, nlist, int(index.nprobe), tuned_on)
+
+
+def _fast_removal(index: faiss.Index) -> None:
+    """An id → list hashtable on an IVF index, so that removing a few ids does not scan every list."""
+    # faiss's stub lacks DirectMap (swigfaiss has it: NoMap, Array, Hashtable)
+    direct_map = faiss.DirectMap  # type: ignore[attr-defined]
+    if isinstance(index, faiss.IndexIVF) and index.direct_map.type == direct_map.NoMap:
+        index.set_direct_map_type(direct_map.Hashtable)
 
 
 def fit_width(x: np.ndarray, width: int) -> np.ndarray:
@@ -178,6 +189,9 @@ class ServingCatalog:
         self.active = np.zeros(0, dtype=bool)
         self.categories: list[str | None] = []
         self.category_ids = np.zeros(0, dtype=np.int64)  # ranker feature of ``categories``
+        self.groups: dict[str | None, int] = {}  # exact category → dense id (the hashed ids collide)
+        self.group_ids = np.zeros(0, dtype=np.int64)
+        self.factors = np.ones(0, dtype=np.float32)  # the calibration factor in each active ad's key
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
         self.info = info or IndexInfo("Flat", 0, 0.0, 1.0, 500)
         self.mutations = 0  # bumped by every upsert: what was computed from the catalog before is stale
@@ -197,8 +211,17 @@ class ServingCatalog:
         cat.ad_ids, cat.row, cat.categories = list(ad_ids), {a: i for i, a in enumerate(ad_ids)}, list(categories)
         cat.vectors = np.asarray(vectors, dtype=np.float32).reshape(n, d)
         cat.bids, cat.active = np.asarray(bids, dtype=np.float32), np.asarray(active, dtype=bool)
-        cat.category_ids = np.array([category_id(c) for c in categories], dtype=np.int64)
+        cat._categorise()
         return cat
+
+    def _categorise(self) -> None:
+        """Category ids (hashed, for the ranker; exact, for pooling evidence) and unit factors, for every row."""
+        self.category_ids = np.array([category_id(c) for c in self.categories], dtype=np.int64)
+        self.group_ids = np.array([self._group(c) for c in self.categories], dtype=np.int64)
+        self.factors = np.ones(len(self.categories), dtype=np.float32)
+
+    def _group(self, category: str | None) -> int:
+        return self.groups.setdefault(category, len(self.groups))
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -216,7 +239,12 @@ class ServingCatalog:
         active[:cap] = self.active
         cats = np.zeros(new, dtype=np.int64)
         cats[:cap] = self.category_ids[:cap]
+        groups = np.zeros(new, dtype=np.int64)
+        groups[:cap] = self.group_ids[:cap]
+        factors = np.ones(new, dtype=np.float32)
+        factors[:cap] = self.factors[:cap]
         self.vectors, self.bids, self.active, self.category_ids = vectors, bids, active, cats
+        self.group_ids, self.factors = groups, factors
 
     def upsert(self, ad_ids: list[str], vectors: np.ndarray, bids: np.ndarray,
                active: np.ndarray, categories: list[str | None]) -> None:
@@ -258,9 +286,35 @@ class ServingCatalog:
         self.bids[rows_a] = bids
         self.active[rows_a] = active
         self.category_ids[rows_a] = [category_id(c) for c in categories]
+        self.group_ids[rows_a] = [self._group(c) for c in categories]
         on = rows_a[active]
         if on.size:
-            self.index.add_with_ids(fit_width(retrieval_keys(self.vectors[on], self.bids[on]), self.index.d), on)
+            self._add(on)
+
+    def _add(self, rows: np.ndarray) -> None:
+        keys = retrieval_keys(self.vectors[rows], self.bids[rows], self.factors[rows])
+        self.index.add_with_ids(fit_width(keys, self.index.d), rows)
+
+    def drifted(self, factors: np.ndarray, tolerance: float) -> np.ndarray:
+        """Active rows whose key factor is more than ``tolerance`` away from ``factors`` (shape (N,)) in log.
+
+        What ``rekey`` should move: a small change of a factor barely moves an ad's
+        rank, and each re-keyed ad costs a removal and an insertion in the index.
+        """
+        n = len(self.ad_ids)
+        on = np.flatnonzero(self.active[:n])
+        step = np.abs(np.log(np.maximum(factors[on], 1e-6)) - np.log(np.maximum(self.factors[on], 1e-6)))
+        return on[step > tolerance]
+
+    def rekey(self, rows: np.ndarray, factors: np.ndarray) -> None:
+        """Give ``rows`` (active) the calibration factors ``factors`` (aligned with ``rows``) in their keys."""
+        if rows.size == 0:
+            return
+        self.mutations += 1
+        # faiss's stub says an IDSelector; its Python wrapper (class_wrappers) takes an array of ids too
+        self.index.remove_ids(rows.astype(np.int64))  # type: ignore[arg-type]
+        self.factors[rows] = factors
+        self._add(rows)
 
     def upsert_entries(self, entries: Sequence[Any], vectors: np.ndarray) -> None:
         """Upsert catalog entries (with ``ad_id``, ``bid``, ``active``, ``category``) and their projected vectors.
@@ -313,12 +367,14 @@ class ServingCatalog:
     def load(cls, directory: Path, d: int) -> ServingCatalog:
         """The catalog as saved, with its FAISS index as built (an IVF index is not retrained)."""
         meta = json.loads((directory / "catalog.json").read_text())
-        cat = cls(d, faiss.read_index(str(directory / "index.faiss")), IndexInfo(**meta["index"]))
+        index = faiss.read_index(str(directory / "index.faiss"))
+        _fast_removal(index)
+        cat = cls(d, index, IndexInfo(**meta["index"]))
         with np.load(directory / "catalog.npz") as z:
             n = len(meta["ad_ids"])
             cat.ad_ids, cat.row, cat.categories = meta["ad_ids"], {a: i for i, a in enumerate(meta["ad_ids"])}, \
                 meta["categories"]
             cat.vectors = z["vectors"].astype(np.float32).reshape(n, d)
             cat.bids, cat.active = z["bids"].astype(np.float32), z["active"].astype(bool)
-        cat.category_ids = np.array([category_id(c) for c in cat.categories], dtype=np.int64)
+        cat._categorise()
         return cat

@@ -81,6 +81,9 @@ class Slate:
     logits : ndarray, shape (C,), optional
         The ranker's ``h(x)`` of the candidates at the posterior mean, when already
         computed (``candidate_logits``: deterministic given the state).
+    prior_factor : ndarray, shape (C,), optional
+        The prior mean of each candidate's calibration factor: its category's pooled
+        factor in the arm (``scoring.category_factors``); None: 1.
     """
 
     rows: np.ndarray
@@ -96,6 +99,7 @@ class Slate:
     shown: np.ndarray | None = None
     expected: np.ndarray | None = None
     logits: np.ndarray | None = None
+    prior_factor: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -212,6 +216,7 @@ def thompson_policy(
     params: ThompsonParams,
     rng: np.random.Generator,
     logits: np.ndarray | None = None,
+    prior_factor: np.ndarray | None = None,
 ) -> Ranked:
     """Rank retrieved candidates for one request with Thompson sampling.
 
@@ -237,6 +242,8 @@ def thompson_policy(
     rng : numpy Generator
     logits : ndarray, shape (C,), optional
         ``candidate_logits`` of these inputs, when already computed (they are deterministic).
+    prior_factor : ndarray, shape (C,), optional
+        The prior mean of each candidate's calibration factor (``AdEvidence.prior``).
 
     Returns
     -------
@@ -249,7 +256,7 @@ def thompson_policy(
         bias = logits if logits is not None else candidate_logits(ranker, mean, count, ads, bids, category_ids,
                                                                    context)
         dot_scale = ranker.dot_weight
-    evidence = AdEvidence(clicks, expected, params.calibration_strength)
+    evidence = AdEvidence(clicks, expected, params.calibration_strength, prior_factor)
     shortlist = max(params.shortlist, 3 * k)
     keep = None
     if ads.shape[0] > shortlist:
@@ -345,7 +352,8 @@ class ThompsonPolicy(Policy):
         mean, precision, ads, bids, categories, clicks, expected = slate.need(
             "mean", "precision", "vectors", "bids", "category_ids", "clicks", "expected")
         return thompson_policy(mean, precision, slate.count, ads, bids, categories, slate.context, self.ranker,
-                               clicks, expected, k, params, self.rng, logits=slate.logits)
+                               clicks, expected, k, params, self.rng, logits=slate.logits,
+                               prior_factor=slate.prior_factor)
 
     def sample_lists(self, slate: Slate, k: int, draws: int) -> np.ndarray:
         """The Monte-Carlo lists of one call with ``draws`` joint draws (the served one among them)."""

@@ -26,6 +26,37 @@ import numpy as np
 
 from privads.ranker.updates import ad_posterior, sigmoid
 
+MIN_FACTOR = 1e-3  # a category factor is never taken below this (a prior of rate a / 0 is no prior)
+
+
+def category_factors(clicks: np.ndarray, expected: np.ndarray, groups: np.ndarray, n_groups: int,
+                     strength: float) -> np.ndarray:
+    """Each category's pooled calibration factor: ``(a₀ + Σ clicks) / (a₀ + Σ expected)`` over its ads.
+
+    The posterior mean of a category-level factor ``ρ ~ Gamma(a₀, a₀)`` from all its
+    ads' clicks and the clicks the served model predicted for them: the prior mean
+    of each of its ads' own factors (``AdEvidence.prior``). ``groups`` are exact
+    categories (``ServingCatalog.group_ids``), not the ranker's hashed buckets, which
+    collide.
+
+    Parameters
+    ----------
+    clicks, expected : ndarray, shape (N,)
+        Per catalog row, in one arm.
+    groups : ndarray of int, shape (N,)
+        Each row's category id, in [0, n_groups).
+    n_groups : int
+    strength : float
+        ``a₀``, the category prior's weight in clicks.
+
+    Returns
+    -------
+    ndarray, shape (n_groups,)
+    """
+    c = np.bincount(groups, weights=np.asarray(clicks, np.float64), minlength=n_groups)
+    e = np.bincount(groups, weights=np.asarray(expected, np.float64), minlength=n_groups)
+    return (strength + c) / (strength + e)
+
 
 @dataclass(frozen=True, slots=True)
 class AdEvidence:
@@ -39,6 +70,12 @@ class AdEvidence:
     current as soon as an impression is served (``e`` grows) or clicked (``c``
     grows), with no wait for the attribution window to label negatives.
 
+    The prior's mean need not be 1: with ``prior`` (each ad's category factor,
+    ``category_factors``) it is ``Gamma(a, a / prior)``, mean ``prior``, so that
+    evidence is shared. An ad whose category the model over-rates starts from
+    that category's factor instead of waiting for hundreds of its own unclicked
+    impressions.
+
     Attributes
     ----------
     clicks, expected : ndarray, shape (C,)
@@ -46,18 +83,23 @@ class AdEvidence:
         to get (``Σ pCTR``), aligned with the candidates.
     strength : float
         ``a``, the prior's weight in clicks.
+    prior : ndarray, shape (C,), optional
+        The prior mean of each ad's factor (None: 1 for every ad).
     """
 
     clicks: np.ndarray
     expected: np.ndarray
     strength: float = 5.0
+    prior: np.ndarray | None = None
 
     def take(self, keep: np.ndarray) -> AdEvidence:
-        return AdEvidence(self.clicks[keep], self.expected[keep], self.strength)
+        return AdEvidence(self.clicks[keep], self.expected[keep], self.strength,
+                          None if self.prior is None else self.prior[keep])
 
     def shape_rate(self) -> tuple[np.ndarray, np.ndarray]:
         """The Gamma posterior's shape and rate, shape (C,) each."""
-        return self.strength + self.clicks.astype(np.float64), self.strength + self.expected.astype(np.float64)
+        rate = self.strength if self.prior is None else self.strength / np.maximum(self.prior, MIN_FACTOR)
+        return self.strength + self.clicks.astype(np.float64), rate + self.expected.astype(np.float64)
 
     def mean(self) -> np.ndarray:
         """Posterior mean of each ad's factor, shape (C,)."""
@@ -148,23 +190,30 @@ def expected_value(users: np.ndarray, ads: np.ndarray, bids: np.ndarray, bias: f
 MIN_BID = 1e-6
 
 
-def retrieval_keys(ads: np.ndarray, bids: np.ndarray) -> np.ndarray:
+def retrieval_keys(ads: np.ndarray, bids: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
     """Index keys that make inner-product search approximate expected-value search.
 
-    At ad click-through rates ``σ(z) ≈ e^z``, so ``log EV ≈ u·p + b + log(bid)``:
-    the key ``[p, log bid]`` against the query ``[u, 1]`` orders ads by that.
+    At ad click-through rates ``σ(z) ≈ e^z``, so ``log EV ≈ u·p + b + log(bid · r)``
+    with ``r`` the ad's calibration factor: the key ``[p, log(bid · r)]`` against the
+    query ``[u, 1]`` orders ads by that. With ``r`` the factor's posterior mean
+    (``AdEvidence.mean``), an ad shown and not clicked, or of a category that is
+    not, leaves the retrieved set and makes room for the next one: retrieval walks
+    down the catalog instead of returning the same highest bids forever.
 
     Parameters
     ----------
     ads : ndarray, shape (n, D)
     bids : ndarray, shape (n,)
+    factors : ndarray, shape (n,), optional
+        ``r`` of each ad (None: 1).
 
     Returns
     -------
     ndarray, shape (n, D + 1), float32
     """
-    log_bid = np.log(np.maximum(bids, MIN_BID)).astype(np.float32)
-    return np.hstack([ads.astype(np.float32, copy=False), log_bid[:, None]])
+    value = bids if factors is None else np.asarray(bids, np.float64) * factors
+    log_value = np.log(np.maximum(value, MIN_BID)).astype(np.float32)
+    return np.hstack([ads.astype(np.float32, copy=False), log_value[:, None]])
 
 
 def retrieval_query(user: np.ndarray, bid_weight: float = 1.0) -> np.ndarray:

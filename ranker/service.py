@@ -65,11 +65,68 @@ from privads.ranker.policy import (
 )
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
+from privads.ranker.scoring import AdEvidence, category_factors
 from privads.ranker.updates import dp_epsilon
 
 log = logging.getLogger(__name__)
 
 POPULAR_KEPT = 256  # the popularity control keeps this many ranked ads (k ≤ 100, plus room for deactivations)
+REKEY_CHUNK = 256  # ads re-keyed per event-loop turn (one removal and one insertion each in the index)
+
+
+def group_factors(cat: ServingCatalog, rc: RowCounts, strength: float) -> np.ndarray:
+    """Each exact category's pooled calibration factor in ``rc``'s arm, shape (categories,)."""
+    n = min(len(cat.ad_ids), rc.rows)
+    return category_factors(rc.clicks[:n], rc.expected[:n], cat.group_ids[:n], len(cat.groups), strength)
+
+
+def prior_of(factors: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The category factor of each of ``groups`` (shape (C,)); 1 for a category newer than ``factors``."""
+    if groups.size and groups.max() >= factors.size:
+        factors = np.concatenate([factors, np.ones(int(groups.max()) + 1 - factors.size)])
+    return factors[groups]
+
+
+def key_factors(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray, strength: float) -> np.ndarray:
+    """Each row's calibration factor, its posterior mean (``AdEvidence.mean``), for its retrieval key, shape (N,)."""
+    n = len(cat.ad_ids)
+    out = np.ones(n)
+    m = min(n, rc.rows)
+    out[:m] = AdEvidence(rc.clicks[:m], rc.expected[:m], strength, prior_of(factors, cat.group_ids[:m])).mean()
+    return out
+
+
+def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
+    """The learned policy's candidates: every active ad of a catalog of at most ``n``, else the index's best ``n``."""
+    return cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
+
+
+def learned_slate(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray | None, rows: np.ndarray,
+                  user_id: str, state: tuple[np.ndarray, np.ndarray, int], context: np.ndarray,
+                  logits: np.ndarray | None) -> Slate:
+    """What the learned policy sees of a request: retrieved ``rows`` of ``cat`` with the arm's evidence.
+
+    ``/recommend`` and ``privads replay`` build it alike, so that replay re-ranks
+    through the same slates.
+    """
+    mean, precision, count = state
+    clicks, shown, expected = rc.take(rows)
+    return Slate(rows, user_id, mean, precision, count, cat.vectors[rows], cat.bids[rows], cat.category_ids[rows],
+                 context, clicks, shown, expected, logits,
+                 None if factors is None else prior_of(factors, cat.group_ids[rows]))
+
+
+def rekey_now(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> np.ndarray:
+    """Category factors of ``rc``'s arm, with every drifted key of ``cat`` moved to its ad's factor at once.
+
+    For a catalog no request reads yet (a version being loaded, replay's); a served
+    one is re-keyed in chunks (``Recommender.follow_counts``).
+    """
+    factors = group_factors(cat, rc, settings.category_strength)
+    means = key_factors(cat, rc, factors, settings.calibration_strength)
+    rows = cat.drifted(means, settings.rekey_tolerance)
+    cat.rekey(rows, means[rows])
+    return factors
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +188,9 @@ class Recommender:
         self.ad_log = AdCountLog(redis)
         self.ad_counts = AdCounts()  # the arms' per-ad counts, followed from the workers' log
         self._row_counts: dict[tuple[int, str], RowCounts] = {}  # the same, by row of each served catalog
+        # each category's pooled calibration factor in the arm that retrieves from a catalog: the prior of its
+        # ads' factors, and (with theirs) the factors in the catalog's retrieval keys (``keyed``)
+        self._factors: dict[tuple[int, str], np.ndarray] = {}
         # retrieval and the ranker's h(x) are deterministic given (model, catalog state, user mean and count,
         # context): kept for repeat requests of a user whose state has not moved, and shared by all unknown users
         self._candidates_lru: OrderedDict[tuple, Candidates] = OrderedDict()
@@ -179,7 +239,9 @@ class Recommender:
         manifest = read_manifest(self.settings.models_dir, str(self.settings.control_version))
         pinned = await asyncio.to_thread(load_version, manifest)
         await self._catch_up([pinned], manifest.get("catalog_change", "0-0"), None)
-        self.row_counts(pinned.catalog, experiment.CONTROL)
+        rc = self.row_counts(pinned.catalog, experiment.CONTROL)
+        self._factors[(id(pinned.catalog), experiment.CONTROL)] = await asyncio.to_thread(
+            rekey_now, pinned.catalog, rc, self.settings)
         self.pinned = pinned
         log.info("control arm pinned to model %s", pinned.version)
 
@@ -191,7 +253,10 @@ class Recommender:
         change = await self._catch_up([loaded], manifest.get("catalog_change", "0-0"), None)
         if self.pinned is not None and change != self.change_id:  # bring the pinned catalog to the same point
             await self._catch_up([self.pinned], self.change_id, None)
-        self.row_counts(loaded.catalog, experiment.TREATMENT)  # aligned before the first request needs it
+        rc = self.row_counts(loaded.catalog, experiment.TREATMENT)  # aligned before the first request needs it
+        # keys follow the arm's evidence before the first request retrieves (no request reads this catalog yet)
+        self._factors[(id(loaded.catalog), experiment.TREATMENT)] = await asyncio.to_thread(
+            rekey_now, loaded.catalog, rc, self.settings)
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
         self._prune_row_counts()
         self._candidates_lru.clear()
@@ -249,12 +314,38 @@ class Recommender:
                 read_at = time.monotonic()
                 for rc in list(self._row_counts.values()):  # patched here, not on a request's path
                     rc.sync(self.ad_counts)
+                for cat, arm in self.keyed():
+                    await self._follow_evidence(cat, arm)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep serving the counts we have; re-read them all when back
                 log.exception("following the per-ad counts failed; retrying")
                 last = None
                 await asyncio.sleep(1.0)
+
+    def keyed(self) -> list[tuple[ServingCatalog, str]]:
+        """The (catalog, arm) pairs whose retrieval follows the arm's evidence: the learned policies'."""
+        out = [(self.served.catalog, experiment.TREATMENT)]
+        if self.pinned is not None:
+            out.append((self.pinned.catalog, experiment.CONTROL))
+        return out
+
+    async def _follow_evidence(self, cat: ServingCatalog, arm: str) -> None:
+        """Recompute the arm's category factors and move drifted retrieval keys, a chunk per loop turn.
+
+        The factors are computed off the loop; the index is changed on it (requests
+        search it there), ``REKEY_CHUNK`` ads at a time.
+        """
+        s, rc = self.settings, self.row_counts(cat, arm)
+        factors, means = await asyncio.to_thread(
+            lambda: (f := group_factors(cat, rc, s.category_strength),
+                     key_factors(cat, rc, f, s.calibration_strength)))
+        self._factors[(id(cat), arm)] = factors
+        rows = cat.drifted(means, s.rekey_tolerance)
+        for start in range(0, rows.size, REKEY_CHUNK):
+            chunk = rows[start:start + REKEY_CHUNK]
+            cat.rekey(chunk, means[chunk])
+            await asyncio.sleep(0)
 
     def row_counts(self, catalog: ServingCatalog, arm: str) -> RowCounts:
         """One arm's per-ad counts aligned with ``catalog``'s rows, current to the followed log."""
@@ -270,6 +361,8 @@ class Recommender:
         live = {id(v.catalog) for v in self._versions()}
         for key in [k for k in self._row_counts if k[0] not in live]:
             del self._row_counts[key]
+        for key in [k for k in self._factors if k[0] not in live]:
+            del self._factors[key]
 
     # --- requests -----------------------------------------------------------------
 
@@ -307,21 +400,18 @@ class Recommender:
         rows = cands.rows if cands is not None else self._retrieve(cat, mean)
         if rows.size == 0:
             return cat, rows, EMPTY
-        ads, bids, categories = cat.vectors[rows], cat.bids[rows], cat.category_ids[rows]
         if cands is None:
-            logits = None if version.ranker is None else candidate_logits(version.ranker, mean, count, ads, bids,
-                                                                         categories, ctx)
+            logits = None if version.ranker is None else candidate_logits(
+                version.ranker, mean, count, cat.vectors[rows], cat.bids[rows], cat.category_ids[rows], ctx)
             cands = self._remember(key, Candidates(rows, logits))
         else:
             self._candidates_lru.move_to_end(key)
-        clicks, shown, expected = self.row_counts(cat, arm).take(rows)
-        slate = Slate(rows, user_id, mean, precision, count, ads, bids, categories, ctx, clicks, shown, expected,
-                      cands.logits)
+        slate = learned_slate(cat, self.row_counts(cat, arm), self._factors.get((id(cat), arm)), rows, user_id,
+                              (mean, precision, count), ctx, cands.logits)
         return cat, rows, ThompsonPolicy(self.params, version.ranker, self.rng).rank(slate, k)
 
     def _retrieve(self, cat: ServingCatalog, mean: np.ndarray) -> np.ndarray:
-        n = self.settings.candidates
-        return cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
+        return retrieve(cat, mean, self.settings.candidates)
 
     def _remember(self, key: tuple, cands: Candidates) -> Candidates:
         if self.settings.candidate_cache:
