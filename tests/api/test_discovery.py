@@ -41,7 +41,7 @@ def test_a_cold_ad_with_an_ordinary_bid_and_a_high_ctr_is_shown_and_rises(infra,
             wait_until(lambda: c.get("/healthz").json()["ads"] == len(PRICEY) + 1, 60, "the API to index the catalog")
             rng = np.random.default_rng(0)
             shown_at: list[int | None] = []
-            for i in range(900):
+            for _ in range(900):
                 user = f"discovery-user-{rng.integers(200)}"
                 body = c.post("/recommend", json={"user_id": user, "k": 3}).json()
                 ids = [a["ad_id"] for a in body["ads"]]
