@@ -104,9 +104,18 @@ class Audience:
         return int(self.interest.shape[0])
 
     def click_probability(self, user: int, ads: np.ndarray) -> np.ndarray:
-        """True P(click) of ``ads`` (indices, shape (k,)) shown at positions 0..k-1 to ``user``."""
+        """True P(click) of ``ads`` (indices, shape (k,)) shown at positions 0..k-1 to ``user``.
+
+        Indices from ``len(ad_ids)`` on are the world's other ads (``other_bids``' order): the base rate.
+        """
         k = ads.shape[0]
-        return self.position_bias[:k] * (self.base + self.gain * self.interest[user, self.ad_topic[ads]])
+        mine = ads < len(self.ad_ids)
+        interest = np.where(mine, self.interest[user, self.ad_topic[np.where(mine, ads, 0)]], 0.0)
+        return self.position_bias[:k] * (self.base + self.gain * interest)
+
+    def world_bids(self) -> np.ndarray:
+        """Every ad's bid, the audience's then the others', shape (M + O,)."""
+        return np.concatenate([self.bids, self.other_bids])
 
     def oracle_ctr(self, user: int, k: int) -> float:
         """The best possible expected CTR of a k-list for ``user``: ads by interest, strongest at the top."""

@@ -7,12 +7,15 @@ reacted. All of them see the same requests (the same users in the same order) an
 the same click model (``bench.audience``); each is seeded.
 
 - ``PrivAdsPolicy`` — what the treatment arm serves, in process: the projected
-  MiniLM vectors of the ad texts, the user posteriors of ``ranker.updates``,
-  ``ranker.policy.ThompsonPolicy`` with the per-ad calibration factors, the
-  stream's counting (an impression counts as shown, with the pCTR it was served
-  at, as soon as it is served; a click updates the user at once). Negatives
-  reach the user vectors only when their attribution window closes, as in the
-  live stream: ``negatives_after`` requests later (``None``: after the run).
+  MiniLM vectors of the ad texts in a ``ranker.index.ServingCatalog``, retrieval
+  of ``candidates`` by keys that follow the evidence, the user posteriors of
+  ``ranker.updates``, ``ranker.policy.ThompsonPolicy`` with the per-ad
+  calibration factors and their categories' pooled priors (refreshed every
+  ``evidence_every`` requests, as the API follows the workers' counts about every
+  second), the stream's counting (an impression counts as shown, with the pCTR
+  it was served at; a click updates the user at once). Negatives reach the user
+  vectors only when their attribution window closes, as in the live stream:
+  ``negatives_after`` requests later (``None``: after the run).
 - ``RandomPolicy`` — k ads uniformly (``ranker.policy.UniformPolicy``).
 - ``PopularityPeer`` — the popularity control of ``/recommend``
   (``ranker.policy.PopularityPolicy``) over its own counts.
@@ -21,7 +24,8 @@ the same click model (``bench.audience``); each is seeded.
 - ``VowpalPolicy`` — Vowpal Wabbit's ``--cb_explore_adf`` (SquareCB exploration)
   with the user id as the shared feature, each ad's id and text words as its
   action features and their interactions (``-q UA``); a list is k draws without
-  replacement from its action distribution; every shown ad is one bandit example.
+  replacement from its action distribution; every shown ad is one bandit example,
+  whose cost is minus its value (the bid) when clicked: it optimises what is ranked.
 
 River's and VW's propensities beyond the first slot are not computed (NaN): the
 bench measures policies online, it does not log them.
@@ -37,8 +41,10 @@ from dataclasses import replace
 import numpy as np
 
 from privads.bench import optional
+from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
-from privads.ranker.scoring import Ranked
+from privads.ranker.scoring import AdEvidence, Ranked, category_factors
+from privads.ranker.service import prior_of, retrieve
 from privads.ranker.updates import UpdateParams, update_many
 
 
@@ -77,11 +83,16 @@ class PrivAdsPolicy(Policy):
 
     name = "privads"
 
-    def __init__(self, vectors: np.ndarray, users: int, thompson: ThompsonParams, update: UpdateParams,
-                 prior_precision: float, seed: int, negatives_after: int | None = None) -> None:
+    def __init__(self, vectors: np.ndarray, bids: np.ndarray, categories: list[str | None], users: int,
+                 thompson: ThompsonParams, update: UpdateParams, prior_precision: float, seed: int,
+                 negatives_after: int | None = None, *, candidates: int = 500, category_strength: float = 5.0,
+                 rekey_tolerance: float = 0.1, evidence_every: int = 100) -> None:
         n, d = vectors.shape
         self.vectors = vectors
-        self.categories = np.zeros(n, np.int64)
+        self.catalog = ServingCatalog.build(d, [str(i) for i in range(n)], vectors, bids, np.ones(n, bool), categories)
+        self.candidates, self.category_strength = candidates, category_strength
+        self.rekey_tolerance, self.evidence_every = rekey_tolerance, evidence_every
+        self.factors = np.ones(len(self.catalog.groups))
         self.mean = np.zeros((users, d), np.float32)
         self.precision = np.full((users, d), prior_precision, np.float32)
         self.count = np.zeros(users, np.int64)
@@ -96,14 +107,31 @@ class PrivAdsPolicy(Policy):
         self.requests = 0
 
     def _rank(self, slate: Slate, k: int) -> Ranked:
-        u, rows = int(slate.user), slate.rows
-        (bids,) = slate.need("bids")
-        return self.thompson.rank(Slate(rows, u, self.mean[u], self.precision[u], int(self.count[u]),
-                                        self.vectors[rows], bids, self.categories[rows], clicks=self.clicks[rows],
-                                        shown=self.shown[rows], expected=self.expected[rows]), k)
+        """Retrieve from the catalog (the slate's rows are its rows), then the Thompson policy over them."""
+        u, cat = int(slate.user), self.catalog
+        rows = retrieve(cat, self.mean[u], self.candidates)
+        inner = Slate(rows, u, self.mean[u], self.precision[u], int(self.count[u]), cat.vectors[rows],
+                      cat.bids[rows], cat.category_ids[rows], clicks=self.clicks[rows], shown=self.shown[rows],
+                      expected=self.expected[rows], prior_factor=prior_of(self.factors, cat.group_ids[rows]))
+        ranked = self.thompson.rank(inner, k)
+        # positions in the slate's rows (every ad, in row order) of what the inner slate ranked
+        position = np.searchsorted(slate.rows, rows[ranked.index])
+        return Ranked(position, ranked.score, ranked.propensity, None, ranked.pctr)
+
+    def _follow_evidence(self) -> None:
+        """The categories' factors and the retrieval keys, from the counts so far (the API's ``follow_counts``)."""
+        cat, n = self.catalog, len(self.catalog.ad_ids)
+        self.factors = category_factors(self.clicks[:n], self.expected[:n], cat.group_ids[:n], len(cat.groups),
+                                        self.category_strength)
+        means = AdEvidence(self.clicks[:n], self.expected[:n], self.thompson.params.calibration_strength,
+                           prior_of(self.factors, cat.group_ids[:n])).mean()
+        rows = cat.drifted(means, self.rekey_tolerance)
+        cat.rekey(rows, means[rows])
 
     def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
         self.requests += 1
+        if self.requests % self.evidence_every == 0:
+            self._follow_evidence()
         user, ads = int(slate.user), slate.rows[ranked.index]
         assert ranked.pctr is not None  # the Thompson policy logs its pCTR
         self.expected[ads] += ranked.pctr
@@ -163,14 +191,16 @@ class VowpalPolicy(Policy):
         self.vw = vowpalwabbit.Workspace(f"--cb_explore_adf {args} -q UA --quiet --random_seed {seed}")
         self.actions = [f"|A ad{i} " + " ".join(_token(w) for w in t.split()) for i, t in enumerate(texts)]
         self.rng = np.random.default_rng(seed)
-        self._pmf: dict[int, np.ndarray] = {}
+        # the action distributions of the lists served and not yet learned from, in serving order (labels come
+        # back in that order, possibly after the same user was served again)
+        self._pmf: deque[tuple[int, np.ndarray]] = deque()
 
     def _rank(self, slate: Slate, k: int) -> Ranked:
         actions = [self.actions[a] for a in slate.rows.tolist()]
         pmf = np.asarray(self.vw.predict([f"shared |U u{slate.user}", *actions]), np.float64)
         pmf = np.maximum(pmf, 1e-12)
         pmf /= pmf.sum()
-        self._pmf[int(slate.user)] = pmf
+        self._pmf.append((int(slate.user), pmf))
         # k draws without replacement from the action distribution (Gumbel top-k = sequential draws)
         index = np.argsort(-(np.log(pmf) + self.rng.gumbel(size=pmf.shape[0])))[:k]
         propensity = _unknown(k)
@@ -178,11 +208,14 @@ class VowpalPolicy(Policy):
         return Ranked(index, np.zeros(k), propensity)
 
     def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
-        pmf = self._pmf.pop(int(slate.user))
+        user, pmf = self._pmf.popleft()
+        assert user == int(slate.user), "labels came back out of serving order"
+        bids = slate.bids if slate.bids is not None else np.ones(slate.size)
         for i, y in zip(ranked.index.tolist(), clicked.tolist(), strict=True):
-            # cost −1 for a click, 0 otherwise, at the probability the action had of being drawn first
+            # cost −value (the bid) for a click, 0 otherwise, at the probability the action had of being drawn first
             a = int(slate.rows[i])
-            self.vw.learn([f"shared |U u{slate.user}", f"0:{-1.0 if y else 0.0}:{pmf[i]:.6g} {self.actions[a]}"])
+            cost = -float(bids[i]) if y else 0.0
+            self.vw.learn([f"shared |U u{slate.user}", f"0:{cost:.6g}:{pmf[i]:.6g} {self.actions[a]}"])
 
 
 def _token(word: str) -> str:

@@ -1,17 +1,31 @@
-"""``privads bench policies``: the peers of ``bench.peers`` on one simulated audience, side by side.
+"""``privads bench policies``: the peers of ``bench.peers`` on one simulated world, side by side.
 
-Every policy answers the same requests: the same users in the same order
-(seeded), k ads each, clicked by the audience's true model with common random
-numbers (request i, position j uses the same uniform draw for every policy, so
-two policies that show the same list get the same clicks). Efficiency is
-``Σ(E[CTR] − random) / Σ(oracle − random)`` over the requests so far
-(``bench.audience.efficiency``), from the true expected CTR of the lists shown,
-not the sampled clicks.
+The world is ``privads simulate``'s with the sample catalog present: the
+audience's ads (``bench.audience``), bidding like the catalog's (each bid drawn
+from the catalog file's, or ``bid`` for all), beside the catalog's active ads at
+their own bids, which the audience clicks at the base rate only. Every policy
+ranks the same slate (every ad of the world, with its bid) for the same requests:
+the same users in the same order (seeded), k ads each, clicked by the audience's
+true model with common random numbers (request i, position j uses the same
+uniform draw for every policy, so two policies that show the same list get the
+same clicks). Every policy gets its labels on the same schedule: what it showed
+and what was clicked, ``label_delay`` requests later (about half a second of
+``privads simulate``'s traffic at the default 100).
+
+Efficiency is ``Σ(E − random) / Σ(oracle − random)`` over the requests so far
+(``bench.audience.efficiency``), from the true expected clicks and value of the
+lists shown, not the sampled clicks: in clicks (oracle: the user's best
+audience ads) and in value, clicks × bid, since ads are ranked by expected value
+(oracle: the k best ads of the whole world by P(click) × bid). Random shows the
+audience's ads uniformly.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +34,62 @@ import numpy as np
 from privads.bench import optional
 from privads.bench.audience import Audience, efficiency, make_audience
 from privads.bench.peers import PopularityPeer, PrivAdsPolicy, RandomPolicy, RiverThompson, VowpalPolicy
+from privads.bench.simulate import audience_bids, catalog_bids
 from privads.infra.settings import Settings
 from privads.ranker.policy import Policy, Slate, ThompsonParams
+from privads.ranker.scoring import Ranked
 from privads.ranker.updates import UpdateParams
 
 PEERS = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
+LABEL_DELAY = 100
 
 
-def ad_vectors(aud: Audience, settings: Settings) -> np.ndarray:
-    """The audience's ads as the treatment serves them before any learner cycle: MiniLM, then the seeded projector."""
+@dataclass(frozen=True)
+class World:
+    """Every ad a policy can show: the audience's (rows 0..M-1), then the catalog's.
+
+    Attributes
+    ----------
+    audience : Audience
+        With ``bids`` and the catalog's as ``other_bids``.
+    texts : list of str, length M + O
+    categories : list of str or None, length M + O
+    vectors : ndarray, shape (M + O, D)
+        The ads as the treatment serves them before any learner cycle: MiniLM, then the seeded projector.
+    """
+
+    audience: Audience
+    texts: list[str]
+    categories: list[str | None]
+    vectors: np.ndarray
+
+    @property
+    def bids(self) -> np.ndarray:
+        return self.audience.world_bids()
+
+
+def _catalog_ads(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return []
+    ads = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [a for a in ads if a.get("active", True)]
+
+
+def make_world(aud: Audience, settings: Settings, catalog: Path | None, bid: float | None, seed: int) -> World:
+    """The audience at ordinary bids beside the catalog's ads, all encoded as the treatment serves them."""
     from privads.ranker.encoder import AdEncoder
     from privads.ranker.projector import initial_projector
 
-    x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(aud.ad_texts)
-    return initial_projector(settings.d_ad, settings.d_user, settings.seed).project(x)
+    others = _catalog_ads(catalog)
+    other_bids = catalog_bids(catalog)
+    aud = aud.with_bids(audience_bids(len(aud.ad_ids), bid, other_bids, seed),
+                        np.array([float(a["bid"]) for a in others]))
+    texts = aud.ad_texts + [str(a["text"]) for a in others]
+    categories: list[str | None] = [aud.topics[t] for t in aud.ad_topic.tolist()]
+    categories += [a.get("category") for a in others]
+    x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(texts)
+    vectors = initial_projector(settings.d_ad, settings.d_user, settings.seed).project(x)
+    return World(aud, texts, categories, vectors)
 
 
 def check_policies(names: tuple[str, ...]) -> None:
@@ -44,41 +100,46 @@ def check_policies(names: tuple[str, ...]) -> None:
                          else "policies: none given")
 
 
-def make_policies(names: tuple[str, ...], aud: Audience, vectors: np.ndarray, settings: Settings, seed: int,
+def make_policies(names: tuple[str, ...], world: World, settings: Settings, seed: int,
                   negatives_after: int | None) -> list[Policy]:
     check_policies(names)
-    n = len(aud.ad_ids)
     out: list[Policy] = []
     for name in names:
         if name == "privads":
-            out.append(PrivAdsPolicy(vectors, aud.users, ThompsonParams.from_settings(settings),
-                                     UpdateParams.from_settings(settings), settings.prior_precision, seed,
-                                     negatives_after))
+            out.append(PrivAdsPolicy(world.vectors, world.bids, world.categories, world.audience.users,
+                                     ThompsonParams.from_settings(settings), UpdateParams.from_settings(settings),
+                                     settings.prior_precision, seed, negatives_after,
+                                     candidates=settings.candidates, category_strength=settings.category_strength,
+                                     rekey_tolerance=settings.rekey_tolerance))
         elif name == "random":
             out.append(RandomPolicy(np.random.default_rng(seed)))
         elif name == "popularity":
-            out.append(PopularityPeer(n, settings.base_rate, settings.popularity_prior_strength))
+            out.append(PopularityPeer(len(world.texts), settings.base_rate, settings.popularity_prior_strength))
         elif name == "river-thompson":
             out.append(RiverThompson(seed))
         else:  # "vowpalwabbit", the last of PEERS
-            out.append(VowpalPolicy(aud.ad_texts, seed))
+            out.append(VowpalPolicy(world.texts, seed))
     return out
 
 
-def run_policies(aud: Audience, policies: list[Policy], requests: int, k: int, seed: int,
-                 points: int = 40) -> dict[str, Any]:
+def run_policies(world: World, policies: list[Policy], requests: int, k: int, seed: int, points: int = 40,
+                 label_delay: int = LABEL_DELAY) -> dict[str, Any]:
     """Serve ``requests`` requests to every policy; the per-policy report and cumulative-efficiency curves."""
+    aud = world.audience
     rng = np.random.default_rng([seed, 7])
     users = rng.integers(aud.users, size=requests)
     uniforms = rng.random((requests, k))
-    oracle = np.array([aud.oracle_ctr(int(u), k) for u in range(aud.users)])[users]
-    random = np.array([aud.random_ctr(int(u), k) for u in range(aud.users)])[users]
+    per_user = np.array([[aud.oracle_ctr(u, k), aud.random_ctr(u, k), aud.oracle_value(u, k), aud.random_value(u, k)]
+                         for u in range(aud.users)])[users]
+    oracle, random, oracle_value, random_value = per_user.T
     marks = np.unique(np.linspace(requests / points, requests, points).astype(int))
-    ads, bids = np.arange(len(aud.ad_ids)), np.ones(len(aud.ad_ids))
+    ads, bids = np.arange(len(world.texts)), world.bids
     report: dict[str, Any] = {}
+    q = requests // 4
     for policy in policies:
-        expected = np.zeros(requests)
+        expected, value = np.zeros(requests), np.zeros(requests)
         clicks = 0
+        waiting: deque[tuple[int, Slate, Ranked, np.ndarray]] = deque()  # labels not delivered yet
         started = time.perf_counter()
         for i, u in enumerate(users.tolist()):
             slate = Slate(ads, u, bids=bids)
@@ -86,19 +147,26 @@ def run_policies(aud: Audience, policies: list[Policy], requests: int, k: int, s
             shown = ads[ranked.index]
             p = aud.click_probability(u, shown)
             clicked = uniforms[i, :shown.shape[0]] < p
-            policy.learn(slate, ranked, clicked)
-            expected[i] = p.mean()
+            waiting.append((i + label_delay, slate, ranked, clicked))
+            while waiting and waiting[0][0] <= i:
+                _, *label = waiting.popleft()
+                policy.learn(*label)
+            expected[i], value[i] = p.mean(), float((p * bids[shown]).sum()) / k
             clicks += int(clicked.sum())
         seconds = time.perf_counter() - started
-        q = requests // 4
         report[policy.name] = {
             "efficiency": round(efficiency(expected, oracle, random), 4),
             "efficiency_last_quarter": round(efficiency(expected[-q:], oracle[-q:], random[-q:]), 4),
+            "value_efficiency": round(efficiency(value, oracle_value, random_value), 4),
+            "value_efficiency_last_quarter": round(efficiency(value[-q:], oracle_value[-q:], random_value[-q:]), 4),
             "expected_ctr": round(float(expected.mean()), 5), "clicks": clicks,
             "seconds": round(seconds, 1),
-            "curve": [round(efficiency(expected[:m], oracle[:m], random[:m]), 4) for m in marks.tolist()]}
-    return {"requests_at": marks.tolist(), "policies": report,
-            "oracle_ctr": round(float(oracle.mean()), 5), "random_ctr": round(float(random.mean()), 5)}
+            "curve": [round(efficiency(expected[:m], oracle[:m], random[:m]), 4) for m in marks.tolist()],
+            "value_curve": [round(efficiency(value[:m], oracle_value[:m], random_value[:m]), 4)
+                            for m in marks.tolist()]}
+    return {"requests_at": marks.tolist(), "policies": report, "label_delay": label_delay,
+            "oracle_ctr": round(float(oracle.mean()), 5), "random_ctr": round(float(random.mean()), 5),
+            "oracle_value": round(float(oracle_value.mean()), 5), "random_value": round(float(random_value.mean()), 5)}
 
 
 def plot(result: dict[str, Any], path: Path, title: str) -> None:
@@ -106,16 +174,19 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
     optional("matplotlib").use("Agg")
     plt = optional("matplotlib.pyplot")
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
-    for name, r in result["policies"].items():
-        ax.plot(result["requests_at"], r["curve"], label=f"{name} ({r['efficiency']:.2f})", lw=2 if name ==
-                "privads" else 1.3)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("requests")
-    ax.set_ylabel("cumulative efficiency (0 random, 1 oracle)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
+    for ax, (curve, total, what) in zip(axes, (("curve", "efficiency", "clicks"),
+                                               ("value_curve", "value_efficiency", "value (clicks × bid)")),
+                                        strict=True):
+        for name, r in result["policies"].items():
+            ax.plot(result["requests_at"], r[curve], label=f"{name} ({r[total]:.2f})", lw=2 if name == "privads"
+                    else 1.3)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("requests")
+        ax.set_title(f"{what}: {title}", fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cumulative efficiency (0 random, 1 oracle)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -123,20 +194,31 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 
 def bench_policies(settings: Settings, *, users: int, ads: int, requests: int, seed: int = 0, k: int = 10,
                    policies: tuple[str, ...] = PEERS, plot_path: Path | None = None,
-                   negatives_after: int | None = None) -> dict[str, Any]:
-    """The whole bench: audience, encoded ads, every policy, the JSON report (and the plot, if asked)."""
-    if requests < 4 or not 1 <= k <= 100:
-        raise ValueError("requests must be ≥ 4 and k in 1..100")
+                   negatives_after: int | None = None, bid: float | None = None,
+                   label_delay: int = LABEL_DELAY, catalog: Path | None = None) -> dict[str, Any]:
+    """The whole bench: the world, every policy, the JSON report (and the plot, if asked).
+
+    ``catalog``: the ads beside the audience's (None: ``settings.catalog``, the sample
+    catalog by default); ``bid`` fixes the audience's bids (None: drawn like the catalog's).
+    """
+    catalog = catalog if catalog is not None else settings.catalog
+    if requests < 4 or not 1 <= k <= 100 or label_delay < 0:
+        raise ValueError("requests must be ≥ 4, k in 1..100 and label-delay ≥ 0")
     check_policies(policies)  # before the encoder is loaded
-    aud = make_audience(users, ads, seed=seed)
-    vectors = ad_vectors(aud, settings)
-    result = run_policies(aud, make_policies(policies, aud, vectors, settings, seed, negatives_after), requests, k,
-                          seed)
-    best = max(result["policies"], key=lambda n: result["policies"][n]["efficiency"])
+    world = make_world(make_audience(users, ads, seed=seed), settings, catalog, bid, seed)
+    result = run_policies(world, make_policies(policies, world, settings, seed, negatives_after), requests, k, seed,
+                          label_delay=label_delay)
+    best = max(result["policies"], key=lambda n: result["policies"][n]["value_efficiency"])
+    b, ob = world.audience.bids, world.audience.other_bids
+    spread = (lambda x: {"min": float(x.min()), "median": float(np.median(x)), "max": float(x.max())}  # noqa: E731
+              if x.size else None)
     out = {"bench": "policies", "users": users, "ads": ads, "requests": requests, "k": k, "seed": seed,
+           "world": {"audience_ads": len(b), "catalog_ads": len(ob), "catalog": str(catalog),
+                     "bid": bid if bid is not None else "catalog", "audience_bids": spread(b),
+                     "catalog_bids": spread(ob)},
            "privads_negatives": "at once" if negatives_after == 0 else "after the run" if negatives_after is None
            else f"{negatives_after} requests later", **result, "best": best}
     if plot_path is not None:
-        plot(result, plot_path, f"{users} users, {ads} ads, k={k}, seed {seed}")
+        plot(result, plot_path, f"{users} users, {ads} ads + {len(ob)} catalog ads, k={k}, seed {seed}")
         out["plot"] = str(plot_path)
     return out

@@ -167,7 +167,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
         names = tuple(n.strip() for n in args.policies.split(",") if n.strip()) if args.policies else PEERS
         out = bench_policies(settings, users=args.users or 400, ads=args.ads or 200, requests=args.requests,
-                             seed=args.seed, policies=names, plot_path=args.plot)
+                             seed=args.seed, policies=names, plot_path=args.plot, bid=args.bid,
+                             label_delay=args.label_delay, catalog=args.catalog)
     else:
         from privads.bench.learn import bench_learn
         from privads.infra.runtime import keep_freed_memory
@@ -233,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--fresh-rate", type=float, default=10_000.0, help="events/s of the freshness phase")
     b.add_argument("--fresh-seconds", type=float, default=20.0)
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
-    b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"))
+    b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"),
+                   help="learn: the ad texts encoded; policies: the catalog beside the audience's ads")
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
     b.add_argument("--ads", type=int, default=None, help="serve, learn: synthetic ads in the index (1000000); "
                    "policies: the audience's (200)")
@@ -242,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default=None, help="policies: which, comma-separated (default: all of "
                    "privads, random, popularity, river-thompson, vowpalwabbit)")
     b.add_argument("--plot", type=Path, default=None, help="policies: write the efficiency curves to this PNG")
+    b.add_argument("--bid", type=_bid, default=None, metavar="B|catalog",
+                   help="policies: the audience's ads' bid, or `catalog` (the default): drawn from --catalog's bids")
+    b.add_argument("--label-delay", type=int, default=100,
+                   help="policies: requests after which every policy gets what it showed and what was clicked")
     b.add_argument("--concurrency", type=int, default=2, help="serve: requests in flight (closed loop)")
     b.add_argument("--duration", type=float, default=30.0, help="serve: measured seconds per phase")
     b.add_argument("--warmup", type=float, default=5.0, help="serve: unmeasured seconds before each phase")

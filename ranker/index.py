@@ -301,7 +301,7 @@ class ServingCatalog:
         What ``rekey`` should move: a small change of a factor barely moves an ad's
         rank, and each re-keyed ad costs a removal and an insertion in the index.
         """
-        n = len(self.ad_ids)
+        n = min(len(self.ad_ids), factors.shape[0])  # ads upserted since ``factors`` was computed keep theirs
         on = np.flatnonzero(self.active[:n])
         step = np.abs(np.log(np.maximum(factors[on], 1e-6)) - np.log(np.maximum(self.factors[on], 1e-6)))
         return on[step > tolerance]

@@ -191,6 +191,7 @@ class Recommender:
         # each category's pooled calibration factor in the arm that retrieves from a catalog: the prior of its
         # ads' factors, and (with theirs) the factors in the catalog's retrieval keys (``keyed``)
         self._factors: dict[tuple[int, str], np.ndarray] = {}
+        self._evidence_state: dict[tuple[int, str], tuple[int, int]] = {}  # (counts version, catalog mutations)
         # retrieval and the ranker's h(x) are deterministic given (model, catalog state, user mean and count,
         # context): kept for repeat requests of a user whose state has not moved, and shared by all unknown users
         self._candidates_lru: OrderedDict[tuple, Candidates] = OrderedDict()
@@ -337,11 +338,18 @@ class Recommender:
         search it there), ``REKEY_CHUNK`` ads at a time.
         """
         s, rc = self.settings, self.row_counts(cat, arm)
-        factors, means = await asyncio.to_thread(
-            lambda: (f := group_factors(cat, rc, s.category_strength),
-                     key_factors(cat, rc, f, s.calibration_strength)))
+        state = (rc.version, cat.mutations)
+        if self._evidence_state.get((id(cat), arm)) == state:
+            return  # nothing moved since the last pass
+        self._evidence_state[(id(cat), arm)] = state
+
+        def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # O(catalog): off the loop
+            factors = group_factors(cat, rc, s.category_strength)
+            means = key_factors(cat, rc, factors, s.calibration_strength)
+            return factors, means, cat.drifted(means, s.rekey_tolerance)
+
+        factors, means, rows = await asyncio.to_thread(compute)
         self._factors[(id(cat), arm)] = factors
-        rows = cat.drifted(means, s.rekey_tolerance)
         for start in range(0, rows.size, REKEY_CHUNK):
             chunk = rows[start:start + REKEY_CHUNK]
             cat.rekey(chunk, means[chunk])
@@ -363,6 +371,7 @@ class Recommender:
             del self._row_counts[key]
         for key in [k for k in self._factors if k[0] not in live]:
             del self._factors[key]
+            self._evidence_state.pop(key, None)
 
     # --- requests -----------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from policy_checks import CHECKS
 
 from privads.bench.audience import make_audience
 from privads.bench.peers import PrivAdsPolicy
-from privads.bench.policies import make_policies, run_policies
+from privads.bench.policies import World, make_policies, run_policies
 from privads.infra.settings import Settings
 from privads.ranker.policy import Slate
 
@@ -21,89 +21,120 @@ def audience():
 
 
 @pytest.fixture(scope="module")
-def vectors(audience):
-    # the topic structure the encoder finds in the texts, without the encoder: a unit centroid per topic plus noise
+def world(audience):
+    """The audience's 40 ads at bid 1 beside 20 catalog ads at bid 3 (two categories) that it clicks at base rate.
+
+    The topic structure the encoder finds in the texts, without the encoder: a unit centroid per topic plus noise.
+    """
     rng = np.random.default_rng(0)
-    centroids = rng.standard_normal((len(audience.topics), 16))
-    v = centroids[audience.ad_topic] + 0.8 * rng.standard_normal((len(audience.ad_ids), 16))
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    centroids = rng.standard_normal((len(audience.topics) + 2, 16))
+    groups = np.r_[audience.ad_topic, len(audience.topics) + np.arange(20) % 2]
+    v = centroids[groups] + 0.8 * rng.standard_normal((groups.size, 16))
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    aud = audience.with_bids(np.ones(40), np.full(20, 3.0))
+    categories = [audience.topics[t] for t in audience.ad_topic] + [f"catalog-{i % 2}" for i in range(20)]
+    return World(aud, audience.ad_texts + [f"catalog ad {i}" for i in range(20)], categories, v)
 
 
 def _settings() -> Settings:
-    return Settings(d_user=16, kafka="unused:1", redis="redis://unused")
+    return Settings(d_user=16, kafka="unused:1", redis="redis://unused", candidates=30)
 
 
-def _slate(audience, user: int) -> Slate:
-    n = len(audience.ad_ids)
-    return Slate(np.arange(n), user, bids=np.ones(n))
+def _slate(world: World, user: int) -> Slate:
+    return Slate(np.arange(len(world.texts)), user, bids=world.bids)
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name", ALL)
-def test_every_peer_passes_the_generic_policy_checks(audience, vectors, name: str, check) -> None:
+def test_every_peer_passes_the_generic_policy_checks(world, name: str, check) -> None:
     def make(seed: int):
-        (policy,) = make_policies((name,), audience, vectors, _settings(), seed=seed, negatives_after=5)
+        (policy,) = make_policies((name,), world, _settings(), seed=seed, negatives_after=5)
         return policy
 
-    check(make, _slate(audience, 3))
+    check(make, _slate(world, 3))
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(audience, vectors, name: str) -> None:
+def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(world, name: str) -> None:
     runs = []
+    aud = world.audience
     for _ in range(2):
-        (policy,) = make_policies((name,), audience, vectors, _settings(), seed=3, negatives_after=5)
+        (policy,) = make_policies((name,), world, _settings(), seed=3, negatives_after=5)
         shown = []
         rng = np.random.default_rng(1)
-        for u in rng.integers(audience.users, size=60).tolist():
-            slate = _slate(audience, u)
+        for u in rng.integers(aud.users, size=60).tolist():
+            slate = _slate(world, u)
             ranked = policy.rank(slate, 10)
             ads = slate.rows[ranked.index]
             assert ads.shape == (10,) and len(set(ads.tolist())) == 10
-            assert ads.min() >= 0 and ads.max() < len(audience.ad_ids)
-            policy.learn(slate, ranked, rng.random(10) < audience.click_probability(u, ads))
+            assert ads.min() >= 0 and ads.max() < len(world.texts)
+            policy.learn(slate, ranked, rng.random(10) < aud.click_probability(u, ads))
             shown.append(ads.tolist())
         runs.append(shown)
     assert runs[0] == runs[1]
 
 
-def test_privads_learns_clicks_at_once_and_negatives_when_their_window_closes(audience, vectors) -> None:
-    (p,) = make_policies(("privads",), audience, vectors, _settings(), seed=0, negatives_after=2)
+def test_privads_learns_clicks_at_once_and_negatives_when_their_window_closes(world) -> None:
+    (p,) = make_policies(("privads",), world, _settings(), seed=0, negatives_after=2)
     assert isinstance(p, PrivAdsPolicy)
-    slate = _slate(audience, 0)
+    slate = _slate(world, 0)
     ranked = p.rank(slate, 5)
     ads = slate.rows[ranked.index]
     p.learn(slate, ranked, np.array([True, False, False, False, False]))
     assert p.count[0] == 1 and p.clicks[ads[0]] == 1  # the click, at once
     assert p.expected[ads].min() > 0 and p.shown[ads].min() == 1  # every shown ad, with the pCTR it was served at
     for u in (1, 2):
-        other = _slate(audience, u)
+        other = _slate(world, u)
         p.learn(other, p.rank(other, 5), np.zeros(5, bool))
     assert p.count[0] == 5  # two requests later, its four negatives
 
 
-def test_privads_beats_every_peer_and_random_is_zero_on_a_small_audience(audience, vectors) -> None:
-    out = run_policies(audience, make_policies(ALL, audience, vectors, _settings(), seed=0, negatives_after=None),
-                       3000, 10, seed=0)
-    eff = {n: r["efficiency"] for n, r in out["policies"].items()}
-    assert abs(eff["random"]) < 0.05  # by construction, up to sampling noise
-    assert eff["privads"] > 0.3, eff
-    assert all(eff["privads"] > eff[n] + 0.05 for n in ALL if n != "privads"), eff
-    curve = out["policies"]["privads"]["curve"]
-    assert len(curve) == len(out["requests_at"]) and curve[-1] == eff["privads"]
-    assert out["policies"]["privads"]["efficiency_last_quarter"] > eff["privads"]  # it is still learning
+def test_privads_beats_every_peer_in_a_world_where_the_catalog_outbids_the_audience(world) -> None:
+    out = run_policies(world, make_policies(ALL, world, _settings(), seed=0, negatives_after=None), 3000, 10, seed=0)
+    # seen: PrivAds 0.25 (clicks) and 0.29 (value) over the run, 0.48 and 0.50 in its last quarter; no peer above 0.09
+    for what in ("efficiency", "value_efficiency"):
+        eff = {n: r[what] for n, r in out["policies"].items()}
+        assert out["policies"]["privads"][f"{what}_last_quarter"] > 0.3, (what, eff)
+        assert all(eff["privads"] > eff[n] + 0.1 for n in ALL if n != "privads"), (what, eff)
+    pa = out["policies"]["privads"]
+    assert len(pa["curve"]) == len(out["requests_at"]) and pa["curve"][-1] == pa["efficiency"]
+    assert pa["efficiency_last_quarter"] > pa["efficiency"]  # it is still learning
+    assert out["label_delay"] == 100 and out["oracle_value"] > out["random_value"] > 0
 
 
-def test_common_random_numbers_give_the_same_clicks_to_the_same_lists(audience, vectors) -> None:
-    a, b = make_policies(("random", "random"), audience, vectors, _settings(), seed=5, negatives_after=None)
-    out = run_policies(audience, [a], 500, 10, seed=1)["policies"]["random"]
-    again = run_policies(audience, [b], 500, 10, seed=1)["policies"]["random"]
+def test_common_random_numbers_give_the_same_clicks_to_the_same_lists(world) -> None:
+    a, b = make_policies(("random", "random"), world, _settings(), seed=5, negatives_after=None)
+    out = run_policies(world, [a], 500, 10, seed=1)["policies"]["random"]
+    again = run_policies(world, [b], 500, 10, seed=1)["policies"]["random"]
     assert out["clicks"] == again["clicks"] and out["efficiency"] == again["efficiency"]
 
 
-def test_an_unknown_policy_is_refused_by_name(audience, vectors) -> None:
+def test_every_policy_gets_its_labels_on_the_same_schedule(world) -> None:
+    seen: dict[str, list[int]] = {}  # policy → the number of requests served when each label arrived
+    for name in ("random", "popularity", "privads"):
+        (p,) = make_policies((name,), world, _settings(), seed=0, negatives_after=None)
+        served = [0]
+        learn = p.learn
+
+        def spy(*args, _p=p, _served=served, _name=name, _learn=learn):
+            seen.setdefault(_name, []).append(_served[0])
+            return _learn(*args)
+
+        rank = p.rank
+
+        def count(*args, _served=served, _rank=rank):
+            _served[0] += 1
+            return _rank(*args)
+
+        p.learn, p.rank = spy, count  # type: ignore[method-assign]
+        run_policies(world, [p], 300, 5, seed=2, label_delay=40)
+    assert seen["random"] == seen["popularity"] == seen["privads"]
+    assert seen["random"][0] == 41 and len(seen["random"]) == 260  # request i's labels arrive after request i + 40
+
+
+def test_an_unknown_policy_is_refused_by_name(world) -> None:
     with pytest.raises(ValueError, match="unknown policy 'magic'"):
-        make_policies(("magic",), audience, vectors, _settings(), seed=0, negatives_after=None)
+        make_policies(("magic",), world, _settings(), seed=0, negatives_after=None)
 
 
 def test_a_missing_bench_dependency_is_named_with_its_extra() -> None:
