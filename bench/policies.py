@@ -149,8 +149,8 @@ def run_policies(world: World, policies: list[Policy], requests: int, k: int, se
             clicked = uniforms[i, :shown.shape[0]] < p
             waiting.append((i + label_delay, slate, ranked, clicked))
             while waiting and waiting[0][0] <= i:
-                _, *label = waiting.popleft()
-                policy.learn(*label)
+                _, was, did, hit = waiting.popleft()
+                policy.learn(was, did, hit)
             expected[i], value[i] = p.mean(), float((p * bids[shown]).sum()) / k
             clicks += int(clicked.sum())
         seconds = time.perf_counter() - started
