@@ -43,8 +43,8 @@ import numpy as np
 from privads.bench import optional
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
-from privads.ranker.scoring import AdEvidence, Ranked, category_factors
-from privads.ranker.service import prior_of, retrieve
+from privads.ranker.scoring import Ranked
+from privads.ranker.service import catalog_evidence, prior_of, retrieve
 from privads.ranker.updates import UpdateParams, update_many
 
 
@@ -120,11 +120,9 @@ class PrivAdsPolicy(Policy):
 
     def _follow_evidence(self) -> None:
         """The categories' factors and the retrieval keys, from the counts so far (the API's ``follow_counts``)."""
-        cat, n = self.catalog, len(self.catalog.ad_ids)
-        self.factors = category_factors(self.clicks[:n], self.expected[:n], cat.group_ids[:n], len(cat.groups),
-                                        self.category_strength)
-        means = AdEvidence(self.clicks[:n], self.expected[:n], self.thompson.params.calibration_strength,
-                           prior_of(self.factors, cat.group_ids[:n])).mean()
+        cat = self.catalog
+        self.factors, means = catalog_evidence(cat, self.clicks, self.expected, self.category_strength,
+                                               self.thompson.params.calibration_strength)
         rows = cat.drifted(means, self.rekey_tolerance)
         cat.rekey(rows, means[rows])
 

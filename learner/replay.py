@@ -45,7 +45,7 @@ from privads.ranker.adcounts import AdCounts, RowCounts
 from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.policy import Slate, ThompsonParams, ThompsonPolicy
-from privads.ranker.service import group_factors, learned_slate, rekey_now, retrieve
+from privads.ranker.service import arm_evidence, learned_slate, rekey_now, retrieve
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -133,7 +133,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
         rc.sync(counts)
     # retrieval keys follow the treatment's evidence, as /recommend's do; each arm's category factors its priors
     rekey_now(cat, row_counts[experiment.TREATMENT], settings)
-    factors = {arm: group_factors(cat, rc, settings.category_strength) for arm, rc in row_counts.items()}
+    factors = {arm: arm_evidence(cat, rc, settings)[0] for arm, rc in row_counts.items()}
     unknown = 0
 
     def slate_of(req: int) -> tuple[Slate, np.ndarray]:

@@ -74,12 +74,6 @@ POPULAR_KEPT = 256  # the popularity control keeps this many ranked ads (k ≤ 1
 REKEY_CHUNK = 256  # ads re-keyed per event-loop turn (one removal and one insertion each in the index)
 
 
-def group_factors(cat: ServingCatalog, rc: RowCounts, strength: float) -> np.ndarray:
-    """Each exact category's pooled calibration factor in ``rc``'s arm, shape (categories,)."""
-    n = min(len(cat.ad_ids), rc.rows)
-    return category_factors(rc.clicks[:n], rc.expected[:n], cat.group_ids[:n], len(cat.groups), strength)
-
-
 def prior_of(factors: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """The category factor of each of ``groups`` (shape (C,)); 1 for a category newer than ``factors``."""
     if groups.size and groups.max() >= factors.size:
@@ -87,13 +81,35 @@ def prior_of(factors: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return factors[groups]
 
 
-def key_factors(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray, strength: float) -> np.ndarray:
-    """Each row's calibration factor, its posterior mean (``AdEvidence.mean``), for its retrieval key, shape (N,)."""
+def catalog_evidence(cat: ServingCatalog, clicks: np.ndarray, expected: np.ndarray, category_strength: float,
+                     calibration_strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """An arm's evidence over a catalog: each category's pooled factor, and each ad's factor for its retrieval key.
+
+    Parameters
+    ----------
+    clicks, expected : ndarray, shape (≤ N,)
+        The arm's counts by catalog row (rows beyond them have none yet).
+
+    Returns
+    -------
+    factors : ndarray, shape (categories,)
+        ``scoring.category_factors``: the prior mean of each category's ads' factors.
+    means : ndarray, shape (N,)
+        Each ad's factor, its posterior mean (``AdEvidence.mean``); 1 for rows without counts yet.
+    """
     n = len(cat.ad_ids)
-    out = np.ones(n)
-    m = min(n, rc.rows)
-    out[:m] = AdEvidence(rc.clicks[:m], rc.expected[:m], strength, prior_of(factors, cat.group_ids[:m])).mean()
-    return out
+    m = min(n, clicks.shape[0])
+    groups = cat.group_ids[:m]
+    factors = category_factors(clicks[:m], expected[:m], groups, len(cat.groups), category_strength)
+    means = np.ones(n)
+    means[:m] = AdEvidence(clicks[:m], expected[:m], calibration_strength, prior_of(factors, groups)).mean()
+    return factors, means
+
+
+def arm_evidence(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """``catalog_evidence`` of one arm's counts as the API holds them."""
+    return catalog_evidence(cat, rc.clicks[:rc.rows], rc.expected[:rc.rows], settings.category_strength,
+                            settings.calibration_strength)
 
 
 def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
@@ -122,8 +138,7 @@ def rekey_now(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> np.ndar
     For a catalog no request reads yet (a version being loaded, replay's); a served
     one is re-keyed in chunks (``Recommender.follow_counts``).
     """
-    factors = group_factors(cat, rc, settings.category_strength)
-    means = key_factors(cat, rc, factors, settings.calibration_strength)
+    factors, means = arm_evidence(cat, rc, settings)
     rows = cat.drifted(means, settings.rekey_tolerance)
     cat.rekey(rows, means[rows])
     return factors
@@ -337,15 +352,14 @@ class Recommender:
         The factors are computed off the loop; the index is changed on it (requests
         search it there), ``REKEY_CHUNK`` ads at a time.
         """
-        s, rc = self.settings, self.row_counts(cat, arm)
+        s, rc = self.settings, self.row_counts(cat, arm)  # the arm's counts, synced
         state = (rc.version, cat.mutations)
         if self._evidence_state.get((id(cat), arm)) == state:
             return  # nothing moved since the last pass
         self._evidence_state[(id(cat), arm)] = state
 
         def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # O(catalog): off the loop
-            factors = group_factors(cat, rc, s.category_strength)
-            means = key_factors(cat, rc, factors, s.calibration_strength)
+            factors, means = arm_evidence(cat, rc, s)
             return factors, means, cat.drifted(means, s.rekey_tolerance)
 
         factors, means, rows = await asyncio.to_thread(compute)

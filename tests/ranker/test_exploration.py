@@ -12,7 +12,7 @@ from privads.ranker.adcounts import AdCounts, RowCounts
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import ThompsonParams, ThompsonPolicy
 from privads.ranker.scoring import AdEvidence, category_factors, retrieval_keys
-from privads.ranker.service import key_factors, learned_slate, prior_of, rekey_now, retrieve
+from privads.ranker.service import arm_evidence, learned_slate, prior_of, rekey_now, retrieve
 
 
 def test_category_factors_pool_each_categorys_clicks_over_its_expected_clicks() -> None:
@@ -77,7 +77,8 @@ def test_a_sunk_category_leaves_the_retrieved_set_and_makes_room_for_the_cheaper
     assert factors[cat.groups["pricey"]] == pytest.approx((5 + 1) / (5 + 100))
     after = set(retrieve(cat, user, 10).tolist())
     assert set(range(40, 46)) <= after  # every new ad is a candidate now
-    means = key_factors(cat, rc, factors, settings.calibration_strength)
+    again, means = arm_evidence(cat, rc, settings)
+    np.testing.assert_array_equal(again, factors)
     np.testing.assert_allclose(cat.factors[:46], means, rtol=1e-6)
     assert cat.drifted(means, settings.rekey_tolerance).size == 0  # nothing left to move
 
