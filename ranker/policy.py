@@ -38,6 +38,7 @@ from privads.ranker.model import RankerModel
 from privads.ranker.scoring import (
     AdEvidence,
     Ranked,
+    fixed_rank,
     optimistic_value,
     popularity_scores,
     thompson_rank,
@@ -380,8 +381,8 @@ class PopularityPolicy(Policy):
     def _rank(self, slate: Slate, k: int) -> Ranked:
         clicks, shown, bids = slate.need("clicks", "shown", "bids")
         scores = popularity_scores(clicks, shown, bids, self.prior_ctr, self.strength)
-        order = np.argsort(-scores, kind="stable")[:k]
-        return Ranked(index=order, score=scores[order], propensity=np.ones(order.shape[0]))
+        order = np.argsort(-scores, kind="stable")
+        return fixed_rank(order, scores[order], k)
 
 
 class UniformPolicy(Policy):
