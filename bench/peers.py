@@ -13,9 +13,9 @@ the same click model (``bench.audience``); each is seeded.
   calibration factors and their categories' pooled priors (refreshed every
   ``evidence_every`` requests, as the API follows the workers' counts about every
   second), the stream's counting (an impression counts as shown, with the pCTR
-  it was served at; a click updates the user at once). Negatives reach the user
-  vectors only when their attribution window closes, as in the live stream:
-  ``negatives_after`` requests later (``None``: after the run).
+  it was served at) and its user learning (``ranker.updates.learn_events``: every
+  shown ad is a fast negative, every click completes its impression's positive
+  step), on the same label schedule as every peer.
 - ``RandomPolicy`` — k ads uniformly (``ranker.policy.UniformPolicy``).
 - ``PopularityPeer`` — the popularity control of ``/recommend``
   (``ranker.policy.PopularityPolicy``) over its own counts.
@@ -43,9 +43,9 @@ import numpy as np
 from privads.bench import optional
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
-from privads.ranker.scoring import Ranked
+from privads.ranker.scoring import AdEvidence, Ranked
 from privads.ranker.service import catalog_evidence, prior_of, retrieve
-from privads.ranker.updates import UpdateParams, update_many
+from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, population_prior
 
 
 def _unknown(k: int) -> np.ndarray:
@@ -85,8 +85,8 @@ class PrivAdsPolicy(Policy):
 
     def __init__(self, vectors: np.ndarray, bids: np.ndarray, categories: list[str | None], users: int,
                  thompson: ThompsonParams, update: UpdateParams, prior_precision: float, seed: int,
-                 negatives_after: int | None = None, *, candidates: int = 500, category_strength: float = 5.0,
-                 rekey_tolerance: float = 0.1, evidence_every: int = 100) -> None:
+                 *, candidates: int = 500, category_strength: float = 5.0,
+                 rekey_tolerance: float = 0.1, evidence_every: int = 100, population_strength: float = 10.0) -> None:
         n, d = vectors.shape
         self.vectors = vectors
         self.catalog = ServingCatalog.build(d, [str(i) for i in range(n)], vectors, bids, np.ones(n, bool), categories)
@@ -97,20 +97,23 @@ class PrivAdsPolicy(Policy):
         self.precision = np.full((users, d), prior_precision, np.float32)
         self.count = np.zeros(users, np.int64)
         self.prior = np.zeros(d, np.float32)
+        # the population prior, as the workers keep it: the learned users' means summed, and how many
+        self.known = np.zeros(users, bool)
+        self.total = np.zeros(d, np.float64)
+        self.population_strength = population_strength
         self.clicks = np.zeros(n, np.int64)
         self.shown = np.zeros(n, np.int64)
         self.expected = np.zeros(n, np.float64)
         self.thompson = ThompsonPolicy(thompson, None, np.random.default_rng(seed))
         self.update = update
-        self.negatives_after = negatives_after
-        self.waiting: deque[tuple[int, int, int]] = deque()  # (due request, user, ad) of unclicked impressions
         self.requests = 0
 
     def _rank(self, slate: Slate, k: int) -> Ranked:
         """Retrieve from the catalog (the slate's rows are its rows), then the Thompson policy over them."""
         u, cat = int(slate.user), self.catalog
-        rows = retrieve(cat, self.mean[u], self.candidates)
-        inner = Slate(rows, u, self.mean[u], self.precision[u], int(self.count[u]), cat.vectors[rows],
+        mean = self.mean[u] if self.known[u] else self.prior
+        rows = retrieve(cat, mean, self.candidates)
+        inner = Slate(rows, u, mean, self.precision[u], int(self.count[u]), cat.vectors[rows],
                       cat.bids[rows], cat.category_ids[rows], clicks=self.clicks[rows], shown=self.shown[rows],
                       expected=self.expected[rows], prior_factor=prior_of(self.factors, cat.group_ids[rows]))
         ranked = self.thompson.rank(inner, k)
@@ -132,26 +135,27 @@ class PrivAdsPolicy(Policy):
             self._follow_evidence()
         user, ads = int(slate.user), slate.rows[ranked.index]
         assert ranked.pctr is not None  # the Thompson policy logs its pCTR
+        # each ad's calibration factor before this list's counts, as the stream reads them: the users' logit offset
+        strength = self.thompson.params.calibration_strength
+        offset = np.log(AdEvidence(self.clicks[ads], self.expected[ads], strength).mean())
         self.expected[ads] += ranked.pctr
         self.shown[ads] += 1
         self.clicks[ads] += clicked.astype(np.int64)
-        users, shown, labels = [user] * int(clicked.sum()), list(ads[clicked]), [1.0] * int(clicked.sum())
-        if self.negatives_after is not None:
-            self.waiting.extend((self.requests + self.negatives_after, user, int(a)) for a in ads[~clicked])
-            while self.waiting and self.waiting[0][0] <= self.requests:
-                _, u, a = self.waiting.popleft()
-                users.append(u)
-                shown.append(a)
-                labels.append(0.0)
-        if users:
-            self._apply(np.asarray(users), np.asarray(shown, np.int64), np.asarray(labels))
-
-    def _apply(self, users: np.ndarray, ads: np.ndarray, labels: np.ndarray) -> None:
-        touched, index = np.unique(users, return_inverse=True)
-        mean, precision = update_many(self.mean[touched], self.precision[touched], index, self.vectors[ads], labels,
-                                      self.prior, self.update)
-        self.mean[touched], self.precision[touched] = mean, precision
-        np.add.at(self.count, users, 1)
+        # the stream's fast negatives: every shown ad's label-free half, then each click's half
+        kinds = np.r_[np.full(ads.size, IMPRESSION), np.full(int(clicked.sum()), CLICK)]
+        events = np.r_[ads, ads[clicked]]
+        index = np.zeros(events.size, np.int64)
+        if not self.known[user]:
+            self.mean[user] = self.prior
+        before = self.mean[user].astype(np.float64) if self.known[user] else 0.0
+        mean, precision = learn_events(self.mean[user:user + 1], self.precision[user:user + 1], index,
+                                       self.vectors[events], kinds, self.prior, self.update,
+                                       offset=np.r_[offset, np.zeros(int(clicked.sum()))])
+        self.mean[user], self.precision[user] = mean[0], precision[0]
+        self.count[user] += ads.size
+        self.total += mean[0].astype(np.float64) - before
+        self.known[user] = True
+        self.prior = population_prior(self.total, int(self.known.sum()), self.population_strength)
 
 
 class RiverThompson(Policy):

@@ -100,15 +100,14 @@ def check_policies(names: tuple[str, ...]) -> None:
                          else "policies: none given")
 
 
-def make_policies(names: tuple[str, ...], world: World, settings: Settings, seed: int,
-                  negatives_after: int | None) -> list[Policy]:
+def make_policies(names: tuple[str, ...], world: World, settings: Settings, seed: int) -> list[Policy]:
     check_policies(names)
     out: list[Policy] = []
     for name in names:
         if name == "privads":
             out.append(PrivAdsPolicy(world.vectors, world.bids, world.categories, world.audience.users,
                                      ThompsonParams.from_settings(settings), UpdateParams.from_settings(settings),
-                                     settings.prior_precision, seed, negatives_after,
+                                     settings.prior_precision, seed,
                                      candidates=settings.candidates, category_strength=settings.category_strength,
                                      rekey_tolerance=settings.rekey_tolerance))
         elif name == "random":
@@ -194,7 +193,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 
 def bench_policies(settings: Settings, *, users: int, ads: int, requests: int, seed: int = 0, k: int = 10,
                    policies: tuple[str, ...] = PEERS, plot_path: Path | None = None,
-                   negatives_after: int | None = None, bid: float | None = None,
+                   bid: float | None = None,
                    label_delay: int = LABEL_DELAY, catalog: Path | None = None) -> dict[str, Any]:
     """The whole bench: the world, every policy, the JSON report (and the plot, if asked).
 
@@ -206,7 +205,7 @@ def bench_policies(settings: Settings, *, users: int, ads: int, requests: int, s
         raise ValueError("requests must be ≥ 4, k in 1..100 and label-delay ≥ 0")
     check_policies(policies)  # before the encoder is loaded
     world = make_world(make_audience(users, ads, seed=seed), settings, catalog, bid, seed)
-    result = run_policies(world, make_policies(policies, world, settings, seed, negatives_after), requests, k, seed,
+    result = run_policies(world, make_policies(policies, world, settings, seed), requests, k, seed,
                           label_delay=label_delay)
     best = max(result["policies"], key=lambda n: result["policies"][n]["value_efficiency"])
     b, ob = world.audience.bids, world.audience.other_bids
@@ -216,8 +215,8 @@ def bench_policies(settings: Settings, *, users: int, ads: int, requests: int, s
            "world": {"audience_ads": len(b), "catalog_ads": len(ob), "catalog": str(catalog),
                      "bid": bid if bid is not None else "catalog", "audience_bids": spread(b),
                      "catalog_bids": spread(ob)},
-           "privads_negatives": "at once" if negatives_after == 0 else "after the run" if negatives_after is None
-           else f"{negatives_after} requests later", **result, "best": best}
+           "privads_negatives": f"fast: with its impressions, {label_delay} requests after serving",
+           **result, "best": best}
     if plot_path is not None:
         plot(result, plot_path, f"{users} users, {ads} ads + {len(ob)} catalog ads, k={k}, seed {seed}")
         out["plot"] = str(plot_path)

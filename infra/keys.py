@@ -3,6 +3,7 @@
 | key | type | owner |
 | --- | --- | --- |
 | ``u:{user_id}`` | packed user state (see ``pack_user``) | stream workers |
+| ``pop:{p}`` | float64: Σ of partition p's learned users' means, then their number | owner of p; erasure subtracts |
 | ``ckpt:{p}`` | hash: input offset per topic, ``seq`` (bumped by every writer), clock, closed buckets | owner of p |
 | ``pb:{p}`` | set of pending-bucket indexes of partition p | partition p's owner |
 | ``pend:{p}:{b}`` | hash impression id → packed ``Pending``, bucket b, TTL | partition p's owner |
@@ -75,6 +76,21 @@ def orphans(partition: int) -> str:
 
 def archive(partition: int) -> str:
     return f"arch:{partition}"
+
+
+def population(partition: int) -> str:
+    """The sum of the learned users' means of one partition, and how many (``pack_population``)."""
+    return f"pop:{partition}"
+
+
+def pack_population(total: np.ndarray, users: int) -> bytes:
+    """A partition's population sum: float64 (D) then the user count as float64."""
+    return np.r_[np.asarray(total, "<f8"), float(users)].astype("<f8").tobytes()
+
+
+def unpack_population(blob: bytes) -> tuple[np.ndarray, int]:
+    v = np.frombuffer(blob, dtype="<f8")
+    return v[:-1].copy(), int(round(v[-1]))
 
 
 def erased(user_id: str) -> str:

@@ -15,7 +15,7 @@ import hiredis
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import DataError
+from redis.exceptions import DataError, WatchError
 from redis.typing import EncodableT, FieldT, XReadResponse
 
 from privads.infra import keys, records
@@ -178,18 +178,55 @@ class UserStore:
 
         Bumps every partition's ``seq`` so that a worker holding a state read
         before the erasure cannot write it back (its commit is fenced on seq).
+        The user's vector leaves its partition's population sum in the same
+        transaction, so the population prior no longer holds any of it.
         The user's impressions still waiting for a click (and clicks waiting for
         their impression) are removed from the owning partition's buckets too.
         """
         n = int(await self.r.get(keys.PARTITIONS) or 0)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(keys.user(user_id))
-        pipe.set(keys.erased(user_id), repr(now), ex=int(ttl_s))
-        for p in range(n):
-            pipe.hincrby(keys.checkpoint(p), "seq", 1)
-        await pipe.execute()
-        if n:
-            await self._scrub_pending(user_id, owner(user_id.encode(), n))
+        home = owner(user_id.encode(), n) if n else None
+        async with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    watched = [keys.user(user_id)] + ([keys.population(home)] if home is not None else [])
+                    await pipe.watch(*watched)
+                    blob = cast(bytes | None, await pipe.get(keys.user(user_id)))
+                    pop = cast(bytes | None, await pipe.get(keys.population(home))) if home is not None else None
+                    pipe.multi()
+                    pipe.delete(keys.user(user_id))
+                    pipe.set(keys.erased(user_id), repr(now), ex=int(ttl_s))
+                    if blob and pop and home is not None:
+                        mean = keys.unpack_user(blob)[0]
+                        total, users = keys.unpack_population(pop)
+                        if total.shape == mean.shape:
+                            pipe.set(keys.population(home), keys.pack_population(total - mean, max(users - 1, 0)))
+                    for p in range(n):
+                        pipe.hincrby(keys.checkpoint(p), "seq", 1)
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue  # a worker committed this user meanwhile: read again
+        if home is not None:
+            await self._scrub_pending(user_id, home)
+
+    async def populations(self, partitions: Sequence[int] | None = None) -> dict[int, tuple[np.ndarray, int]]:
+        """Each partition's population sum (of the learned users' means) and user count; all partitions if None."""
+        if partitions is None:
+            partitions = range(int(await self.r.get(keys.PARTITIONS) or 0))
+        partitions = list(partitions)
+        if not partitions:
+            return {}
+        blobs = cast(list[bytes | None], await self.r.mget([keys.population(p) for p in partitions]))
+        return {p: keys.unpack_population(b) for p, b in zip(partitions, blobs, strict=True) if b}
+
+    async def population_sum(self, d: int) -> tuple[np.ndarray, int]:
+        """The learned users' means summed over every partition (of dimension ``d``), and how many users."""
+        total, users = np.zeros(d), 0
+        for t, n in (await self.populations()).values():
+            if t.shape == (d,):
+                total += t
+                users += n
+        return total, users
 
     async def _scrub_pending(self, user_id: str, p: int) -> None:
         buckets = [int(b) for b in await self.r.smembers(keys.buckets(p))]
@@ -250,6 +287,7 @@ class PartitionWrites:
     del_orphans: set[str] = field(default_factory=set)
     drop_buckets: set[int] = field(default_factory=set)
     archive: dict[bytes, bytes] | None = None
+    population: bytes | None = None  # the partition's new population sum (keys.pack_population)
 
 
 class PartitionStore:
@@ -326,6 +364,8 @@ class PartitionStore:
                     pipe.hdel(keys.orphans(w.partition), *w.del_orphans)
                 if w.archive:
                     pipe.xadd(keys.archive(w.partition), w.archive)  # type: ignore[arg-type]  # see above
+                if w.population is not None:
+                    pipe.set(keys.population(w.partition), w.population)
             if users:
                 pipe.mset({keys.user(u): blob for u, blob in users.items()})
             for key, incs in counters.items():
@@ -407,6 +447,24 @@ class AdCountLog:
                     arm.setdefault(ad_id.decode(), [0] * len(keys.AD_COUNT_FIELDS))[i] = int(n)
         last = res[-1][0][0] if res[-1] else b"0-0"
         return out, last
+
+    async def of_ads(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int]]:
+        """(policy, ad id) → (clicks, µ-expected) now, for the pairs asked (absent: (0, 0))."""
+        wanted: dict[str, list[str]] = {}
+        for policy, ad_id in dict.fromkeys(pairs):
+            wanted.setdefault(policy, []).append(ad_id)
+        if not wanted:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for policy, ids in wanted.items():
+            pipe.hmget(keys.adstat(policy, "clicks"), ids)
+            pipe.hmget(keys.adstat(policy, "expected"), ids)
+        res = await pipe.execute()
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for j, (policy, ids) in enumerate(wanted.items()):
+            for ad_id, c, e in zip(ids, res[2 * j], res[2 * j + 1], strict=True):
+                out[(policy, ad_id)] = (int(c or 0), int(e or 0))
+        return out
 
     async def since(self, last_id: bytes, block_ms: int | None = None,
                     count: int = 1000) -> tuple[list[dict[str, dict[str, list[int]]]], bytes]:

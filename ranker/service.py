@@ -66,7 +66,7 @@ from privads.ranker.policy import (
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
 from privads.ranker.scoring import AdEvidence, category_factors
-from privads.ranker.updates import dp_epsilon
+from privads.ranker.updates import dp_epsilon, population_prior
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Recommender:
         # the controls' policies; the learned one is built per request over the version it serves
         self.popularity = PopularityPolicy(settings.base_rate, settings.popularity_prior_strength)
         self.uniform = UniformPolicy(self.rng)
-        # the population prior: the workers start every new user vector from it too
+        # the population prior (followed with the model): the workers start every new user vector from it too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
         # until the learner publishes, serve the same seeded projector it starts from
@@ -294,6 +294,11 @@ class Recommender:
             self.settings.popularity_prior_strength, POPULAR_KEPT)
         self.popular, self._popular_key = (cat, rows), key
 
+    async def _refresh_prior(self) -> None:
+        """The population prior from the workers' per-partition sums (``ranker.updates.population_prior``)."""
+        total, users = await self.users.population_sum(self.settings.d_user)
+        self.prior_mean = population_prior(total, users, self.settings.population_strength)
+
     async def follow(self, poll_s: float = 1.0) -> None:
         """Run forever: apply catalog changes as they are logged, swap in new model versions."""
         last_poll = last_popular = 0.0
@@ -301,6 +306,7 @@ class Recommender:
             try:
                 if time.monotonic() - last_poll >= poll_s:
                     last_poll = time.monotonic()
+                    await self._refresh_prior()
                     await self._maybe_swap()
                     await self.load_pinned()
                     self.ready.set()

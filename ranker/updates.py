@@ -14,6 +14,11 @@ projected ad vector (unit norm) and ``y ∈ {0, 1}`` the click updates it:
 
 Thompson sampling draws ``u ~ N(m, diag(1/q))`` (see ``ranker.scoring``).
 
+The stream applies each step in two halves (``learn_events``): the label-free
+half when the impression arrives, ``−y·p`` when its click does, so that a
+non-click teaches the user within a second and a late click completes the
+same step a labelled impression would have taken.
+
 Differential privacy (optional, per event): each example's gradient is clipped
 to norm ``C`` and Gaussian noise ``N(0, (σC)² I)`` is added before the step, so
 one event moves a user's vector by a bounded, noised amount; ``dp_epsilon``
@@ -30,6 +35,11 @@ import numpy as np
 
 if TYPE_CHECKING:
     from privads.infra.settings import Settings
+
+
+# the two halves of a labelled impression (``learn_events``): served, and clicked
+IMPRESSION = 0
+CLICK = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,13 +154,99 @@ def update_many(
     -------
     mean, precision : ndarray, shape (U, D), float32
     """
+    n = user_index.shape[0]
+    return _rounds(mean, precision, user_index, ads, np.ones(n), np.asarray(clicked, np.float64), np.ones(n),
+                   prior_mean, params, rng)
+
+
+def learn_events(
+    mean: np.ndarray,
+    precision: np.ndarray,
+    user_index: np.ndarray,
+    ads: np.ndarray,
+    kinds: np.ndarray,
+    prior_mean: np.ndarray,
+    params: UpdateParams,
+    rng: np.random.Generator | None = None,
+    offset: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fast negatives: learn from an impression when it is served and from its click when (if) it comes.
+
+    The logistic step of a labelled impression splits exactly into a part that
+    does not depend on the label and a part that exists only for a click::
+
+        (σ(z) − y)·p + λ(m − μ)  =  [σ(z)·p + λ(m − μ)]  −  y·p
+                                     IMPRESSION            CLICK
+
+    An ``IMPRESSION`` event takes the first part (the step of a negative) and the
+    whole Laplace precision term ``σ(1 − σ)·p²``, which is label-free too; a
+    ``CLICK`` event takes ``−p``: a step of ``η·p`` toward the ad, no precision.
+    Every impression thus counts as a negative within the second it is served,
+    and a click, however late within its window, turns it into exactly the
+    positive ``update_many`` would have applied (``σ`` taken at the impression,
+    each half clipped to ``max_step`` on its own). Nothing is ever undone, so
+    no label is wrong for long and no correction can overshoot; an impression
+    never clicked needs nothing more when its window closes.
+
+    Parameters
+    ----------
+    mean, precision : ndarray, shape (U, D)
+        Posteriors of the U users touched (float32; not modified).
+    user_index : ndarray of int, shape (n,)
+        Row of ``mean`` that each event belongs to, in event order.
+    ads : ndarray, shape (n, D)
+        Projected ad vector of each event.
+    kinds : ndarray of int, shape (n,)
+        ``IMPRESSION`` or ``CLICK`` per event.
+    prior_mean : ndarray, shape (D,)
+    params : UpdateParams
+    rng : numpy Generator, optional
+        Required when ``params.dp_clip`` is set (each half is clipped and noised as one event).
+    offset : ndarray, shape (n,), optional
+        A known logit added to ``z`` per event: the log of the ad's calibration
+        factor (``ranker.scoring.AdEvidence``), as serving multiplies it in, so
+        that a user learns what is particular to them and leaves to the ad's
+        evidence what every user shares (an ad nobody clicks does not have to
+        be unlearned by each user in turn).
+
+    Returns
+    -------
+    mean, precision : ndarray, shape (U, D), float32
+    """
+    kinds = np.asarray(kinds)
+    if not np.isin(kinds, (IMPRESSION, CLICK)).all():
+        raise ValueError("kinds must be IMPRESSION or CLICK")
+    impression = (kinds == IMPRESSION).astype(np.float64)
+    return _rounds(mean, precision, user_index, ads, impression, 1.0 - impression, impression,
+                   prior_mean, params, rng, offset)
+
+
+def _rounds(
+    mean: np.ndarray,
+    precision: np.ndarray,
+    user_index: np.ndarray,
+    ads: np.ndarray,
+    w_sigma: np.ndarray,
+    y: np.ndarray,
+    label_free: np.ndarray,
+    prior_mean: np.ndarray,
+    params: UpdateParams,
+    rng: np.random.Generator | None,
+    offset: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps ``−η·clip((w_σ·σ(z) − y)·p + f·λ(m − μ))`` and ``q += f·σ(1 − σ)·p²``, per user in order.
+
+    ``w_sigma``, ``y`` and ``label_free`` (``f``) are per example, shape (n,): a
+    labelled impression is (1, y, 1), an impression's half (1, 0, 1), a click's (0, 1, 0).
+    ``z = m·p + bias + offset`` (offset per example, 0 if None).
+    """
     m = mean.astype(np.float64, copy=True)
     q = precision.astype(np.float64, copy=True)
     if user_index.size == 0:
         return m.astype(np.float32), q.astype(np.float32)
     mu = prior_mean.astype(np.float64, copy=False)
     p_all = ads.astype(np.float64, copy=False)
-    y_all = clicked.astype(np.float64, copy=False)
+    off = np.zeros(user_index.shape[0]) if offset is None else np.asarray(offset, np.float64)
     # rank of each example among its user's examples: 0 for the first, 1 for the second, ...
     order = np.argsort(user_index, kind="stable")
     sorted_users = user_index[order]
@@ -163,9 +259,9 @@ def update_many(
     for r in range(int(rank.max()) + 1):
         idx = np.flatnonzero(rank == r)
         u = user_index[idx]
-        p, y = p_all[idx], y_all[idx]
-        s = sigmoid(np.einsum("ij,ij->i", m[u], p) + params.bias)
-        grad = (s - y)[:, None] * p + params.l2_prior * (m[u] - mu)
+        p, f = p_all[idx], label_free[idx][:, None]
+        s = sigmoid(np.einsum("ij,ij->i", m[u], p) + params.bias + off[idx])
+        grad = (w_sigma[idx] * s - y[idx])[:, None] * p + f * params.l2_prior * (m[u] - mu)
         if params.dp_clip is not None:
             assert rng is not None  # checked before the loop
             gnorm = np.linalg.norm(grad, axis=1, keepdims=True)
@@ -175,7 +271,7 @@ def update_many(
         norm = np.linalg.norm(step, axis=1, keepdims=True)
         step *= np.minimum(1.0, params.max_step / np.maximum(norm, 1e-12))
         m[u] -= step
-        q[u] += (s * (1.0 - s))[:, None] * p * p
+        q[u] += f * (s * (1.0 - s))[:, None] * p * p
     return m.astype(np.float32), q.astype(np.float32)
 
 
@@ -219,3 +315,29 @@ def ad_posterior(
     clicks = np.asarray(clicks, dtype=np.float64)
     labelled = np.asarray(labelled, dtype=np.float64)
     return base_rate * strength + clicks, (1.0 - base_rate) * strength + (labelled - clicks)
+
+
+def population_prior(total: np.ndarray, users: int, strength: float) -> np.ndarray:
+    """The prior mean of a user the stream has not learned: what the learned users' means average to.
+
+    ``Σ m_u / (n + n₀)``: the mean of the ``n`` learned users' vectors, shrunk
+    toward the zero vector as if ``n₀ = strength`` users sat there, so that a
+    handful of early users cannot set everyone's start.
+
+    Parameters
+    ----------
+    total : ndarray, shape (D,)
+        Sum of the learned users' posterior means.
+    users : int
+        How many users the sum holds (≥ 0).
+    strength : float
+        ``n₀`` ≥ 0; 0 with no users gives the zero vector.
+
+    Returns
+    -------
+    ndarray, shape (D,), float32
+    """
+    if users < 0 or strength < 0:
+        raise ValueError("users and strength must be ≥ 0")
+    denom = users + strength
+    return (np.asarray(total, np.float64) / denom if denom > 0 else np.zeros_like(total, np.float64)).astype(np.float32)

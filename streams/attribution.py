@@ -4,7 +4,9 @@ Impressions wait in time buckets (``bucket_s`` wide, by event time) until a
 click joins them — a positive, at once — or their attribution window closes
 without one — a negative. Negatives are never emitted early: an impression is
 labelled 0 only once no click can be attributed to it any more, so the learner
-never has to take a label back. A click whose impression has not arrived waits
+never has to take a label back. (The user vectors do not wait for the label:
+``ranker.updates.learn_events`` takes an impression's label-free half of the
+step when it arrives and the click's half when it is joined.) A click whose impression has not arrived waits
 as an *orphan* and is counted as unattributed until its impression arrives
 (then it is joined) or the window passes (then it stays unattributed, counted).
 

@@ -41,10 +41,12 @@ from redis.exceptions import RedisError
 from privads.infra import keys, records
 from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import async_producer_config, consumer_config, create_topics
+from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.partitioning import owner
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.settings import Settings
 from privads.infra.store import (
+    AdCountLog,
     CatalogStore,
     Conflict,
     ModelPointer,
@@ -57,7 +59,8 @@ from privads.infra.store import (
 )
 from privads.ranker.encoder import AdEncoder
 from privads.ranker.quality import QualityWatch
-from privads.ranker.updates import UpdateParams, sigmoid, update_many
+from privads.ranker.scoring import AdEvidence
+from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, population_prior, sigmoid
 from privads.streams import archive
 from privads.streams.attribution import Clock, Seen, bucket_of, plan_batch
 from privads.streams.services import AdVectors, CatalogIndexer
@@ -100,6 +103,7 @@ class EventAgent:
         self.s = settings
         self.store = PartitionStore(redis)
         self.users = UserStore(redis)
+        self.ad_counts = AdCountLog(redis)
         self.producer = producer
         self.ad_vectors = ad_vectors
         self.window_s = settings.attribution_window_s
@@ -336,7 +340,18 @@ class EventAgent:
                     b"lab": msgspec.msgpack.encode([ex for ex in plan.labelled if ex.clicked]),
                 }
             writes.append(w)
-        users, learned, most, scored = await self._learn([ex for plan in plans.values() for ex in plan.labelled])
+        served = [imp for plan in plans.values() for imp in plan.new_impressions]
+        labels = [ex for plan in plans.values() for ex in plan.labelled]
+        (users, learned, most, scored, population), held = await asyncio.gather(
+            self._learn(served, labels), self.users.populations(parts))
+        if population:  # fenced like the rest: only this partition's owner (or an erasure, bumping seq) writes it
+            for w in writes:
+                if w.partition in population:
+                    total, users_in = held.get(w.partition, (np.zeros(self.s.d_user), 0))
+                    if total.shape != (self.s.d_user,):  # another user dimension: a new sum
+                        total, users_in = np.zeros(self.s.d_user), 0
+                    change, new = population[w.partition]
+                    w.population = keys.pack_population(total + change, users_in + new)
         counters = self._counters(by_p, plans, learned, wall)
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
         await self.store.commit(seq, writes, users, counters, arms, most)
@@ -344,49 +359,86 @@ class EventAgent:
         self.new_drifts += self.quality.update(*scored)
 
     async def _learn(
-        self, labelled: list[records.Labelled]
-    ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray]]:
-        """New packed posteriors of the users these labels touch, and a sample of (outcome, prediction) pairs."""
+        self, served: list[records.Impression], labelled: list[records.Labelled]
+    ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray], dict[int, tuple[np.ndarray, int]]]:
+        """New packed posteriors of the users these events touch, a sample of (outcome, prediction) pairs, and
+        what the population sums of their partitions gain (partition → (Σ change of the means, new users)).
+
+        Fast negatives (``ranker.updates.learn_events``): every impression served
+        takes its label-free half of the logistic step now, and a click takes the
+        rest when it is joined; a window closing on a non-click changes no user.
+        An impression's logit is offset by its ad's calibration factor in its arm
+        (the counts committed so far), as serving multiplies it in.
+        """
         out: Counter[str] = Counter()
         none = (np.zeros(0), np.zeros(0))
-        if not labelled:
-            return {}, out, 0, none
         # consumption order, not event time: the result must not depend on where batch boundaries fall
-        user_ids = list(dict.fromkeys(ex.user_id for ex in labelled))
-        states, erased, vectors = await asyncio.gather(
+        events = [(imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.policy) for imp in served]
+        events += [(ex.user_id, ex.ad_id, ex.ts, CLICK, ex.policy) for ex in labelled if ex.clicked]
+        if not events and not labelled:
+            return {}, out, 0, none, {}
+        # the labels only feed the quality watch: a bounded, deterministic sample of them is read
+        probes = [labelled[i] for i in np.linspace(0, len(labelled) - 1, min(len(labelled), QUALITY_SAMPLE))
+                  .astype(np.int64).tolist()] if labelled else []
+        user_ids = list(dict.fromkeys([e[0] for e in events] + [ex.user_id for ex in probes]))
+        states, erased, vectors, evidence = await asyncio.gather(
             self.users.get_many(user_ids), self.users.erased_at(user_ids),
-            self.ad_vectors.get([ex.ad_id for ex in labelled]))
+            self.ad_vectors.get(list(dict.fromkeys([e[1] for e in events] + [ex.ad_id for ex in probes]))),
+            self.ad_counts.of_ads([(e[4], e[1]) for e in events if e[3] == IMPRESSION]))
         row = {u: i for i, u in enumerate(user_ids)}
         gone = {u: t for u, t in zip(user_ids, erased, strict=True) if t is not None}
-        keep = []
-        for ex in labelled:
-            if ex.ad_id not in vectors:
+
+        def usable(user_id: str, ad_id: str, ts: float) -> bool:
+            if ad_id not in vectors:
                 out["skipped_unknown_ad"] += 1
-            elif ex.user_id in gone and ex.ts <= gone[ex.user_id]:
+                return False
+            if user_id in gone and ts <= gone[user_id]:
                 out["skipped_erased"] += 1
-            else:
-                keep.append(ex)
+                return False
+            return True
+
+        keep = [e for e in events if usable(*e[:3])]
+        scored = [ex for ex in probes
+                  if ex.ad_id in vectors and not (ex.user_id in gone and ex.ts <= gone[ex.user_id])]
         d = self.s.d_user
         mean = np.tile(self.prior_mean, (len(user_ids), 1))
         precision = np.full((len(user_ids), d), self.s.prior_precision, dtype=np.float32)
         counts = np.zeros(len(user_ids), dtype=np.int64)
+        known = np.zeros(len(user_ids), bool)
         for i, st in enumerate(states):
             if st is not None and st[0].shape[0] == d:
                 mean[i], precision[i], counts[i] = st
+                known[i] = True
+        before = mean.astype(np.float64)
+        sample = none
+        if scored:
+            # prequential: score each label with the state before this batch (its impression's half is label-free)
+            ex_rows = np.array([row[ex.user_id] for ex in scored])
+            ex_ads = np.stack([vectors[ex.ad_id] for ex in scored])
+            predicted = sigmoid(np.einsum("ij,ij->i", mean[ex_rows], ex_ads) + self.params.bias)
+            sample = (np.array([ex.clicked for ex in scored], dtype=np.float64), predicted)
         if not keep:
-            return {}, out, 0, none
-        idx = np.array([row[ex.user_id] for ex in keep])
-        ads = np.stack([vectors[ex.ad_id] for ex in keep])
-        y = np.array([ex.clicked for ex in keep], dtype=np.float32)
-        # prequential: score with the state before learning from it (a bounded, deterministic sample)
-        sample = np.linspace(0, len(keep) - 1, min(len(keep), QUALITY_SAMPLE)).astype(np.int64)
-        predicted = sigmoid(np.einsum("ij,ij->i", mean[idx[sample]], ads[sample]) + self.params.bias)
-        mean, precision = update_many(mean, precision, idx, ads, y, self.prior_mean, self.params, self.rng)
-        counts += np.bincount(idx, minlength=len(user_ids))
+            return {}, out, 0, sample, {}
+        idx = np.array([row[e[0]] for e in keep])
+        ads = np.stack([vectors[e[1]] for e in keep])
+        kinds = np.array([e[3] for e in keep])
+        # the ad's calibration factor in its arm, as serving multiplies it in: users learn what is theirs only
+        counts_of = np.array([evidence.get((e[4], e[1]), (0, 0)) for e in keep], np.float64).reshape(-1, 2)
+        factor = AdEvidence(counts_of[:, 0], counts_of[:, 1] / EXPECTED_SCALE, self.s.calibration_strength).mean()
+        mean, precision = learn_events(mean, precision, idx, ads, kinds, self.prior_mean, self.params, self.rng,
+                                       offset=np.log(factor))
+        counts += np.bincount(idx[kinds == IMPRESSION], minlength=len(user_ids))
         touched = np.unique(idx)
-        out["learned"] += len(keep)
+        out["learned_impressions"] += int((kinds == IMPRESSION).sum())
+        out["learned_clicks"] += int((kinds == CLICK).sum())
         packed = {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i])) for i in touched}
-        return packed, out, int(counts[touched].max()), (y[sample], predicted)
+        # what each partition's population sum gains: the touched users' moves, and the new users whole
+        homes = np.array([owner(user_ids[i].encode(), self.n_partitions) for i in touched.tolist()])
+        change = mean[touched].astype(np.float64) - np.where(known[touched, None], before[touched], 0.0)
+        population = {int(h): (change[homes == h].sum(axis=0), int((~known[touched])[homes == h].sum()))
+                      for h in np.unique(homes)}
+        # each impression is at most two steps (its half and its click's): the DP accounting's bound
+        return packed, out, 2 * int(counts[touched].max()), sample, population
 
     def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[str],
                   wall: float) -> dict[str, dict[str, int]]:
@@ -509,6 +561,8 @@ async def run(settings: Settings) -> None:
         while not stop.is_set():
             try:
                 await ad_vectors.refresh()
+                total, users = await agent.users.population_sum(settings.d_user)
+                agent.prior_mean = population_prior(total, users, settings.population_strength)
                 await registry.beat(worker_id, len(agent.owned), time.time(), await consumer_lag(consumer))
                 drifted, agent.new_drifts = agent.new_drifts > 0, 0
                 await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifted)

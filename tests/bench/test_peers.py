@@ -11,6 +11,7 @@ from privads.bench.peers import PrivAdsPolicy
 from privads.bench.policies import World, make_policies, run_policies
 from privads.infra.settings import Settings
 from privads.ranker.policy import Slate
+from privads.ranker.updates import update_many
 
 ALL = ("privads", "random", "popularity", "river-thompson", "vowpalwabbit")
 
@@ -48,7 +49,7 @@ def _slate(world: World, user: int) -> Slate:
 @pytest.mark.parametrize("name", ALL)
 def test_every_peer_passes_the_generic_policy_checks(world, name: str, check) -> None:
     def make(seed: int):
-        (policy,) = make_policies((name,), world, _settings(), seed=seed, negatives_after=5)
+        (policy,) = make_policies((name,), world, _settings(), seed=seed)
         return policy
 
     check(make, _slate(world, 3))
@@ -59,7 +60,7 @@ def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(world, name
     runs = []
     aud = world.audience
     for _ in range(2):
-        (policy,) = make_policies((name,), world, _settings(), seed=3, negatives_after=5)
+        (policy,) = make_policies((name,), world, _settings(), seed=3)
         shown = []
         rng = np.random.default_rng(1)
         for u in rng.integers(aud.users, size=60).tolist():
@@ -74,23 +75,26 @@ def test_every_policy_shows_k_distinct_ads_and_two_seeded_runs_agree(world, name
     assert runs[0] == runs[1]
 
 
-def test_privads_learns_clicks_at_once_and_negatives_when_their_window_closes(world) -> None:
-    (p,) = make_policies(("privads",), world, _settings(), seed=0, negatives_after=2)
+def test_privads_learns_every_shown_ad_as_a_fast_negative_and_each_click_as_its_positive(world) -> None:
+    (p,) = make_policies(("privads",), world, _settings(), seed=0)
     assert isinstance(p, PrivAdsPolicy)
     slate = _slate(world, 0)
     ranked = p.rank(slate, 5)
     ads = slate.rows[ranked.index]
+    m0, q0 = p.mean[0].copy(), p.precision[0].copy()
     p.learn(slate, ranked, np.array([True, False, False, False, False]))
-    assert p.count[0] == 1 and p.clicks[ads[0]] == 1  # the click, at once
+    assert p.count[0] == 5 and p.clicks[ads[0]] == 1  # five impressions, one of them clicked
     assert p.expected[ads].min() > 0 and p.shown[ads].min() == 1  # every shown ad, with the pCTR it was served at
-    for u in (1, 2):
-        other = _slate(world, u)
-        p.learn(other, p.rank(other, 5), np.zeros(5, bool))
-    assert p.count[0] == 5  # two requests later, its four negatives
+    # the stream's update: five negatives at once, then the click's step η·p toward its ad (no clip at these sizes)
+    neg_m, neg_q = update_many(m0[None], q0[None], np.zeros(5, np.int64), p.vectors[ads], np.zeros(5), p.prior,
+                               p.update)
+    np.testing.assert_allclose(p.mean[0], neg_m[0] + p.update.learning_rate * p.vectors[ads[0]], atol=1e-5)
+    np.testing.assert_allclose(p.precision[0], neg_q[0], rtol=1e-6)
+    assert float(p.mean[0] @ p.vectors[ads[0]]) > float(m0 @ p.vectors[ads[0]])  # toward the clicked ad
 
 
 def test_privads_beats_every_peer_in_a_world_where_the_catalog_outbids_the_audience(world) -> None:
-    out = run_policies(world, make_policies(ALL, world, _settings(), seed=0, negatives_after=None), 3000, 10, seed=0)
+    out = run_policies(world, make_policies(ALL, world, _settings(), seed=0), 3000, 10, seed=0)
     # seen: PrivAds 0.25 (clicks) and 0.29 (value) over the run, 0.48 and 0.50 in its last quarter; no peer above 0.09
     for what in ("efficiency", "value_efficiency"):
         eff = {n: r[what] for n, r in out["policies"].items()}
@@ -103,7 +107,7 @@ def test_privads_beats_every_peer_in_a_world_where_the_catalog_outbids_the_audie
 
 
 def test_common_random_numbers_give_the_same_clicks_to_the_same_lists(world) -> None:
-    a, b = make_policies(("random", "random"), world, _settings(), seed=5, negatives_after=None)
+    a, b = make_policies(("random", "random"), world, _settings(), seed=5)
     out = run_policies(world, [a], 500, 10, seed=1)["policies"]["random"]
     again = run_policies(world, [b], 500, 10, seed=1)["policies"]["random"]
     assert out["clicks"] == again["clicks"] and out["efficiency"] == again["efficiency"]
@@ -112,7 +116,7 @@ def test_common_random_numbers_give_the_same_clicks_to_the_same_lists(world) -> 
 def test_every_policy_gets_its_labels_on_the_same_schedule(world) -> None:
     seen: dict[str, list[int]] = {}  # policy → the number of requests served when each label arrived
     for name in ("random", "popularity", "privads"):
-        (p,) = make_policies((name,), world, _settings(), seed=0, negatives_after=None)
+        (p,) = make_policies((name,), world, _settings(), seed=0)
         served = [0]
         learn = p.learn
 
@@ -134,7 +138,7 @@ def test_every_policy_gets_its_labels_on_the_same_schedule(world) -> None:
 
 def test_an_unknown_policy_is_refused_by_name(world) -> None:
     with pytest.raises(ValueError, match="unknown policy 'magic'"):
-        make_policies(("magic",), world, _settings(), seed=0, negatives_after=None)
+        make_policies(("magic",), world, _settings(), seed=0)
 
 
 def test_a_missing_bench_dependency_is_named_with_its_extra() -> None:

@@ -12,7 +12,17 @@ import warnings
 import numpy as np
 import pytest
 
-from privads.ranker.updates import UpdateParams, logit, sigmoid, update_user
+from privads.ranker.updates import (
+    CLICK,
+    IMPRESSION,
+    UpdateParams,
+    learn_events,
+    logit,
+    population_prior,
+    sigmoid,
+    update_many,
+    update_user,
+)
 
 LN3 = math.log(3.0)
 P = np.array([0.6, 0.8], dtype=np.float32)  # unit norm: 0.36 + 0.64 = 1
@@ -247,3 +257,106 @@ def test_dp_clipping_bounds_each_step():
     assert abs(draws[:, 1].std() - 0.2) < 0.01 and abs(draws[:, 0].mean() - 0.1) < 0.02
     with pytest.raises(ValueError, match="rng"):
         update_many(m, q, np.array([0]), p, np.array([1.0]), np.zeros(d), noisy)
+
+
+# --- learn_events: fast negatives, completed by the click ---------------------------------
+
+
+def _step(mean, precision, ads, clicked, params, prior):
+    """One labelled impression through ``update_user``."""
+    return update_user(np.asarray(mean, np.float32), np.asarray(precision, np.float32), np.asarray(ads, np.float32),
+                       np.asarray(clicked), np.asarray(prior, np.float32), params)
+
+
+def _events(mean, precision, ads, kinds, params, prior=None):
+    mean, precision = np.asarray(mean, np.float32)[None], np.asarray(precision, np.float32)[None]
+    ads = np.asarray(ads, np.float32)
+    prior = np.zeros(mean.shape[1], np.float32) if prior is None else np.asarray(prior, np.float32)
+    m, q = learn_events(mean, precision, np.zeros(len(kinds), np.int64), ads, np.asarray(kinds), prior, params)
+    return m[0], q[0]
+
+
+def test_an_impression_alone_is_the_negative_step() -> None:
+    params = _params(lr=0.5, max_step=5.0, l2=0.1, bias=-1.0)
+    m0, q0, prior, p = [0.3, -0.2], [2.0, 3.0], [0.1, 0.1], [[0.6, 0.8]]
+    m, q = _events(m0, q0, p, [IMPRESSION], params, prior)
+    want_m, want_q = _step(m0, q0, p, [0], params, prior)
+    np.testing.assert_allclose(m, want_m, rtol=1e-6)
+    np.testing.assert_allclose(q, want_q, rtol=1e-6)
+
+
+def test_a_click_after_its_impression_completes_the_positive_step() -> None:
+    params = _params(lr=0.5, max_step=5.0, l2=0.1, bias=-1.0)
+    m0, q0, prior, p = [0.3, -0.2], [2.0, 3.0], [0.1, 0.1], [[0.6, 0.8]]
+    m, q = _events(m0, q0, p + p, [IMPRESSION, CLICK], params, prior)
+    want_m, want_q = _step(m0, q0, p, [1], params, prior)
+    np.testing.assert_allclose(m, want_m, rtol=1e-6)
+    np.testing.assert_allclose(q, want_q, rtol=1e-6)
+    # the click's half is exactly η·p toward the ad and carries no information
+    m_imp, q_imp = _events(m0, q0, p, [IMPRESSION], params, prior)
+    np.testing.assert_allclose(m - m_imp, 0.5 * np.asarray(p[0]), rtol=1e-6)
+    np.testing.assert_array_equal(q, q_imp)
+
+
+def test_each_half_is_clipped_on_its_own() -> None:
+    params = _params(lr=2.0, max_step=0.5, l2=0.0, bias=0.0)
+    m, _ = _events([0.0, 0.0], [1.0, 1.0], [[1.0, 0.0]], [CLICK], params)
+    np.testing.assert_allclose(m, [0.5, 0.0], rtol=1e-6)  # η·p = 2 clipped to 0.5
+
+
+def test_learn_events_matches_labelled_updates_on_many_users() -> None:
+    """Impressions, then the clicks of some: the same states as update_many on the labels, users interleaved."""
+    rng = np.random.default_rng(3)
+    users, d, n = 7, 4, 60
+    params = _params(lr=0.3, max_step=10.0, l2=0.05, bias=-2.0)
+    mean = rng.normal(0, 0.3, (users, d)).astype(np.float32)
+    prec = rng.uniform(1, 3, (users, d)).astype(np.float32)
+    prior = rng.normal(0, 0.1, d).astype(np.float32)
+    who = rng.integers(users, size=n)
+    ads = rng.normal(0, 1, (n, d)).astype(np.float32)
+    ads /= np.linalg.norm(ads, axis=1, keepdims=True)
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    # each impression followed at once by its click, if any: the labelled step, event by event
+    idx, vecs, kinds = [], [], []
+    for i in range(n):
+        for kind in (IMPRESSION, CLICK) if y[i] else (IMPRESSION,):
+            idx.append(who[i])
+            vecs.append(ads[i])
+            kinds.append(kind)
+    m, q = learn_events(mean, prec, np.array(idx), np.array(vecs), np.array(kinds), prior, params)
+    want_m, want_q = update_many(mean, prec, who, ads, y, prior, params)
+    np.testing.assert_allclose(m, want_m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q, want_q, rtol=1e-6)
+
+
+def test_learn_events_refuses_an_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="IMPRESSION or CLICK"):
+        _events([0.0], [1.0], [[1.0]], [2], _params())
+
+
+# --- population_prior ---------------------------------------------------------------
+
+
+def test_population_prior_is_the_users_mean_shrunk_toward_zero() -> None:
+    total = np.array([3.0, -6.0])
+    np.testing.assert_allclose(population_prior(total, 3, 0.0), [1.0, -2.0])  # the plain mean
+    np.testing.assert_allclose(population_prior(total, 3, 3.0), [0.5, -1.0])  # three pseudo-users at 0
+    assert population_prior(total, 3, 3.0).dtype == np.float32
+    np.testing.assert_array_equal(population_prior(np.zeros(2), 0, 0.0), [0.0, 0.0])  # nobody learned yet
+    with pytest.raises(ValueError, match="≥ 0"):
+        population_prior(total, -1, 1.0)
+
+
+def test_an_offset_is_a_known_logit_of_the_event() -> None:
+    """The ad's log calibration factor shifts z: the same step as a bias shifted by it."""
+    m0, q0, p = [0.3, -0.2], [2.0, 3.0], [[0.6, 0.8]]
+    params = _params(lr=0.5, max_step=5.0, bias=-1.0)
+    mean, precision = np.asarray(m0, np.float32)[None], np.asarray(q0, np.float32)[None]
+    m, q = learn_events(mean, precision, np.zeros(1, np.int64), np.asarray(p, np.float32), np.array([IMPRESSION]),
+                        np.zeros(2, np.float32), params, offset=np.array([math.log(0.25)]))
+    want_m, want_q = _step(m0, q0, p, [0], _params(lr=0.5, max_step=5.0, bias=-1.0 + math.log(0.25)), [0.0, 0.0])
+    np.testing.assert_allclose(m[0], want_m, rtol=1e-6)
+    np.testing.assert_allclose(q[0], want_q, rtol=1e-6)
+    # an ad that the evidence already rates low teaches the user less from its non-click
+    m_plain, _ = _events(m0, q0, p, [IMPRESSION], params)
+    assert np.linalg.norm(m[0] - np.asarray(m0)) < np.linalg.norm(m_plain - np.asarray(m0))

@@ -5,6 +5,8 @@ This module runs with a 4 s attribution window (1 s buckets), so windows close w
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -12,12 +14,16 @@ import uuid
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from conftest import wait_until
 from helpers import click, impression, produce, read_topic, sample_ads
 from privads.infra import keys, records
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
+from privads.infra.store import UserStore
+from privads.ranker.projector import initial_projector
+from privads.ranker.updates import UpdateParams, logit, population_prior, update_user
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "coffee & tea"], per_category=5)
@@ -28,7 +34,7 @@ WINDOW = 4.0
 def settings(infra) -> Settings:
     return Settings(kafka=infra.kafka, redis=infra.redis_url, data=infra.data, partitions=2, control_share=0.0,
                     catalog=None, seed=7, api=f"http://127.0.0.1:{free_port()}", attribution_window_s=WINDOW,
-                    dedupe_horizon_s=6.0)
+                    dedupe_horizon_s=6.0, population_strength=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +79,10 @@ def test_a_click_is_one_positive_and_its_duplicates_change_nothing(infra, catalo
     before = stat(rds, "labelled_clicks")
     produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
     produce(infra.kafka, records.CLICKS, [(user, c), (user, c), (user, c2)])
-    mean, precision, count = wait_until(lambda: state(rds, user), 30, "the user's state")
+    wait_until(lambda: state(rds, user), 30, "the user's state")
     time.sleep(WINDOW + 2.5)  # the window closes: a clicked impression must not also become a negative
-    assert state(rds, user)[2] == 1
+    mean, precision, count = state(rds, user)
+    assert count == 1
     assert stat(rds, "labelled_clicks") == before + 1, rds.hgetall(keys.STATS)
     # the ad's Beta posterior counts, in the impression's arm only
     assert int(rds.hget(keys.adstat("treatment", "clicks"), catalog[0]["ad_id"])) >= 1
@@ -84,30 +91,96 @@ def test_a_click_is_one_positive_and_its_duplicates_change_nothing(infra, catalo
     assert (precision >= 16.0).all() and precision.sum() > 16.0 * mean.size
 
 
-def test_an_unclicked_impression_becomes_a_negative_when_its_window_closes(infra, catalog, rds: redis.Redis) -> None:
+def projected(settings: Settings, r: redis.Redis, ad_id: str) -> np.ndarray:
+    """The ad's vector in user space as this module's workers see it (no learner: the seeded initial projector)."""
+    emb = np.frombuffer(r.get(keys.embedding(r.hget(keys.ad(ad_id), "text_hash").decode())), dtype="<f4")
+    return initial_projector(settings.d_ad, settings.d_user, settings.seed).project(emb[None])[0]
+
+
+def prior_at_rest(settings: Settings, r: redis.Redis) -> tuple[np.ndarray, np.ndarray]:
+    """The prior a new user starts from, once the workers have followed the population sums (about a second)."""
+    time.sleep(1.5)
+    total, n = np.zeros(settings.d_user), 0
+    for p in range(settings.partitions):
+        if blob := r.get(keys.population(p)):
+            t, k = keys.unpack_population(blob)
+            total, n = total + t, n + k
+    return (population_prior(total, n, settings.population_strength),
+            np.full(settings.d_user, settings.prior_precision, np.float32))
+
+
+def offset_now(settings: Settings, r: redis.Redis, ad_id: str) -> float:
+    """The log calibration factor of the ad in the treatment arm, from its counts so far (what the worker reads)."""
+    c = int(r.hget(keys.adstat("treatment", "clicks"), ad_id) or 0)
+    e = int(r.hget(keys.adstat("treatment", "expected"), ad_id) or 0) / keys.EXPECTED_SCALE
+    return float(np.log((settings.calibration_strength + c) / (settings.calibration_strength + e)))
+
+
+def test_an_unclicked_impression_is_a_negative_at_once_and_its_window_adds_nothing(
+        settings, infra, catalog, rds: redis.Redis) -> None:
     user = uid("neg")
-    imp = impression(user, catalog[1]["ad_id"])
+    ad = catalog[0]["ad_id"]  # clicked in the first test (when it ran): a calibration factor above 1
+    imp = impression(user, ad)
+    negatives = stat(rds, "labelled_negatives")
+    prior = prior_at_rest(settings, rds)  # the users learned by the tests before this one
+    offset = offset_now(settings, rds, ad)
     start = time.time()
     produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
-    mean, _, count = wait_until(lambda: state(rds, user), WINDOW + 10, "the negative to be learned")
-    assert time.time() - start >= WINDOW - 1.5  # not before the window (1 s buckets) closed
+    mean, precision, count = wait_until(lambda: state(rds, user), WINDOW + 10, "the fast negative")
+    assert time.time() - start < WINDOW - 1  # learned before its window could close
     assert count == 1
-    ad_vec = np.frombuffer(rds.get(keys.embedding(rds.hget(keys.ad(catalog[1]["ad_id"]), "text_hash").decode())),
-                           dtype="<f4")
-    assert np.linalg.norm(mean) > 0  # moved away from the ad it ignored (in projected space)
-    assert ad_vec.size == 384
+    # exactly the label-free half of the logistic step from the population prior, z offset by the ad's factor
+    p = projected(settings, rds, ad)
+    params = dataclasses.replace(UpdateParams.from_settings(settings), bias=logit(settings.base_rate) + offset)
+    want_m, want_q = update_user(*prior, p[None], np.zeros(1), prior[0], params)
+    np.testing.assert_allclose(mean, want_m, atol=1e-6)
+    np.testing.assert_allclose(precision, want_q, rtol=1e-6)
+    assert float(mean @ p) < float(prior[0] @ p)  # moved away from the ad it ignored
+    # the window closes: the label is counted (and archived) but the user has learned it already
+    time.sleep(max(0.0, start + WINDOW + 2.5 - time.time()))
+    wait_until(lambda: stat(rds, "labelled_negatives") > negatives, 10, "the window to close")
+    np.testing.assert_array_equal(state(rds, user)[0], mean)
+
+
+def test_a_late_click_after_a_fast_negative_completes_the_positive_step(
+        settings, infra, catalog, rds: redis.Redis) -> None:
+    """The promise of ``ranker.updates.learn_events``: negative now, click later = the labelled positive's step."""
+    user = uid("turn")
+    ad = catalog[5]["ad_id"]
+    imp = impression(user, ad)
+    prior = prior_at_rest(settings, rds)
+    offset = offset_now(settings, rds, ad)
+    produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
+    m_neg, q_neg, _ = wait_until(lambda: state(rds, user), WINDOW + 10, "the fast negative")
+    p = projected(settings, rds, ad)
+    assert float(m_neg @ p) < float(prior[0] @ p)
+    clicks = stat(rds, "labelled_clicks")
+    produce(infra.kafka, records.CLICKS, [(user, click(imp))])  # within the window: the negative turns
+    wait_until(lambda: stat(rds, "labelled_clicks") == clicks + 1, 30, "the click to join its impression")
+    mean, precision, count = wait_until(lambda: (s := state(rds, user)) is not None and not np.array_equal(s[0], m_neg)
+                                        and s, 30, "the click's half")
+    params = dataclasses.replace(UpdateParams.from_settings(settings), bias=logit(settings.base_rate) + offset)
+    want_m, want_q = update_user(*prior, p[None], np.ones(1), prior[0], params)
+    np.testing.assert_allclose(mean, want_m, atol=1e-5)  # as if the impression had been labelled clicked
+    np.testing.assert_array_equal(precision, q_neg)  # the information term came with the impression
+    np.testing.assert_allclose(precision, want_q, rtol=1e-6)
+    assert count == 1 and float(mean @ p) > float(prior[0] @ p)
+    time.sleep(WINDOW + 2.5)  # its window closes: no negative on top
+    np.testing.assert_array_equal(state(rds, user)[0], mean)
 
 
 def test_a_click_after_the_window_is_late_not_learned(infra, catalog, rds: redis.Redis) -> None:
     user = uid("late")
     imp = impression(user, catalog[2]["ad_id"])
     produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
-    wait_until(lambda: state(rds, user), WINDOW + 10, "the negative")
+    mean = wait_until(lambda: state(rds, user), WINDOW + 10, "the fast negative")[0]
+    time.sleep(WINDOW + 2.5)  # its window closes
     late = stat(rds, "late_clicks")
     c = click(imp)
     produce(infra.kafka, records.CLICKS, [(user, c)])
     wait_until(lambda: stat(rds, "late_clicks") == late + 1, 30, "the late click to be counted")
     assert state(rds, user)[2] == 1
+    np.testing.assert_array_equal(state(rds, user)[0], mean)  # a negative for good
 
 
 def test_a_click_before_its_impression_is_joined(infra, catalog, rds: redis.Redis) -> None:
@@ -230,3 +303,46 @@ def test_the_ad_count_log_adds_up_to_the_counts(infra, catalog, rds: redis.Redis
                 want.setdefault(ad_id.decode(), [0] * len(keys.AD_COUNT_FIELDS))[i] = int(n)
         assert counts.of_arm(policy) == {a: tuple(v) for a, v in want.items()}
     assert counts.of_arm("treatment"), "the module's traffic labelled no ad"
+
+
+def test_the_population_sums_hold_every_learned_user_once_and_erasure_takes_one_out(
+        settings, infra, catalog, rds: redis.Redis) -> None:
+    users = [uid("pop") for _ in range(6)]
+    imps = [impression(u, catalog[i % len(catalog)]["ad_id"]) for i, u in enumerate(users)]
+    clicks = stat(rds, "labelled_clicks")
+    produce(infra.kafka, records.IMPRESSIONS, [(i["user_id"], i) for i in imps])
+    produce(infra.kafka, records.CLICKS, [(i["user_id"], click(i)) for i in imps[:3]])
+    wait_until(lambda: all(state(rds, u) for u in users), 30, "every user to be learned")
+    wait_until(lambda: stat(rds, "labelled_clicks") >= clicks + 3, 30, "the clicks")
+
+    def sums() -> tuple[np.ndarray, int]:
+        total, n = np.zeros(settings.d_user), 0
+        for p in range(settings.partitions):
+            blob = rds.get(keys.population(p))
+            if blob:
+                t, k = keys.unpack_population(blob)
+                total, n = total + t, n + k
+        return total, n
+
+    def every_user() -> tuple[np.ndarray, int]:
+        means = [keys.unpack_user(rds.get(k))[0] for k in rds.scan_iter(match=keys.USER_PREFIX + "*")]
+        return np.sum(means, axis=0, dtype=np.float64), len(means)
+
+    time.sleep(1.5)  # nothing in flight: the sums and the states are read at rest
+    total, n = sums()
+    want, count = every_user()
+    assert n == count
+    np.testing.assert_allclose(total, want, atol=1e-4)
+    gone = keys.unpack_user(rds.get(keys.user(users[0])))[0]
+
+    async def erase() -> None:
+        r = aioredis.Redis.from_url(infra.redis_url)
+        try:
+            await UserStore(r).erase(users[0], time.time(), 60)
+        finally:
+            await r.aclose()
+
+    asyncio.run(erase())
+    total_after, n_after = sums()
+    assert n_after == n - 1 and not rds.exists(keys.user(users[0]))
+    np.testing.assert_allclose(total_after, total - gone, atol=1e-6)
