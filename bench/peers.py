@@ -43,7 +43,7 @@ import numpy as np
 from privads.bench import optional
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
-from privads.ranker.scoring import AdEvidence, Ranked
+from privads.ranker.scoring import Ranked
 from privads.ranker.service import catalog_evidence, prior_of, retrieve
 from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, population_prior
 
@@ -119,7 +119,7 @@ class PrivAdsPolicy(Policy):
         ranked = self.thompson.rank(inner, k)
         # positions in the slate's rows (every ad, in row order) of what the inner slate ranked
         position = np.searchsorted(slate.rows, rows[ranked.index])
-        return Ranked(position, ranked.score, ranked.propensity, None, ranked.pctr)
+        return Ranked(position, ranked.score, ranked.propensity, None, ranked.pctr, ranked.factor)
 
     def _follow_evidence(self) -> None:
         """The categories' factors and the retrieval keys, from the counts so far (the API's ``follow_counts``)."""
@@ -128,6 +128,8 @@ class PrivAdsPolicy(Policy):
                                                self.thompson.params.calibration_strength)
         rows = cat.drifted(means, self.rekey_tolerance)
         cat.rekey(rows, means[rows])
+        # the population prior, published with each model version (here: as often as the evidence is followed)
+        self.prior = population_prior(self.total, int(self.known.sum()), self.population_strength)
 
     def learn(self, slate: Slate, ranked: Ranked, clicked: np.ndarray) -> None:
         self.requests += 1
@@ -135,9 +137,9 @@ class PrivAdsPolicy(Policy):
             self._follow_evidence()
         user, ads = int(slate.user), slate.rows[ranked.index]
         assert ranked.pctr is not None  # the Thompson policy logs its pCTR
-        # each ad's calibration factor before this list's counts, as the stream reads them: the users' logit offset
-        strength = self.thompson.params.calibration_strength
-        offset = np.log(AdEvidence(self.clicks[ads], self.expected[ads], strength).mean())
+        # each ad's calibration factor as the policy held it (logged with the impression): the users' logit offset
+        assert ranked.factor is not None
+        offset = np.log(ranked.factor)
         self.expected[ads] += ranked.pctr
         self.shown[ads] += 1
         self.clicks[ads] += clicked.astype(np.int64)
@@ -155,7 +157,6 @@ class PrivAdsPolicy(Policy):
         self.count[user] += ads.size
         self.total += mean[0].astype(np.float64) - before
         self.known[user] = True
-        self.prior = population_prior(self.total, int(self.known.sum()), self.population_strength)
 
 
 class RiverThompson(Policy):

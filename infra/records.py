@@ -68,6 +68,9 @@ class Impression(msgspec.Struct, kw_only=True):
     # an extension of the contract's fields (extra fields are allowed): the served model's click probability
     # for this ad and user, before calibration; the ad's calibration factor compares its clicks with the sum
     pctr: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    # likewise: the ad's calibration factor the served policy multiplied in; the stream offsets the user's
+    # learning step by its log (ranker.updates.learn_events), so that the update depends on the event alone
+    factor: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class Click(msgspec.Struct, kw_only=True):

@@ -448,24 +448,6 @@ class AdCountLog:
         last = res[-1][0][0] if res[-1] else b"0-0"
         return out, last
 
-    async def of_ads(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int]]:
-        """(policy, ad id) → (clicks, µ-expected) now, for the pairs asked (absent: (0, 0))."""
-        wanted: dict[str, list[str]] = {}
-        for policy, ad_id in dict.fromkeys(pairs):
-            wanted.setdefault(policy, []).append(ad_id)
-        if not wanted:
-            return {}
-        pipe = self.r.pipeline(transaction=False)
-        for policy, ids in wanted.items():
-            pipe.hmget(keys.adstat(policy, "clicks"), ids)
-            pipe.hmget(keys.adstat(policy, "expected"), ids)
-        res = await pipe.execute()
-        out: dict[tuple[str, str], tuple[int, int]] = {}
-        for j, (policy, ids) in enumerate(wanted.items()):
-            for ad_id, c, e in zip(ids, res[2 * j], res[2 * j + 1], strict=True):
-                out[(policy, ad_id)] = (int(c or 0), int(e or 0))
-        return out
-
     async def since(self, last_id: bytes, block_ms: int | None = None,
                     count: int = 1000) -> tuple[list[dict[str, dict[str, list[int]]]], bytes]:
         """The increments logged after ``last_id`` (waiting up to ``block_ms`` for one), and the newest id read."""

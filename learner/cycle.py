@@ -42,7 +42,7 @@ from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id,
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
 from privads.ranker.projector import Projector, initial_projector
-from privads.ranker.updates import logit, sigmoid
+from privads.ranker.updates import logit, population_prior, sigmoid
 from privads.streams import archive
 
 log = logging.getLogger(__name__)
@@ -273,10 +273,14 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
                       "click_recall_at_500": None if examples is None else click_recall(serving, split(examples)[1])}
         changed = [name for name, same in (("projector", parent and projector is served),
                                            ("ranker", ranker is served_ranker)) if not same] + ["index"]
+        total, learned = await UserStore(r).population_sum(projector.d_user)
+        prior = population_prior(total, learned, settings.population_strength)
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
-            "changed": changed}, ranker)
+            "changed": changed, "population": {"users": learned, "strength": settings.population_strength,
+                                               "prior_norm": round(float(np.linalg.norm(prior)), 6)}},
+            ranker, prior)
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
                                   settings.control_version if settings.control_policy == "pinned" else None)

@@ -3,7 +3,8 @@
 An exported log has one row per impression whose label is settled (clicked, or
 its attribution window has passed): the impression's fields (README.md, "Events"),
 ``context`` as an object, ``clicked`` (0/1), ``value`` (the click's value, 0
-without one) and ``click_ts`` (null unless clicked). ``.jsonl`` and
+without one), ``click_ts`` (null unless clicked), and the ``pctr`` and ``factor`` the
+impression was served with (null if not logged). ``.jsonl`` and
 ``.parquet`` are chosen by the file's extension; Parquet stores ``context`` as
 a JSON string, so both read back the same with :func:`read_logs`.
 
@@ -36,7 +37,7 @@ EXPORT_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()), ("ad_id", pa.string()),
     ("position", pa.int32()), ("propensity", pa.float64()), ("policy", pa.string()), ("model_version", pa.string()),
     ("request_id", pa.string()), ("context", pa.string()), ("clicked", pa.int8()), ("value", pa.float64()),
-    ("click_ts", pa.float64()),
+    ("click_ts", pa.float64()), ("pctr", pa.float64()), ("factor", pa.float64()),
 ])
 
 
@@ -89,13 +90,16 @@ def settled_rows(data: Path, window_s: float, now: float | None = None) -> list[
         click = clicks.get(imp["event_id"])
         if click is None and imp["ts"] > now - window_s:
             continue  # still inside its attribution window: its label may change
-        context = json.loads(imp["raw"]).get("context")
+        raw = json.loads(imp["raw"])
+        context = raw.get("context")
         out.append({"event_id": imp["event_id"], "ts": imp["ts"], "user_id": imp["user_id"], "ad_id": imp["ad_id"],
                     "position": imp["position"], "propensity": imp["propensity"], "policy": imp["policy"],
                     "model_version": imp["model_version"], "request_id": imp["request_id"], "context": context,
                     "clicked": 0 if click is None else 1,
                     "value": 0.0 if click is None or click["value"] is None else float(click["value"]),
-                    "click_ts": None if click is None else click["ts"]})
+                    "click_ts": None if click is None else click["ts"],
+                    # what serving predicted and multiplied in: the stream's update of a replayed impression uses it
+                    "pctr": raw.get("pctr"), "factor": raw.get("factor")})
     return out
 
 

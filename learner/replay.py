@@ -45,8 +45,7 @@ from privads.ranker.adcounts import AdCounts, RowCounts
 from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.policy import Slate, ThompsonParams, ThompsonPolicy
-from privads.ranker.service import arm_evidence, learned_slate, rekey_now, retrieve
-from privads.ranker.updates import population_prior
+from privads.ranker.service import arm_evidence, learned_slate, prior_of_version, rekey_now, retrieve
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -109,14 +108,12 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
         version = await asyncio.to_thread(load_version, manifest)
         users = sorted(set(rows.user_id))
         states = dict(zip(users, await UserStore(r).get_many(users), strict=True))
-        total, learned = await UserStore(r).population_sum(settings.d_user)
         snapshot, _ = await AdCountLog(r).snapshot(experiment.ARMS)
     finally:
         await r.aclose()
     counts = AdCounts()
     counts.reset(snapshot)
-    prior_mean = population_prior(total, learned, settings.population_strength)
-    return rerank(version, rows, log, states, counts, settings, seed=seed, draws=draws, prior_mean=prior_mean,
+    return rerank(version, rows, log, states, counts, settings, seed=seed, draws=draws,
                   name=f"model {version.version}" + (" (current)" if policy == "current" else ""))
 
 
@@ -128,7 +125,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     """
     cat = version.catalog
     policy = ThompsonPolicy(ThompsonParams.from_settings(settings, draws), version.ranker, np.random.default_rng(seed))
-    prior_mean = np.zeros(settings.d_user, np.float32) if prior_mean is None else prior_mean
+    prior_mean = prior_of_version(version, np.zeros(settings.d_user, np.float32)) if prior_mean is None else prior_mean
     prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     action_of = {a: i for i, a in enumerate(log.actions)}
     first_row: dict[int, int] = {}

@@ -13,11 +13,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
 from privads.ranker.projector import Projector
 
 MANIFEST = "manifest.json"
+# the population prior (ranker.updates.population_prior) at the version's build, float32 (D,): versioned so that
+# the workers' updates depend on the events and the served version only, never on when they are applied
+PRIOR = "prior.npy"
 
 
 def new_version() -> str:
@@ -33,6 +38,7 @@ class ModelVersion:
     projector: Projector
     catalog: ServingCatalog
     ranker: RankerModel | None = None  # None: σ(u·p + b) × bid, the stream's own model
+    prior: np.ndarray | None = None  # the population prior a new user starts from (None: the zero vector)
 
     @property
     def version(self) -> str:
@@ -40,7 +46,7 @@ class ModelVersion:
 
 
 def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict,
-                  ranker: RankerModel | None = None) -> dict:
+                  ranker: RankerModel | None = None, prior: np.ndarray | None = None) -> dict:
     """Write a version directory atomically; returns its manifest."""
     version = new_version()
     final = models_dir / version
@@ -53,6 +59,8 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
     catalog.save(tmp)
     if ranker is not None:
         ranker.save(tmp / "ranker.npz")
+    if prior is not None:
+        np.save(tmp / PRIOR, np.asarray(prior, np.float32))
     manifest = {
         "version": version,
         "path": str(final.resolve()),
@@ -74,7 +82,12 @@ def load_version(manifest: dict) -> ModelVersion:
     path = Path(manifest["path"])
     projector = Projector.load(path / "projector.npz")
     ranker = RankerModel.load(path / "ranker.npz") if (path / "ranker.npz").exists() else None
-    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker)
+    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker, load_prior(path))
+
+
+def load_prior(path: Path) -> np.ndarray | None:
+    """A version's population prior (``PRIOR`` in its directory), or None if it has none."""
+    return np.load(path / PRIOR) if (path / PRIOR).exists() else None
 
 
 def read_manifest(models_dir: Path, version: str) -> dict:

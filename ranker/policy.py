@@ -273,10 +273,11 @@ def thompson_policy(
                            rng=rng, dot_scale=dot_scale, evidence=evidence)
     shown = ranked.index
     pctr = sigmoid(dot_scale * (ads[shown] @ mean) + _take(bias, shown))
+    factor = evidence.take(shown).mean()
     if keep is None:
-        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr)
+        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr, factor)
     return Ranked(keep[shown], ranked.score, ranked.propensity, None if ranked.lists is None
-                  else keep[ranked.lists], pctr)
+                  else keep[ranked.lists], pctr, factor)
 
 
 def candidate_logits(ranker: RankerModel, mean: np.ndarray, count: int, ads: np.ndarray, bids: np.ndarray,

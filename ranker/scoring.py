@@ -134,6 +134,10 @@ class Ranked:
     pctr : ndarray, shape (k,), optional
         The model's pCTR of each shown ad at the user's posterior mean, before
         calibration: what the ad's ``AdEvidence.expected`` accumulates.
+    factor : ndarray, shape (k,), optional
+        Each shown ad's calibration factor as the policy held it (posterior
+        mean): logged with the impression, it offsets the user's learning step
+        (``ranker.updates.learn_events``).
     """
 
     index: np.ndarray
@@ -141,6 +145,7 @@ class Ranked:
     propensity: np.ndarray
     lists: np.ndarray | None = None
     pctr: np.ndarray | None = None
+    factor: np.ndarray | None = None
 
 
 def sample_users(

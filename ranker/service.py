@@ -66,7 +66,7 @@ from privads.ranker.policy import (
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
 from privads.ranker.scoring import AdEvidence, category_factors
-from privads.ranker.updates import dp_epsilon, population_prior
+from privads.ranker.updates import dp_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,12 @@ def arm_evidence(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> tupl
     """``catalog_evidence`` of one arm's counts as the API holds them."""
     return catalog_evidence(cat, rc.clicks[:rc.rows], rc.expected[:rc.rows], settings.category_strength,
                             settings.calibration_strength)
+
+
+def prior_of_version(version: ModelVersion, default: np.ndarray) -> np.ndarray:
+    """Where a user the stream has not learned starts: the version's population prior, else ``default``."""
+    prior = version.prior
+    return prior if prior is not None and prior.shape == default.shape else default
 
 
 def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
@@ -160,6 +166,7 @@ class ShownAd:
     propensity: float
     impression_id: str
     pctr: float | None = None
+    factor: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +223,8 @@ class Recommender:
         # the controls' policies; the learned one is built per request over the version it serves
         self.popularity = PopularityPolicy(settings.base_rate, settings.popularity_prior_strength)
         self.uniform = UniformPolicy(self.rng)
-        # the population prior (followed with the model): the workers start every new user vector from it too
+        # the zero vector until a version carries the population prior (ModelVersion.prior); the workers start
+        # every new user vector from the served version's too
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
         self.prior_precision = np.full(settings.d_user, settings.prior_precision, dtype=np.float32)
         # until the learner publishes, serve the same seeded projector it starts from
@@ -294,11 +302,6 @@ class Recommender:
             self.settings.popularity_prior_strength, POPULAR_KEPT)
         self.popular, self._popular_key = (cat, rows), key
 
-    async def _refresh_prior(self) -> None:
-        """The population prior from the workers' per-partition sums (``ranker.updates.population_prior``)."""
-        total, users = await self.users.population_sum(self.settings.d_user)
-        self.prior_mean = population_prior(total, users, self.settings.population_strength)
-
     async def follow(self, poll_s: float = 1.0) -> None:
         """Run forever: apply catalog changes as they are logged, swap in new model versions."""
         last_poll = last_popular = 0.0
@@ -306,7 +309,6 @@ class Recommender:
             try:
                 if time.monotonic() - last_poll >= poll_s:
                     last_poll = time.monotonic()
-                    await self._refresh_prior()
                     await self._maybe_swap()
                     await self.load_pinned()
                     self.ready.set()
@@ -410,10 +412,12 @@ class Recommender:
         else:
             cat, rows, ranked = self._random(version, k)
         request_id, *impression_ids = records.new_event_ids(1 + ranked.index.size)
-        pctr = ranked.pctr.tolist() if ranked.pctr is not None else [None] * ranked.index.size
-        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p) for pos, (ad_id, score, prop, p) in
+        none = [None] * ranked.index.size
+        pctr = ranked.pctr.tolist() if ranked.pctr is not None else none
+        factor = ranked.factor.tolist() if ranked.factor is not None else none
+        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p, f) for pos, (ad_id, score, prop, p, f) in
                  enumerate(zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist(),
-                               pctr, strict=True))]
+                               pctr, factor, strict=True))]
         self._log_impressions(user_id, arm, version.version, request_id, context, shown)
         return Recommendation(request_id, arm, version.version, shown)
 
@@ -422,7 +426,8 @@ class Recommender:
         """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
         cat = version.catalog
         state = await self.users.get(user_id)
-        mean, precision, count = state if state else (self.prior_mean, self.prior_precision, 0)
+        mean, precision, count = state if state else (prior_of_version(version, self.prior_mean),
+                                                      self.prior_precision, 0)
         ctx = context_ids(context)
         key = (id(version), cat.mutations, mean.tobytes(), count, ctx.tobytes())
         cands = self._candidates_lru.get(key)
@@ -484,7 +489,7 @@ class Recommender:
             (user_id, records.encode(records.Impression(
                 event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
                 propensity=a.propensity, policy=policy, model_version=model_version,
-                request_id=request_id, context=context or None, pctr=a.pctr)))
+                request_id=request_id, context=context or None, pctr=a.pctr, factor=a.factor)))
             for a in shown])
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 from privads.infra.records import Ad
 from privads.infra.settings import Settings
 from privads.infra.store import CatalogStore, ModelPointer
+from privads.ranker.artifacts import load_prior
 from privads.ranker.encoder import AdEncoder
 from privads.ranker.projector import Projector, initial_projector
 
@@ -42,7 +43,7 @@ class CatalogIndexer:
 
 
 class AdVectors:
-    """Projected ad vectors under the served projector, cached per model version."""
+    """Projected ad vectors under the served projector, cached per model version, and its population prior."""
 
     def __init__(self, settings: Settings, catalog: CatalogStore, pointer: ModelPointer) -> None:
         self.settings = settings
@@ -50,6 +51,7 @@ class AdVectors:
         self.pointer = pointer
         self.version: str | None = None
         self.projector: Projector = initial_projector(settings.d_ad, settings.d_user, settings.seed)
+        self.prior: np.ndarray | None = None  # the served version's population prior
         self.cache: dict[str, np.ndarray] = {}
 
     async def refresh(self) -> None:
@@ -59,6 +61,7 @@ class AdVectors:
             return
         path = Path(manifest["path"]) / "projector.npz"
         self.projector = Projector.load(path)
+        self.prior = load_prior(path.parent)
         self.version = manifest["version"]
         self.cache.clear()
         log.info("workers now project ads with model %s", self.version)

@@ -41,12 +41,10 @@ from redis.exceptions import RedisError
 from privads.infra import keys, records
 from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import async_producer_config, consumer_config, create_topics
-from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.partitioning import owner
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.settings import Settings
 from privads.infra.store import (
-    AdCountLog,
     CatalogStore,
     Conflict,
     ModelPointer,
@@ -59,8 +57,7 @@ from privads.infra.store import (
 )
 from privads.ranker.encoder import AdEncoder
 from privads.ranker.quality import QualityWatch
-from privads.ranker.scoring import AdEvidence
-from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, population_prior, sigmoid
+from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, sigmoid
 from privads.streams import archive
 from privads.streams.attribution import Clock, Seen, bucket_of, plan_batch
 from privads.streams.services import AdVectors, CatalogIndexer
@@ -103,7 +100,6 @@ class EventAgent:
         self.s = settings
         self.store = PartitionStore(redis)
         self.users = UserStore(redis)
-        self.ad_counts = AdCountLog(redis)
         self.producer = producer
         self.ad_vectors = ad_vectors
         self.window_s = settings.attribution_window_s
@@ -367,24 +363,23 @@ class EventAgent:
         Fast negatives (``ranker.updates.learn_events``): every impression served
         takes its label-free half of the logistic step now, and a click takes the
         rest when it is joined; a window closing on a non-click changes no user.
-        An impression's logit is offset by its ad's calibration factor in its arm
-        (the counts committed so far), as serving multiplies it in.
+        An impression's logit is offset by the log of the calibration factor it
+        was served with (``Impression.factor``), as serving multiplies it in.
         """
         out: Counter[str] = Counter()
         none = (np.zeros(0), np.zeros(0))
         # consumption order, not event time: the result must not depend on where batch boundaries fall
-        events = [(imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.policy) for imp in served]
-        events += [(ex.user_id, ex.ad_id, ex.ts, CLICK, ex.policy) for ex in labelled if ex.clicked]
+        events = [(imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.factor or 1.0) for imp in served]
+        events += [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0) for ex in labelled if ex.clicked]
         if not events and not labelled:
             return {}, out, 0, none, {}
         # the labels only feed the quality watch: a bounded, deterministic sample of them is read
         probes = [labelled[i] for i in np.linspace(0, len(labelled) - 1, min(len(labelled), QUALITY_SAMPLE))
                   .astype(np.int64).tolist()] if labelled else []
         user_ids = list(dict.fromkeys([e[0] for e in events] + [ex.user_id for ex in probes]))
-        states, erased, vectors, evidence = await asyncio.gather(
+        states, erased, vectors = await asyncio.gather(
             self.users.get_many(user_ids), self.users.erased_at(user_ids),
-            self.ad_vectors.get(list(dict.fromkeys([e[1] for e in events] + [ex.ad_id for ex in probes]))),
-            self.ad_counts.of_ads([(e[4], e[1]) for e in events if e[3] == IMPRESSION]))
+            self.ad_vectors.get(list(dict.fromkeys([e[1] for e in events] + [ex.ad_id for ex in probes]))))
         row = {u: i for i, u in enumerate(user_ids)}
         gone = {u: t for u, t in zip(user_ids, erased, strict=True) if t is not None}
 
@@ -422,11 +417,11 @@ class EventAgent:
         idx = np.array([row[e[0]] for e in keep])
         ads = np.stack([vectors[e[1]] for e in keep])
         kinds = np.array([e[3] for e in keep])
-        # the ad's calibration factor in its arm, as serving multiplies it in: users learn what is theirs only
-        counts_of = np.array([evidence.get((e[4], e[1]), (0, 0)) for e in keep], np.float64).reshape(-1, 2)
-        factor = AdEvidence(counts_of[:, 0], counts_of[:, 1] / EXPECTED_SCALE, self.s.calibration_strength).mean()
+        # the ad's calibration factor that serving multiplied in (logged with the impression; 1 if not logged):
+        # users learn what is theirs only, and the step depends on the event alone, not on when it is applied
+        offset = np.log(np.array([e[4] for e in keep], np.float64))
         mean, precision = learn_events(mean, precision, idx, ads, kinds, self.prior_mean, self.params, self.rng,
-                                       offset=np.log(factor))
+                                       offset=offset)
         counts += np.bincount(idx[kinds == IMPRESSION], minlength=len(user_ids))
         touched = np.unique(idx)
         out["learned_impressions"] += int((kinds == IMPRESSION).sum())
@@ -561,8 +556,9 @@ async def run(settings: Settings) -> None:
         while not stop.is_set():
             try:
                 await ad_vectors.refresh()
-                total, users = await agent.users.population_sum(settings.d_user)
-                agent.prior_mean = population_prior(total, users, settings.population_strength)
+                prior = ad_vectors.prior
+                if prior is not None and prior.shape == (settings.d_user,):  # new users start from the version's
+                    agent.prior_mean = prior
                 await registry.beat(worker_id, len(agent.owned), time.time(), await consumer_lag(consumer))
                 drifted, agent.new_drifts = agent.new_drifts > 0, 0
                 await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifted)

@@ -9,11 +9,14 @@ import sys
 import threading
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import wait_until
 from helpers import produce, read_topic, sample_ads
-from privads.infra import records
+from privads.infra import keys, records
+from privads.ranker.artifacts import PRIOR
+from privads.ranker.updates import population_prior
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["gardening", "jewellery"], per_category=8)
@@ -26,7 +29,7 @@ def train(settings) -> dict:
     return json.loads(r.stdout)
 
 
-def test_train_while_serving_swaps_version_with_no_failed_request(infra, settings, api: httpx.Client) -> None:
+def test_train_while_serving_swaps_version_with_no_failed_request(infra, settings, api: httpx.Client, rds) -> None:
     produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
     wait_until(lambda: api.get("/healthz").json()["ads"] == len(ADS), 60, "the API to index the catalog")
     before = api.get("/model").json()["version"]
@@ -64,3 +67,13 @@ def test_train_while_serving_swaps_version_with_no_failed_request(infra, setting
     assert sorted(p.name for p in settings.models_dir.glob("v*")) == sorted(published[-settings.keep_versions:])
     updates = [m["version"] for m in read_topic(infra.kafka, records.MODEL_UPDATES)]
     assert published[-1] in updates and set(published) <= set(updates)
+    # the version carries the population prior of the users the stream had learned when it was built
+    assert json.loads((settings.models_dir / published[-1] / "manifest.json").read_text())["population"]["users"] > 0
+    at_rest = train(settings)  # nothing is learned meanwhile: the sums it read are the ones in Redis now
+    sums = [keys.unpack_population(b) for p in range(settings.partitions) if (b := rds.get(keys.population(p)))]
+    total, n = np.sum([t for t, _ in sums], axis=0), sum(k for _, k in sums)
+    prior = np.load(settings.models_dir / at_rest["version"] / PRIOR)
+    manifest = json.loads((settings.models_dir / at_rest["version"] / "manifest.json").read_text())
+    assert manifest["population"]["users"] == n > 0
+    np.testing.assert_allclose(prior, population_prior(total, n, settings.population_strength), atol=1e-6)
+    assert np.linalg.norm(prior) > 0

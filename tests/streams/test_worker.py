@@ -23,7 +23,7 @@ from privads.infra.processes import free_port
 from privads.infra.settings import Settings
 from privads.infra.store import UserStore
 from privads.ranker.projector import initial_projector
-from privads.ranker.updates import UpdateParams, logit, population_prior, update_user
+from privads.ranker.updates import UpdateParams, logit, update_user
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "coffee & tea"], per_category=5)
@@ -97,39 +97,25 @@ def projected(settings: Settings, r: redis.Redis, ad_id: str) -> np.ndarray:
     return initial_projector(settings.d_ad, settings.d_user, settings.seed).project(emb[None])[0]
 
 
-def prior_at_rest(settings: Settings, r: redis.Redis) -> tuple[np.ndarray, np.ndarray]:
-    """The prior a new user starts from, once the workers have followed the population sums (about a second)."""
-    time.sleep(1.5)
-    total, n = np.zeros(settings.d_user), 0
-    for p in range(settings.partitions):
-        if blob := r.get(keys.population(p)):
-            t, k = keys.unpack_population(blob)
-            total, n = total + t, n + k
-    return (population_prior(total, n, settings.population_strength),
-            np.full(settings.d_user, settings.prior_precision, np.float32))
-
-
-def offset_now(settings: Settings, r: redis.Redis, ad_id: str) -> float:
-    """The log calibration factor of the ad in the treatment arm, from its counts so far (what the worker reads)."""
-    c = int(r.hget(keys.adstat("treatment", "clicks"), ad_id) or 0)
-    e = int(r.hget(keys.adstat("treatment", "expected"), ad_id) or 0) / keys.EXPECTED_SCALE
-    return float(np.log((settings.calibration_strength + c) / (settings.calibration_strength + e)))
+def prior_at_rest(settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """The prior a new user starts from: no learner publishes here, so no version carries a population prior."""
+    return np.zeros(settings.d_user, np.float32), np.full(settings.d_user, settings.prior_precision, np.float32)
 
 
 def test_an_unclicked_impression_is_a_negative_at_once_and_its_window_adds_nothing(
         settings, infra, catalog, rds: redis.Redis) -> None:
     user = uid("neg")
-    ad = catalog[0]["ad_id"]  # clicked in the first test (when it ran): a calibration factor above 1
-    imp = impression(user, ad)
+    ad = catalog[1]["ad_id"]
+    imp = {**impression(user, ad), "factor": 0.5}  # served with its calibration factor at 0.5
     negatives = stat(rds, "labelled_negatives")
-    prior = prior_at_rest(settings, rds)  # the users learned by the tests before this one
-    offset = offset_now(settings, rds, ad)
+    prior = prior_at_rest(settings)
+    offset = np.log(0.5)
     start = time.time()
     produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
     mean, precision, count = wait_until(lambda: state(rds, user), WINDOW + 10, "the fast negative")
     assert time.time() - start < WINDOW - 1  # learned before its window could close
     assert count == 1
-    # exactly the label-free half of the logistic step from the population prior, z offset by the ad's factor
+    # exactly the label-free half of the logistic step from the population prior, z offset by the logged factor
     p = projected(settings, rds, ad)
     params = dataclasses.replace(UpdateParams.from_settings(settings), bias=logit(settings.base_rate) + offset)
     want_m, want_q = update_user(*prior, p[None], np.zeros(1), prior[0], params)
@@ -147,9 +133,9 @@ def test_a_late_click_after_a_fast_negative_completes_the_positive_step(
     """The promise of ``ranker.updates.learn_events``: negative now, click later = the labelled positive's step."""
     user = uid("turn")
     ad = catalog[5]["ad_id"]
-    imp = impression(user, ad)
-    prior = prior_at_rest(settings, rds)
-    offset = offset_now(settings, rds, ad)
+    imp = {**impression(user, ad), "factor": 2.0}
+    prior = prior_at_rest(settings)
+    offset = np.log(2.0)
     produce(infra.kafka, records.IMPRESSIONS, [(user, imp)])
     m_neg, q_neg, _ = wait_until(lambda: state(rds, user), WINDOW + 10, "the fast negative")
     p = projected(settings, rds, ad)
