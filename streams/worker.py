@@ -368,9 +368,16 @@ class EventAgent:
         """
         out: Counter[str] = Counter()
         none = (np.zeros(0), np.zeros(0))
-        # consumption order, not event time: the result must not depend on where batch boundaries fall
-        events = [(imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.factor or 1.0) for imp in served]
-        events += [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0) for ex in labelled if ex.clicked]
+        # consumption order: first the clicks on impressions of earlier batches (a click's half is the same step
+        # whenever it is taken), then each new impression's half, followed at once by its click's if it joined in
+        # this batch, as they came in when served (a replayed log brings many of a user's impressions at once)
+        clicked = {ex.impression_id: ex for ex in labelled if ex.clicked}
+        new_ids = {imp.event_id for imp in served}
+        events = [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0) for iid, ex in clicked.items() if iid not in new_ids]
+        for imp in served:
+            events.append((imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.factor or 1.0))
+            if (ex := clicked.get(imp.event_id)) is not None:
+                events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0))
         if not events and not labelled:
             return {}, out, 0, none, {}
         # the labels only feed the quality watch: a bounded, deterministic sample of them is read

@@ -45,6 +45,8 @@ def variant(settings: Settings, db: int) -> tuple[Settings, redis.Redis]:
 
 def test_sigkill_mid_stream_then_restart_equals_an_uninterrupted_run(infra, settings: Settings) -> None:
     (sa, ra), (sb, rb) = variant(settings, 1), variant(settings, 2)
+    # small batches, so that the kill lands mid-stream: a click's half is cheap, 6,000 fit in one default batch
+    sa, sb = sa.model_copy(update={"worker_batch": 300}), sb.model_copy(update={"worker_batch": 300})
     produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
     rng = np.random.default_rng(11)
     users = [f"k{i}" for i in range(300)]
