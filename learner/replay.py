@@ -42,10 +42,10 @@ from privads.learner.offline import (
 )
 from privads.ranker import experiment
 from privads.ranker.adcounts import AdCounts, RowCounts
-from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, read_manifest
+from privads.ranker.artifacts import MANIFEST, ModelVersion, load_version, prior_or, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.policy import Slate, ThompsonParams, ThompsonPolicy
-from privads.ranker.service import arm_evidence, learned_slate, prior_of_version, rekey_now, retrieve
+from privads.ranker.service import arm_evidence, learned_slate, rekey_now, retrieve
 
 SIMPLE_POLICIES = ("uniform", "popularity", "logged")
 
@@ -118,14 +118,14 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
 
 
 def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple | None], counts: AdCounts,
-           settings: Settings, *, seed: int, draws: int, name: str, prior_mean: np.ndarray | None = None) -> PolicyRows:
+           settings: Settings, *, seed: int, draws: int, name: str) -> PolicyRows:
     """``version``'s Thompson policy on every logged request, with the slates ``/recommend`` would build.
 
-    ``prior_mean``: where a user without state starts (the population prior; None: the zero vector).
+    A user without state starts from the version's population prior, as on ``/recommend``.
     """
     cat = version.catalog
     policy = ThompsonPolicy(ThompsonParams.from_settings(settings, draws), version.ranker, np.random.default_rng(seed))
-    prior_mean = prior_of_version(version, np.zeros(settings.d_user, np.float32)) if prior_mean is None else prior_mean
+    prior_mean = prior_or(version.prior, np.zeros(settings.d_user, np.float32))
     prior_precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     action_of = {a: i for i, a in enumerate(log.actions)}
     first_row: dict[int, int] = {}

@@ -90,6 +90,14 @@ def load_prior(path: Path) -> np.ndarray | None:
     return np.load(path / PRIOR) if (path / PRIOR).exists() else None
 
 
+def prior_or(prior: np.ndarray | None, default: np.ndarray) -> np.ndarray:
+    """Where a user the stream has not learned starts: a version's population prior, else ``default``.
+
+    A prior of another dimension than ``default`` (a version built for other user vectors) is not used.
+    """
+    return prior if prior is not None and prior.shape == default.shape else default
+
+
 def read_manifest(models_dir: Path, version: str) -> dict:
     """The manifest of a version on disk (e.g. the one a pinned control serves)."""
     path = models_dir / version

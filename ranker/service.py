@@ -49,7 +49,7 @@ from privads.infra.store import (
 )
 from privads.ranker import experiment, scoring
 from privads.ranker.adcounts import AdCounts, RowCounts
-from privads.ranker.artifacts import ModelVersion, load_version, read_manifest
+from privads.ranker.artifacts import ModelVersion, load_version, prior_or, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import (
@@ -110,12 +110,6 @@ def arm_evidence(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> tupl
     """``catalog_evidence`` of one arm's counts as the API holds them."""
     return catalog_evidence(cat, rc.clicks[:rc.rows], rc.expected[:rc.rows], settings.category_strength,
                             settings.calibration_strength)
-
-
-def prior_of_version(version: ModelVersion, default: np.ndarray) -> np.ndarray:
-    """Where a user the stream has not learned starts: the version's population prior, else ``default``."""
-    prior = version.prior
-    return prior if prior is not None and prior.shape == default.shape else default
 
 
 def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
@@ -426,7 +420,7 @@ class Recommender:
         """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
         cat = version.catalog
         state = await self.users.get(user_id)
-        mean, precision, count = state if state else (prior_of_version(version, self.prior_mean),
+        mean, precision, count = state if state else (prior_or(version.prior, self.prior_mean),
                                                       self.prior_precision, 0)
         ctx = context_ids(context)
         key = (id(version), cat.mutations, mean.tobytes(), count, ctx.tobytes())

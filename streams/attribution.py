@@ -6,9 +6,10 @@ without one — a negative. Negatives are never emitted early: an impression is
 labelled 0 only once no click can be attributed to it any more, so the learner
 never has to take a label back. (The user vectors do not wait for the label:
 ``ranker.updates.learn_events`` takes an impression's label-free half of the
-step when it arrives and the click's half when it is joined.) A click whose impression has not arrived waits
-as an *orphan* and is counted as unattributed until its impression arrives
-(then it is joined) or the window passes (then it stays unattributed, counted).
+step when it arrives and the click's half when it is joined.) A click whose
+impression has not arrived waits as an *orphan* and is counted as unattributed
+until its impression arrives (then it is joined) or the window passes (then it
+stays unattributed, counted).
 
 Exactly-once: the planner is deterministic in (batch, state read); the worker
 commits its writes together with the partition's input offsets in one Redis

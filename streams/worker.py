@@ -55,6 +55,7 @@ from privads.infra.store import (
     WorkerRegistry,
     connect,
 )
+from privads.ranker.artifacts import prior_or
 from privads.ranker.encoder import AdEncoder
 from privads.ranker.quality import QualityWatch
 from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, sigmoid
@@ -390,18 +391,21 @@ class EventAgent:
         row = {u: i for i, u in enumerate(user_ids)}
         gone = {u: t for u, t in zip(user_ids, erased, strict=True) if t is not None}
 
-        def usable(user_id: str, ad_id: str, ts: float) -> bool:
+        def unusable(user_id: str, ad_id: str, ts: float) -> str | None:
+            """Why an event cannot be learned (its ad has no vector, its user was erased after it), else None."""
             if ad_id not in vectors:
-                out["skipped_unknown_ad"] += 1
-                return False
+                return "skipped_unknown_ad"
             if user_id in gone and ts <= gone[user_id]:
-                out["skipped_erased"] += 1
-                return False
-            return True
+                return "skipped_erased"
+            return None
 
-        keep = [e for e in events if usable(*e[:3])]
-        scored = [ex for ex in probes
-                  if ex.ad_id in vectors and not (ex.user_id in gone and ex.ts <= gone[ex.user_id])]
+        keep = []
+        for e in events:
+            if (why := unusable(*e[:3])) is None:
+                keep.append(e)
+            else:
+                out[why] += 1
+        scored = [ex for ex in probes if unusable(ex.user_id, ex.ad_id, ex.ts) is None]
         d = self.s.d_user
         mean = np.tile(self.prior_mean, (len(user_ids), 1))
         precision = np.full((len(user_ids), d), self.s.prior_precision, dtype=np.float32)
@@ -563,9 +567,7 @@ async def run(settings: Settings) -> None:
         while not stop.is_set():
             try:
                 await ad_vectors.refresh()
-                prior = ad_vectors.prior
-                if prior is not None and prior.shape == (settings.d_user,):  # new users start from the version's
-                    agent.prior_mean = prior
+                agent.prior_mean = prior_or(ad_vectors.prior, agent.prior_mean)  # new users start from the version's
                 await registry.beat(worker_id, len(agent.owned), time.time(), await consumer_lag(consumer))
                 drifted, agent.new_drifts = agent.new_drifts > 0, 0
                 await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifted)
