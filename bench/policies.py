@@ -55,7 +55,8 @@ class World:
     texts : list of str, length M + O
     categories : list of str or None, length M + O
     vectors : ndarray, shape (M + O, D)
-        The ads as the treatment serves them before any learner cycle: MiniLM, then the seeded projector.
+        The ads as the treatment serves them before any trained projector: MiniLM, then the initial
+        projector fitted to the catalog's ads (``ranker.projector.initial_projector``).
     """
 
     audience: Audience
@@ -88,7 +89,11 @@ def make_world(aud: Audience, settings: Settings, catalog: Path | None, bid: flo
     categories: list[str | None] = [aud.topics[t] for t in aud.ad_topic.tolist()]
     categories += [a.get("category") for a in others]
     x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(texts)
-    vectors = initial_projector(settings.d_ad, settings.d_user, settings.seed).project(x)
+    # the projector the first learner cycle fits to the catalog loaded before any user (the audience's ads not
+    # among them: they come later, through PUT /ads)
+    catalog_x = x[len(aud.ad_ids):]
+    vectors = initial_projector(settings.d_ad, settings.d_user, settings.seed,
+                                catalog_x if catalog_x.shape[0] >= 2 else None).project(x)
     return World(aud, texts, categories, vectors)
 
 

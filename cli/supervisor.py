@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 
 import httpx
+import redis
 
+from privads.infra import keys
 from privads.infra.kafka import create_topics
 from privads.infra.processes import (
     Process,
@@ -77,17 +79,47 @@ class Stack:
         s = self.settings
         created = create_topics(s.kafka_servers, s.partitions)
         log.info("topics ready (%d created)", len(created))
-        self._app("worker", ["worker"])
-        self._app("learner", ["learner"])
         if port_open(s.api_host, s.api_port):
             raise StartError(f"port {s.api_port} is in use: stop what holds it, or set PRIVADS_API")
-        self._app("api", ["api"], ready=lambda: httpx.get(f"{s.api}/healthz", timeout=1).status_code == 200)
+        self._app("worker", ["worker"])
+        # the sample catalog is in Redis before the learner's first cycle, and that cycle's version before the
+        # API: the first version fits the user space to the catalog (ranker.projector.initial_projector), which
+        # it may do only while no user has been learned
         catalog = s.catalog
         if catalog and catalog.is_file():
             counts = produce_file(s.kafka_servers, "privads.ads", catalog)
             log.info("sample catalog: %d ads produced from %s", counts.produced, catalog)
+            stored = self._wait_catalog(counts.produced)
+            log.info("sample catalog: %d ads stored by the workers", stored)
         else:
             log.warning("no sample catalog at %s; the catalog starts empty", catalog)
+        self._app("learner", ["learner"], ready=lambda: self._published())
+        self._app("api", ["api"], ready=lambda: httpx.get(f"{s.api}/healthz", timeout=1).status_code == 200)
+
+    def _redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+
+    def _published(self) -> bool:
+        with self._redis() as r:
+            return bool(r.exists(keys.MODEL_CURRENT))
+
+    def _wait_catalog(self, produced: int, timeout: float = 120.0, still: float = 10.0) -> int:
+        """Until the workers have stored ``produced`` ads (fewer if it stops growing for ``still`` s); how many."""
+        deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+        with self._redis() as r:
+            while True:
+                n = int(r.scard(keys.ADS))
+                if n >= produced:
+                    return n
+                if n != last:
+                    last, since = n, time.monotonic()
+                elif n > 0 and time.monotonic() - since > still:  # repeated ids in the file: all are stored
+                    return n
+                if time.monotonic() > deadline:
+                    log.warning("the workers stored %d of %d catalog ads in %.0f s; starting anyway", n, produced,
+                                timeout)
+                    return n
+                time.sleep(0.2)
 
     # --- run and stop ---------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from privads.infra.store import CatalogEntry, CatalogStore, ModelPointer, Qualit
 from privads.learner import ranking
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from privads.learner.train import train_projector
-from privads.ranker.artifacts import collect_garbage, write_version
+from privads.ranker.artifacts import CATALOG_FIT, RANDOM_FIT, TRAINED_FIT, collect_garbage, refittable, write_version
 from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
@@ -242,14 +242,15 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         catalog_store, pointer = CatalogStore(r), ModelPointer(r)
         current = await pointer.get()
         served_ranker = None
-        if current is None:
-            projector = initial_projector(settings.d_ad, settings.d_user, settings.seed)
-            parent = None
-        else:
-            projector = Projector.load(Path(current["path"]) / "projector.npz")
+        loaded: Projector | None = None
+        parent = None
+        if current is not None:
+            loaded = Projector.load(Path(current["path"]) / "projector.npz")
             parent = current["version"]
             if (Path(current["path"]) / "ranker.npz").exists():
                 served_ranker = RankerModel.load(Path(current["path"]) / "ranker.npz")
+        # read before the catalog: a user learned after this read may have been learned in the old space
+        total, learned = await UserStore(r).population_sum(settings.d_user)
         # the change id first: anything changed after it is replayed by readers as a delta
         change = await catalog_store.last_change()
         ids = await catalog_store.all_ids()
@@ -259,9 +260,17 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             entries += chunk
             embs.append(emb)
         emb_all = np.concatenate(embs) if embs else np.zeros((0, settings.d_ad), np.float32)
+        fit = current.get("projector", {}).get("fit") if current is not None else None
+        refit = loaded is None or (learned == 0 and refittable(current))
+        if loaded is None or refit:
+            # no user lives in the user space yet: it may still follow the catalog (see initial_projector)
+            on = np.array([e.active for e in entries], dtype=bool)
+            fit = CATALOG_FIT if on.sum() >= 2 else RANDOM_FIT
+            loaded = await asyncio.to_thread(initial_projector, settings.d_ad, settings.d_user, settings.seed,
+                                             emb_all[on] if fit == CATALOG_FIT else None)
         examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all, strict=True)},
                                        {e.ad_id: e for e in entries})
-        served = projector
+        served = loaded
         projector, proj_eval = await asyncio.to_thread(choose_projector, served, examples, settings, trainer)
         ranker, rank_eval = await asyncio.to_thread(choose_ranker, served_ranker, examples, projector, settings)
         serving = await asyncio.to_thread(
@@ -271,16 +280,17 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             users=served_users(examples, settings.d_user))
         evaluation = {"projector": proj_eval, "ranker": rank_eval,
                       "click_recall_at_500": None if examples is None else click_recall(serving, split(examples)[1])}
-        changed = [name for name, same in (("projector", parent and projector is served),
+        if projector is not served:
+            fit = TRAINED_FIT
+        changed = [name for name, same in (("projector", projector is served and not refit),
                                            ("ranker", ranker is served_ranker)) if not same] + ["index"]
-        total, learned = await UserStore(r).population_sum(projector.d_user)
         prior = population_prior(total, learned, settings.population_strength)
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
             "changed": changed, "population": {"users": learned, "strength": settings.population_strength,
                                                "prior_norm": round(float(np.linalg.norm(prior)), 6)}},
-            ranker, prior)
+            ranker, prior, fit)
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
                                   settings.control_version if settings.control_policy == "pinned" else None)
@@ -315,12 +325,13 @@ def run_loop(settings: Settings) -> None:
     # the loop shares the machine with the workers and the API: training must not take every core
     torch.set_num_threads(settings.learner_threads)
     next_run, last_cycle, last_check = 0.0, 0.0, 0.0
+    seen_change: str | None = None
     while not stop:
         reason = "scheduled" if time.monotonic() >= next_run else None
         if reason is None and time.monotonic() - last_check >= 1.0:
             last_check = time.monotonic()
             try:
-                reason = "drift" if asyncio.run(drift_since(settings, last_cycle)) else None
+                reason, seen_change = asyncio.run(unscheduled(settings, last_cycle, seen_change))
             except Exception as e:  # noqa: BLE001 - a missed check only delays the next cycle
                 log.warning("drift check failed: %s", e)
         if reason:
@@ -331,6 +342,30 @@ def run_loop(settings: Settings) -> None:
                 log.exception("learner cycle failed; the served version is unchanged")
             next_run = time.monotonic() + settings.learner_interval_s
         time.sleep(0.2)
+
+
+async def unscheduled(settings: Settings, last_cycle: float, seen_change: str | None) -> tuple[str | None, str]:
+    """Whether to run a cycle before the schedule, and the catalog's newest change id now.
+
+    ``"drift"`` when a worker flagged drift after ``last_cycle``; ``"catalog"`` when
+    the served projector may still follow the catalog (``refit_due``) and the
+    catalog changed since the served version and has been quiet since the
+    previous check (``seen_change``), so that a catalog being loaded is fit once,
+    whole, not per batch.
+    """
+    if await drift_since(settings, last_cycle):
+        return "drift", seen_change or ""
+    r = connect(settings.redis_url)
+    try:
+        current = await ModelPointer(r).get()
+        change = await CatalogStore(r).last_change()
+        if current is None or not refittable(current) or change in (current.get("catalog_change"), "0-0") \
+                or change != seen_change:
+            return None, change
+        _, learned = await UserStore(r).population_sum(settings.d_user)
+        return ("catalog" if learned == 0 else None), change
+    finally:
+        await r.aclose()
 
 
 async def drift_since(settings: Settings, ts: float) -> bool:

@@ -23,6 +23,16 @@ MANIFEST = "manifest.json"
 # the population prior (ranker.updates.population_prior) at the version's build, float32 (D,): versioned so that
 # the workers' updates depend on the events and the served version only, never on when they are applied
 PRIOR = "prior.npy"
+# where a version's projector came from (its manifest's ``projector.fit``): the seeded random map (no catalog
+# yet), the catalog's principal directions (``projector.initial_projector``; refit while no user is learned), or
+# a trained candidate the learner promoted
+RANDOM_FIT, CATALOG_FIT, TRAINED_FIT = "random", "catalog", "trained"
+PROJECTOR_FITS = (RANDOM_FIT, CATALOG_FIT, TRAINED_FIT)
+
+
+def refittable(manifest: dict | None) -> bool:
+    """Whether a version's projector is still an initial one (random or fitted to the catalog), not trained."""
+    return manifest is None or manifest.get("projector", {}).get("fit") in (RANDOM_FIT, CATALOG_FIT)
 
 
 def new_version() -> str:
@@ -46,8 +56,12 @@ class ModelVersion:
 
 
 def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict,
-                  ranker: RankerModel | None = None, prior: np.ndarray | None = None) -> dict:
-    """Write a version directory atomically; returns its manifest."""
+                  ranker: RankerModel | None = None, prior: np.ndarray | None = None,
+                  fit: str | None = None) -> dict:
+    """Write a version directory atomically; returns its manifest.
+
+    ``fit``: where the projector came from (``PROJECTOR_FITS``), recorded as the manifest's ``projector.fit``.
+    """
     version = new_version()
     final = models_dir / version
     while final.exists():  # two cycles in the same millisecond
@@ -65,7 +79,8 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
         "version": version,
         "path": str(final.resolve()),
         "built_at": time.time(),
-        "projector": {"type": "linear", "d_in": int(projector.weight.shape[0]), "d_out": projector.d_user},
+        "projector": {"type": "linear", "d_in": int(projector.weight.shape[0]), "d_out": projector.d_user,
+                      **({"fit": fit} if fit is not None else {})},
         "ranker": ranker.describe() if ranker is not None else {"type": "thompson-logistic"},
         "index": {"type": catalog.index_type, "size": len(catalog), "ads": len(catalog.ad_ids),
                   "build_s": round(catalog.info.build_s, 3),

@@ -52,15 +52,50 @@ class Projector:
             return cls(weight=z["weight"].astype(np.float32), bias=z["bias"].astype(np.float32))
 
 
-def initial_projector(d_ad: int, d_user: int, seed: int) -> Projector:
-    """A seeded random orthonormal projection: preserves the text space's geometry (Johnson–Lindenstrauss).
+def initial_projector(d_ad: int, d_user: int, seed: int, embeddings: np.ndarray | None = None,
+                      sample: int = 50_000) -> Projector:
+    """The projector a deployment starts from, before any user is learned.
+
+    Without ``embeddings``: a seeded random orthonormal projection, which keeps
+    the text space's geometry (Johnson–Lindenstrauss). With the catalog's text
+    embeddings: centred on their mean, onto their ``d_user`` principal
+    directions (completed with seeded random orthonormal ones when the catalog
+    spans fewer). Sentence embeddings share a large common direction (every pair
+    of MiniLM ad texts has cosine ≈ 0.13 whatever the topics); left in, it is a
+    component every ad has, so a user who clicks one topic raises every ad.
+    Removing it and keeping the directions along which ads differ ("all-but-the-top",
+    Mu & Viswanath, ICLR 2018) is what makes ads of different topics nearly
+    orthogonal in the user space (measured in ``BENCHMARKS.md``).
 
     Parameters
     ----------
     d_ad, d_user : int
         Input and output dimensions (``d_user ≤ d_ad``).
     seed : int
+        Seeds the random directions and the subsample.
+    embeddings : ndarray, shape (n, d_ad), optional
+        The catalog's ad-text embeddings; fewer than 2 rows count as none.
+    sample : int
+        At most this many rows (a seeded subsample) estimate the directions.
     """
     rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((d_ad, d_user)))
-    return Projector(weight=q.astype(np.float32), bias=np.zeros(d_user, dtype=np.float32))
+    if embeddings is None or embeddings.shape[0] < 2:
+        q, _ = np.linalg.qr(rng.standard_normal((d_ad, d_user)))
+        return Projector(weight=q.astype(np.float32), bias=np.zeros(d_user, dtype=np.float32))
+    x = np.asarray(embeddings, np.float64)
+    if x.shape[0] > sample:
+        x = x[np.sort(rng.choice(x.shape[0], sample, replace=False))]
+    mu = x.mean(axis=0)
+    centred = x - mu
+    values, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    order = np.argsort(-values, kind="stable")
+    rank = int((values > 1e-9 * max(float(values.max()), 1e-30)).sum())
+    top = vectors[:, order[:min(d_user, rank)]]
+    # an eigenvector's sign is arbitrary (LAPACK's choice): fix it so the same catalog gives the same map
+    top = top * np.sign(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])])
+    if top.shape[1] < d_user:
+        fill = rng.standard_normal((d_ad, d_user - top.shape[1]))
+        fill -= top @ (top.T @ fill)
+        q, _ = np.linalg.qr(fill)
+        top = np.hstack([top, q])
+    return Projector(weight=top.astype(np.float32), bias=(-(mu @ top)).astype(np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,6 +66,10 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         r = httpx.post(f"{api}/recommend", json={"user_id": "someone", "k": 4}, timeout=5)
         assert r.status_code == 200 and len(r.json()["ads"]) == 4
         assert (data / "redis" / "appendonlydir").is_dir()  # AOF persistence in the data dir
+        # the catalog was stored before the learner's first cycle, which fit the user space to it
+        first = min((json.loads(m.read_text()) for m in (data / "models").glob("v*/manifest.json")),
+                    key=lambda m: m["built_at"])
+        assert first["projector"]["fit"] == "catalog" and first["index"]["size"] == active, first
         assert len(processes_with_env(str(data))) >= 5  # up, broker, redis, worker, learner, api
         # a crashed child is reported and restarted, not silently left
         crashed = child(str(data), "worker")

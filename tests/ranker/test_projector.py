@@ -42,6 +42,61 @@ def test_orthonormal_projection_preserves_inner_products_in_its_span():
     np.testing.assert_allclose(x @ p.weight.astype(np.float64), c, atol=1e-5)
 
 
+def _topics(n_per: int, topics: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings sharing one large common direction, plus a direction per topic and noise (MiniLM-like)."""
+    rng = np.random.default_rng(seed)
+    common, directions = rng.standard_normal(d), rng.standard_normal((topics, d))
+    label = np.repeat(np.arange(topics), n_per)
+    x = 3.0 * common + 1.5 * directions[label] + rng.standard_normal((label.size, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), label
+
+
+def _cosines(v: np.ndarray, label: np.ndarray) -> tuple[float, float]:
+    u = v / np.linalg.norm(v, axis=1, keepdims=True)
+    c, same = u @ u.T, label[:, None] == label[None, :]
+    return float(c[same & ~np.eye(label.size, dtype=bool)].mean()), float(c[~same].mean())
+
+
+def test_catalog_fit_removes_the_common_direction_and_keeps_the_topics():
+    x, label = _topics(30, 8, 96, seed=0)
+    fitted = initial_projector(96, 16, 0, x)
+    gram = fitted.weight.astype(np.float64).T @ fitted.weight.astype(np.float64)
+    np.testing.assert_allclose(gram, np.eye(16), atol=1e-5)
+    # the catalog's mean maps to the origin: the bias is −mean·W
+    np.testing.assert_allclose(x.mean(axis=0) @ fitted.weight + fitted.bias, 0.0, atol=1e-5)
+    within, across = _cosines(fitted.project(x), label)
+    raw_within, raw_across = _cosines(initial_projector(96, 16, 0).project(x), label)
+    assert raw_across > 0.5  # the common direction dominates a random projection
+    # centred, 8 equal topics have mean cross-topic cosine ≈ −within/7: nothing shared is left
+    assert within > 0.5 and across < 0.0 and within - across > 2 * (raw_within - raw_across)
+    # ads of the catalog's topics that arrive later are separated as well
+    later, later_label = _topics(5, 8, 96, seed=0)
+    assert _cosines(fitted.project(later), later_label)[1] < 0.0
+
+
+def test_catalog_fit_is_deterministic_and_completed_when_the_catalog_is_small():
+    x, _ = _topics(2, 3, 40, seed=1)  # 6 ads span 5 centred directions: 11 come from the seed
+    a, b = initial_projector(40, 16, 4, x), initial_projector(40, 16, 4, x)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    np.testing.assert_array_equal(a.bias, b.bias)
+    gram = a.weight.astype(np.float64).T @ a.weight.astype(np.float64)
+    np.testing.assert_allclose(gram, np.eye(16), atol=1e-5)
+    # the fitted directions hold all of the centred catalog's variance
+    centred = x - x.mean(axis=0)
+    np.testing.assert_allclose(np.linalg.norm(centred @ a.weight[:, :5]), np.linalg.norm(centred), rtol=1e-4)
+    # one ad (or none) is no catalog to fit: the seeded random map
+    np.testing.assert_array_equal(initial_projector(40, 16, 4, x[:1]).weight, initial_projector(40, 16, 4).weight)
+
+
+def test_catalog_fit_subsamples_large_catalogs_by_the_seed():
+    x, label = _topics(200, 4, 32, seed=2)
+    a, b = initial_projector(32, 8, 0, x, sample=300), initial_projector(32, 8, 0, x, sample=300)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    assert not np.array_equal(a.weight, initial_projector(32, 8, 1, x, sample=300).weight)
+    np.testing.assert_allclose(_cosines(a.project(x), label), _cosines(initial_projector(32, 8, 0, x).project(x),
+                                                                       label), atol=0.05)
+
+
 def test_project_returns_unit_rows_equal_to_normalised_affine_map():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((12, 5)).astype(np.float32)
