@@ -261,13 +261,17 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             embs.append(emb)
         emb_all = np.concatenate(embs) if embs else np.zeros((0, settings.d_ad), np.float32)
         fit = current.get("projector", {}).get("fit") if current is not None else None
-        refit = loaded is None or (learned == 0 and refittable(current))
-        if loaded is None or refit:
+        refit = current is None or (learned == 0 and refittable(current))
+        if learned == 0 and refittable(current):
             # no user lives in the user space yet: it may still follow the catalog (see initial_projector)
             on = np.array([e.active for e in entries], dtype=bool)
             fit = CATALOG_FIT if on.sum() >= 2 else RANDOM_FIT
             loaded = await asyncio.to_thread(initial_projector, settings.d_ad, settings.d_user, settings.seed,
                                              emb_all[on] if fit == CATALOG_FIT else None)
+        elif loaded is None:
+            # users were learned before any version, under the workers' default (the seeded random map): keep it
+            fit = RANDOM_FIT
+            loaded = initial_projector(settings.d_ad, settings.d_user, settings.seed)
         examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all, strict=True)},
                                        {e.ad_id: e for e in entries})
         served = loaded

@@ -87,3 +87,19 @@ def test_the_projector_is_fit_to_the_catalog_until_a_user_is_learned(settings: S
         assert manifest["population"]["users"] == 1
     finally:
         rds.delete(keys.population(1), keys.PARTITIONS)
+
+
+def test_users_learned_before_any_version_keep_the_space_they_were_learned_in(settings: Settings, rds) -> None:
+    # workers that ran before any version learned users under their default, the seeded random map
+    _store(settings, 100, np.random.default_rng(1).standard_normal((20, 384)).astype(np.float32))
+    rds.delete(keys.MODEL_CURRENT)
+    rds.set(keys.PARTITIONS, settings.partitions)
+    rds.set(keys.population(0), keys.pack_population(np.full(64, 0.1), 3))
+    try:
+        first = asyncio.run(run_cycle(settings, reason="test"))
+        assert first["projector"]["fit"] == RANDOM_FIT and first["index"]["size"] >= 20
+        np.testing.assert_array_equal(_projector(first).weight, initial_projector(384, 64, settings.seed).weight)
+        change = _due(settings, None)[1]
+        assert _due(settings, change)[0] is None  # and no catalog cycle moves it later
+    finally:
+        rds.delete(keys.population(0), keys.PARTITIONS)
