@@ -1,7 +1,10 @@
 """One learner cycle, and the periodic loop around it.
 
 A cycle reads the catalog the stream has encoded and the archived labelled
-impressions, split by time: the newest 20% are the holdout. It then
+impressions, split by time: the newest 20% are the holdout. While no user has
+been learned, the served projector is replaced by one fitted to the catalog
+(``ranker.projector.initial_projector``): the user space follows the catalog
+until the first user lives in it. It then
 
 1. trains a candidate projector (users frozen, warm-started from the served one)
    and keeps it only if the gate passes on the holdout;
@@ -249,7 +252,8 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             parent = current["version"]
             if (Path(current["path"]) / "ranker.npz").exists():
                 served_ranker = RankerModel.load(Path(current["path"]) / "ranker.npz")
-        # read before the catalog: a user learned after this read may have been learned in the old space
+        # read first: whether any user lives in the served space (a user learned after this read, while a refit
+        # runs, is learned in the space being replaced: possible only around the very first users)
         total, learned = await UserStore(r).population_sum(settings.d_user)
         # the change id first: anything changed after it is replayed by readers as a delta
         change = await catalog_store.last_change()
@@ -337,7 +341,7 @@ def run_loop(settings: Settings) -> None:
             try:
                 reason, seen_change = asyncio.run(unscheduled(settings, last_cycle, seen_change))
             except Exception as e:  # noqa: BLE001 - a missed check only delays the next cycle
-                log.warning("drift check failed: %s", e)
+                log.warning("drift/catalog check failed: %s", e)
         if reason:
             last_cycle = time.time()
             try:
@@ -352,7 +356,7 @@ async def unscheduled(settings: Settings, last_cycle: float, seen_change: str | 
     """Whether to run a cycle before the schedule, and the catalog's newest change id now.
 
     ``"drift"`` when a worker flagged drift after ``last_cycle``; ``"catalog"`` when
-    the served projector may still follow the catalog (``refit_due``) and the
+    the served projector may still follow the catalog (``ranker.artifacts.refittable``, no user learned) and the
     catalog changed since the served version and has been quiet since the
     previous check (``seen_change``), so that a catalog being loaded is fit once,
     whole, not per batch.
