@@ -91,9 +91,7 @@ def make_world(aud: Audience, settings: Settings, catalog: Path | None, bid: flo
     x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(texts)
     # the projector the first learner cycle fits to the catalog loaded before any user (the audience's ads not
     # among them: they come later, through PUT /ads)
-    catalog_x = x[len(aud.ad_ids):]
-    vectors = initial_projector(settings.d_ad, settings.d_user, settings.seed,
-                                catalog_x if catalog_x.shape[0] >= 2 else None).project(x)
+    vectors = initial_projector(settings.d_ad, settings.d_user, settings.seed, x[len(aud.ad_ids):]).project(x)
     return World(aud, texts, categories, vectors)
 
 

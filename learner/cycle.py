@@ -40,7 +40,15 @@ from privads.infra.store import CatalogEntry, CatalogStore, ModelPointer, Qualit
 from privads.learner import ranking
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from privads.learner.train import train_projector
-from privads.ranker.artifacts import CATALOG_FIT, RANDOM_FIT, TRAINED_FIT, collect_garbage, refittable, write_version
+from privads.ranker.artifacts import (
+    CATALOG_FIT,
+    RANDOM_FIT,
+    TRAINED_FIT,
+    collect_garbage,
+    fit_of,
+    refittable,
+    write_version,
+)
 from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
@@ -264,18 +272,17 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             entries += chunk
             embs.append(emb)
         emb_all = np.concatenate(embs) if embs else np.zeros((0, settings.d_ad), np.float32)
-        fit = current.get("projector", {}).get("fit") if current is not None else None
+        fit = fit_of(current)
         refit = current is None or (learned == 0 and refittable(current))
-        if learned == 0 and refittable(current):
-            # no user lives in the user space yet: it may still follow the catalog (see initial_projector)
+        if refit:
+            # no user lives in the user space yet, so it may still follow the catalog (see initial_projector);
+            # users learned before any version were learned under the workers' default, the seeded random map
             on = np.array([e.active for e in entries], dtype=bool)
-            fit = CATALOG_FIT if on.sum() >= 2 else RANDOM_FIT
+            follow = learned == 0 and on.sum() >= 2  # initial_projector needs 2 ads to fit
+            fit = CATALOG_FIT if follow else RANDOM_FIT
             loaded = await asyncio.to_thread(initial_projector, settings.d_ad, settings.d_user, settings.seed,
-                                             emb_all[on] if fit == CATALOG_FIT else None)
-        elif loaded is None:
-            # users were learned before any version, under the workers' default (the seeded random map): keep it
-            fit = RANDOM_FIT
-            loaded = initial_projector(settings.d_ad, settings.d_user, settings.seed)
+                                             emb_all[on] if follow else None)
+        assert loaded is not None  # the served version's, or initial when there was none
         examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all, strict=True)},
                                        {e.ad_id: e for e in entries})
         served = loaded
@@ -361,10 +368,10 @@ async def unscheduled(settings: Settings, last_cycle: float, seen_change: str | 
     previous check (``seen_change``), so that a catalog being loaded is fit once,
     whole, not per batch.
     """
-    if await drift_since(settings, last_cycle):
-        return "drift", seen_change or ""
     r = connect(settings.redis_url)
     try:
+        if await QualityBoard(r).drift_since(last_cycle):
+            return "drift", seen_change or ""
         current = await ModelPointer(r).get()
         change = await CatalogStore(r).last_change()
         if current is None or not refittable(current) or change in (current.get("catalog_change"), "0-0") \
@@ -372,14 +379,5 @@ async def unscheduled(settings: Settings, last_cycle: float, seen_change: str | 
             return None, change
         _, learned = await UserStore(r).population_sum(settings.d_user)
         return ("catalog" if learned == 0 else None), change
-    finally:
-        await r.aclose()
-
-
-async def drift_since(settings: Settings, ts: float) -> bool:
-    """Whether a worker flagged drift in the served model's predictions after ``ts``."""
-    r = connect(settings.redis_url)
-    try:
-        return await QualityBoard(r).drift_since(ts)
     finally:
         await r.aclose()

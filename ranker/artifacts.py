@@ -27,12 +27,16 @@ PRIOR = "prior.npy"
 # yet), the catalog's principal directions (``projector.initial_projector``; refit while no user is learned), or
 # a trained candidate the learner promoted
 RANDOM_FIT, CATALOG_FIT, TRAINED_FIT = "random", "catalog", "trained"
-PROJECTOR_FITS = (RANDOM_FIT, CATALOG_FIT, TRAINED_FIT)
+
+
+def fit_of(manifest: dict | None) -> str | None:
+    """Where a version's projector came from (None: no version, or one written before this was recorded)."""
+    return None if manifest is None else manifest.get("projector", {}).get("fit")
 
 
 def refittable(manifest: dict | None) -> bool:
     """Whether a version's projector is still an initial one (random or fitted to the catalog), not trained."""
-    return manifest is None or manifest.get("projector", {}).get("fit") in (RANDOM_FIT, CATALOG_FIT)
+    return manifest is None or fit_of(manifest) in (RANDOM_FIT, CATALOG_FIT)
 
 
 def new_version() -> str:
@@ -60,7 +64,8 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
                   fit: str | None = None) -> dict:
     """Write a version directory atomically; returns its manifest.
 
-    ``fit``: where the projector came from (``PROJECTOR_FITS``), recorded as the manifest's ``projector.fit``.
+    ``fit``: where the projector came from (``RANDOM_FIT``, ``CATALOG_FIT``, ``TRAINED_FIT``), recorded as the
+    manifest's ``projector.fit``.
     """
     version = new_version()
     final = models_dir / version
