@@ -11,11 +11,14 @@ silently lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Sequence
 
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import NewTopic as AIONewTopic
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -82,6 +85,48 @@ def create_topics(servers: str, partitions: int, timeout: float = 30.0) -> list[
         return created
     finally:
         admin.close()
+
+
+async def keep_topics(servers: str, partitions: int, timeout: float = 10.0) -> tuple[list[str], dict[str, int]]:
+    """Create the PrivAds topics the broker lacks; report the ones with another partition count.
+
+    The workers call it every few seconds: the embedded broker keeps nothing across a
+    restart, and whoever touches a topic first after one decides its partition count
+    (an auto-created topic gets the broker's default). Runs in the event loop and gives
+    up after ``timeout`` seconds, so a broker that accepts a connection and never
+    answers cannot stall the caller.
+
+    Returns
+    -------
+    created : list[str]
+        The topics created by this call.
+    mismatched : dict[str, int]
+        Topic → partition count, for the existing topics whose count is not the wanted one.
+        The embedded broker cannot add partitions (no CreatePartitions), so the caller can
+        only report them.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id="privads-admin", request_timeout_ms=5000)
+
+    async def run() -> tuple[list[str], dict[str, int]]:
+        await admin.start()
+        have = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+        wanted = topic_partitions(partitions)
+        created = []
+        for name, n in wanted.items():
+            if name in have:
+                continue
+            response = await admin.create_topics([AIONewTopic(name, n, 1)])
+            for topic, code, *message in response.topic_errors:  # one at a time: a racing creator fails none
+                if code == 0:
+                    created.append(topic)
+                elif code != TopicAlreadyExistsError.errno:
+                    raise KafkaError(f"creating topic {topic}: error {code} {message}")
+        return created, {t: have[t] for t, n in wanted.items() if t in have and have[t] != n}
+
+    try:
+        return await asyncio.wait_for(run(), timeout)
+    finally:
+        await admin.close()
 
 
 def make_producer(servers: str, **overrides: object) -> KafkaProducer:

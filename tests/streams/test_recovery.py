@@ -109,9 +109,18 @@ def test_broker_restart_workers_recreate_topics_and_keep_state(infra, settings: 
         assert wait_port_free("127.0.0.1", port, 15)
         infra.broker = broker_process(port, infra.data / "logs" / "broker2.log")
         infra.broker.start(30)
-        want = settings.partitions
-        wait_until(lambda: all(topic_partitions(infra.kafka).get(t) == want for t in records.EVENT_TOPICS), 60,
-                   "the worker to recreate the topics with their partition counts")
+        want, seen = settings.partitions, {}
+
+        def recreated() -> bool:
+            seen.update(topic_partitions(infra.kafka))
+            return all(seen.get(t) == want for t in records.EVENT_TOPICS)
+
+        try:
+            wait_until(recreated, 60, "the worker to recreate the topics with their partition counts")
+        except BaseException:
+            log = (s.data / "logs" / "worker-c.log").read_text(errors="replace").splitlines()
+            topic_lines = [line for line in log if "topic" in line and "group_id is None" not in line]
+            pytest.fail(f"topics seen {seen}, want {want} each; worker's topic lines: {topic_lines[-15:]}")
         imp2 = impression("survivor", ADS[1]["ad_id"])
         produce(infra.kafka, records.IMPRESSIONS, [("survivor", imp2)])
         produce(infra.kafka, records.CLICKS, [("survivor", click(imp2))])
