@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 import orjson
 
 from privads.infra.errors import InvalidEvent
@@ -71,6 +72,35 @@ class Impression(msgspec.Struct, kw_only=True):
     # likewise: the ad's calibration factor the served policy multiplied in; the stream offsets the user's
     # learning step by its log (ranker.updates.learn_events), so that the update depends on the event alone
     factor: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    # likewise: what the ranker saw of the user when it served this impression, the features the learner trains
+    # on (never the user's state at training time, which already holds this impression's own click): the
+    # posterior mean as base64 of little-endian float16 (``pack_served``), and how many impressions it had learned
+    user_mean: Annotated[str, msgspec.Meta(max_length=8192)] | None = None
+    user_count: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+def pack_served(mean: np.ndarray) -> str:
+    """A user vector as logged with an impression: base64 of little-endian float16 (D = 64: 172 characters).
+
+    Parameters
+    ----------
+    mean : ndarray, shape (D,)
+    """
+    return base64.b64encode(np.asarray(mean, "<f2").tobytes()).decode("ascii")
+
+
+def unpack_served(text: str | None, d: int) -> np.ndarray | None:
+    """``pack_served``'s inverse as float32, shape (d,); None when absent, malformed or of another dimension."""
+    if not text:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    if len(raw) != 2 * d:
+        return None
+    v = np.frombuffer(raw, "<f2").astype(np.float32)
+    return v if np.isfinite(v).all() else None
 
 
 class Click(msgspec.Struct, kw_only=True):

@@ -167,6 +167,15 @@ class UserStore:
         blobs = cast(list[bytes | None], await self.r.mget([keys.user(u) for u in user_ids]))
         return [keys.unpack_user(b) if b else None for b in blobs]
 
+    async def exist_many(self, user_ids: Sequence[str]) -> list[bool]:
+        """Whether the stream holds a state for each user (False once erased), without reading the states."""
+        if not user_ids:
+            return []
+        async with self.r.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.exists(keys.user(u))
+            return [bool(n) for n in await pipe.execute()]
+
     async def erased_at(self, user_ids: Sequence[str]) -> list[float | None]:
         if not user_ids:
             return []

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import orjson
@@ -34,7 +35,7 @@ import redis.asyncio as aioredis
 import torch
 
 from privads.infra.kafka import make_producer
-from privads.infra.records import MODEL_UPDATES
+from privads.infra.records import MODEL_UPDATES, unpack_served
 from privads.infra.settings import Settings
 from privads.infra.store import CatalogEntry, CatalogStore, ModelPointer, QualityBoard, UserStore, connect
 from privads.learner import ranking
@@ -81,6 +82,7 @@ class Examples:
     value: np.ndarray  # (n,) click value; NaN if none was logged
     group: np.ndarray  # (n,) request index
     ad_ids: np.ndarray  # (n,) object
+    event_ids: np.ndarray  # (n,) object: the impressions' ids
 
     def take(self, idx: slice) -> Examples:
         return Examples(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
@@ -90,8 +92,13 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
                         entries: dict[str, CatalogEntry]) -> Examples | None:
     """Archived impressions whose attribution window has closed, labelled by the archived clicks.
 
-    Rows whose user has no learned state (erased, or never labelled) or whose ad
-    has no embedding are left out. The newest ``MAX_EXAMPLES`` are kept.
+    The user features are the ones each impression logged at serving (``user_mean``,
+    ``user_count``): what the ranker saw then. Today's vectors in Redis already hold
+    the clicks being predicted (each click's own update among them), so a model trained
+    or gated on them would learn from the label. Rows that logged no features (written
+    by another producer, or before the features were logged), whose user has no state
+    any more (erased), or whose ad has no embedding are left out. The newest
+    ``MAX_EXAMPLES`` are kept.
     """
     root = settings.data / "archive"
     imps = await asyncio.to_thread(archive.read_table, root, "impressions")
@@ -105,26 +112,29 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)[rows]
     user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)[rows]
     ad_ids = np.asarray(imps.column("ad_id").to_pylist(), dtype=object)[rows]
+    served = [unpack_served(m, settings.d_user) for m in imps.column("user_mean").take(rows).to_pylist()]
+    served_count = imps.column("user_count").take(rows).to_pylist()
     values = dict(zip(labels.column("impression_id").to_pylist(), labels.column("value").to_pylist(), strict=True))
     distinct = list(dict.fromkeys(user_ids.tolist()))
-    states = await UserStore(r).get_many(distinct)
-    user_state = {u: s for u, s in zip(distinct, states, strict=True)
-                  if s is not None and s[0].shape[0] == settings.d_user}
-    keep = np.array([u in user_state and a in embeddings for u, a in zip(user_ids, ad_ids, strict=True)], dtype=bool)
+    # only whether each user still has a state is read (an erased user has none), never its values
+    present = {u for u, exists in zip(distinct, await UserStore(r).exist_many(distinct), strict=True) if exists}
+    keep = np.array([v is not None and c is not None and u in present and a in embeddings
+                     for v, c, u, a in zip(served, served_count, user_ids, ad_ids, strict=True)], dtype=bool)
     if not keep.any():
         return None
+    kept = np.flatnonzero(keep)
     rows = rows[keep]
     raw = imps.column("raw").take(rows).to_pylist()
     request_ids = imps.column("request_id").take(rows).to_pylist()
     groups = {rid: i for i, rid in enumerate(dict.fromkeys(request_ids))}
-    kept_ads, kept_users = ad_ids[keep], user_ids[keep]
+    kept_ads = ad_ids[keep]
     value = [values.get(e) for e in event_ids[keep]]
     return Examples(
         ads=np.stack([embeddings[a] for a in kept_ads]),
-        users=np.stack([user_state[u][0] for u in kept_users]),
+        users=np.stack([cast(np.ndarray, served[i]) for i in kept]),
         clicked=np.array([e in values for e in event_ids[keep]], dtype=np.float32),
         ts=ts[rows],
-        counts=np.array([user_state[u][2] for u in kept_users], dtype=np.int64),
+        counts=np.array([served_count[i] for i in kept], dtype=np.int64),
         bids=np.array([entries[a].bid for a in kept_ads], dtype=np.float32),
         category=np.array([category_id(entries[a].category) for a in kept_ads], dtype=np.int64),
         context=np.stack([context_ids(orjson.loads(j).get("context")) for j in raw]) if raw
@@ -133,6 +143,7 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
         value=np.array([np.nan if v is None else v for v in value], dtype=np.float32),
         group=np.array([groups[g] for g in request_ids], dtype=np.int64),
         ad_ids=kept_ads,
+        event_ids=event_ids[keep],
     )
 
 

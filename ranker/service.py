@@ -396,11 +396,13 @@ class Recommender:
         s = self.settings
         arm = experiment.assign_arm(user_id, s.arm_salt, s.control_share)
         version = self.served
-        if arm == experiment.TREATMENT:
-            cat, rows, ranked = await self._learned(version, arm, user_id, k, context)
-        elif s.control_policy == "pinned":
+        if arm == experiment.CONTROL and s.control_policy == "pinned":
             version = self.pinned or version  # not loaded yet: the served model stands in, and says so below
-            cat, rows, ranked = await self._learned(version, arm, user_id, k, context)
+        # what a ranker sees of the user, read for every arm: each impression logs it as the learner's features
+        state = await self.users.get(user_id)
+        seen = state if state else (prior_or(version.prior, self.prior_mean), self.prior_precision, 0)
+        if arm == experiment.TREATMENT or s.control_policy == "pinned":
+            cat, rows, ranked = await self._learned(version, arm, user_id, k, context, seen)
         elif s.control_policy == "popularity":
             cat, rows, ranked = self._popularity(version, k)
         else:
@@ -412,16 +414,14 @@ class Recommender:
         shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p, f) for pos, (ad_id, score, prop, p, f) in
                  enumerate(zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist(),
                                pctr, factor, strict=True))]
-        self._log_impressions(user_id, arm, version.version, request_id, context, shown)
+        self._log_impressions(user_id, arm, version.version, request_id, context, shown, seen)
         return Recommendation(request_id, arm, version.version, shown)
 
-    async def _learned(self, version: ModelVersion, arm: str, user_id: str, k: int,
-                       context: dict[str, Any] | None) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
+    async def _learned(self, version: ModelVersion, arm: str, user_id: str, k: int, context: dict[str, Any] | None,
+                       user: tuple[np.ndarray, np.ndarray, int]) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
         cat = version.catalog
-        state = await self.users.get(user_id)
-        mean, precision, count = state if state else (prior_or(version.prior, self.prior_mean),
-                                                      self.prior_precision, 0)
+        mean, precision, count = user
         ctx = context_ids(context)
         key = (id(version), cat.mutations, mean.tobytes(), count, ctx.tobytes())
         cands = self._candidates_lru.get(key)
@@ -476,14 +476,17 @@ class Recommender:
         return cat, rows, self.uniform.rank(Slate(rows), k)
 
     def _log_impressions(self, user_id: str, policy: str, model_version: str | None, request_id: str,
-                         context: dict[str, Any] | None, shown: list[ShownAd]) -> None:
-        """Queue one impression per shown ad; never blocks (drops are counted by the producer)."""
+                         context: dict[str, Any] | None, shown: list[ShownAd],
+                         seen: tuple[np.ndarray, np.ndarray, int]) -> None:
+        """Queue one impression per shown ad, with the user as served; never blocks (the producer counts drops)."""
         now = time.time()
+        user_mean, user_count = records.pack_served(seen[0]), int(seen[2])
         self.producer.send_batch(records.IMPRESSIONS, [
             (user_id, records.encode(records.Impression(
                 event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
                 propensity=a.propensity, policy=policy, model_version=model_version,
-                request_id=request_id, context=context or None, pctr=a.pctr, factor=a.factor)))
+                request_id=request_id, context=context or None, pctr=a.pctr, factor=a.factor,
+                user_mean=user_mean, user_count=user_count)))
             for a in shown])
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:

@@ -2,7 +2,8 @@
 
 Layout under ``PRIVADS_DATA/archive``::
 
-    impressions/hour=2026-11-23T14/p{partition}-{first entry id}.parquet   one row per impression (raw JSON kept)
+    impressions/hour=2026-11-23T14/p{partition}-{first entry id}.parquet   one row per impression (raw JSON kept,
+                                                                          and the user as served: user_mean/_count)
     labels/hour=2026-11-23T14/p{partition}-{first entry id}.parquet        one row per clicked impression
 
 An archived impression is a positive if it has a label row, and a negative once
@@ -41,6 +42,8 @@ IMPRESSION_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.float64()), ("user_id", pa.string()), ("ad_id", pa.string()),
     ("position", pa.int32()), ("propensity", pa.float64()), ("policy", pa.string()),
     ("model_version", pa.string()), ("request_id", pa.string()), ("raw", pa.string()),
+    # the user as the ranker saw it at serving (records.pack_served; null in files written before it was logged)
+    ("user_mean", pa.string()), ("user_count", pa.int64()),
 ])
 LABEL_SCHEMA = pa.schema([
     ("impression_id", pa.string()), ("user_id", pa.string()), ("ad_id", pa.string()), ("ts", pa.float64()),
@@ -77,6 +80,7 @@ def columns_of(entries: StreamEntries) -> tuple[dict[str, list], dict[str, list]
         "propensity": [i.propensity for i in imps], "policy": [i.policy for i in imps],
         "model_version": [i.model_version for i in imps], "request_id": [i.request_id for i in imps],
         "raw": [ln.decode() for ln in lines],
+        "user_mean": [i.user_mean for i in imps], "user_count": [i.user_count for i in imps],
     }
     lab_cols: dict[str, list] = {
         "impression_id": [x.impression_id for x in labs], "user_id": [x.user_id for x in labs],

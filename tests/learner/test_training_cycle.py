@@ -15,7 +15,7 @@ import pytest
 from conftest import start_api, wait_until
 from privads.infra import keys
 from privads.infra.processes import free_port
-from privads.infra.records import Ad, Labelled
+from privads.infra.records import Ad, Labelled, pack_served
 from privads.infra.settings import Settings
 from privads.infra.store import CatalogStore, connect
 from privads.learner.cycle import run_cycle
@@ -61,9 +61,11 @@ def world(settings: Settings, rds) -> Projector:
     clicked = rng.random(N_IMPS) < p
     t0 = 1_795_000_000.0
     lines, labels = [], []
+    packed = [pack_served(v) for v in users]  # the users as served: fixed in this world
     for i in range(N_IMPS):
         imp = {"event_id": f"i{i}", "ts": t0 + i * 0.1, "user_id": f"u{ui[i]}", "ad_id": f"ad{ai[i]}",
-               "position": 0, "propensity": 0.1, "policy": "treatment", "request_id": f"r{i}"}
+               "position": 0, "propensity": 0.1, "policy": "treatment", "request_id": f"r{i}",
+               "user_mean": packed[ui[i]], "user_count": 5}
         lines.append(json.dumps(imp).encode())
         if clicked[i]:
             labels.append(Labelled(impression_id=f"i{i}", user_id=imp["user_id"], ad_id=imp["ad_id"],
