@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # learner
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")
     learner_interval_s: float = Field(300.0, gt=0)
+    train_window_s: float = Field(7 * 86400.0, gt=0, description="the learner trains on the archive's impressions "
+                                  "of this long before the newest settled one (at most 1M, the newest)")
     keep_versions: int = Field(3, ge=1)
     ranker_epochs: int = Field(3, ge=1, le=100, description="passes over the training examples per cycle")
     learner_threads: int = Field(1, ge=1, description="torch threads of the periodic learner loop")

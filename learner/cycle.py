@@ -64,6 +64,7 @@ READ_CHUNK = 5000
 HOLDOUT = 0.2
 MIN_EXAMPLES = 200
 MAX_EXAMPLES = 1_000_000
+EXAMPLE_COLUMNS = ["event_id", "ts", "user_id", "ad_id", "position", "request_id", "raw", "user_mean", "user_count"]
 
 
 @dataclass
@@ -97,18 +98,26 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     the clicks being predicted (each click's own update among them), so a model trained
     or gated on them would learn from the label. Rows that logged no features (written
     by another producer, or before the features were logged), whose user has no state
-    any more (erased), or whose ad has no embedding are left out. The newest
-    ``MAX_EXAMPLES`` are kept.
+    any more (erased), or whose ad has no embedding are left out. Only the archive's
+    hours of the training window (``TRAIN_WINDOW_S`` before the newest settled
+    impression) are read, newest first, and at most the newest ``MAX_EXAMPLES`` kept.
     """
     root = settings.data / "archive"
-    imps = await asyncio.to_thread(archive.read_table, root, "impressions")
+    newest = await asyncio.to_thread(archive.newest_ts, root, "impressions")
+    if newest is None:
+        return None
+    until = newest - settings.attribution_window_s  # labels of newer ones may still change
+    since = until - settings.train_window_s
+    # only the window's hours, newest first, at most MAX_EXAMPLES rows: bounded whatever the archive's age
+    imps = await asyncio.to_thread(archive.read_recent, root, "impressions", since=since, until=until,
+                                   limit=MAX_EXAMPLES, columns=EXAMPLE_COLUMNS)
     if imps.num_rows == 0:
         return None
-    labels = await asyncio.to_thread(archive.read_table, root, "labels")
+    # a click comes after its impression: its label is in the hours from the window's start on
+    labels = await asyncio.to_thread(archive.read_recent, root, "labels", since=since,
+                                     columns=["impression_id", "value"])
     ts = imps.column("ts").to_numpy()
-    final = ts <= ts.max() - settings.attribution_window_s  # labels of newer ones may still change
-    order = np.argsort(ts[final], kind="stable")[-MAX_EXAMPLES:]
-    rows = np.flatnonzero(final)[order]
+    rows = np.arange(imps.num_rows)
     event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)[rows]
     user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)[rows]
     ad_ids = np.asarray(imps.column("ad_id").to_pylist(), dtype=object)[rows]

@@ -133,6 +133,80 @@ def _after(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
+def _schema(kind: str) -> pa.Schema:
+    return IMPRESSION_SCHEMA if kind == "impressions" else LABEL_SCHEMA
+
+
+def _first_entry_ms(path: Path) -> int:
+    """When a file's chunk was committed: the Redis entry id in its name (``p{p}-{ms}_{seq}.parquet``)."""
+    try:
+        return int(path.stem.split("-", 1)[1].split("_", 1)[0])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _hours_newest_first(root: Path, kind: str, since: float | None) -> list[Path]:
+    """The hour directories of ``kind`` from the hour of ``since`` on (all without it), newest first."""
+    first = None if since is None else f"hour={hour_of(since)}"
+    return [d for d in sorted((root / kind).glob("hour=*"), reverse=True) if first is None or d.name >= first]
+
+
+def newest_ts(root: Path, kind: str = "impressions") -> float | None:
+    """The newest row's ``ts``, from the newest hour's Parquet statistics (no row is read)."""
+    for hour in _hours_newest_first(root, kind, None):
+        best = None
+        for f in hour.glob("*.parquet"):
+            meta = pq.ParquetFile(f).metadata
+            col = meta.schema.to_arrow_schema().get_field_index("ts")
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(col).statistics
+                if stats is not None and stats.has_min_max:
+                    best = stats.max if best is None else max(best, stats.max)
+        if best is not None:
+            return float(best)
+    return None
+
+
+def read_recent(root: Path, kind: str, *, since: float | None = None, until: float | None = None,
+                limit: int | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The newest rows of ``kind`` with ``since ≤ ts ≤ until``, at most ``limit`` of them.
+
+    Only the hour directories from ``since`` on are listed (the archive is partitioned
+    by hour), and their files are read newest first (by the commit time in their names)
+    until ``limit`` rows are held: memory is ``limit`` rows plus one file, whatever the
+    archive's size. Rows are then ordered by ``ts`` and the newest ``limit`` kept.
+    """
+    schema = _schema(kind)
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in dict.fromkeys([*columns, "ts"])])
+    tables, held = [], 0
+    for hour in _hours_newest_first(root, kind, since):
+        for f in sorted(hour.glob("*.parquet"), key=_first_entry_ms, reverse=True):
+            t = pq.read_table(f, schema=schema)
+            ts = t.column("ts").to_numpy()
+            keep = np.ones(ts.shape[0], bool)
+            if since is not None:
+                keep &= ts >= since
+            if until is not None:
+                keep &= ts <= until
+            if not keep.all():
+                t = t.filter(pa.array(keep))
+            if t.num_rows:
+                tables.append(t)
+                held += t.num_rows
+            if limit is not None and held >= limit:
+                break
+        if limit is not None and held >= limit:
+            break
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables(tables)
+    order = np.argsort(table.column("ts").to_numpy(), kind="stable")
+    if limit is not None:
+        order = order[-limit:]
+    return table.take(pa.array(order))
+
+
 def read_table(root: Path, kind: str) -> pa.Table:
     """Every archived row of ``kind`` ("impressions" or "labels") as one table."""
     files = sorted((root / kind).glob("hour=*/*.parquet"))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import msgspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import redis
@@ -74,3 +75,25 @@ def test_drains_of_more_entries_than_a_stream_node_write_each_row_once(rds: redi
     ids = [r["event_id"] for r in archive.read_table(tmp_path, "impressions").to_pylist()]
     assert len(ids) == 700 and sorted(ids) == sorted(i["event_id"] for i in imps)
     assert rds.xlen(keys.archive(7)) == 0
+
+
+def test_read_recent_lists_only_the_window_hours_and_holds_at_most_the_limit(tmp_path: Path) -> None:
+    # five hours of impressions, one chunk file per hour, written in time order (entry ids rise with time)
+    for h in range(5):
+        imps = [impression(f"u{i}", "a1", ts=T0 + h * HOUR + i * 60, event_id=f"h{h}-{i}") for i in range(10)]
+        archive.write_chunk(tmp_path, 0, f"{int(T0 + h * HOUR) * 1000}_0",
+                            [(b"1-0", {b"imp": b"\n".join(json.dumps(i).encode() for i in imps)})])
+    # an hour before the window that cannot be read: listing it would fail the call
+    old = tmp_path / "impressions" / f"hour={archive.hour_of(T0 - 5 * HOUR)}"
+    old.mkdir(parents=True)
+    (old / "p0-1_0.parquet").write_bytes(b"not parquet")
+
+    assert archive.newest_ts(tmp_path) == T0 + 4 * HOUR + 9 * 60
+    window = archive.read_recent(tmp_path, "impressions", since=T0 + HOUR, until=T0 + 3 * HOUR + 300)
+    ts = window.column("ts").to_pylist()
+    assert ts == sorted(ts) and min(ts) == T0 + HOUR and max(ts) == T0 + 3 * HOUR + 300 and len(ts) == 26
+    newest = archive.read_recent(tmp_path, "impressions", since=T0, limit=15, columns=["event_id"])
+    assert newest.column_names == ["event_id", "ts"]
+    assert newest.column("event_id").to_pylist() == [f"h3-{i}" for i in range(5, 10)] + [f"h4-{i}" for i in range(10)]
+    with pytest.raises(pa.ArrowInvalid):  # without a window the unreadable file is reached
+        archive.read_recent(tmp_path, "impressions")
