@@ -35,9 +35,18 @@ import redis.asyncio as aioredis
 import torch
 
 from privads.infra.kafka import make_producer
+from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.records import MODEL_UPDATES, unpack_served
 from privads.infra.settings import Settings
-from privads.infra.store import CatalogEntry, CatalogStore, ModelPointer, QualityBoard, UserStore, connect
+from privads.infra.store import (
+    AdCountLog,
+    CatalogEntry,
+    CatalogStore,
+    ModelPointer,
+    QualityBoard,
+    UserStore,
+    connect,
+)
 from privads.learner import ranking
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from privads.learner.train import train_projector
@@ -45,11 +54,14 @@ from privads.ranker.artifacts import (
     CATALOG_FIT,
     RANDOM_FIT,
     TRAINED_FIT,
+    EvidenceOffsets,
     collect_garbage,
     fit_of,
+    load_evidence,
     refittable,
     write_version,
 )
+from privads.ranker.experiment import ARMS
 from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
@@ -64,7 +76,8 @@ READ_CHUNK = 5000
 HOLDOUT = 0.2
 MIN_EXAMPLES = 200
 MAX_EXAMPLES = 1_000_000
-EXAMPLE_COLUMNS = ["event_id", "ts", "user_id", "ad_id", "position", "request_id", "raw", "user_mean", "user_count"]
+EXAMPLE_COLUMNS = ["event_id", "ts", "user_id", "ad_id", "position", "request_id", "policy", "raw", "user_mean",
+                   "user_count"]
 
 
 @dataclass
@@ -84,6 +97,7 @@ class Examples:
     group: np.ndarray  # (n,) request index
     ad_ids: np.ndarray  # (n,) object
     event_ids: np.ndarray  # (n,) object: the impressions' ids
+    policy: np.ndarray  # (n,) object: the arm that served each impression
 
     def take(self, idx: slice) -> Examples:
         return Examples(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
@@ -153,6 +167,7 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
         group=np.array([groups[g] for g in request_ids], dtype=np.int64),
         ad_ids=kept_ads,
         event_ids=event_ids[keep],
+        policy=np.asarray(imps.column("policy").take(rows).to_pylist(), dtype=object),
     )
 
 
@@ -265,6 +280,50 @@ def click_recall(catalog: ServingCatalog, hold: Examples, k: int = 500, limit: i
     return round(hits / rows.size, 4)
 
 
+def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerModel | None, settings: Settings,
+                     live: dict[str, dict[str, list[int]]]) -> EvidenceOffsets:
+    """Each ad's evidence as a newly promoted model sees it, as offsets to the live counts.
+
+    The calibration factor of an ad compares its clicks with the clicks the served
+    model predicted for its impressions (``ranker.scoring.AdEvidence``). Those
+    predictions were the previous model's: under a new projector or ranker they are
+    on another scale. So the new version's evidence is rebuilt from the training
+    window's logged impressions, each predicted by the *new* model from the features
+    logged at serving, and only the counts that come after it are added live:
+    ``effective = base + (live − live at this cycle)``. Impressions between the end of
+    the window (the attribution window ago) and this cycle are in neither.
+
+    Parameters
+    ----------
+    ex : Examples or None
+        The training window's rows (None: none; every ad then starts from its prior).
+    live : policy → ad id → [clicks, shown, µ-expected]
+        The counts in Redis now (``AdCountLog.snapshot``).
+
+    Returns
+    -------
+    EvidenceOffsets
+        arm → ad id → (clicks, expected clicks) to add to the live counts.
+    """
+    base: dict[str, dict[str, list[float]]] = {}
+    if ex is not None and len(ex.clicked):
+        rows = ranker_data(ex, projector).rows
+        logits = ranker.click_logits(rows) if ranker is not None else rows.dot + logit(settings.base_rate)
+        pctr = sigmoid(logits)
+        for arm, ad, y, p in zip(ex.policy.tolist(), ex.ad_ids.tolist(), ex.clicked.tolist(), pctr.tolist(),
+                                 strict=True):
+            b = base.setdefault(arm, {}).setdefault(ad, [0.0, 0.0])
+            b[0] += y
+            b[1] += p
+    out: EvidenceOffsets = {}
+    for arm in live.keys() | base.keys():
+        now, new = live.get(arm, {}), base.get(arm, {})
+        out[arm] = {ad: (new.get(ad, [0.0, 0.0])[0] - now.get(ad, [0, 0, 0])[0],
+                         new.get(ad, [0.0, 0.0])[1] - now.get(ad, [0, 0, 0])[2] / EXPECTED_SCALE)
+                    for ad in now.keys() | new.keys()}
+    return out
+
+
 async def run_cycle(settings: Settings, reason: str = "scheduled",
                     trainer: Callable[..., Projector] = train_projector) -> dict:
     """Build and publish one model version; returns its manifest."""
@@ -319,13 +378,22 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             fit = TRAINED_FIT
         changed = [name for name, same in (("projector", projector is served and not refit),
                                            ("ranker", ranker is served_ranker)) if not same] + ["index"]
+        evidence: EvidenceOffsets | None
+        if "projector" in changed or "ranker" in changed:  # another model: its own view of the ads' evidence
+            snapshot, _ = await AdCountLog(r).snapshot(ARMS)
+            evidence = await asyncio.to_thread(evidence_offsets, examples, projector, ranker, settings, snapshot)
+            evaluation["evidence"] = {"rebuilt": True, "ads": sum(len(v) for v in evidence.values()),
+                                      "from_examples": 0 if examples is None else len(examples.clicked)}
+        else:  # the same model: the served version's evidence goes on
+            evidence = None if current is None else load_evidence(Path(current["path"]))
+            evaluation["evidence"] = {"rebuilt": False}
         prior = population_prior(total, learned, settings.population_strength)
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
             "changed": changed, "population": {"users": learned, "strength": settings.population_strength,
                                                "prior_norm": round(float(np.linalg.norm(prior)), 6)}},
-            ranker, prior, fit)
+            ranker, prior, fit, evidence)
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
                                   settings.control_version if settings.control_policy == "pinned" else None)

@@ -131,7 +131,8 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     first_row: dict[int, int] = {}
     for i, req in enumerate(log.request.tolist()):
         first_row.setdefault(req, i)
-    row_counts = {arm: RowCounts(cat, arm) for arm in experiment.ARMS}
+    # the version's view of the ads' evidence (ranker.artifacts.EVIDENCE), as /recommend holds it for its arm
+    row_counts = {arm: RowCounts(cat, arm, (version.evidence or {}).get(arm)) for arm in experiment.ARMS}
     for rc in row_counts.values():
         rc.sync(counts)
     # retrieval keys follow the treatment's evidence, as /recommend's do; each arm's category factors its priors

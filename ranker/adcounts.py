@@ -89,11 +89,17 @@ class RowCounts:
         Rows are appended to as ads are upserted; ``sync`` follows.
     policy : str
         The arm.
+    offset : mapping of ad id → (clicks, expected clicks), optional
+        Added to the live counts: the served version's view of the ads' evidence
+        (``ranker.artifacts.EVIDENCE``), so that a promoted model's calibration starts
+        from what it predicts rather than from what the model before it predicted.
+        Impressions are never offset (the popularity control reads them raw).
     """
 
-    def __init__(self, catalog: Catalog, policy: str) -> None:
+    def __init__(self, catalog: Catalog, policy: str, offset: Mapping[str, tuple[float, float]] | None = None) -> None:
         self.catalog = catalog
         self.policy = policy
+        self.offset = dict(offset or {})
         self.clicks = np.zeros(0, np.int64)
         self.shown = np.zeros(0, np.int64)
         self.expected = np.zeros(0, np.float64)  # in clicks
@@ -114,22 +120,25 @@ class RowCounts:
                 for ad_id in ids:
                     r = row.get(ad_id)
                     if r is not None and r < rows:
-                        self._set(r, counts.get(policy, ad_id))
+                        self._set(r, counts.get(policy, ad_id), ad_id)
             if n > rows:
                 self._grow(n)
                 for r in range(rows, n):  # ads added to the catalog since: usually without counts yet
-                    got = counts.get(self.policy, self.catalog.ad_ids[r])
-                    if any(got):
-                        self._set(r, got)
+                    ad_id = self.catalog.ad_ids[r]
+                    got = counts.get(self.policy, ad_id)
+                    if any(got) or ad_id in self.offset:
+                        self._set(r, got, ad_id)
         self.rows, self.version = n, counts.version
 
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Counts of catalog ``rows`` (shape (C,)): clicks and shown (int64), expected clicks (float64)."""
         return self.clicks[rows], self.shown[rows], self.expected[rows]
 
-    def _set(self, r: int, counts: tuple[int, int, int]) -> None:
-        self.clicks[r], self.shown[r] = counts[0], counts[1]
-        self.expected[r] = counts[2] / EXPECTED_SCALE
+    def _set(self, r: int, counts: tuple[int, int, int], ad_id: str) -> None:
+        dc, de = self.offset.get(ad_id, (0.0, 0.0))
+        # never below 0: the live counts only grow from the snapshot the offset was taken against
+        self.clicks[r], self.shown[r] = max(0, counts[0] + round(dc)), counts[1]
+        self.expected[r] = max(0.0, counts[2] / EXPECTED_SCALE + de)
 
     def _grow(self, n: int) -> None:
         cap = self.clicks.shape[0]
@@ -147,10 +156,11 @@ class RowCounts:
         self.shown = np.zeros(max(n, 1024), np.int64)
         self.expected = np.zeros(max(n, 1024), np.float64)
         row = self.catalog.row
-        for ad_id, got in counts.of_arm(self.policy).items():
+        live = counts.of_arm(self.policy)
+        for ad_id in live.keys() | self.offset.keys():
             r = row.get(ad_id)
             if r is not None and r < n:
-                self._set(r, got)
+                self._set(r, live.get(ad_id, _ZERO), ad_id)
 
 
 def _triple(v: Iterable[int]) -> tuple[int, int, int]:

@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,35 @@ PRIOR = "prior.npy"
 # yet), the catalog's principal directions (``projector.initial_projector``; refit while no user is learned), or
 # a trained candidate the learner promoted
 RANDOM_FIT, CATALOG_FIT, TRAINED_FIT = "random", "catalog", "trained"
+# the ads' evidence as this version's model sees it (``EvidenceOffsets``): per arm and ad, what to add to the
+# live clicks and expected clicks so that the calibration factors compare the ad's clicks with what *this*
+# model predicts, not with what the model before it predicted
+EVIDENCE = "evidence.npz"
+
+# arm → ad id → (clicks, expected clicks) to add to the live counts
+EvidenceOffsets = dict[str, dict[str, tuple[float, float]]]
+
+
+def save_evidence(path: Path, offsets: EvidenceOffsets) -> None:
+    """Write ``offsets`` as ``EVIDENCE`` in a version directory."""
+    arrays: dict[str, Any] = {}  # Any: numpy's stubs type savez's keywords as its own flags
+    for arm, ads in offsets.items():
+        ids = list(ads)
+        arrays[f"{arm}.ids"] = np.array(ids, dtype=str)
+        arrays[f"{arm}.clicks"] = np.array([ads[a][0] for a in ids], np.float64)
+        arrays[f"{arm}.expected"] = np.array([ads[a][1] for a in ids], np.float64)
+    np.savez(path / EVIDENCE, **arrays)
+
+
+def load_evidence(path: Path) -> EvidenceOffsets | None:
+    """A version's evidence offsets, or None if it has none (its counts are taken as they are)."""
+    if not (path / EVIDENCE).exists():
+        return None
+    with np.load(path / EVIDENCE, allow_pickle=False) as z:
+        arms = {name.rsplit(".", 1)[0] for name in z.files}
+        return {arm: {str(a): (float(c), float(e)) for a, c, e in
+                      zip(z[f"{arm}.ids"].tolist(), z[f"{arm}.clicks"], z[f"{arm}.expected"], strict=True)}
+                for arm in arms}
 
 
 def fit_of(manifest: dict | None) -> str | None:
@@ -53,6 +83,7 @@ class ModelVersion:
     catalog: ServingCatalog
     ranker: RankerModel | None = None  # None: σ(u·p + b) × bid, the stream's own model
     prior: np.ndarray | None = None  # the population prior a new user starts from (None: the zero vector)
+    evidence: EvidenceOffsets | None = None  # added to the live per-ad counts of the arms this version serves
 
     @property
     def version(self) -> str:
@@ -61,7 +92,7 @@ class ModelVersion:
 
 def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict,
                   ranker: RankerModel | None = None, prior: np.ndarray | None = None,
-                  fit: str | None = None) -> dict:
+                  fit: str | None = None, evidence: EvidenceOffsets | None = None) -> dict:
     """Write a version directory atomically; returns its manifest.
 
     ``fit``: where the projector came from (``RANDOM_FIT``, ``CATALOG_FIT``, ``TRAINED_FIT``), recorded as the
@@ -80,6 +111,8 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
         ranker.save(tmp / "ranker.npz")
     if prior is not None:
         np.save(tmp / PRIOR, np.asarray(prior, np.float32))
+    if evidence is not None:
+        save_evidence(tmp, evidence)
     manifest = {
         "version": version,
         "path": str(final.resolve()),
@@ -102,7 +135,8 @@ def load_version(manifest: dict) -> ModelVersion:
     path = Path(manifest["path"])
     projector = Projector.load(path / "projector.npz")
     ranker = RankerModel.load(path / "ranker.npz") if (path / "ranker.npz").exists() else None
-    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker, load_prior(path))
+    return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker, load_prior(path),
+                        load_evidence(path))
 
 
 def load_prior(path: Path) -> np.ndarray | None:

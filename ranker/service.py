@@ -49,7 +49,7 @@ from privads.infra.store import (
 )
 from privads.ranker import experiment, scoring
 from privads.ranker.adcounts import AdCounts, RowCounts
-from privads.ranker.artifacts import ModelVersion, load_version, prior_or, read_manifest
+from privads.ranker.artifacts import EvidenceOffsets, ModelVersion, load_version, prior_or, read_manifest
 from privads.ranker.features import context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import (
@@ -257,7 +257,7 @@ class Recommender:
         manifest = read_manifest(self.settings.models_dir, str(self.settings.control_version))
         pinned = await asyncio.to_thread(load_version, manifest)
         await self._catch_up([pinned], manifest.get("catalog_change", "0-0"), None)
-        rc = self.row_counts(pinned.catalog, experiment.CONTROL)
+        rc = self.row_counts(pinned.catalog, experiment.CONTROL, pinned.evidence)
         self._factors[(id(pinned.catalog), experiment.CONTROL)] = await asyncio.to_thread(
             rekey_now, pinned.catalog, rc, self.settings)
         self.pinned = pinned
@@ -271,7 +271,8 @@ class Recommender:
         change = await self._catch_up([loaded], manifest.get("catalog_change", "0-0"), None)
         if self.pinned is not None and change != self.change_id:  # bring the pinned catalog to the same point
             await self._catch_up([self.pinned], self.change_id, None)
-        rc = self.row_counts(loaded.catalog, experiment.TREATMENT)  # aligned before the first request needs it
+        # aligned before the first request needs it, with the new version's view of the ads' evidence
+        rc = self.row_counts(loaded.catalog, experiment.TREATMENT, loaded.evidence)
         # keys follow the arm's evidence before the first request retrieves (no request reads this catalog yet)
         self._factors[(id(loaded.catalog), experiment.TREATMENT)] = await asyncio.to_thread(
             rekey_now, loaded.catalog, rc, self.settings)
@@ -371,15 +372,24 @@ class Recommender:
             cat.rekey(chunk, means[chunk])
             await asyncio.sleep(0)
 
-    def row_counts(self, catalog: ServingCatalog, arm: str) -> RowCounts:
-        """One arm's per-ad counts aligned with ``catalog``'s rows, current to the followed log."""
+    def row_counts(self, catalog: ServingCatalog, arm: str, evidence: EvidenceOffsets | None = None) -> RowCounts:
+        """One arm's per-ad counts aligned with ``catalog``'s rows, current to the followed log.
+
+        ``evidence``: the offsets of the version that owns ``catalog``, given when its counts are first
+        aligned (at load); they apply to the arm that version's learned policy serves, never to the
+        popularity or random control's counts.
+        """
         key = (id(catalog), arm)
         rc = self._row_counts.get(key)
         if rc is None or rc.catalog is not catalog:
-            rc = self._row_counts[key] = RowCounts(catalog, arm)
+            offset = (evidence or {}).get(arm) if self._learned_arm(arm) else None
+            rc = self._row_counts[key] = RowCounts(catalog, arm, offset)
         if rc.version != self.ad_counts.version or rc.rows != len(catalog.ad_ids):
             rc.sync(self.ad_counts)
         return rc
+
+    def _learned_arm(self, arm: str) -> bool:
+        return arm == experiment.TREATMENT or self.settings.control_policy == "pinned"
 
     def _prune_row_counts(self) -> None:
         live = {id(v.catalog) for v in self._versions()}

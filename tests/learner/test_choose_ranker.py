@@ -31,7 +31,8 @@ def examples() -> Examples:
                     ts=np.arange(n, dtype=np.float64), counts=np.expm1(r.dense[:, 3 * D + 2]).round().astype(int),
                     bids=np.exp(r.dense[:, 3 * D + 1]), category=r.category, context=r.context, position=r.position,
                     value=t.value, group=t.group, ad_ids=np.array([f"a{i}" for i in ad_index.ravel()], dtype=object),
-                    event_ids=np.array([f"i{i}" for i in range(n)], dtype=object))
+                    event_ids=np.array([f"i{i}" for i in range(n)], dtype=object),
+                    policy=np.full(n, "treatment", dtype=object))
 
 
 IDENTITY = Projector(np.eye(D, dtype=np.float32), np.zeros(D, np.float32))

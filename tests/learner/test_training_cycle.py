@@ -20,6 +20,7 @@ from privads.infra.settings import Settings
 from privads.infra.store import CatalogStore, connect
 from privads.learner.cycle import run_cycle
 from privads.learner.train import train_projector
+from privads.ranker.artifacts import load_evidence
 from privads.ranker.projector import Projector, initial_projector
 from privads.ranker.updates import logit, sigmoid
 from privads.streams import archive
@@ -82,6 +83,14 @@ def test_a_better_projector_is_promoted_and_a_worse_one_rejected(settings: Setti
     assert ev["trained"] and ev["promoted"], ev
     assert ev["candidate"]["auc"] > ev["served"]["auc"] + 0.1  # learned the hidden projection
     assert "projector" in first["changed"]
+    # another model, so its own view of the ads' evidence: the window's clicks against its predictions (no live
+    # counts in this world, so the offsets are the whole evidence)
+    assert first["evaluation"]["evidence"]["rebuilt"]
+    offsets = load_evidence(Path(first["path"]))
+    assert offsets is not None and offsets["treatment"] and not offsets.get("control")
+    clicks = sum(c for c, _ in offsets["treatment"].values())
+    expected = sum(e for _, e in offsets["treatment"].values())
+    assert 0 < clicks < N_IMPS and 0 < expected < N_IMPS
     promoted = Projector.load(Path(first["path"]) / "projector.npz")
     assert not np.array_equal(promoted.weight, initial_projector(384, 64, settings.seed).weight)
 

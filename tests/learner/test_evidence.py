@@ -1,0 +1,90 @@
+"""A promoted model starts the ads' calibration from its own predictions, not from the model before it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from privads.infra.keys import EXPECTED_SCALE
+from privads.infra.settings import Settings
+from privads.learner.cycle import Examples, evidence_offsets
+from privads.ranker.adcounts import AdCounts, RowCounts
+from privads.ranker.artifacts import load_evidence, save_evidence
+from privads.ranker.features import MAX_CONTEXT_TOKENS
+from privads.ranker.projector import Projector
+from privads.ranker.scoring import AdEvidence
+from privads.ranker.updates import logit, sigmoid
+
+D = 8
+
+
+class Cat:
+    def __init__(self, ids: list[str]) -> None:
+        self.ad_ids = ids
+        self.row = {a: i for i, a in enumerate(ids)}
+
+
+def examples(seed: int = 0, n: int = 400) -> Examples:
+    rng = np.random.default_rng(seed)
+    ads = rng.standard_normal((3, D)).astype(np.float32)
+    which = rng.integers(0, 3, n)
+    return Examples(
+        ads=ads[which], users=rng.standard_normal((n, D)).astype(np.float32),
+        clicked=(rng.random(n) < 0.2).astype(np.float32), ts=np.arange(n, dtype=np.float64),
+        counts=np.full(n, 5), bids=np.ones(n, np.float32), category=np.zeros(n, np.int64),
+        context=np.zeros((n, MAX_CONTEXT_TOKENS), np.int64), position=np.zeros(n, np.int64),
+        value=np.full(n, np.nan, np.float32), group=np.arange(n), ad_ids=np.array([f"a{i}" for i in which], object),
+        event_ids=np.array([f"i{i}" for i in range(n)], object),
+        policy=np.where(np.arange(n) % 4 == 0, "control", "treatment").astype(object))
+
+
+def test_the_new_models_evidence_is_its_predictions_on_the_logged_features_plus_what_comes_after() -> None:
+    ex, settings = examples(), Settings(seed=0)
+    projector = Projector(np.eye(D, dtype=np.float32) * 0.5, np.zeros(D, np.float32))
+    # the counts in Redis now: in the old model's terms (its expected clicks are on another scale)
+    live = {"treatment": {"a0": [40, 500, 90 * EXPECTED_SCALE], "a1": [10, 300, 5 * EXPECTED_SCALE],
+                          "gone": [3, 50, 2 * EXPECTED_SCALE]}}
+    offsets = evidence_offsets(ex, projector, None, settings, live)
+
+    p = sigmoid((ex.users * projector.project(ex.ads)).sum(1) + logit(settings.base_rate))
+    counts = AdCounts()
+    counts.reset(live)
+    rc = RowCounts(Cat(["a0", "a1", "a2", "gone"]), "treatment", offsets["treatment"])
+    rc.sync(counts)
+    for row, ad in enumerate(["a0", "a1", "a2"]):
+        mine = (ex.ad_ids == ad) & (ex.policy == "treatment")
+        clicks, shown, expected = rc.take(np.array([row]))
+        assert clicks[0] == ex.clicked[mine].sum()  # the window's clicks, once
+        np.testing.assert_allclose(expected[0], p[mine].sum(), rtol=1e-6)  # predicted by the new model
+        assert shown[0] == live["treatment"].get(ad, [0, 0, 0])[1]  # impressions are never offset
+    assert rc.take(np.array([3]))[0][0] == 0 and rc.take(np.array([3]))[2][0] == 0  # no logged row: from its prior
+    # the control arm gets its own rows' evidence
+    assert sum(c for c, _ in offsets["control"].values()) == ex.clicked[ex.policy == "control"].sum()
+
+    # what comes after the promotion adds to it
+    before = rc.take(np.array([0]))
+    counts.apply({"treatment": {"a0": [2, 10, 3 * EXPECTED_SCALE]}})
+    rc.sync(counts)
+    after = rc.take(np.array([0]))
+    assert after[0][0] == before[0][0] + 2 and after[1][0] == before[1][0] + 10
+    np.testing.assert_allclose(after[2][0], before[2][0] + 3.0)
+    # the calibration factor is the new model's: its clicks against its own predictions
+    ev = AdEvidence(after[0], after[2], 5.0)
+    np.testing.assert_allclose(ev.mean(), (5.0 + after[0]) / (5.0 + after[2]))
+
+
+def test_without_examples_a_new_model_starts_every_ad_from_its_prior(tmp_path: Path) -> None:
+    live = {"treatment": {"a0": [40, 500, 90 * EXPECTED_SCALE]}}
+    offsets = evidence_offsets(None, Projector(np.eye(D, dtype=np.float32), np.zeros(D, np.float32)), None,
+                               Settings(seed=0), live)
+    save_evidence(tmp_path, offsets)
+    loaded = load_evidence(tmp_path)
+    assert loaded == {"treatment": {"a0": (-40.0, -90.0)}}
+    counts = AdCounts()
+    counts.reset(live)
+    rc = RowCounts(Cat(["a0"]), "treatment", loaded["treatment"])
+    rc.sync(counts)
+    clicks, shown, expected = rc.take(np.array([0]))
+    assert (clicks[0], shown[0], expected[0]) == (0, 500, 0.0)
+    assert load_evidence(tmp_path / "none") is None
