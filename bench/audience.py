@@ -75,6 +75,12 @@ class Audience:
         The audience's ads' bids.
     other_bids : ndarray, shape (O,)
         Bids of the world's other ads (clicked at ``base`` only).
+    contexts : list of dict, length C
+        The request contexts a client sends (device × daypart); empty: no context.
+    context_effect : ndarray, shape (C, T)
+        How much context c scales the interest in topic t (mean 1 over the contexts):
+        an effect of the request, not of the user, which a user vector cannot hold and
+        a ranker with the context among its features can learn.
     """
 
     topics: list[str]
@@ -87,6 +93,8 @@ class Audience:
     gain: float
     bids: np.ndarray = field(default_factory=lambda: np.zeros(0))
     other_bids: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    contexts: list[dict[str, str]] = field(default_factory=list)
+    context_effect: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     def __post_init__(self) -> None:
         if self.bids.size == 0:  # no bids given: every ad bids 1
@@ -103,45 +111,60 @@ class Audience:
     def users(self) -> int:
         return int(self.interest.shape[0])
 
-    def click_probability(self, user: int, ads: np.ndarray) -> np.ndarray:
+    def ctr(self, user: int, context: int | None = None) -> np.ndarray:
+        """True P(click) at the top position of each of the audience's ads for ``user``, shape (M,)."""
+        interest = self.interest[user, self.ad_topic]
+        if context is not None and self.contexts:
+            interest = interest * self.context_effect[context, self.ad_topic]
+        return np.minimum(self.base + self.gain * interest, 1.0)
+
+    def click_probability(self, user: int, ads: np.ndarray, context: int | None = None) -> np.ndarray:
         """True P(click) of ``ads`` (indices, shape (k,)) shown at positions 0..k-1 to ``user``.
 
         Indices from ``len(ad_ids)`` on are the world's other ads (``other_bids``' order): the base rate.
         """
         k = ads.shape[0]
         mine = ads < len(self.ad_ids)
-        interest = np.where(mine, self.interest[user, self.ad_topic[np.where(mine, ads, 0)]], 0.0)
-        return self.position_bias[:k] * (self.base + self.gain * interest)
+        return self.position_bias[:k] * np.where(mine, self.ctr(user, context)[np.where(mine, ads, 0)], self.base)
 
     def world_bids(self) -> np.ndarray:
         """Every ad's bid, the audience's then the others', shape (M + O,)."""
         return np.concatenate([self.bids, self.other_bids])
 
-    def oracle_ctr(self, user: int, k: int) -> float:
+    def oracle_ctr(self, user: int, k: int, context: int | None = None) -> float:
         """The best possible expected CTR of a k-list for ``user``: ads by interest, strongest at the top."""
-        best = np.sort(self.base + self.gain * self.interest[user, self.ad_topic])[::-1][:k]
+        best = np.sort(self.ctr(user, context))[::-1][:k]
         return float(np.mean(self.position_bias[:k] * best))
 
-    def random_ctr(self, user: int, k: int) -> float:
+    def random_ctr(self, user: int, k: int, context: int | None = None) -> float:
         """The expected CTR of k ads drawn uniformly, for ``user``."""
-        mean = float(np.mean(self.base + self.gain * self.interest[user, self.ad_topic]))
-        return float(np.mean(self.position_bias[:k]) * mean)
+        return float(np.mean(self.position_bias[:k]) * np.mean(self.ctr(user, context)))
 
-    def oracle_value(self, user: int, k: int) -> float:
+    def oracle_value(self, user: int, k: int, context: int | None = None) -> float:
         """The best expected value per slot of a k-list: the world's k best ads by P(click) × bid, best on top."""
-        mine = (self.base + self.gain * self.interest[user, self.ad_topic]) * self.bids
+        mine = self.ctr(user, context) * self.bids
         best = np.sort(np.concatenate([mine, self.base * self.other_bids]))[::-1][:k]
         return float(np.mean(self.position_bias[:best.shape[0]] * best))
 
-    def random_value(self, user: int, k: int) -> float:
+    def random_value(self, user: int, k: int, context: int | None = None) -> float:
         """The expected value per slot of k of the audience's ads drawn uniformly."""
-        mean = float(np.mean((self.base + self.gain * self.interest[user, self.ad_topic]) * self.bids))
-        return float(np.mean(self.position_bias[:k]) * mean)
+        return float(np.mean(self.position_bias[:k]) * np.mean(self.ctr(user, context) * self.bids))
+
+
+DEVICES = ("mobile", "desktop")
+DAYPARTS = ("morning", "evening")
 
 
 def make_audience(users: int, ads: int, *, seed: int = 0, concentration: float = 0.3, base: float = 0.01,
-                  gain: float = 0.4, positions: int = 100, topics: int | None = None) -> Audience:
-    """A seeded audience of ``users`` users and ``ads`` ads (texts from ``TOPICS``' vocabularies)."""
+                  gain: float = 0.4, positions: int = 100, topics: int | None = None,
+                  context_strength: float = 0.0) -> Audience:
+    """A seeded audience of ``users`` users and ``ads`` ads (texts from ``TOPICS``' vocabularies).
+
+    ``context_strength`` > 0 adds request contexts (device × daypart) that scale each
+    topic's interest by ``exp(strength · z)``, z standard normal per (context, topic),
+    normalised to mean 1 over the contexts; 0 leaves the world without context (and the
+    same as before it existed, for a seed).
+    """
     if users < 1 or ads < 1:
         raise ValueError("users and ads must be at least 1")
     rng = np.random.default_rng(seed)
@@ -161,8 +184,15 @@ def make_audience(users: int, ads: int, *, seed: int = 0, concentration: float =
         texts.append(text)
     interest = rng.dirichlet(np.full(len(names), concentration), users)
     bias = 1.0 / (1.0 + np.arange(positions)) ** 0.5
+    contexts: list[dict[str, str]] = []
+    effect = np.zeros((0, 0))
+    if context_strength > 0:  # its own stream: the rest of the world is the same as without context
+        contexts = [{"device": d, "daypart": p} for d in DEVICES for p in DAYPARTS]
+        effect = np.exp(context_strength * np.random.default_rng([seed, 17]).standard_normal((len(contexts),
+                                                                                             len(names))))
+        effect /= effect.mean(axis=0, keepdims=True)
     return Audience(names, [f"sim-ad-{seed}-{i:04d}" for i in range(ads)], texts, ad_topic, interest, bias, base,
-                    gain)
+                    gain, contexts=contexts, context_effect=effect)
 
 
 def draw_bids(catalog_bids: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

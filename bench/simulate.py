@@ -14,6 +14,10 @@ catalog to make them win. The catalog file also gives the other ads' bids, so
 that the value oracle (the k best ads of the whole world by P(click) × bid)
 and the value of what was shown are known.
 
+With ``context`` the requests carry a device and a daypart that scale each topic's
+interest (``bench.audience.make_audience``): an effect of the request that the users'
+vectors cannot hold and a ranker that reads the context can learn.
+
 The report, per arm and per quarter of the run: requests, impressions, clicks,
 CTR, the true expected CTR and value of what was shown, the oracle's and the
 random policy's, and the efficiency ``(E − random) / (oracle − random)`` in
@@ -125,16 +129,21 @@ async def _wait_recommendable(c: httpx.AsyncClient, aud: Audience, timeout_s: fl
 async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed: int = 0, k: int = 10,
                          concurrency: int = 8, bid: float | None = None, catalog: Path | None = None,
                          api_key: str | None = None, quarters: int = 4,
-                         ready_timeout_s: float = 300.0) -> dict[str, Any]:
+                         ready_timeout_s: float = 300.0, context: float = 0.0) -> dict[str, Any]:
     """Drive the API at ``api`` with a seeded audience; returns the report.
 
     ``bid``: the audience's ads' bid, or None to draw each like ``catalog``'s (the
-    sample catalog file the stack loaded; None: no catalog, bids 1.0).
+    sample catalog file the stack loaded; None: no catalog, bids 1.0). ``context``:
+    the strength of the request context's effect (``make_audience``'s
+    ``context_strength``); above 0 each request sends a device and a daypart drawn
+    uniformly, and the truth, the oracle and the random policy are those of that context.
     """
     if requests < 1 or concurrency < 1 or not 1 <= k <= 100:
         raise ValueError("requests and concurrency must be ≥ 1 and k in 1..100")
+    if not 0.0 <= context <= 3.0:
+        raise ValueError(f"context: the effect's strength must be in [0, 3], got {context}")
     others = catalog_bids(catalog)
-    base = make_audience(users, ads, seed=seed)
+    base = make_audience(users, ads, seed=seed, context_strength=context)
     aud = base.with_bids(audience_bids(ads, bid, others, seed), np.fromiter(others.values(), np.float64, len(others)))
     index = {a: i for i, a in enumerate(aud.ad_ids)}
     unknown = 0  # impressions of ads neither the audience's nor the catalog file's: value counted at bid 0
@@ -158,16 +167,19 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
                 except asyncio.QueueEmpty:
                     return
                 user = int(rng.integers(aud.users))
-                r = await c.post("/recommend", json={"user_id": f"sim-{seed}-user-{user}", "k": k})
+                ctx = int(rng.integers(len(aud.contexts))) if aud.contexts else None
+                body_in: dict[str, Any] = {"user_id": f"sim-{seed}-user-{user}", "k": k}
+                if ctx is not None:
+                    body_in["context"] = aud.contexts[ctx]
+                r = await c.post("/recommend", json=body_in)
                 if r.status_code != 200:
                     failures += 1
                     continue
                 body = r.json()
                 shown = body["ads"]
                 known = np.array([index.get(a["ad_id"], -1) for a in shown], dtype=np.int64)
-                p = aud.position_bias[:len(shown)] * np.where(
-                    known >= 0, aud.base + aud.gain * aud.interest[user, aud.ad_topic[np.maximum(known, 0)]],
-                    aud.base)
+                # an ad neither the audience's nor the catalog's is clicked at the base rate, like the catalog's
+                p = aud.click_probability(user, np.where(known >= 0, known, len(aud.ad_ids)), ctx)
                 other = np.array([others.get(a["ad_id"], np.nan) for a in shown], dtype=np.float64)
                 unknown += int(((known < 0) & np.isnan(other)).sum())
                 bids = np.where(known >= 0, aud.bids[np.maximum(known, 0)], np.nan_to_num(other))
@@ -177,11 +189,11 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
                 t.impressions += len(shown)
                 t.clicks += int(clicked.sum())
                 t.expected.append(float(p.mean()) if len(shown) else 0.0)
-                t.oracle.append(aud.oracle_ctr(user, k))
-                t.random.append(aud.random_ctr(user, k))
+                t.oracle.append(aud.oracle_ctr(user, k, ctx))
+                t.random.append(aud.random_ctr(user, k, ctx))
                 t.value.append(float((p * bids).sum() / k))
-                t.oracle_value.append(aud.oracle_value(user, k))
-                t.random_value.append(aud.random_value(user, k))
+                t.oracle_value.append(aud.oracle_value(user, k, ctx))
+                t.random_value.append(aud.random_value(user, k, ctx))
                 t.order.append(i)
                 for a in (a for a, hit in zip(shown, clicked, strict=True) if hit):
                     cr = await c.post("/clicks", json={"impression_id": a["impression_id"],
@@ -194,7 +206,7 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
         lift = (await c.get("/lift", params={"window": max(3600.0, elapsed + 600)})).json()
     b = aud.bids
     return {"users": users, "ads": ads, "requests": requests, "k": k, "seed": seed, "concurrency": concurrency,
-            "bid": bid if bid is not None else "catalog",
+            "bid": bid if bid is not None else "catalog", "context": context,
             "bids": {"min": float(b.min()), "median": float(np.median(b)), "max": float(b.max())},
             "catalog_ads": len(others), "catalog_max_bid": max(others.values()) if others else None,
             "unknown_bid_impressions": unknown, "seconds": round(elapsed, 1), "failed_calls": failures,

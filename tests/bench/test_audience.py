@@ -77,3 +77,21 @@ def test_simulate_draws_its_ads_bids_from_the_catalog_file_never_above_it(tmp_pa
     assert np.array_equal(audience_bids(200, None, others, seed=1), drawn)
     assert np.array_equal(audience_bids(3, 2.0, others, seed=1), [2.0, 2.0, 2.0])
     assert np.array_equal(audience_bids(3, None, catalog_bids(None), seed=1), np.ones(3))
+
+
+def test_request_context_scales_topics_and_leaves_the_rest_of_the_world_as_it_was() -> None:
+    plain, ctx = make_audience(20, 30, seed=3), make_audience(20, 30, seed=3, context_strength=0.7)
+    assert ctx.ad_texts == plain.ad_texts and np.array_equal(ctx.interest, plain.interest)
+    assert plain.contexts == [] and len(ctx.contexts) == 4
+    assert {c["device"] for c in ctx.contexts} == {"mobile", "desktop"}
+    np.testing.assert_allclose(ctx.context_effect.mean(axis=0), 1.0)
+    assert ctx.context_effect.std() > 0.3  # a real effect, for a ranker to learn
+    ads = np.arange(5)
+    for c in range(4):
+        want = ctx.position_bias[:5] * np.minimum(
+            ctx.base + ctx.gain * ctx.interest[0, ctx.ad_topic[ads]] * ctx.context_effect[c, ctx.ad_topic[ads]], 1)
+        np.testing.assert_allclose(ctx.click_probability(0, ads, c), want)
+        best = np.sort(ctx.ctr(0, c))[::-1][:3]
+        assert ctx.oracle_ctr(0, 3, c) == pytest.approx(float(np.mean(ctx.position_bias[:3] * best)))
+    # without a context the truth is the context-free one
+    np.testing.assert_allclose(ctx.click_probability(0, ads), plain.click_probability(0, ads))
