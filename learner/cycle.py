@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -49,19 +49,26 @@ from privads.infra.store import (
 )
 from privads.learner import ranking
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
+from privads.learner.logs import Rows
+from privads.learner.offline import evaluate
+from privads.learner.replay import rerank
 from privads.learner.train import train_projector
+from privads.ranker.adcounts import AdCounts
 from privads.ranker.artifacts import (
     CATALOG_FIT,
     RANDOM_FIT,
     TRAINED_FIT,
     EvidenceOffsets,
+    ModelVersion,
     collect_garbage,
     fit_of,
     load_evidence,
+    load_version,
     refittable,
+    write_manifest,
     write_version,
 )
-from privads.ranker.experiment import ARMS
+from privads.ranker.experiment import ARMS, TREATMENT
 from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id, context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
@@ -76,8 +83,8 @@ READ_CHUNK = 5000
 HOLDOUT = 0.2
 MIN_EXAMPLES = 200
 MAX_EXAMPLES = 1_000_000
-EXAMPLE_COLUMNS = ["event_id", "ts", "user_id", "ad_id", "position", "request_id", "policy", "raw", "user_mean",
-                   "user_count"]
+EXAMPLE_COLUMNS = ["event_id", "ts", "user_id", "ad_id", "position", "request_id", "policy", "propensity", "raw",
+                   "user_mean", "user_count"]
 
 
 @dataclass
@@ -98,6 +105,8 @@ class Examples:
     ad_ids: np.ndarray  # (n,) object
     event_ids: np.ndarray  # (n,) object: the impressions' ids
     policy: np.ndarray  # (n,) object: the arm that served each impression
+    propensity: np.ndarray  # (n,) the logged propensity; NaN where none was logged
+    contexts: np.ndarray  # (n,) object: the request's context as sent (a dict, or None)
 
     def take(self, idx: slice) -> Examples:
         return Examples(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
@@ -152,6 +161,8 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     groups = {rid: i for i, rid in enumerate(dict.fromkeys(request_ids))}
     kept_ads = ad_ids[keep]
     value = [values.get(e) for e in event_ids[keep]]
+    contexts = [orjson.loads(j).get("context") for j in raw]
+    propensity = imps.column("propensity").take(rows).to_pylist()
     return Examples(
         ads=np.stack([embeddings[a] for a in kept_ads]),
         users=np.stack([cast(np.ndarray, served[i]) for i in kept]),
@@ -160,15 +171,23 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
         counts=np.array([served_count[i] for i in kept], dtype=np.int64),
         bids=np.array([entries[a].bid for a in kept_ads], dtype=np.float32),
         category=np.array([category_id(entries[a].category) for a in kept_ads], dtype=np.int64),
-        context=np.stack([context_ids(orjson.loads(j).get("context")) for j in raw]) if raw
-        else np.zeros((0, MAX_CONTEXT_TOKENS), np.int64),
+        context=np.stack([context_ids(c) for c in contexts]) if raw else np.zeros((0, MAX_CONTEXT_TOKENS), np.int64),
         position=imps.column("position").take(rows).to_numpy(zero_copy_only=False).astype(np.int64),
         value=np.array([np.nan if v is None else v for v in value], dtype=np.float32),
         group=np.array([groups[g] for g in request_ids], dtype=np.int64),
         ad_ids=kept_ads,
         event_ids=event_ids[keep],
         policy=np.asarray(imps.column("policy").take(rows).to_pylist(), dtype=object),
+        propensity=np.array([np.nan if p is None else p for p in propensity], dtype=np.float64),
+        contexts=_objects(contexts),
     )
+
+
+def _objects(items: list) -> np.ndarray:
+    """A 1-d object array of ``items`` (``np.array`` would make an array of dicts' keys or nested lists)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
 
 
 def served_users(ex: Examples | None, d_user: int) -> np.ndarray | None:
@@ -324,6 +343,53 @@ def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerMo
     return out
 
 
+OPE_REQUESTS = 500  # the newest held-out treatment requests re-ranked for the off-policy estimates
+OPE_DRAWS = 32
+
+
+def off_policy_values(hold: Examples, versions: dict[str, ModelVersion], counts: AdCounts,
+                      settings: Settings) -> dict[str, Any]:
+    """SNIPS and DR estimates of each version's CTR on the held-out treatment requests, beside the on-policy CTR.
+
+    Only whole requests of the treatment arm with logged propensities enter (the
+    newest ``OPE_REQUESTS``). Each version re-ranks them with the slates
+    ``/recommend`` would build (``learner.replay.rerank``) from the user as served
+    (the logged ``user_mean``/``user_count``; the prior precision, which is not
+    logged); ``π_e`` is the share of ``OPE_DRAWS`` Monte-Carlo lists. The served
+    policy's on-policy value is the held-out requests' observed CTR.
+
+    Returns
+    -------
+    dict
+        ``requests``, ``rows``, ``on_policy_ctr`` and, per version name, each
+        estimator's ``OPEResult.to_dict()``; ``skipped`` with the reason when too few
+        requests qualify.
+    """
+    ok = (hold.policy == TREATMENT) & np.isfinite(hold.propensity)
+    bad = np.unique(hold.group[~ok])
+    groups = np.unique(hold.group[ok])
+    groups = groups[~np.isin(groups, bad)][-OPE_REQUESTS:]
+    idx = np.flatnonzero(np.isin(hold.group, groups))
+    if groups.size < 20:
+        return {"skipped": f"{groups.size} held-out treatment requests with propensities (fewer than 20)"}
+    rows = Rows(request_id=[str(g) for g in hold.group[idx]], user_id=[f"r{g}" for g in hold.group[idx]],
+                ad_id=[str(a) for a in hold.ad_ids[idx]], position=hold.position[idx],
+                propensity=hold.propensity[idx], clicked=hold.clicked[idx], value=hold.value[idx],
+                policy=[str(p) for p in hold.policy[idx]], context=list(hold.contexts[idx]), ts=hold.ts[idx])
+    log = rows.to_log("clicked")
+    precision = np.full(settings.d_user, settings.prior_precision, np.float32)
+    served: dict[int, tuple] = {}
+    for i, req in zip(idx.tolist(), log.request.tolist(), strict=True):
+        served.setdefault(req, (hold.users[i], precision, int(hold.counts[i])))
+    out: dict[str, Any] = {"requests": int(groups.size), "rows": len(log), "draws": OPE_DRAWS,
+                           "on_policy_ctr": float(log.reward.mean())}
+    for name, version in versions.items():
+        pol = rerank(version, rows, log, {}, counts, settings, seed=settings.seed, draws=OPE_DRAWS, name=name,
+                     request_states=served)
+        out[name] = {k: r.to_dict() for k, r in evaluate(pol, log, ("snips", "dr"), seed=settings.seed).items()}
+    return out
+
+
 async def run_cycle(settings: Settings, reason: str = "scheduled",
                     trainer: Callable[..., Projector] = train_projector) -> dict:
     """Build and publish one model version; returns its manifest."""
@@ -394,6 +460,9 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             "changed": changed, "population": {"users": learned, "strength": settings.population_strength,
                                                "prior_norm": round(float(np.linalg.norm(prior)), 6)}},
             ranker, prior, fit, evidence)
+        if examples is not None:  # on the version as written (re-ranking re-keys a catalog: not the one saved)
+            manifest["evaluation"]["off_policy"] = await _off_policy(settings, r, examples, current, manifest)
+            write_manifest(manifest)  # not announced yet: nobody reads it before the pointer moves
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
                                   settings.control_version if settings.control_policy == "pinned" else None)
@@ -402,6 +471,22 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
     announce(settings, manifest)
     log.info("published %s (%d ads; removed %s)", manifest["version"], manifest["index"]["size"], removed)
     return manifest
+
+
+async def _off_policy(settings: Settings, r: aioredis.Redis, examples: Examples, current: dict | None,
+                      written: dict) -> dict[str, Any]:
+    """``off_policy_values`` of the new version and of the served one; never stops a cycle (a failure is logged)."""
+    try:
+        snapshot, _ = await AdCountLog(r).snapshot(ARMS)
+        counts = AdCounts()
+        counts.reset(snapshot)
+        versions = {"candidate": await asyncio.to_thread(load_version, written)}
+        if current is not None:
+            versions["served"] = await asyncio.to_thread(load_version, current)
+        return await asyncio.to_thread(off_policy_values, split(examples)[1], versions, counts, settings)
+    except Exception as e:  # noqa: BLE001 - an estimate, not a reason to keep the catalog or the users waiting
+        log.warning("off-policy estimates failed: %s: %s", type(e).__name__, e)
+        return {"skipped": f"failed: {type(e).__name__}: {e}"}
 
 
 def announce(settings: Settings, manifest: dict) -> None:

@@ -118,10 +118,14 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
 
 
 def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple | None], counts: AdCounts,
-           settings: Settings, *, seed: int, draws: int, name: str) -> PolicyRows:
+           settings: Settings, *, seed: int, draws: int, name: str,
+           request_states: dict[int, tuple] | None = None) -> PolicyRows:
     """``version``'s Thompson policy on every logged request, with the slates ``/recommend`` would build.
 
     A user without state starts from the version's population prior, as on ``/recommend``.
+    ``request_states``: each request's user as it was served (request index → (mean,
+    precision, count), from the features logged with its impressions), used instead of
+    ``states`` (each user's one state) when given.
     """
     cat = version.catalog
     policy = ThompsonPolicy(ThompsonParams.from_settings(settings, draws), version.ranker, np.random.default_rng(seed))
@@ -143,7 +147,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     def slate_of(req: int) -> tuple[Slate, np.ndarray]:
         nonlocal unknown
         i = first_row[req]
-        state = states.get(rows.user_id[i])
+        state = request_states.get(req) if request_states is not None else states.get(rows.user_id[i])
         unknown += state is None
         mean, precision, count = state if state else (prior_mean, prior_precision, 0)
         cand = retrieve(cat, mean, settings.candidates)
@@ -153,10 +157,13 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
         return slate, np.array([action_of.get(a, -1) for a in cat.ids_of(cand)], dtype=np.int64)
 
     out = policy_rows(policy, log, slate_of, draws=draws, rng=np.random.default_rng(seed), name=name)
-    out.notes.extend([
-        f"re-ranked {len(first_row)} logged requests with {draws} Monte-Carlo draws each "
-        f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})",
-        "user posteriors and per-ad counts are today's in Redis: they have learned from these very impressions, "
-        "so the estimate is optimistic for a policy that exploits them",
-        f"{unknown} requests' users have no state now (erased, or never labelled): scored from the prior"])
+    out.notes.append(f"re-ranked {len(first_row)} logged requests with {draws} Monte-Carlo draws each "
+                     f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})")
+    if request_states is None:
+        out.notes.extend([
+            "user posteriors and per-ad counts are today's in Redis: they have learned from these very "
+            "impressions, so the estimate is optimistic for a policy that exploits them",
+            f"{unknown} requests' users have no state now (erased, or never labelled): scored from the prior"])
+    else:
+        out.notes.append("users as served (the features logged with each request); per-ad counts are today's")
     return out

@@ -131,6 +131,14 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
     return manifest
 
 
+def write_manifest(manifest: dict) -> None:
+    """Rewrite a written version's manifest (atomically), e.g. with evaluations made on the version as written."""
+    path = Path(manifest["path"])
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path / MANIFEST)
+
+
 def load_version(manifest: dict) -> ModelVersion:
     path = Path(manifest["path"])
     projector = Projector.load(path / "projector.npz")

@@ -32,7 +32,8 @@ def examples() -> Examples:
                     bids=np.exp(r.dense[:, 3 * D + 1]), category=r.category, context=r.context, position=r.position,
                     value=t.value, group=t.group, ad_ids=np.array([f"a{i}" for i in ad_index.ravel()], dtype=object),
                     event_ids=np.array([f"i{i}" for i in range(n)], dtype=object),
-                    policy=np.full(n, "treatment", dtype=object))
+                    policy=np.full(n, "treatment", dtype=object), propensity=np.full(n, np.nan),
+                    contexts=np.full(n, None, dtype=object))
 
 
 IDENTITY = Projector(np.eye(D, dtype=np.float32), np.zeros(D, np.float32))

@@ -36,7 +36,8 @@ def examples(seed: int = 0, n: int = 400) -> Examples:
         context=np.zeros((n, MAX_CONTEXT_TOKENS), np.int64), position=np.zeros(n, np.int64),
         value=np.full(n, np.nan, np.float32), group=np.arange(n), ad_ids=np.array([f"a{i}" for i in which], object),
         event_ids=np.array([f"i{i}" for i in range(n)], object),
-        policy=np.where(np.arange(n) % 4 == 0, "control", "treatment").astype(object))
+        policy=np.where(np.arange(n) % 4 == 0, "control", "treatment").astype(object),
+        propensity=np.full(n, np.nan), contexts=np.full(n, None, dtype=object))
 
 
 def test_the_new_models_evidence_is_its_predictions_on_the_logged_features_plus_what_comes_after() -> None:

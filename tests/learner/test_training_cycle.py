@@ -98,6 +98,16 @@ def test_a_better_projector_is_promoted_and_a_worse_one_rejected(settings: Setti
         return initial_projector(384, 64, seed=999)
 
     second = asyncio.run(run_cycle(settings, reason="test", trainer=worse))
+    # beside the gate's scores: off-policy estimates of the new and of the served version on the held-out
+    # treatment requests (they logged propensities), and the on-policy CTR, in the manifest on disk too
+    ope = second["evaluation"]["off_policy"]
+    assert ope["requests"] == 500 and 0 < ope["on_policy_ctr"] < 1, ope
+    for name in ("candidate", "served"):
+        for est in ("snips", "dr"):
+            r = ope[name][est]
+            assert r["ci_lo"] <= r["estimate"] <= r["ci_hi"], (name, est, r)
+    on_disk = json.loads((Path(second["path"]) / "manifest.json").read_text())
+    assert on_disk["evaluation"]["off_policy"] == ope
     ev2 = second["evaluation"]["projector"]
     assert ev2["trained"] and not ev2["promoted"] and "AUC" in ev2["reason"], ev2
     assert "projector" not in second["changed"]
