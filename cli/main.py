@@ -106,7 +106,8 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     key = settings.api_key.get_secret_value() if settings.api_key else None
     catalog = settings.catalog if settings.catalog is not None and settings.catalog.is_file() else None
     out = asyncio.run(run_simulation(settings.api, args.users, args.ads, args.requests, seed=args.seed, k=args.k,
-                                     concurrency=args.concurrency, bid=args.bid, catalog=catalog, api_key=key))
+                                     concurrency=args.concurrency, bid=args.bid, catalog=catalog, api_key=key,
+                                     context=args.context))
     print(json.dumps(out))
     return 0
 
@@ -162,6 +163,11 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
         out = bench_serve(settings, ads=args.ads or 1_000_000, concurrency=args.concurrency, duration_s=args.duration,
                           warmup_s=args.warmup, api_workers=args.api_workers)
+    elif args.what == "cycle":
+        from privads.bench.cycle import bench_cycle
+
+        out = bench_cycle(settings, args.impressions, days=args.days, ads=args.ads or 2000,
+                          users=args.users or 100_000, seed=args.seed)
     elif args.what == "policies":
         from privads.bench.policies import PEERS, bench_policies
 
@@ -206,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--bid", type=_bid, default=None, metavar="B|catalog",
                     help="the audience's ads' bid: a number, or `catalog` (the default): each ad's bid drawn from "
                     "the catalog's (PRIVADS_CATALOG; 1.0 without one), never above it")
+    sm.add_argument("--context", type=float, default=0.0, metavar="STRENGTH",
+                    help="requests carry a device and a daypart that scale each topic's interest by exp(STRENGTH·z) "
+                    "(0, the default: no context; 0.7 is a strong effect): what only a ranker reading the context "
+                    "can learn")
     sm.set_defaults(fn=cmd_simulate)
     ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
     ex.add_argument("out", type=Path, help="OUT.jsonl or OUT.parquet")
@@ -226,9 +236,9 @@ def parser() -> argparse.ArgumentParser:
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
     b = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
-    b.add_argument("what", choices=["serve", "stream", "learn", "policies"])
+    b.add_argument("what", choices=["serve", "stream", "learn", "policies", "cycle"])
     b.add_argument("--events", type=int, default=1_000_000)
-    b.add_argument("--users", type=int, default=None, help="stream: 100000; policies: the audience's (400)")
+    b.add_argument("--users", type=int, default=None, help="stream, cycle: 100000; policies: the audience's (400)")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--partitions", type=int, default=4)
     b.add_argument("--fresh-rate", type=float, default=10_000.0, help="events/s of the freshness phase")
@@ -238,9 +248,10 @@ def parser() -> argparse.ArgumentParser:
                    help="learn: the ad texts encoded; policies: the catalog beside the audience's ads")
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
     b.add_argument("--ads", type=int, default=None, help="serve, learn: synthetic ads in the index (1000000); "
-                   "policies: the audience's (200)")
+                   "policies: the audience's (200); cycle: the catalog's (2000)")
     b.add_argument("--requests", type=int, default=20_000, help="policies: requests served to each policy")
-    b.add_argument("--seed", type=int, default=0, help="policies: the audience's and every policy's seed")
+    b.add_argument("--seed", type=int, default=0, help="policies: the audience's and every policy's seed; "
+                   "cycle: the synthetic world's and the learner's")
     b.add_argument("--policies", default=None, help="policies: which, comma-separated (default: all of "
                    "privads, random, popularity, river-thompson, vowpalwabbit)")
     b.add_argument("--plot", type=Path, default=None, help="policies: write the efficiency curves to this PNG")
@@ -252,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--duration", type=float, default=30.0, help="serve: measured seconds per phase")
     b.add_argument("--warmup", type=float, default=5.0, help="serve: unmeasured seconds before each phase")
     b.add_argument("--api-workers", type=int, default=2, help="serve: API processes on the port (one per core)")
+    b.add_argument("--impressions", type=int, default=1_000_000, help="cycle: archived impressions")
+    b.add_argument("--days", type=float, default=14.0, help="cycle: days the archive spans, up to now")
     b.set_defaults(fn=cmd_bench)
     return p
 

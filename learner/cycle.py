@@ -299,6 +299,9 @@ def click_recall(catalog: ServingCatalog, hold: Examples, k: int = 500, limit: i
     return round(hits / rows.size, 4)
 
 
+EVIDENCE_CHUNK = 65_536  # rows scored at once by evidence_offsets
+
+
 def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerModel | None, settings: Settings,
                      live: dict[str, dict[str, list[int]]]) -> EvidenceOffsets:
     """Each ad's evidence as a newly promoted model sees it, as offsets to the live counts.
@@ -325,11 +328,14 @@ def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerMo
         arm → ad id → (clicks, expected clicks) to add to the live counts.
     """
     base: dict[str, dict[str, list[float]]] = {}
-    if ex is not None and len(ex.clicked):
-        rows = ranker_data(ex, projector).rows
+    n = 0 if ex is None else len(ex.clicked)
+    for start in range(0, n, EVIDENCE_CHUNK):  # in chunks: the features of 1M rows at once cost gigabytes
+        assert ex is not None
+        part = ex.take(slice(start, start + EVIDENCE_CHUNK))
+        rows = ranker_data(part, projector).rows
         logits = ranker.click_logits(rows) if ranker is not None else rows.dot + logit(settings.base_rate)
         pctr = sigmoid(logits)
-        for arm, ad, y, p in zip(ex.policy.tolist(), ex.ad_ids.tolist(), ex.clicked.tolist(), pctr.tolist(),
+        for arm, ad, y, p in zip(part.policy.tolist(), part.ad_ids.tolist(), part.clicked.tolist(), pctr.tolist(),
                                  strict=True):
             b = base.setdefault(arm, {}).setdefault(ad, [0.0, 0.0])
             b[0] += y

@@ -89,3 +89,18 @@ def test_without_examples_a_new_model_starts_every_ad_from_its_prior(tmp_path: P
     clicks, shown, expected = rc.take(np.array([0]))
     assert (clicks[0], shown[0], expected[0]) == (0, 500, 0.0)
     assert load_evidence(tmp_path / "none") is None
+
+
+def test_evidence_is_the_same_scored_in_chunks(monkeypatch) -> None:
+    import privads.learner.cycle as cycle
+
+    ex, settings = examples(seed=5, n=300), Settings(seed=0)
+    projector = Projector(np.eye(D, dtype=np.float32), np.zeros(D, np.float32))
+    whole = evidence_offsets(ex, projector, None, settings, {})
+    monkeypatch.setattr(cycle, "EVIDENCE_CHUNK", 37)
+    chunked = evidence_offsets(ex, projector, None, settings, {})
+    assert whole.keys() == chunked.keys()
+    for arm in whole:
+        assert whole[arm].keys() == chunked[arm].keys()
+        for ad in whole[arm]:
+            np.testing.assert_allclose(chunked[arm][ad], whole[arm][ad], rtol=1e-9)
