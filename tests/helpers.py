@@ -25,6 +25,15 @@ def produce(servers: str, topic: str, messages: list[tuple[str | None, bytes | d
         producer.close(timeout=5)
 
 
+def topic_partitions(servers: str) -> dict[str, int]:
+    """Every topic on the broker and its partition count."""
+    c = KafkaConsumer(bootstrap_servers=servers)
+    try:
+        return {t: len(c.partitions_for_topic(t) or ()) for t in c.topics()}
+    finally:
+        c.close()
+
+
 def read_topic(servers: str, topic: str, timeout: float = 2.0) -> list[dict]:
     """Every message currently in ``topic`` (all partitions, from the start), JSON-decoded."""
     consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False,

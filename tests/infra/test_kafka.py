@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
-from kafka import KafkaConsumer
 
+from helpers import topic_partitions
 from privads.infra import records
 from privads.infra.kafka import keep_topics, make_producer
 from privads.infra.processes import broker_process, free_port
@@ -30,14 +30,6 @@ def empty_broker(tmp_path: Path) -> Iterator[str]:
         broker.stop(10)
 
 
-def partitions_of(servers: str) -> dict[str, int]:
-    c = KafkaConsumer(bootstrap_servers=servers)
-    try:
-        return {t: len(c.partitions_for_topic(t) or ()) for t in c.topics()}
-    finally:
-        c.close()
-
-
 def test_keep_topics_creates_the_missing_ones_once_and_reports_a_foreign_partition_count(empty_broker: str) -> None:
     # a producer gets there first, as after a broker restart: the broker's default count (4), not ours (3)
     producer = make_producer(empty_broker)
@@ -45,14 +37,14 @@ def test_keep_topics_creates_the_missing_ones_once_and_reports_a_foreign_partiti
         producer.send(records.CLICKS, b"{}").get(10)
     finally:
         producer.close()
-    auto = partitions_of(empty_broker)[records.CLICKS]
+    auto = topic_partitions(empty_broker)[records.CLICKS]
     assert auto != 3
 
     created, mismatched = asyncio.run(keep_topics(empty_broker, 3))
     want = records.topic_partitions(3)
     assert set(created) == set(want) - {records.CLICKS}
     assert mismatched == {records.CLICKS: auto}
-    have = partitions_of(empty_broker)
+    have = topic_partitions(empty_broker)
     assert {t: have[t] for t in want if t != records.CLICKS} == {t: n for t, n in want.items() if t != records.CLICKS}
 
     again = asyncio.run(keep_topics(empty_broker, 3))

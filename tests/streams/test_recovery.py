@@ -14,10 +14,9 @@ import time
 import numpy as np
 import pytest
 import redis
-from kafka import KafkaConsumer
 
 from conftest import start_worker, wait_until
-from helpers import click, impression, produce, sample_ads
+from helpers import click, impression, produce, sample_ads, topic_partitions
 from privads.infra import keys, records
 from privads.infra.processes import broker_process, redis_process, wait_port_free
 from privads.infra.settings import Settings
@@ -82,14 +81,6 @@ def test_sigkill_mid_stream_then_restart_equals_an_uninterrupted_run(infra, sett
     for r in (ra, rb):
         assert stat(r, "labelled_clicks") == clicked  # no positive lost, none applied twice
         assert stat(r, "repeated_clicks") == len(clicks) - clicked
-
-
-def topic_partitions(servers: str) -> dict[str, int]:
-    c = KafkaConsumer(bootstrap_servers=servers)
-    try:
-        return {t: len(c.partitions_for_topic(t) or ()) for t in c.topics()}
-    finally:
-        c.close()
 
 
 def test_broker_restart_workers_recreate_topics_and_keep_state(infra, settings: Settings, rds: redis.Redis) -> None:
