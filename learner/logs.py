@@ -38,6 +38,7 @@ EXPORT_SCHEMA = pa.schema([
     ("position", pa.int32()), ("propensity", pa.float64()), ("policy", pa.string()), ("model_version", pa.string()),
     ("request_id", pa.string()), ("context", pa.string()), ("clicked", pa.int8()), ("value", pa.float64()),
     ("click_ts", pa.float64()), ("pctr", pa.float64()), ("factor", pa.float64()),
+    ("user_mean", pa.string()), ("user_count", pa.int64()),
 ])
 
 
@@ -56,6 +57,9 @@ class Rows:
     context: list[dict[str, Any] | None]
     ts: np.ndarray
     actions: list[str] | None = None  # the action set when the format defines one (OBD); else the ads shown
+    # the user as served, where the log carries it (PrivAds' exports): records.pack_served text, and its count
+    user_mean: list[str | None] | None = None
+    user_count: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ad_id)
@@ -99,7 +103,9 @@ def settled_rows(data: Path, window_s: float, now: float | None = None) -> list[
                     "value": 0.0 if click is None or click["value"] is None else float(click["value"]),
                     "click_ts": None if click is None else click["ts"],
                     # what serving predicted and multiplied in: the stream's update of a replayed impression uses it
-                    "pctr": raw.get("pctr"), "factor": raw.get("factor")})
+                    "pctr": raw.get("pctr"), "factor": raw.get("factor"),
+                    # the user as the ranker saw it (records.pack_served): replay re-ranks from it, not from today's
+                    "user_mean": imp.get("user_mean"), "user_count": imp.get("user_count")})
     return out
 
 
@@ -196,7 +202,10 @@ def _rows(path: Path, records: list[dict[str, Any]]) -> Rows:
         clicked=np.array([float(r["clicked"]) for r in records]),
         value=np.array([float(r.get("value") or 0.0) for r in records]),
         policy=[str(r.get("policy", "")) for r in records], context=[r.get("context") for r in records],
-        ts=np.array([float(r.get("ts") or 0.0) for r in records]))
+        ts=np.array([float(r.get("ts") or 0.0) for r in records]),
+        user_mean=[r.get("user_mean") if isinstance(r.get("user_mean"), str) else None for r in records],
+        user_count=[int(c) if isinstance(c := r.get("user_count"), int | float) and c >= 0 else None
+                    for r in records])
 
 
 def read_obd(path: Path) -> Rows:

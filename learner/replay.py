@@ -9,12 +9,13 @@ Policies:
   the same retrieval, ranker and Thompson sampling code as ``/recommend``;
 * a model version: a directory ``…/models/<version>`` or its name in ``PRIVADS_DATA``.
 
-For the model policies each logged request is re-ranked with the user's
-posterior as it is in Redis *now* (the prior for unknown or erased users) and
-the arm's per-ad counts as they are now. Those states have learned from the
-very impressions being evaluated, so the estimate is optimistic for a policy
-that exploits them; this is stated in the report's notes. ``π_e(ad | slot)``
-is the share of ``draws`` Monte-Carlo lists that put the ad in that slot.
+For the model policies each logged request is re-ranked with the user as
+served: the ``user_mean``/``user_count`` its rows logged (``logged_states``).
+A request that logged none takes the user's posterior as it is in Redis *now*
+(the prior for unknown or erased users), which has learned from the very
+impressions being evaluated; the arm's per-ad counts are always today's. The
+report's notes say how many requests took which. ``π_e(ad | slot)`` is the
+share of ``draws`` Monte-Carlo lists that put the ad in that slot.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from privads.infra.errors import LogError
+from privads.infra.records import unpack_served
 from privads.infra.settings import Settings
 from privads.infra.store import AdCountLog, ModelPointer, UserStore, connect
 from privads.learner.estimators import CIMethod
@@ -114,7 +116,26 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
     counts = AdCounts()
     counts.reset(snapshot)
     return rerank(version, rows, log, states, counts, settings, seed=seed, draws=draws,
-                  name=f"model {version.version}" + (" (current)" if policy == "current" else ""))
+                  name=f"model {version.version}" + (" (current)" if policy == "current" else ""),
+                  request_states=logged_states(rows, log, settings))
+
+
+def logged_states(rows: Rows, log: Log, settings: Settings) -> dict[int, tuple]:
+    """Each request's user as served, from the features its first row logged (request index → state).
+
+    The precision is not logged: the prior's stands in (a user's grows slowly; it only scales the draws' noise).
+    """
+    if rows.user_mean is None or rows.user_count is None:
+        return {}
+    precision = np.full(settings.d_user, settings.prior_precision, np.float32)
+    out: dict[int, tuple] = {}
+    for i, req in enumerate(log.request.tolist()):
+        if req in out:
+            continue
+        mean, count = unpack_served(rows.user_mean[i], settings.d_user), rows.user_count[i]
+        if mean is not None and count is not None:
+            out[req] = (mean, precision, count)
+    return out
 
 
 def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple | None], counts: AdCounts,
@@ -125,7 +146,7 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     A user without state starts from the version's population prior, as on ``/recommend``.
     ``request_states``: each request's user as it was served (request index → (mean,
     precision, count), from the features logged with its impressions), used instead of
-    ``states`` (each user's one state) when given.
+    ``states`` (each user's one state, today's) wherever it has the request.
     """
     cat = version.catalog
     policy = ThompsonPolicy(ThompsonParams.from_settings(settings, draws), version.ranker, np.random.default_rng(seed))
@@ -142,13 +163,16 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     # retrieval keys follow the treatment's evidence, as /recommend's do; each arm's category factors its priors
     rekey_now(cat, row_counts[experiment.TREATMENT], settings)
     factors = {arm: arm_evidence(cat, rc, settings)[0] for arm, rc in row_counts.items()}
-    unknown = 0
+    unknown = today = 0
 
     def slate_of(req: int) -> tuple[Slate, np.ndarray]:
-        nonlocal unknown
+        nonlocal unknown, today
         i = first_row[req]
-        state = request_states.get(req) if request_states is not None else states.get(rows.user_id[i])
-        unknown += state is None
+        state = (request_states or {}).get(req)
+        if state is None:
+            today += 1
+            state = states.get(rows.user_id[i])
+            unknown += state is None
         mean, precision, count = state if state else (prior_mean, prior_precision, 0)
         cand = retrieve(cat, mean, settings.candidates)
         arm = experiment.TREATMENT if rows.policy[i] != experiment.CONTROL else experiment.CONTROL
@@ -159,11 +183,13 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     out = policy_rows(policy, log, slate_of, draws=draws, rng=np.random.default_rng(seed), name=name)
     out.notes.append(f"re-ranked {len(first_row)} logged requests with {draws} Monte-Carlo draws each "
                      f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})")
-    if request_states is None:
+    served = len(first_row) - today
+    if served:
+        out.notes.append(f"{served} requests re-ranked from the user as served (the features logged with them)")
+    if today:
         out.notes.extend([
-            "user posteriors and per-ad counts are today's in Redis: they have learned from these very "
-            "impressions, so the estimate is optimistic for a policy that exploits them",
-            f"{unknown} requests' users have no state now (erased, or never labelled): scored from the prior"])
-    else:
-        out.notes.append("users as served (the features logged with each request); per-ad counts are today's")
+            f"{today} requests logged no user features: their users' posteriors are today's in Redis, which have "
+            "learned from these very impressions, so the estimate is optimistic for a policy that exploits them",
+            f"{unknown} of them have no state now (erased, or never labelled): scored from the prior"])
+    out.notes.append("per-ad counts are today's: they hold these impressions' own clicks")
     return out

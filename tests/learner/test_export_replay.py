@@ -95,7 +95,8 @@ def test_export_logs_is_one_row_per_impression_readable_by_pandas_and_duckdb(set
     assert len(a) == len(b) == traffic["total"] and a["event_id"].is_unique
     assert set(a["event_id"]) == set(b["event_id"]) and int(b["clicked"].sum()) == traffic["clicks"]
     assert {"ts", "user_id", "ad_id", "position", "propensity", "policy", "model_version", "request_id", "context",
-            "clicked", "value"} <= set(b.columns)
+            "clicked", "value", "user_mean", "user_count"} <= set(b.columns)
+    assert b["user_mean"].map(lambda m: isinstance(m, str) and len(m) == 172).all()
     assert ((b["propensity"] > 0) & (b["propensity"] <= 1)).all() and set(b["position"]) == {0, 1, 2, 3}
     ((n, clicks, requests),) = duckdb.sql(f"SELECT count(*), sum(clicked), count(DISTINCT request_id) "
                                           f"FROM '{parquet}'").fetchall()
@@ -117,6 +118,9 @@ def test_replay_of_the_logged_policy_gives_the_on_policy_ctr_and_model_policies_
         got = privads(settings, "replay", str(traffic["dir"] / "logs.parquet"), "--policy", policy, "--draws", "128")
         assert got["policy"].startswith(f"model {version}") and got["rows"] == traffic["total"]
         assert any("re-ranked 160 logged requests" in note for note in got["notes"])
+        # every request logged its user as served: none is re-ranked from today's state, which learned from it
+        assert any(note.startswith("160 requests re-ranked from the user as served") for note in got["notes"])
+        assert not any("today's in Redis" in note for note in got["notes"])
         for r in got["estimators"].values():
             assert r["ci_lo"] <= r["estimate"] <= r["ci_hi"] and 0 <= r["estimate"] <= 1, r
     uniform = privads(settings, "replay", str(log), "--policy", "uniform", "--estimators", "ips,snips")
