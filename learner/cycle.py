@@ -136,10 +136,10 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
                                    limit=MAX_EXAMPLES, columns=EXAMPLE_COLUMNS)
     if imps.num_rows == 0:
         return None
-    # a click comes after its impression: its label is in the hours from the window's start on
-    labels = await asyncio.to_thread(archive.read_recent, root, "labels", since=since,
-                                     columns=["impression_id", "value"])
     ts = imps.column("ts").to_numpy()
+    # a click comes after its impression: its label is in the hours from the oldest kept impression on
+    labels = await asyncio.to_thread(archive.read_recent, root, "labels", since=float(ts.min()),
+                                     columns=["impression_id", "value"])
     rows = np.arange(imps.num_rows)
     event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)[rows]
     user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)[rows]
