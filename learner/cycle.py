@@ -51,7 +51,7 @@ from privads.learner import ranking
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from privads.learner.logs import Rows
 from privads.learner.offline import evaluate
-from privads.learner.replay import rerank
+from privads.learner.replay import request_states, rerank
 from privads.learner.train import train_projector
 from privads.ranker.adcounts import AdCounts
 from privads.ranker.artifacts import (
@@ -140,12 +140,11 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     # a click comes after its impression: its label is in the hours from the oldest kept impression on
     labels = await asyncio.to_thread(archive.read_recent, root, "labels", since=float(ts.min()),
                                      columns=["impression_id", "value"])
-    rows = np.arange(imps.num_rows)
-    event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)[rows]
-    user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)[rows]
-    ad_ids = np.asarray(imps.column("ad_id").to_pylist(), dtype=object)[rows]
-    served = [unpack_served(m, settings.d_user) for m in imps.column("user_mean").take(rows).to_pylist()]
-    served_count = imps.column("user_count").take(rows).to_pylist()
+    event_ids = np.asarray(imps.column("event_id").to_pylist(), dtype=object)
+    user_ids = np.asarray(imps.column("user_id").to_pylist(), dtype=object)
+    ad_ids = np.asarray(imps.column("ad_id").to_pylist(), dtype=object)
+    served = [unpack_served(m, settings.d_user) for m in imps.column("user_mean").to_pylist()]
+    served_count = imps.column("user_count").to_pylist()
     values = dict(zip(labels.column("impression_id").to_pylist(), labels.column("value").to_pylist(), strict=True))
     distinct = list(dict.fromkeys(user_ids.tolist()))
     # only whether each user still has a state is read (an erased user has none), never its values
@@ -154,8 +153,7 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
                      for v, c, u, a in zip(served, served_count, user_ids, ad_ids, strict=True)], dtype=bool)
     if not keep.any():
         return None
-    kept = np.flatnonzero(keep)
-    rows = rows[keep]
+    rows = np.flatnonzero(keep)
     raw = imps.column("raw").take(rows).to_pylist()
     request_ids = imps.column("request_id").take(rows).to_pylist()
     groups = {rid: i for i, rid in enumerate(dict.fromkeys(request_ids))}
@@ -165,10 +163,10 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     propensity = imps.column("propensity").take(rows).to_pylist()
     return Examples(
         ads=np.stack([embeddings[a] for a in kept_ads]),
-        users=np.stack([cast(np.ndarray, served[i]) for i in kept]),
+        users=np.stack([cast(np.ndarray, served[i]) for i in rows]),
         clicked=np.array([e in values for e in event_ids[keep]], dtype=np.float32),
         ts=ts[rows],
-        counts=np.array([served_count[i] for i in kept], dtype=np.int64),
+        counts=np.array([served_count[i] for i in rows], dtype=np.int64),
         bids=np.array([entries[a].bid for a in kept_ads], dtype=np.float32),
         category=np.array([category_id(entries[a].category) for a in kept_ads], dtype=np.int64),
         context=np.stack([context_ids(c) for c in contexts]) if raw else np.zeros((0, MAX_CONTEXT_TOKENS), np.int64),
@@ -383,10 +381,7 @@ def off_policy_values(hold: Examples, versions: dict[str, ModelVersion], counts:
                 propensity=hold.propensity[idx], clicked=hold.clicked[idx], value=hold.value[idx],
                 policy=[str(p) for p in hold.policy[idx]], context=list(hold.contexts[idx]), ts=hold.ts[idx])
     log = rows.to_log("clicked")
-    precision = np.full(settings.d_user, settings.prior_precision, np.float32)
-    served: dict[int, tuple] = {}
-    for i, req in zip(idx.tolist(), log.request.tolist(), strict=True):
-        served.setdefault(req, (hold.users[i], precision, int(hold.counts[i])))
+    served = request_states(log, list(hold.users[idx]), hold.counts[idx].tolist(), settings)
     out: dict[str, Any] = {"requests": int(groups.size), "rows": len(log), "draws": OPE_DRAWS,
                            "on_policy_ctr": float(log.reward.mean())}
     for name, version in versions.items():
@@ -451,8 +446,10 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         changed = [name for name, same in (("projector", projector is served and not refit),
                                            ("ranker", ranker is served_ranker)) if not same] + ["index"]
         evidence: EvidenceOffsets | None
-        if "projector" in changed or "ranker" in changed:  # another model: its own view of the ads' evidence
-            snapshot, _ = await AdCountLog(r).snapshot(ARMS)
+        rebuild = "projector" in changed or "ranker" in changed
+        # the per-ad counts now, read once: for the evidence a new model rebuilds and for the off-policy estimates
+        snapshot = (await AdCountLog(r).snapshot(ARMS))[0] if rebuild or examples is not None else {}
+        if rebuild:  # another model: its own view of the ads' evidence
             evidence = await asyncio.to_thread(evidence_offsets, examples, projector, ranker, settings, snapshot)
             evaluation["evidence"] = {"rebuilt": True, "ads": sum(len(v) for v in evidence.values()),
                                       "from_examples": 0 if examples is None else len(examples.clicked)}
@@ -467,7 +464,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
                                                "prior_norm": round(float(np.linalg.norm(prior)), 6)}},
             ranker, prior, fit, evidence)
         if examples is not None:  # on the version as written (re-ranking re-keys a catalog: not the one saved)
-            manifest["evaluation"]["off_policy"] = await _off_policy(settings, r, examples, current, manifest)
+            manifest["evaluation"]["off_policy"] = await _off_policy(settings, snapshot, examples, current, manifest)
             write_manifest(manifest)  # not announced yet: nobody reads it before the pointer moves
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
@@ -479,11 +476,10 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
     return manifest
 
 
-async def _off_policy(settings: Settings, r: aioredis.Redis, examples: Examples, current: dict | None,
-                      written: dict) -> dict[str, Any]:
+async def _off_policy(settings: Settings, snapshot: dict[str, dict[str, list[int]]], examples: Examples,
+                      current: dict | None, written: dict) -> dict[str, Any]:
     """``off_policy_values`` of the new version and of the served one; never stops a cycle (a failure is logged)."""
     try:
-        snapshot, _ = await AdCountLog(r).snapshot(ARMS)
         counts = AdCounts()
         counts.reset(snapshot)
         versions = {"candidate": await asyncio.to_thread(load_version, written)}

@@ -127,14 +127,24 @@ def logged_states(rows: Rows, log: Log, settings: Settings) -> dict[int, tuple]:
     """
     if rows.user_mean is None or rows.user_count is None:
         return {}
+    return request_states(log, [unpack_served(m, settings.d_user) for m in rows.user_mean], rows.user_count,
+                          settings)
+
+
+def request_states(log: Log, means: list[np.ndarray | None], counts: list[int | None],
+                   settings: Settings) -> dict[int, tuple]:
+    """Request index → (mean, precision, count) from each request's first row that has both.
+
+    Parameters
+    ----------
+    means : list of ndarray of shape (D,) or None, one per row of ``log``
+    counts : list of int or None, one per row of ``log``
+    """
     precision = np.full(settings.d_user, settings.prior_precision, np.float32)
     out: dict[int, tuple] = {}
-    for i, req in enumerate(log.request.tolist()):
-        if req in out:
-            continue
-        mean, count = unpack_served(rows.user_mean[i], settings.d_user), rows.user_count[i]
-        if mean is not None and count is not None:
-            out[req] = (mean, precision, count)
+    for req, mean, count in zip(log.request.tolist(), means, counts, strict=True):
+        if req not in out and mean is not None and count is not None:
+            out[req] = (mean, precision, int(count))
     return out
 
 

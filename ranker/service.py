@@ -411,7 +411,7 @@ class Recommender:
         # what a ranker sees of the user, read for every arm: each impression logs it as the learner's features
         state = await self.users.get(user_id)
         seen = state if state else (prior_or(version.prior, self.prior_mean), self.prior_precision, 0)
-        if arm == experiment.TREATMENT or s.control_policy == "pinned":
+        if self._learned_arm(arm):
             cat, rows, ranked = await self._learned(version, arm, user_id, k, context, seen)
         elif s.control_policy == "popularity":
             cat, rows, ranked = self._popularity(version, k)
