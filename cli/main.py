@@ -71,7 +71,8 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from privads.infra.kafka import create_topics
 
-    created = create_topics(_running(settings, need_redis=False).kafka_servers, settings.partitions)
+    created = create_topics(_running(settings, need_redis=False).kafka_servers, settings.partitions,
+                            retention_s=settings.topic_retention_s)
     print(json.dumps({"created": created}))
     return 0
 
@@ -113,11 +114,18 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
+    from privads.learner.erasure import erased_of, without_erased
     from privads.learner.logs import settled_rows, write_rows
 
+    # the erasure registry is in the stack's Redis: an export that could not read it could hold erased users
+    running = _running(settings, need_kafka=False)
     rows = settled_rows(settings.data, settings.attribution_window_s)
+    erased = asyncio.run(erased_of(running, [r["user_id"] for r in rows]))
+    keep = without_erased([r["user_id"] for r in rows], [r["ts"] for r in rows], erased)
+    rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
     write_rows(rows, args.out)
-    print(json.dumps({"out": str(args.out), "rows": len(rows), "clicked": sum(r["clicked"] for r in rows)}))
+    print(json.dumps({"out": str(args.out), "rows": len(rows), "clicked": sum(r["clicked"] for r in rows),
+                      "erased_rows_left_out": int((~keep).sum())}))
     return 0
 
 
@@ -125,9 +133,15 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from privads.learner.replay import parse_estimators, run
 
     needs_redis = args.policy not in ("uniform", "popularity", "logged")
+    if not needs_redis and args.format != "obd":
+        # PrivAds' own logs: erased users are left out whenever the stack's erasure registry can be read
+        try:
+            settings, needs_redis = _running(settings, need_kafka=False), True
+        except RuntimeError:
+            pass
     report = run(_running(settings, need_kafka=False) if needs_redis else settings, args.logs, args.policy,
                  parse_estimators(args.estimators), args.format, ci=args.ci, n_bootstrap=args.bootstrap,
-                 seed=args.seed, draws=args.draws, reward=args.reward)
+                 seed=args.seed, draws=args.draws, reward=args.reward, registry=needs_redis)
     print(json.dumps(report))
     return 0
 

@@ -77,7 +77,7 @@ class Stack:
         s.data.mkdir(parents=True, exist_ok=True)
         self._embedded()
         s = self.settings
-        created = create_topics(s.kafka_servers, s.partitions)
+        created = create_topics(s.kafka_servers, s.partitions, retention_s=s.topic_retention_s)
         log.info("topics ready (%d created)", len(created))
         if port_open(s.api_host, s.api_port):
             raise StartError(f"port {s.api_port} is in use: stop what holds it, or set PRIVADS_API")

@@ -57,8 +57,17 @@ def rdkafka_config(servers: str, **overrides: object) -> dict[str, object]:
             **overrides}
 
 
-def create_topics(servers: str, partitions: int, timeout: float = 30.0) -> list[str]:
-    """Create every PrivAds topic with an explicit partition count; returns the ones created.
+# how long the topics keep an event (erasure cannot reach into a topic: this is the bound README states)
+RETENTION_S = 7 * 24 * 3600.0
+
+
+def topic_configs(retention_s: float) -> dict[str, str]:
+    """The configs every PrivAds topic is created with: a time retention, explicit (not the broker's default)."""
+    return {"retention.ms": str(int(retention_s * 1000)), "cleanup.policy": "delete"}
+
+
+def create_topics(servers: str, partitions: int, timeout: float = 30.0, retention_s: float = RETENTION_S) -> list[str]:
+    """Create every PrivAds topic with an explicit partition count and retention; returns the ones created.
 
     Topics that already exist are left as they are. Retries until the broker
     answers or ``timeout`` passes (the embedded broker may still be starting).
@@ -74,7 +83,8 @@ def create_topics(servers: str, partitions: int, timeout: float = 30.0) -> list[
             time.sleep(0.3)
     try:
         existing = set(admin.list_topics())
-        wanted = [NewTopic(t, n, 1) for t, n in topic_partitions(partitions).items() if t not in existing]
+        wanted = [NewTopic(t, n, 1, topic_configs=topic_configs(retention_s))
+                  for t, n in topic_partitions(partitions).items() if t not in existing]
         created = []
         for topic in wanted:  # one at a time: a race with another creator must not fail the rest
             try:
@@ -87,7 +97,8 @@ def create_topics(servers: str, partitions: int, timeout: float = 30.0) -> list[
         admin.close()
 
 
-async def keep_topics(servers: str, partitions: int, timeout: float = 10.0) -> tuple[list[str], dict[str, int]]:
+async def keep_topics(servers: str, partitions: int, timeout: float = 10.0,
+                      retention_s: float = RETENTION_S) -> tuple[list[str], dict[str, int]]:
     """Create the PrivAds topics the broker lacks; report the ones with another partition count.
 
     The workers call it every few seconds: the embedded broker keeps nothing across a
@@ -115,7 +126,7 @@ async def keep_topics(servers: str, partitions: int, timeout: float = 10.0) -> t
         for name, n in wanted.items():
             if name in have:
                 continue
-            response = await admin.create_topics([AIONewTopic(name, n, 1)])
+            response = await admin.create_topics([AIONewTopic(name, n, 1, topic_configs=topic_configs(retention_s))])
             for topic, code, *message in response.topic_errors:  # one at a time: a racing creator fails none
                 if code == 0:
                     created.append(topic)

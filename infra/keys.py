@@ -9,7 +9,8 @@
 | ``pend:{p}:{b}`` | hash impression id → packed ``Pending``, bucket b, TTL | partition p's owner |
 | ``orph:{p}`` | hash impression id → packed click that came before its impression | partition p's owner |
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
-| ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored | API |
+| ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored; no TTL (``UserStore.erase``) | API |
+| ``erasures`` | zset hash(user_id) → erased at, until the archive's compaction drops the rows | API; learner |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
 | ``adstat:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
 | ``adstat:log`` | stream: the increments of ``adstat:*`` per committed batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
@@ -93,9 +94,17 @@ def unpack_population(blob: bytes) -> tuple[np.ndarray, int]:
     return v[:-1].copy(), int(round(v[-1]))
 
 
+def user_hash(user_id: str) -> str:
+    """A user id's hash (blake2b, 16 bytes, hex): how erasure names a user without keeping the id in clear."""
+    return hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
+
+
 def erased(user_id: str) -> str:
     """The erasure tombstone's key: a hash, so that an erased id is not left in Redis in clear."""
-    return "erased:" + hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
+    return "erased:" + user_hash(user_id)
+
+
+ERASURES = "erasures"  # zset user_hash → erased at: the erasures the archive's compaction has yet to apply
 
 
 def arm(policy: str, bucket: int) -> str:

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # learner
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")
     learner_interval_s: float = Field(300.0, gt=0)
+    topic_retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="retention.ms the topics are created with: "
+                                     "how long an erased user's events may stay in Kafka")
+    erasure_compaction_s: float = Field(300.0, gt=0, description="how often the learner removes erased users' "
+                                        "rows from the archive's files (README: Privacy and security)")
     train_window_s: float = Field(7 * 86400.0, gt=0, description="the learner trains on the archive's impressions "
                                   "of this long before the newest settled one (at most 1M, the newest)")
     keep_versions: int = Field(3, ge=1)

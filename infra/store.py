@@ -182,8 +182,14 @@ class UserStore:
         vals = await self.r.mget([keys.erased(u) for u in user_ids])
         return [float(v) if v else None for v in vals]
 
-    async def erase(self, user_id: str, now: float, ttl_s: float) -> None:
+    async def erase(self, user_id: str, now: float) -> None:
         """Delete the user's state and pending events; events for it up to ``now`` are ignored from then on.
+
+        The tombstone (``erased:{hash}``) is kept for good: an event of the user however
+        old (a backfilled export, a backlog) is older than it and ignored, so nothing
+        brings the user back; a new event of the same id after ``now`` starts a new user.
+        The erasure also waits in ``erasures`` until the archive's compaction has
+        removed the user's rows (``learner.erasure``).
 
         Bumps every partition's ``seq`` so that a worker holding a state read
         before the erasure cannot write it back (its commit is fenced on seq).
@@ -203,7 +209,8 @@ class UserStore:
                     pop = cast(bytes | None, await pipe.get(keys.population(home))) if home is not None else None
                     pipe.multi()
                     pipe.delete(keys.user(user_id))
-                    pipe.set(keys.erased(user_id), repr(now), ex=int(ttl_s))
+                    pipe.set(keys.erased(user_id), repr(now))
+                    pipe.zadd(keys.ERASURES, {keys.user_hash(user_id): now})
                     if blob and pop and home is not None:
                         mean = keys.unpack_user(blob)[0]
                         total, users = keys.unpack_population(pop)
@@ -217,6 +224,43 @@ class UserStore:
                     continue  # a worker committed this user meanwhile: read again
         if home is not None:
             await self._scrub_pending(user_id, home)
+
+    async def erased_since(self, user_ids: Sequence[str]) -> dict[str, float]:
+        """The erased ones of ``user_ids`` (distinct), with when: their events up to then are not to be seen."""
+        distinct = list(dict.fromkeys(user_ids))
+        out: dict[str, float] = {}
+        for i in range(0, len(distinct), 10_000):  # bounded replies, whatever the number of users
+            part = distinct[i:i + 10_000]
+            out.update({u: t for u, t in zip(part, await self.erased_at(part), strict=True) if t is not None})
+        return out
+
+    async def pending_erasures(self) -> dict[str, float]:
+        """Erasures whose archive rows may still be on disk: user hash → erased at."""
+        pairs = cast(list[tuple[bytes, float]], await self.r.zrange(keys.ERASURES, 0, -1, withscores=True))
+        return {h.decode(): float(t) for h, t in pairs}
+
+    async def settle_erasures(self, done: dict[str, float]) -> int:
+        """Forget the erasures the archive no longer holds a row of; returns how many.
+
+        Only an erasure still at the time ``done`` names is removed: the same id erased
+        again meanwhile (a later time) waits for the next compaction pass.
+        """
+        if not done:
+            return 0
+        async with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(keys.ERASURES)
+                    hashes = list(done)
+                    scores = [await pipe.zscore(keys.ERASURES, h) for h in hashes]
+                    gone = [h for h, t in zip(hashes, scores, strict=True) if t is not None and t <= done[h]]
+                    pipe.multi()
+                    if gone:
+                        pipe.zrem(keys.ERASURES, *gone)
+                    await pipe.execute()
+                    return len(gone)
+                except WatchError:
+                    continue
 
     async def populations(self, partitions: Sequence[int] | None = None) -> dict[int, tuple[np.ndarray, int]]:
         """Each partition's population sum (of the learned users' means) and user count; all partitions if None."""

@@ -48,6 +48,7 @@ from privads.infra.store import (
     connect,
 )
 from privads.learner import ranking
+from privads.learner.erasure import compact_archive, without_erased
 from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
 from privads.learner.logs import Rows
 from privads.learner.offline import evaluate
@@ -147,10 +148,13 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     served_count = imps.column("user_count").to_pylist()
     values = dict(zip(labels.column("impression_id").to_pylist(), labels.column("value").to_pylist(), strict=True))
     distinct = list(dict.fromkeys(user_ids.tolist()))
-    # only whether each user still has a state is read (an erased user has none), never its values
-    present = {u for u, exists in zip(distinct, await UserStore(r).exist_many(distinct), strict=True) if exists}
+    # only whether each user still has a state is read, never its values; and an erased user's rows from before
+    # the erasure are left out even once the same id has a state again (the archive's compaction may not have run)
+    store = UserStore(r)
+    present = {u for u, exists in zip(distinct, await store.exist_many(distinct), strict=True) if exists}
+    alive = without_erased(user_ids.tolist(), ts, await store.erased_since(distinct))
     keep = np.array([v is not None and c is not None and u in present and a in embeddings
-                     for v, c, u, a in zip(served, served_count, user_ids, ad_ids, strict=True)], dtype=bool)
+                     for v, c, u, a in zip(served, served_count, user_ids, ad_ids, strict=True)], dtype=bool) & alive
     if not keep.any():
         return None
     rows = np.flatnonzero(keep)
@@ -514,9 +518,15 @@ def run_loop(settings: Settings) -> None:
     signal.signal(signal.SIGINT, _stop)
     # the loop shares the machine with the workers and the API: training must not take every core
     torch.set_num_threads(settings.learner_threads)
-    next_run, last_cycle, last_check = 0.0, 0.0, 0.0
+    next_run, last_cycle, last_check, next_compaction = 0.0, 0.0, 0.0, 0.0
     seen_change: str | None = None
     while not stop:
+        if time.monotonic() >= next_compaction:
+            next_compaction = time.monotonic() + settings.erasure_compaction_s
+            try:
+                asyncio.run(_compact(settings))
+            except Exception as e:  # noqa: BLE001 - the erasures wait in Redis for the next pass
+                log.warning("erasure compaction failed (retried in %.0f s): %s", settings.erasure_compaction_s, e)
         reason = "scheduled" if time.monotonic() >= next_run else None
         if reason is None and time.monotonic() - last_check >= 1.0:
             last_check = time.monotonic()
@@ -532,6 +542,14 @@ def run_loop(settings: Settings) -> None:
                 log.exception("learner cycle failed; the served version is unchanged")
             next_run = time.monotonic() + settings.learner_interval_s
         time.sleep(0.2)
+
+
+async def _compact(settings: Settings) -> None:
+    r = connect(settings.redis_url)
+    try:
+        await compact_archive(settings, r)
+    finally:
+        await r.aclose()
 
 
 async def unscheduled(settings: Settings, last_cycle: float, seen_change: str | None) -> tuple[str | None, str]:

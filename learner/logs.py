@@ -64,6 +64,17 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ad_id)
 
+    def take(self, keep: np.ndarray) -> Rows:
+        """The rows where ``keep`` (bool, shape (n,)) holds, in order."""
+        idx = np.flatnonzero(keep)
+
+        def pick(v: Any) -> Any:
+            return None if v is None else v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]
+
+        fields: dict[str, Any] = {f: (self.actions if f == "actions" else pick(getattr(self, f)))
+                                  for f in self.__dataclass_fields__}
+        return Rows(**fields)
+
     def to_log(self, reward: str = "clicked") -> Log:
         """Index requests and ads; ``reward`` is ``"clicked"`` or ``"value"``."""
         if reward not in ("clicked", "value"):

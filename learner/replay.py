@@ -30,6 +30,7 @@ from privads.infra.errors import LogError
 from privads.infra.records import unpack_served
 from privads.infra.settings import Settings
 from privads.infra.store import AdCountLog, ModelPointer, UserStore, connect
+from privads.learner.erasure import erased_of, without_erased
 from privads.learner.estimators import CIMethod
 from privads.learner.logs import Rows, format_of, read_logs
 from privads.learner.offline import (
@@ -62,9 +63,21 @@ def parse_estimators(text: str) -> tuple[str, ...]:
 
 def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...], fmt: str | None = None, *,
         ci: CIMethod = "normal", n_bootstrap: int = 500, seed: int = 0, draws: int = 256,
-        reward: str = "clicked") -> dict[str, Any]:
-    """The JSON report of ``privads replay``."""
+        reward: str = "clicked", registry: bool = False) -> dict[str, Any]:
+    """The JSON report of ``privads replay``.
+
+    ``registry``: read the stack's erasure registry (``settings.redis_url``) and leave out
+    the rows of users erased after them (``learner.erasure``); the report says whether it was read.
+    """
     rows = read_logs(logs, fmt)
+    erasures: dict[str, Any] = {"registry_read": registry, "rows_left_out": 0}
+    if registry and rows.actions is None:
+        keep = without_erased(rows.user_id, rows.ts, asyncio.run(erased_of(settings, rows.user_id)))
+        erasures["rows_left_out"] = int((~keep).sum())
+        if not keep.all():
+            rows = rows.take(keep)
+        if len(rows) == 0:
+            raise LogError(f"{logs}: every row is of an erased user")
     log = rows.to_log(reward)
     if policy in SIMPLE_POLICIES:
         pol = {"uniform": lambda: uniform_policy(log, np.random.default_rng(seed)),
@@ -83,7 +96,7 @@ def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...]
         "rows": len(log), "requests": int(len(np.unique(log.request))), "actions": len(log.actions),
         "positions": log.positions, "logged_mean_reward": float(log.reward.mean()),
         "propensities_logged": int((~np.isnan(log.pscore)).sum()), "intervals": intervals, "notes": pol.notes,
-        "estimators": {name: r.to_dict() for name, r in results.items()},
+        "estimators": {name: r.to_dict() for name, r in results.items()}, "erasures": erasures,
     }
 
 

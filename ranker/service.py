@@ -512,7 +512,7 @@ class Recommender:
         self.producer.send(records.ADS, ad.ad_id, records.encode(ad))
 
     async def erase_user(self, user_id: str) -> None:
-        await self.users.erase(user_id, time.time(), self.settings.attribution_window_s + 3600)
+        await self.users.erase(user_id, time.time())
 
     async def lift(self, window_s: float) -> LiftReport:
         counts = await self.counters.arm_counts(window_s)

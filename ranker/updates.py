@@ -275,6 +275,16 @@ def _rounds(
     return m.astype(np.float32), q.astype(np.float32)
 
 
+def noise_rng(private: bool, seed: int) -> np.random.Generator:
+    """The generator of the updates' noise: from the operating system's entropy when ``private``.
+
+    DP noise that ``seed`` reproduces (the same on every worker and restart) is no noise
+    to anyone who reads the code and the settings: they could subtract it. Without DP
+    the updates draw nothing, and the seeded generator keeps runs reproducible.
+    """
+    return np.random.default_rng(None if private else seed)  # None: a SeedSequence from os.urandom
+
+
 def dp_epsilon(steps: int, noise_multiplier: float, delta: float) -> float:
     """ε of a user's vector after ``steps`` clipped, noised updates, at the given δ.
 

@@ -20,8 +20,10 @@ the same file names, so no row is archived twice or lost.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -90,9 +92,23 @@ def columns_of(entries: StreamEntries) -> tuple[dict[str, list], dict[str, list]
     return imp_cols, lab_cols
 
 
+def _without(cols: dict[str, list], erased: Mapping[str, float]) -> dict[str, list]:
+    """The columns without the rows of erased users from before their erasure."""
+    drop = [erased.get(u, -math.inf) >= t for u, t in zip(cols["user_id"], cols["ts"], strict=True)]
+    if not any(drop):
+        return cols
+    return {name: [v for v, d in zip(values, drop, strict=True) if not d] for name, values in cols.items()}
+
+
 def write_chunk(root: Path, partition: int, first_id: str, entries: StreamEntries) -> int:
     """Write a chunk's rows into hour files named by ``first_id``; returns the number of rows."""
     imp_cols, lab_cols = columns_of(entries)
+    return write_columns(root, partition, first_id, imp_cols, lab_cols)
+
+
+def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str, list],
+                  lab_cols: dict[str, list]) -> int:
+    """Write ``columns_of``'s columns into hour files named by ``first_id``; returns the number of rows."""
     name = f"p{partition}-{first_id}.parquet"
     rows = 0
     for kind, cols, schema in (("impressions", imp_cols, IMPRESSION_SCHEMA), ("labels", lab_cols, LABEL_SCHEMA)):
@@ -120,12 +136,26 @@ def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
         if not entries:
             return written
         first, last = entries[0][0].decode(), entries[-1][0].decode()
-        written += write_chunk(root, partition, first.replace("-", "_"), entries)
+        imp_cols, lab_cols = columns_of(entries)
+        # a user erased while the chunk waited in Redis is not written (the compaction never sees the rows)
+        erased = _erased_in(r, imp_cols["user_id"] + lab_cols["user_id"])
+        if erased:
+            imp_cols, lab_cols = _without(imp_cols, erased), _without(lab_cols, erased)
+        written += write_columns(root, partition, first.replace("-", "_"), imp_cols, lab_cols)
         # only now: everything up to `last` is on disk. Exactly: an approximate (~) trim keeps whole stream nodes,
         # whose entries the next drain would then write a second time under another file name
         r.xtrim(stream, minid=_after(last), approximate=False)
         if len(entries) < chunk:
             return written
+
+
+def _erased_in(r: redis.Redis, user_ids: list[str]) -> dict[str, float]:
+    """The erased ones of ``user_ids``, with when (their tombstones)."""
+    users = list(dict.fromkeys(user_ids))
+    if not users:
+        return {}
+    stamps = cast(list[bytes | None], r.mget([keys.erased(u) for u in users]))
+    return {u: float(t) for u, t in zip(users, stamps, strict=True) if t is not None}
 
 
 def _after(entry_id: str) -> str:
@@ -214,3 +244,52 @@ def read_table(root: Path, kind: str) -> pa.Table:
     if not files:
         return schema.empty_table()
     return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+
+
+def compact(root: Path, erased: Mapping[str, float]) -> tuple[int, int]:
+    """Rewrite every archive file that holds a row of an erased user from before the erasure, without those rows.
+
+    Parameters
+    ----------
+    erased : mapping
+        User hash (``infra.keys.user_hash``) → when erased.
+
+    Returns
+    -------
+    files, rows : int
+        Files rewritten (a file left with no row is removed) and rows removed.
+
+    Only files whose chunk was committed before the newest erasure can hold such
+    rows: a chunk committed later was drained later, and ``drain`` leaves out the
+    rows of users erased by then. Each file's
+    ``user_id`` and ``ts`` columns are read; only a file with a row to remove is
+    read whole, and is replaced atomically (``_write``).
+    """
+    if not erased:
+        return 0, 0
+    newest_ms = int(max(erased.values()) * 1000) + 1
+    hashes: dict[str, str] = {}  # user id → hash, across files (a user's rows span many)
+    files = rows = 0
+    for kind in ("impressions", "labels"):
+        schema = _schema(kind)
+        cols = pa.schema([schema.field("user_id"), schema.field("ts")])
+        for path in sorted((root / kind).glob("hour=*/*.parquet")):
+            if _first_entry_ms(path) > newest_ms:
+                continue
+            t = pq.read_table(path, schema=cols)
+            users = t.column("user_id").to_pylist()
+            for u in set(users) - hashes.keys():
+                hashes[u] = keys.user_hash(u)
+            ts = t.column("ts").to_numpy()
+            drop = np.array([erased.get(hashes[u], -math.inf) >= s for u, s in zip(users, ts, strict=True)], bool)
+            if not drop.any():
+                continue
+            whole = pq.read_table(path, schema=schema)
+            kept = whole.filter(pa.array(~drop))
+            if kept.num_rows:
+                _write(path, kept)
+            else:
+                path.unlink()
+            files += 1
+            rows += int(drop.sum())
+    return files, rows

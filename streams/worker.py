@@ -58,7 +58,7 @@ from privads.infra.store import (
 from privads.ranker.artifacts import prior_or
 from privads.ranker.encoder import AdEncoder
 from privads.ranker.quality import QualityWatch
-from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, sigmoid
+from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, noise_rng, sigmoid
 from privads.streams import archive
 from privads.streams.attribution import Clock, Seen, bucket_of, plan_batch
 from privads.streams.services import AdVectors, CatalogIndexer
@@ -108,7 +108,7 @@ class EventAgent:
         self.retention_s = settings.attribution_window_s + settings.dedupe_horizon_s
         self.params = UpdateParams.from_settings(settings)
         self.prior_mean = np.zeros(settings.d_user, dtype=np.float32)
-        self.rng = np.random.default_rng(settings.seed)
+        self.rng = noise_rng(settings.dp_clip is not None, settings.seed)
         self.quality = QualityWatch()
         self.new_drifts = 0
         self.consumer: AIOKafkaConsumer | None = None
@@ -583,7 +583,8 @@ async def run(settings: Settings) -> None:
         reported: dict[str, int] = {}
         while not stop.is_set():
             try:
-                created, mismatched = await keep_topics(settings.kafka_servers, settings.partitions)
+                created, mismatched = await keep_topics(settings.kafka_servers, settings.partitions,
+                                                        retention_s=settings.topic_retention_s)
                 if created:
                     log.warning("recreated topics %s (broker restarted?)", created)
                 if mismatched and mismatched != reported:

@@ -11,7 +11,9 @@ from privads.api.deps import RecommenderDep, WriteAccess
 router = APIRouter(tags=["users"])
 
 
-@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+# ``:path``: an id may hold "/" (``/recommend`` accepts any 1-128 characters), sent percent-encoded as %2F, which the
+# server decodes before routing; without it such a user could never be erased
+@router.delete("/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                dependencies=[WriteAccess],
                responses={401: {"description": "PRIVADS_API_KEY is set and X-API-Key does not match"}})
 async def erase_user(

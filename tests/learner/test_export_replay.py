@@ -89,7 +89,8 @@ def test_export_logs_is_one_row_per_impression_readable_by_pandas_and_duckdb(set
     jsonl, parquet = traffic["dir"] / "logs.jsonl", traffic["dir"] / "logs.parquet"
     for out in (jsonl, parquet):
         got = privads(settings, "export-logs", str(out))
-        assert got == {"out": str(out), "rows": traffic["total"], "clicked": traffic["clicks"]}
+        assert got == {"out": str(out), "rows": traffic["total"], "clicked": traffic["clicks"],
+                       "erased_rows_left_out": 0}
     a = pd.read_json(jsonl, lines=True)
     b = pd.read_parquet(parquet)
     assert len(a) == len(b) == traffic["total"] and a["event_id"].is_unique

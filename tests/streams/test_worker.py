@@ -324,7 +324,7 @@ def test_the_population_sums_hold_every_learned_user_once_and_erasure_takes_one_
     async def erase() -> None:
         r = aioredis.Redis.from_url(infra.redis_url)
         try:
-            await UserStore(r).erase(users[0], time.time(), 60)
+            await UserStore(r).erase(users[0], time.time())
         finally:
             await r.aclose()
 

@@ -1,0 +1,86 @@
+"""Erasure beyond the stream's state: the archive's compaction, and what export and replay leave out.
+
+``DELETE /users/{id}`` (``infra.store.UserStore.erase``) deletes the user's state
+and pending events at once, and leaves two things behind in Redis: a tombstone
+``erased:{hash}`` kept for good (every event of the user from before it is
+ignored, however late it comes: a backlog, a backfilled export) and an entry in
+``erasures`` (hash → when). From the tombstone on:
+
+- the archive's drain (``streams.archive.drain``) no longer writes the user's rows;
+- ``export-logs``, ``replay`` and the learner's examples leave out every row of an
+  erased user from before the erasure (``without_erased``), so no copy made or read
+  afterwards holds them, even before the files are compacted;
+- the next compaction pass here, at least ``DRAIN_MARGIN_S`` after the erasure,
+  rewrites the archive files that still hold such rows without them
+  (``streams.archive.compact``) and then forgets the entry in ``erasures``.
+
+The rows are therefore physically gone from the archive within
+``DRAIN_MARGIN_S`` + ``erasure_compaction_s`` + one pass of the erasure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from privads.infra.settings import Settings
+from privads.infra.store import UserStore, connect
+from privads.streams import archive
+
+log = logging.getLogger("privads.learner.erasure")
+
+# a chunk of archive entries in Redis when the user was erased is written within seconds, without the user's rows if
+# it was read after the tombstone; a pass this long after the erasure sees every file written before it. A drain
+# holds its partition's lock for at most 120 s (streams.worker), so no chunk read before the erasure is written later.
+DRAIN_MARGIN_S = 120.0
+
+
+def without_erased(user_ids: Sequence[str], ts: Sequence[float] | np.ndarray,
+                   erased: Mapping[str, float]) -> np.ndarray:
+    """Which rows to keep: not those of an erased user from before the erasure.
+
+    Parameters
+    ----------
+    user_ids : sequence of str, length n
+    ts : array-like of float, shape (n,)
+        Each row's event time.
+    erased : mapping
+        User id → when erased (``UserStore.erased_since``).
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    return np.array([erased.get(u, -math.inf) < t for u, t in zip(user_ids, ts, strict=True)], dtype=bool)
+
+
+async def compact_archive(settings: Settings, r: aioredis.Redis, now: float | None = None) -> dict[str, Any]:
+    """One compaction pass: the erased users' rows out of the archive's files; settles the erasures it covered."""
+    users = UserStore(r)
+    pending = await users.pending_erasures()
+    if not pending:
+        return {"pending": 0, "files": 0, "rows": 0, "settled": 0}
+    started = time.time() if now is None else now
+    files, rows = await asyncio.to_thread(archive.compact, settings.data / "archive", pending)
+    # an erasure is settled only by a pass that started when every file holding its rows had been written
+    settled = await users.settle_erasures({h: t for h, t in pending.items() if started >= t + DRAIN_MARGIN_S})
+    out = {"pending": len(pending), "files": files, "rows": rows, "settled": settled}
+    if files or settled:
+        log.info("erasure compaction: %s", out)
+    return out
+
+
+async def erased_of(settings: Settings, user_ids: Sequence[str]) -> dict[str, float]:
+    """The erased ones of ``user_ids``, with when, from the stack's Redis (``settings.redis_url``)."""
+    r = connect(settings.redis_url)
+    try:
+        return await UserStore(r).erased_since(user_ids)
+    finally:
+        await r.aclose()
