@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import faiss
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +25,10 @@ from privads.api.deps import API_KEY_HEADER
 from privads.api.metrics import ApiMetrics
 from privads.api.middleware import ObserveAndLimit
 from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
-from privads.infra.errors import Conflict, InvalidInput, NotFound, PrivAdsError, Unavailable
+from privads.infra.errors import Conflict, Forbidden, InvalidInput, NotFound, PrivAdsError, Unavailable
 from privads.infra.kafka import QueuedProducer
 from privads.infra.runtime import keep_freed_memory
+from privads.infra.secret import impression_secret
 from privads.infra.settings import Settings
 from privads.infra.store import connect
 from privads.ranker.service import Recommender
@@ -37,12 +41,20 @@ def _field(loc: tuple | list) -> str:
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may echo input that holds a lone surrogate, which
+    JSON can spell (``\\ud800``) but UTF-8 cannot encode."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
     fields = [{"field": _field(e.get("loc", ())), "message": e.get("msg", "")} for e in errors]
     summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "fields": fields,
-                                                  "detail": errors})
+    return AsciiJSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "fields": fields,
+                                                       "detail": errors})
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -52,7 +64,7 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 # domain errors become HTTP answers here and nowhere else (the most specific class first)
 DOMAIN_STATUS: tuple[tuple[type[PrivAdsError], int], ...] = (
-    (InvalidInput, 422), (NotFound, 404), (Unavailable, 503), (Conflict, 503))
+    (InvalidInput, 422), (Forbidden, 403), (NotFound, 404), (Unavailable, 503), (Conflict, 503))
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
@@ -65,6 +77,18 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
 async def _backend_down(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=503, content={"error": f"state store unavailable: {exc}", "detail": "redis"},
                         headers={"Retry-After": "1"})
+
+
+async def _secret(redis: aioredis.Redis, wait_s: float = 30.0) -> bytes:
+    """The impression-signing secret, waiting up to ``wait_s`` for a Redis that is still starting."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await impression_secret(redis)
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         faiss.omp_set_num_threads(settings.api_threads)
         redis = connect(settings.redis_url)
         producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
-        recommender = Recommender(settings, redis, producer)
+        # read once: every request signs or checks impression ids with it, without a Redis round trip
+        recommender = Recommender(settings, redis, producer, await _secret(redis))
         await recommender.load_pinned()  # a missing pinned version stops the start-up, with its name
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
@@ -139,5 +164,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:  # off unless configured: the API is called by servers, not browsers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT",
                            "DELETE"], allow_headers=["Content-Type", API_KEY_HEADER])
-    app.add_middleware(ObserveAndLimit, metrics=metrics, timeout_s=settings.request_timeout_s)
+    app.add_middleware(ObserveAndLimit, metrics=metrics, timeout_s=settings.request_timeout_s,
+                       max_body_bytes=settings.max_body_bytes)
     return app

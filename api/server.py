@@ -11,6 +11,7 @@ keep-alive answer waited 40 ms for a delayed ACK.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -21,9 +22,37 @@ from types import FrameType
 
 import uvicorn
 
+from privads.infra.errors import InvalidInput
 from privads.infra.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds loopback only: ``localhost``, 127.0.0.0/8 or ::1 (also IPv4-mapped)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_bind(host: str, settings: Settings) -> None:
+    """Refuse to serve beyond loopback without ``PRIVADS_API_KEY`` (README: Privacy and security).
+
+    Raises
+    ------
+    InvalidInput
+        With one line naming the address and what to do.
+    """
+    if settings.api_key is None and not is_loopback(host):
+        raise InvalidInput(f"refusing to listen on {host} without PRIVADS_API_KEY: anyone who reaches it could log "
+                           "impressions, report clicks and erase users; set PRIVADS_API_KEY (clients send it in "
+                           "X-API-Key) or bind to 127.0.0.1")
 
 
 def tcp_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -53,8 +82,9 @@ def serve(settings: Settings, host: str, port: int, factory: str = "privads.api.
     """Serve ``factory`` (an app factory's import path) with ``settings.api_workers`` processes, until stopped.
 
     A worker that dies is restarted; SIGTERM or SIGINT stops them all (each
-    finishes its requests in flight).
+    finishes its requests in flight). A non-loopback ``host`` needs an API key (``check_bind``).
     """
+    check_bind(host, settings)
     if settings.api_workers == 1:
         module, name = factory.split(":")
         app = getattr(__import__(module, fromlist=[name]), name)(settings)

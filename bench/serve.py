@@ -169,9 +169,10 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
     try:
         kafka, redis_url = start_private_infra(tmp, procs)
         port, floor_port = free_port(), free_port()
+        # the bench's own API, on loopback over its own broker and Redis: no key (the load generator sends none)
         s = settings.model_copy(update={
             "kafka": kafka, "redis": redis_url, "data": tmp, "catalog": None,
-            "api": f"http://127.0.0.1:{port}", "api_workers": api_workers})
+            "api": f"http://127.0.0.1:{port}", "api_workers": api_workers, "api_key": None})
         create_topics(s.kafka_servers, s.partitions)
         r = redis.Redis.from_url(s.redis_url)
         manifest, users, counts = build_model(ads, s)

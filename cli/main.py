@@ -57,14 +57,11 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    from privads.api.server import serve
+    from privads.api.server import check_bind, serve
 
-    settings = _running(settings)
     host, port = args.host or settings.api_host, args.port or settings.api_port
-    if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        logging.getLogger("privads").warning("the API listens on %s without PRIVADS_API_KEY: write endpoints are open",
-                                             host)
-    serve(settings, host, port)
+    check_bind(host, settings)  # before anything is connected: an open API beyond loopback never starts
+    serve(_running(settings), host, port)
     return 0
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import httpx
 import redis
 
+from privads.api.server import check_bind
 from privads.infra import keys
 from privads.infra.kafka import create_topics
 from privads.infra.processes import (
@@ -166,6 +167,7 @@ class Stack:
 
 def up(settings: Settings) -> int:
     """Start everything, serve until SIGINT/SIGTERM, stop everything."""
+    check_bind(settings.api_host, settings)  # the API would refuse to start: fail before anything else does
     stack = Stack(settings)
 
     def _signal(signum: int, _frame: object) -> None:

@@ -1,7 +1,7 @@
 """PrivAds' exceptions: one hierarchy, each message naming what is wrong.
 
 Every layer raises these; only ``api/`` turns them into HTTP answers
-(``api.main``: ``InvalidInput`` → 422, ``NotFound`` → 404, ``Unavailable`` → 503)
+(``api.main``: ``InvalidInput`` → 422, ``Forbidden`` → 403, ``NotFound`` → 404, ``Unavailable`` → 503)
 and only ``cli/`` into an exit status and one line on stderr.
 
 ::
@@ -10,6 +10,7 @@ and only ``cli/`` into an exit status and one line on stderr.
     ├── InvalidInput (ValueError)      bad input, named: an event, a log file, an argument
     │   ├── InvalidEvent               a message that cannot be decoded or validated (dead-lettered)
     │   └── LogError                   a log file that cannot be read as asked
+    ├── Forbidden (PermissionError)    well-formed but not allowed (a click on another's impression)
     ├── NotFound (LookupError)         something named does not exist (a model version)
     ├── Unavailable (ConnectionError)  a backend or a peer cannot be reached or answered nonsense
     │   └── HttpProtocolError          the load generator could not frame a server's HTTP response
@@ -34,6 +35,10 @@ class InvalidEvent(InvalidInput):
 
 class LogError(InvalidInput):
     """A log that cannot be read as asked; the text names the file and what is wrong."""
+
+
+class Forbidden(PrivAdsError, PermissionError):
+    """A well-formed request that is not allowed (a click naming an impression not served to its user and ad)."""
 
 
 class NotFound(PrivAdsError, LookupError):

@@ -24,6 +24,7 @@
 | ``workers`` | hash worker id → last heartbeat (ts, partitions owned, consumer lag per topic) | stream workers |
 | ``quality`` | hash worker id → rolling AUC / log-loss of served predictions, drifts | stream workers |
 | ``learner:drift`` | when drift was last detected: the learner runs a cycle early | stream workers |
+| ``secret:impressions`` | 32 random bytes signing impression ids (``infra.secret``) | the first API process (SET NX) |
 | ``model:current`` | JSON manifest of the served model version | learner |
 """
 

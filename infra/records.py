@@ -112,6 +112,32 @@ class Click(msgspec.Struct, kw_only=True):
     value: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
+class Orphan(Click, kw_only=True):
+    """A click kept while its impression has not arrived (``orph:{p}``), with where the worker read it.
+
+    A click that turns out not to match its impression (another user's, or another ad's) is dead-lettered
+    from there, with its original bytes. Orphans stored before these fields existed decode with them unset.
+    """
+
+    src_topic: str | None = None
+    src_partition: int | None = None
+    src_offset: int | None = None
+    src_payload: bytes | None = None
+
+
+def orphan(click: Click, topic: str, partition: int, offset: int, payload: bytes | None) -> Orphan:
+    """``click`` as an ``Orphan`` read at (``topic``, ``partition``, ``offset``) as ``payload``."""
+    fields = {name: getattr(click, name) for name in Click.__struct_fields__}
+    return Orphan(**fields, src_topic=topic, src_partition=partition, src_offset=offset, src_payload=payload)
+
+
+def click_only(click: Click) -> Click:
+    """The contract's fields of a click (an ``Orphan`` without where it was read)."""
+    if type(click) is Click:
+        return click
+    return Click(**{name: getattr(click, name) for name in Click.__struct_fields__})
+
+
 class Ad(msgspec.Struct, kw_only=True):
     ad_id: NonEmpty
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
@@ -243,7 +269,7 @@ def dead_letter(topic: str, partition: int, offset: int, error: str, payload: by
 
 _pending_encoder = msgspec.msgpack.Encoder()
 _pending_decoder = msgspec.msgpack.Decoder(Pending)
-_click_decoder = msgspec.msgpack.Decoder(Click)
+_click_decoder = msgspec.msgpack.Decoder(Orphan)
 
 
 def pack_pending(p: Pending) -> bytes:
@@ -258,5 +284,5 @@ def pack_click(c: Click) -> bytes:
     return _pending_encoder.encode(c)
 
 
-def unpack_click(blob: bytes) -> Click:
+def unpack_click(blob: bytes) -> Orphan:
     return _click_decoder.decode(blob)

@@ -83,11 +83,15 @@ class Settings(BaseSettings):
     candidate_cache: int = Field(4096, ge=0, description="requests' candidates and ranker scores kept for repeat "
                                  "requests of users whose state has not moved (about 6 KB each; 0: off)")
     impression_queue: int = Field(100_000, ge=1, description="impressions held in memory while Kafka is away")
-    api_key: SecretStr | None = Field(None, description="when set, write endpoints need it (X-API-Key)")
+    api_key: SecretStr | None = Field(None, description="when set, every state-changing endpoint (/recommend "
+                                      "included) needs it in X-API-Key")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
     request_timeout_s: float = Field(2.0, gt=0, description="a request still running after this answers 503")
     api_workers: int = Field(1, ge=1, le=64, description="API processes (uvicorn workers) sharing the port")
     api_threads: int = Field(1, ge=1, le=64, description="BLAS/OpenMP threads per API process")
+    # issue 16: auth / bounded input
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024, description="the largest request body the "
+                                "API reads; a larger one is answered 413 before it is parsed")
 
     # learner
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from privads.infra import keys, records
+from privads.infra import keys, records, signing
+from privads.infra.errors import Forbidden
 from privads.infra.kafka import QueuedProducer
 from privads.infra.settings import Settings
 from privads.infra.store import (
@@ -193,8 +194,9 @@ class LiftReport:
 class Recommender:
     """Recommendations, click and catalog intake, erasure and lift for the API."""
 
-    def __init__(self, settings: Settings, redis: Any, producer: QueuedProducer) -> None:
+    def __init__(self, settings: Settings, redis: Any, producer: QueuedProducer, secret: bytes) -> None:
         self.settings = settings
+        self.secret = secret  # signs the impression ids it hands out, checks the clicks on them (infra.signing)
         self.users = UserStore(redis)
         self.catalog = CatalogStore(redis)
         self.pointer = ModelPointer(redis)
@@ -417,13 +419,16 @@ class Recommender:
             cat, rows, ranked = self._popularity(version, k)
         else:
             cat, rows, ranked = self._random(version, k)
-        request_id, *impression_ids = records.new_event_ids(1 + ranked.index.size)
+        request_id, *random_ids = records.new_event_ids(1 + ranked.index.size)
+        ad_ids = cat.ids_of(rows[ranked.index])
+        # each impression id binds its user and ad: a click can name only an impression served to both
+        impression_ids = signing.sign_many(self.secret, user_id, random_ids, ad_ids)
         none = [None] * ranked.index.size
         pctr = ranked.pctr.tolist() if ranked.pctr is not None else none
         factor = ranked.factor.tolist() if ranked.factor is not None else none
         shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p, f) for pos, (ad_id, score, prop, p, f) in
-                 enumerate(zip(cat.ids_of(rows[ranked.index]), ranked.score.tolist(), ranked.propensity.tolist(),
-                               pctr, factor, strict=True))]
+                 enumerate(zip(ad_ids, ranked.score.tolist(), ranked.propensity.tolist(), pctr, factor,
+                               strict=True))]
         self._log_impressions(user_id, arm, version.version, request_id, context, shown, seen)
         return Recommendation(request_id, arm, version.version, shown)
 
@@ -500,7 +505,16 @@ class Recommender:
             for a in shown])
 
     def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
-        """Queue a click for ``clicks``; returns its event id."""
+        """Queue a click for ``clicks``; returns its event id.
+
+        Raises
+        ------
+        Forbidden
+            If ``impression_id`` is not one this API signed for ``user_id`` and ``ad_id``
+            (made up, another user's, or another ad's): nothing is produced.
+        """
+        if not signing.verify(self.secret, impression_id, user_id, ad_id):
+            raise Forbidden("impression_id: not an impression served to this user_id and ad_id")
         event_id = records.new_event_id()
         click = records.Click(event_id=event_id, ts=time.time(), impression_id=impression_id,
                               user_id=user_id, ad_id=ad_id, value=value)

@@ -11,6 +11,14 @@ impression has not arrived waits as an *orphan* and is counted as unattributed
 until its impression arrives (then it is joined) or the window passes (then it
 stays unattributed, counted).
 
+A click joins only an impression of its own user and ad: one that names another
+user's impression, or shows another ad, is rejected whether it comes after its
+impression or before (an orphan, checked when the impression arrives). A
+rejected click labels nothing, moves no counter but ``mismatched_clicks`` and
+``dead_letters``, and is dead-lettered by the worker (``Plan.rejected``). The API
+refuses such clicks itself (signed impression ids, ``infra.signing``); this
+check holds for clicks produced straight to Kafka.
+
 Exactly-once: the planner is deterministic in (batch, state read); the worker
 commits its writes together with the partition's input offsets in one Redis
 transaction, so a batch is applied once or not at all.
@@ -108,9 +116,23 @@ class Plan:
     stats: Counter[str] = field(default_factory=Counter)
     closed_before: int = 0
     click_ts: list[float] = field(default_factory=list)  # produce time of each applied click (freshness)
+    # clicks that do not match their impression's user or ad, with why: dead-lettered, never learned
+    rejected: list[tuple[Click, str]] = field(default_factory=list)
 
     def _put(self, bucket: int, iid: str, rec: Pending) -> None:
         self.put_pending.setdefault(bucket, {})[iid] = rec
+
+
+def mismatch(click: Click, rec: Pending) -> str | None:
+    """Why ``click`` cannot be a click on impression ``rec`` (another user's, another ad's), or None if it can."""
+    wrong = [name for name, mine, theirs in (("user_id", click.user_id, rec.user_id), ("ad_id", click.ad_id, rec.ad_id))
+             if mine != theirs]
+    if not wrong:
+        return None
+    # the impression's own user id is left out: the dead letter must not tell a forger whose impression it was
+    return (f"click {click.event_id!r} does not match impression {click.impression_id!r}: its "
+            f"{' and '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not the impression's; not attributed, "
+            "not learned")
 
 
 def plan_batch(
@@ -156,6 +178,11 @@ def plan_batch(
             plan.ads[(rec.policy, rec.ad_id, "clicks")] += 1
             plan.arm[(rec.policy, int(rec.ts) // arm_bucket_s, "clicks")] += 1
 
+    def reject(click: Click, why: str) -> None:
+        plan.rejected.append((click, why))
+        plan.stats["mismatched_clicks"] += 1
+        plan.stats["dead_letters"] += 1
+
     def join(iid: str, bucket: int, rec: Pending, click: Click) -> Pending:
         rec = msgspec.structs.replace(rec, clicked=True, value=click.value or 0.0)
         plan._put(bucket, iid, rec)
@@ -179,7 +206,11 @@ def plan_batch(
         plan.stats["impressions"] += 1
         plan.new_impressions.append(imp)
         early = seen.orphans.get(iid)
-        if early is not None and early.ts - imp.ts <= window_s:  # its click came first
+        if early is not None and (why := mismatch(early, rec)) is not None:  # a forged click came first
+            reject(early, why)
+            plan.del_orphans.add(iid)
+            plan.stats["unattributed_clicks"] -= 1  # counted unattributed while it waited: it was no click at all
+        elif early is not None and early.ts - imp.ts <= window_s:  # its click came first
             rec = join(iid, b, rec, early)
             plan.del_orphans.add(iid)
             plan.stats["unattributed_clicks"] -= 1
@@ -199,7 +230,9 @@ def plan_batch(
             continue
         b, rec = found
         rec = plan.put_pending.get(b, {}).get(iid, rec)
-        if rec.clicked:
+        if (why := mismatch(click, rec)) is not None:
+            reject(click, why)
+        elif rec.clicked:
             plan.stats["repeated_clicks"] += 1  # the label is binary: one positive per impression
         elif (b < plan.closed_before and iid not in arrived) or click.ts - rec.ts > window_s:
             plan.stats["late_clicks"] += 1  # outside its window: it is (or will be) a negative

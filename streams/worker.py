@@ -7,7 +7,8 @@ Agents (each a few lines; the work is in ``streams.attribution``,
   partitions this worker owns: decode (bad → dead letter), forward events whose
   key another partition owns, join clicks with impressions, close windows, update
   the users' posteriors, count, archive; one Redis transaction per batch, holding
-  the input offsets too.
+  the input offsets too. A click whose user or ad is not its impression's is
+  dead-lettered (``streams.attribution.mismatch``), like a message that does not decode.
 * ``index_ads`` — catalog upserts: encode (cached by text hash), store.
 * timers — follow the served model, heartbeat; recreate the topics a broker restart lost.
 
@@ -87,6 +88,9 @@ class PartitionBatch:
     impressions: list[records.Impression] = field(default_factory=list)
     raw_impressions: dict[str, bytes] = field(default_factory=dict)
     clicks: list[records.Click] = field(default_factory=list)
+    # where each click was read, by the click object's id(): (topic, partition, offset, raw bytes), for the dead
+    # letter of a click that does not match its impression and for an orphan's record of it
+    click_sources: dict[int, tuple[str, int, int, bytes]] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)  # topic → next offset
     fingerprints: dict[str, int] = field(default_factory=dict)  # topic → timestamp of the last record
     event_ts: dict[str, list[float]] = field(default_factory=dict)  # input topic → event times it delivered
@@ -189,9 +193,10 @@ class EventAgent:
         if side:
             await asyncio.gather(*[await self.producer.send(t, value=v, key=k, partition=p, headers=h)
                                    for t, p, k, v, h in side])
+        lettered: set[tuple[str, int, int, str]] = set()  # rejected clicks dead-lettered by an earlier attempt
         for attempt in range(20):
             try:
-                await self._apply(by_p)
+                await self._apply(by_p, lettered)
                 break
             except Conflict as e:
                 log.info("batch conflict (%s); re-planning (attempt %d)", e, attempt + 1)
@@ -237,6 +242,7 @@ class EventAgent:
             pb.raw_impressions[rec.event_id] = m.value
         else:
             pb.clicks.append(rec)
+            pb.click_sources[id(rec)] = (tp.topic, tp.partition, m.offset, m.value)
 
     async def _lost_partitions(self, by_p: dict[int, PartitionBatch]) -> set[int]:
         """Partitions whose checkpoint moved past where this batch started: another worker owns them now."""
@@ -253,7 +259,44 @@ class EventAgent:
                     lost.add(p)
         return lost
 
-    async def _apply(self, by_p: dict[int, PartitionBatch]) -> None:
+    @staticmethod
+    def _source(pb: PartitionBatch, partition: int, click: records.Click) -> tuple[str, int, int, bytes]:
+        """Where ``click`` was read: this batch's message, or what its orphan record kept of it.
+
+        An orphan stored before orphans kept their source gets its partition's ``privads.clicks``, offset -1
+        and its contract fields re-encoded.
+        """
+        src = pb.click_sources.get(id(click))
+        if src is not None:
+            return src
+        if isinstance(click, records.Orphan) and click.src_topic is not None:
+            payload = click.src_payload if click.src_payload is not None else records.encode(records.click_only(click))
+            return click.src_topic, int(click.src_partition or 0), int(click.src_offset or 0), payload
+        return records.CLICKS, partition, -1, records.encode(records.click_only(click))
+
+    def _orphan(self, pb: PartitionBatch, partition: int, click: records.Click) -> bytes:
+        """A click to wait for its impression, packed with where it was read."""
+        return records.pack_click(records.orphan(click, *self._source(pb, partition, click)))
+
+    async def _dead_letter_rejected(self, by_p: dict[int, PartitionBatch], plans: dict,
+                                    lettered: set[tuple[str, int, int, str]]) -> None:
+        """Produce the dead letters of the clicks the plans rejected, before the batch commits.
+
+        At least once, like those of messages that do not decode: a batch replayed after a crash letters
+        them again; a re-plan after a ``Conflict`` does not (``lettered``).
+        """
+        letters = []
+        for p, plan in plans.items():
+            for click, why in plan.rejected:
+                topic, partition, offset, payload = self._source(by_p[p], p, click)
+                key = (topic, partition, offset, click.event_id)
+                if key not in lettered:
+                    letters.append((key, records.dead_letter(topic, partition, offset, why, payload)))
+        if letters:
+            await asyncio.gather(*[await self.producer.send(records.DEAD_LETTER, value=v) for _, v in letters])
+            lettered.update(k for k, _ in letters)
+
+    async def _apply(self, by_p: dict[int, PartitionBatch], lettered: set[tuple[str, int, int, str]]) -> None:
         wall = time.time()
         parts = sorted(by_p)
         ckpts, bucket_sets = await self.store.checkpoints(parts)
@@ -327,7 +370,7 @@ class EventAgent:
                          for b, recs in plan.put_pending.items()},
                 # buckets are dropped explicitly, on event time; the TTL only guards against leaks
                 pending_ttl_s=int(self.retention_s + LEAK_GUARD_S),
-                put_orphans={iid: records.pack_click(c) for iid, c in plan.put_orphans.items()},
+                put_orphans={iid: self._orphan(pb, p, c) for iid, c in plan.put_orphans.items()},
                 del_orphans=plan.del_orphans,
                 drop_buckets={b for b in bkts if b < horizon},
             )
@@ -351,6 +394,7 @@ class EventAgent:
                     w.population = keys.pack_population(total + change, users_in + new)
         counters = self._counters(by_p, plans, learned, wall)
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
+        await self._dead_letter_rejected(by_p, plans, lettered)
         await self.store.commit(seq, writes, users, counters, arms, most)
         # only a committed batch counts: an apply that hit a conflict is planned (and scored) again
         self.new_drifts += self.quality.update(*scored)

@@ -84,3 +84,24 @@ def obd_dir() -> Path | None:
         if (cand / "bts" / "all" / "all.csv").is_file():
             return cand
     return None
+
+
+def counters(r) -> dict[tuple[str, str], int]:
+    """Every per-arm, per-ad and global counter in Redis: (key, field) → value; events processed per topic left out.
+
+    ``r`` is a sync ``redis.Redis``. Compare two of them with ``moved``.
+    """
+    out: dict[tuple[str, str], int] = {}
+    for pattern in ("arm:*", "adstat:*"):
+        for key in r.scan_iter(pattern):
+            if r.type(key) == b"hash":
+                out.update({(key.decode(), f.decode()): int(v) for f, v in r.hgetall(key).items()})
+    out.update({("stats", f.decode()): int(v) for f, v in r.hgetall("stats").items()
+                if not f.startswith(b"processed:")})
+    return out
+
+
+def moved(before: dict, after: dict) -> dict:
+    """What changed between two ``counters``: (key, field) → difference."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)
+            if after.get(k, 0) != before.get(k, 0)}

@@ -8,16 +8,16 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from privads.api.deps import RecommenderDep, WriteAccess
+from privads.api.deps import KEY_RESPONSES, RecommenderDep, Text, WriteAccess
 from privads.infra.records import Ad
 
 router = APIRouter(tags=["ads"])
 
 
 class AdUpsert(BaseModel):
-    text: str = Field(min_length=1, max_length=2000, strict=True, description="ad text, encoded for cold start")
+    text: Text = Field(min_length=1, max_length=2000, strict=True, description="ad text, encoded for cold start")
     bid: float = Field(ge=0, allow_inf_nan=False, description="cost per click")
-    category: str | None = Field(None, max_length=256)
+    category: Text | None = Field(None, max_length=256)
     active: bool = True
 
 
@@ -27,7 +27,7 @@ class AdAccepted(BaseModel):
 
 
 @router.put("/ads/{ad_id}", response_model=AdAccepted, dependencies=[WriteAccess],
-            responses={401: {"description": "PRIVADS_API_KEY is set and X-API-Key does not match"}})
+            responses=KEY_RESPONSES)
 async def upsert_ad(
     ad_id: Annotated[str, Path(min_length=1, max_length=256)], body: AdUpsert, recommender: RecommenderDep
 ) -> AdAccepted:

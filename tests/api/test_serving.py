@@ -35,7 +35,8 @@ def settings(infra) -> Settings:
 def client(infra, settings: Settings, rds: redis.Redis):
     worker = start_worker(settings, rds)
     api = start_api(settings)
-    with httpx.Client(base_url=settings.api, timeout=10) as c:
+    # with the key: /recommend needs it too (it logs impressions); the key's own test asks without it
+    with httpx.Client(base_url=settings.api, timeout=10, headers=AUTH) as c:
         produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
         wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the API to index the catalog")
         yield c
@@ -43,18 +44,27 @@ def client(infra, settings: Settings, rds: redis.Redis):
     worker.stop(20)
 
 
-def test_write_endpoints_need_the_key_reads_do_not(client: httpx.Client) -> None:
+def test_state_changing_endpoints_need_the_key_reads_do_not(settings: Settings, client: httpx.Client) -> None:
     ad = {"text": "trail running shoes", "bid": 1.0}
-    r = client.put("/ads/key-ad", json=ad)
-    assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
-    assert client.put("/ads/key-ad", json=ad, headers={"X-API-Key": "wrong"}).status_code == 401
-    assert client.delete("/users/someone").status_code == 401
-    click = {"impression_id": "i", "user_id": "u", "ad_id": "a"}
-    assert client.post("/clicks", json=click).status_code == 401
-    assert client.put("/ads/key-ad", json=ad, headers=AUTH).status_code == 200
-    assert client.post("/clicks", json=click, headers=AUTH).status_code == 202
-    assert client.post("/recommend", json={"user_id": "reader"}).status_code == 200
-    assert client.get("/model").status_code == 200
+    with httpx.Client(base_url=settings.api, timeout=10) as anyone:  # no key
+        r = anyone.put("/ads/key-ad", json=ad)
+        assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+        assert anyone.put("/ads/key-ad", json=ad, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert anyone.delete("/users/someone").status_code == 401
+        # /recommend logs impressions (negatives on the user's vector) and shows their personalised ads
+        r = anyone.post("/recommend", json={"user_id": "victim", "k": 3})
+        assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+        assert anyone.post("/recommend", json={"user_id": "victim"}, headers={"X-API-Key": "wrong"}).status_code == 401
+        served = client.post("/recommend", json={"user_id": "reader", "k": 3})
+        assert served.status_code == 200
+        a = served.json()["ads"][0]
+        click = {"impression_id": a["impression_id"], "user_id": "reader", "ad_id": a["ad_id"]}
+        assert anyone.post("/clicks", json=click).status_code == 401
+        # the reads stay open
+        for path in ("/model", "/healthz", "/lift", "/lift/series", "/metrics"):
+            assert anyone.get(path).status_code == 200, path
+    assert client.put("/ads/key-ad", json=ad).status_code == 200
+    assert client.post("/clicks", json=click).status_code == 202
 
 
 def test_cors_is_off_by_default(client: httpx.Client) -> None:
@@ -105,8 +115,7 @@ def test_deletion_leaves_no_trace_in_redis(client: httpx.Client, rds: redis.Redi
                 == experiment.TREATMENT)
     body = client.post("/recommend", json={"user_id": user, "k": 5}).json()
     a = body["ads"][0]
-    client.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user, "ad_id": a["ad_id"]},
-                headers=AUTH)
+    client.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user, "ad_id": a["ad_id"]})
     wait_until(lambda: rds.exists(f"u:{user}"), 30, "the click to be learned")
     needle = user.encode()
 
@@ -129,7 +138,7 @@ def test_deletion_leaves_no_trace_in_redis(client: httpx.Client, rds: redis.Redi
         return found
 
     assert traces()  # the check can see the user: its state and its pending impressions mention it
-    assert client.delete(f"/users/{user}", headers=AUTH).status_code == 204
+    assert client.delete(f"/users/{user}").status_code == 204
     # the archive stream drains to Parquet within a second or two; everything else goes at once
     left = wait_until(lambda: not traces() or None, 15, "no key or value in Redis to mention the user")
     assert left is True
@@ -144,7 +153,7 @@ def test_recommendations_keep_answering_with_kafka_down_and_drops_are_counted(
                                        "api": f"http://127.0.0.1:{free_port()}"})
     api = start_api(dead)
     try:
-        with httpx.Client(base_url=dead.api, timeout=10) as c:
+        with httpx.Client(base_url=dead.api, timeout=10, headers=AUTH) as c:
             wait_until(lambda: c.get("/healthz").json()["ads"] >= len(ADS), 30, "the catalog from Redis")
             users = [u for u in (f"offline-{i}" for i in range(400))
                      if experiment.assign_arm(u, "privads-arm-v1", 0.5) == experiment.TREATMENT][:10]
@@ -178,7 +187,7 @@ def test_each_arm_learns_only_from_its_own_traffic(client: httpx.Client, rds: re
             body = client.post("/recommend", json={"user_id": u, "k": 100}).json()  # every ad
             shown = next(a for a in body["ads"] if a["ad_id"] == target)
             r = client.post("/clicks", json={"impression_id": shown["impression_id"], "user_id": u,
-                                             "ad_id": target}, headers=AUTH)
+                                             "ad_id": target})
             assert r.status_code == 202
 
     before = control_list()

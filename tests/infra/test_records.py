@@ -202,7 +202,7 @@ def test_pending_and_click_pack_round_trip():
     assert unpack_pending(pack_pending(pend)) == pend
     assert len(pack_pending(pend)) < 40  # msgpack array: no field names stored per impression
     c = decode(CLICKS, _bytes(_click())).record
-    assert unpack_click(pack_click(c)) == c
+    assert records.click_only(unpack_click(pack_click(c))) == c  # unpacked as an Orphan: a Click, and its source
 
 
 def test_encode_record_then_decode_is_identity():
@@ -236,3 +236,13 @@ def test_new_event_ids_are_distinct_version_4_uuids() -> None:
         u = uuid.UUID(s)
         assert str(u) == s and u.version == 4 and u.variant == uuid.RFC_4122
     assert records.new_event_ids(0) == []
+
+
+def test_an_orphan_keeps_where_its_click_was_read_and_old_orphans_still_decode() -> None:
+    c = Click(event_id="c1", ts=2.0, impression_id="i1", user_id="u1", ad_id="a1", value=0.5)
+    raw = encode(c)
+    back = unpack_click(pack_click(records.orphan(c, CLICKS, 3, 42, raw)))
+    assert (back.src_topic, back.src_partition, back.src_offset, back.src_payload) == (CLICKS, 3, 42, raw)
+    assert records.click_only(back) == c and type(records.click_only(back)) is Click
+    old = unpack_click(pack_click(c))  # stored before orphans kept their source
+    assert records.click_only(old) == c and old.src_topic is None and old.src_payload is None

@@ -76,3 +76,41 @@ def test_an_impression_counts_as_shown_with_its_served_pctr_at_once():
     assert p.ads[("t", "a", "shown")] == 2  # the duplicate is not counted again
     assert p.ads[("t", "a", "expected")] == 125_000 + 20_000  # no pctr logged: the base rate is expected
     assert not p.labelled and p.ads[("t", "a", "labelled")] == 0
+
+
+# forged clicks: another user's impression, or another ad than the impression showed
+def wrong(iid: str, ts: float, user: str = "u", ad: str = "a") -> Click:
+    return Click(event_id="f-" + iid, ts=ts, impression_id=iid, user_id=user, ad_id=ad)
+
+
+def test_a_click_of_another_user_or_ad_is_rejected_and_counts_nothing_but_itself():
+    seen = Seen(closed_before=90, pending={"old": (95, Pending("u", "a", "t", 95.0))})
+    p = plan([imp("new", 96.0)], [wrong("old", 97.0, user="mallory"), wrong("new", 97.0, ad="b"),
+                                  wrong("new", 97.5, user="mallory", ad="b")], seen)
+    assert [c.event_id for c, _ in p.rejected] == ["f-old", "f-new", "f-new"]
+    reasons = [why for _, why in p.rejected]
+    assert "user_id is not the impression's" in reasons[0] and "ad_id is not the impression's" in reasons[1]
+    assert "user_id and ad_id are not" in reasons[2]
+    assert all("'u'" not in why for why in reasons)  # the victim's id is not told to the forger
+    assert not p.labelled and not p.click_ts
+    assert not any(what == "clicks" for (_, _, what) in p.arm)
+    assert not any(what in ("clicks", "labelled") for (_, _, what) in p.ads)
+    assert not p.put_pending.get(95) and not p.put_pending[96]["new"].clicked
+    assert p.stats["mismatched_clicks"] == 3 and p.stats["dead_letters"] == 3
+    assert not p.stats["unattributed_clicks"] and not p.put_orphans
+
+
+def test_a_forged_click_does_not_spoil_the_real_one():
+    p = plan([imp("i1", 95.0)], [wrong("i1", 96.0, user="mallory"), clk("i1", 96.5)])
+    assert [(x.impression_id, x.clicked, x.user_id) for x in p.labelled] == [("i1", True, "u")]
+    assert p.stats["mismatched_clicks"] == 1 and p.arm[("t", 1, "clicks")] == 1
+
+
+def test_a_forged_click_that_came_before_its_impression_is_rejected_when_it_arrives():
+    # it waited as an orphan (counted unattributed); the impression shows it was not the impression's click
+    early = {"i1": wrong("i1", 99.0, ad="b"), "i2": clk("i2", 99.0)}
+    p = plan([imp("i1", 98.0), imp("i2", 98.0)], [], Seen(closed_before=90, orphans=early))
+    assert [(c.event_id, "ad_id" in why) for c, why in p.rejected] == [("f-i1", True)]
+    assert [(x.impression_id, x.clicked) for x in p.labelled] == [("i2", True)]  # the true orphan still joins
+    assert p.del_orphans == {"i1", "i2"} and p.stats["unattributed_clicks"] == -2
+    assert p.stats["mismatched_clicks"] == 1 and not p.put_pending[98]["i1"].clicked
