@@ -3,6 +3,7 @@
 | key | type | owner |
 | --- | --- | --- |
 | ``u:{user_id}`` | packed user state (see ``pack_user``) | stream workers |
+| ``seen:{p}`` | zset user id → when its state last changed: idle users expire (``USER_IDLE_S``) | owner of p |
 | ``pop:{p}`` | float64: Σ of partition p's learned users' means, then their number | owner of p; erasure subtracts |
 | ``ckpt:{p}`` | hash: input offset per topic, ``seq`` (bumped by every writer), clock, closed buckets | owner of p |
 | ``pb:{p}`` | set of pending-bucket indexes of partition p | partition p's owner |
@@ -47,6 +48,7 @@ MODEL_CURRENT = "model:current"
 STATS = "stats"
 WORKERS = "workers"
 ARM_BUCKET_S = 60
+ARM_TTL_S = 8 * 24 * 3600  # per-minute arm counters outlive the longest /lift window (7 days) by a day
 ADSTAT_LOG = "adstat:log"
 ADSTAT_LOG_HORIZON_S = 600  # a reader that fell further behind than this re-reads the hashes
 # what the API follows per ad: clicks and shown (the popularity control's Beta), and the clicks the served model
@@ -78,6 +80,11 @@ def orphans(partition: int) -> str:
 
 def archive(partition: int) -> str:
     return f"arch:{partition}"
+
+
+def seen(partition: int) -> str:
+    """When each user of partition p last changed (zset): the workers forget the idle ones."""
+    return f"seen:{partition}"
 
 
 def population(partition: int) -> str:

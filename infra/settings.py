@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # learner
     exact_index_below: int = Field(50_000, ge=1, description="catalogs smaller than this get an exact index")
     learner_interval_s: float = Field(300.0, gt=0)
+    archive_retention_s: float = Field(30 * 24 * 3600.0, gt=0, description="the archive keeps this many seconds of "
+                                       "hours (at least TRAIN_WINDOW_S); older hour directories are removed")
+    user_idle_s: float = Field(30 * 24 * 3600.0, gt=0, description="a user whose state no event has changed for this "
+                               "long is forgotten (its key, and its share of the population prior)")
     topic_retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="retention.ms the topics are created with: "
                                      "how long an erased user's events may stay in Kafka")
     erasure_compaction_s: float = Field(300.0, gt=0, description="how often the learner removes erased users' "

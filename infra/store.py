@@ -211,6 +211,8 @@ class UserStore:
                     pipe.delete(keys.user(user_id))
                     pipe.set(keys.erased(user_id), repr(now))
                     pipe.zadd(keys.ERASURES, {keys.user_hash(user_id): now})
+                    if home is not None:
+                        pipe.zrem(keys.seen(home), user_id)
                     if blob and pop and home is not None:
                         mean = keys.unpack_user(blob)[0]
                         total, users = keys.unpack_population(pop)
@@ -341,6 +343,8 @@ class PartitionWrites:
     drop_buckets: set[int] = field(default_factory=set)
     archive: dict[bytes, bytes] | None = None
     population: bytes | None = None  # the partition's new population sum (keys.pack_population)
+    touched: dict[str, float] = field(default_factory=dict)  # users of p written now → wall time (``seen:{p}``)
+    expired: list[str] = field(default_factory=list)  # idle users of p to forget (their keys and ``seen`` entries)
 
 
 class PartitionStore:
@@ -419,12 +423,19 @@ class PartitionStore:
                     pipe.xadd(keys.archive(w.partition), w.archive)  # type: ignore[arg-type]  # see above
                 if w.population is not None:
                     pipe.set(keys.population(w.partition), w.population)
+                if w.touched:
+                    pipe.zadd(keys.seen(w.partition), w.touched)
+                if w.expired:
+                    pipe.delete(*[keys.user(u) for u in w.expired])
+                    pipe.zrem(keys.seen(w.partition), *w.expired)
             if users:
                 pipe.mset({keys.user(u): blob for u, blob in users.items()})
             for key, incs in counters.items():
                 for f, n in incs.items():
                     if n:
                         pipe.hincrby(key, f, n)
+                if key.startswith("arm:"):  # per-minute arm counters: kept past the longest /lift window, then gone
+                    pipe.expire(key, keys.ARM_TTL_S)
             deltas = ad_count_deltas(counters)
             if deltas:  # the API follows the per-ad counts through this log instead of reading the hashes
                 pipe.xadd(keys.ADSTAT_LOG, {"d": orjson.dumps(deltas)}, approximate=True,
@@ -560,6 +571,26 @@ class Counters:
 
 # --- worker heartbeats ----------------------------------------------------------------
 
+# a worker's heartbeat and quality entries outlive it by this much, then the next writer drops them: the hashes hold
+# the workers of the last day, not every process that ever ran
+PROCESS_ENTRY_TTL_S = 24 * 3600.0
+
+
+async def _prune_stale(r: aioredis.Redis, key: str, now: float, keep_s: float = PROCESS_ENTRY_TTL_S) -> int:
+    """Drop the fields of a hash of per-process JSON entries (each with a ``ts``) older than ``keep_s``."""
+    entries = cast(dict[bytes, bytes], await r.hgetall(key))
+    stale = []
+    for field_, value in entries.items():
+        try:
+            ts = float(orjson.loads(value).get("ts", 0.0))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            ts = 0.0  # not ours to read: written by something else, kept no longer than a stale one
+        if now - ts > keep_s:
+            stale.append(field_)
+    if stale:
+        await r.hdel(key, *stale)
+    return len(stale)
+
 
 class WorkerRegistry:
     """Heartbeats of the stream workers: when each was last alive, how many partitions it owns, its lag."""
@@ -570,6 +601,10 @@ class WorkerRegistry:
     async def beat(self, worker_id: str, partitions: int, now: float, lag: dict[str, int] | None = None) -> None:
         await self.r.hset(keys.WORKERS, worker_id, orjson.dumps({"ts": now, "partitions": partitions,
                                                                  "lag": lag or {}}))
+
+    async def prune(self, now: float) -> int:
+        """Forget the workers (heartbeats and quality entries) not heard of for ``PROCESS_ENTRY_TTL_S``."""
+        return await _prune_stale(self.r, keys.WORKERS, now) + await _prune_stale(self.r, keys.QUALITY, now)
 
     async def alive(self, now: float, within_s: float = 5.0) -> dict[str, dict]:
         hashed = cast(dict[bytes, bytes], await self.r.hgetall(keys.WORKERS))

@@ -62,16 +62,22 @@ def without_erased(user_ids: Sequence[str], ts: Sequence[float] | np.ndarray,
 
 
 async def compact_archive(settings: Settings, r: aioredis.Redis, now: float | None = None) -> dict[str, Any]:
-    """One compaction pass: the erased users' rows out of the archive's files; settles the erasures it covered."""
+    """One compaction pass: the hours past the archive's retention removed, then the erased users' rows out of
+    the files left; settles the erasures it covered."""
     users = UserStore(r)
+    started = time.time() if now is None else now
+    # never less than the training window: the learner must find the hours it trains on
+    keep_s = max(settings.archive_retention_s, settings.train_window_s + settings.attribution_window_s)
+    hours = await asyncio.to_thread(archive.prune, settings.data / "archive", started - keep_s)
+    if hours:
+        log.info("archive retention: removed %d hour directories older than %.0f s", hours, keep_s)
     pending = await users.pending_erasures()
     if not pending:
-        return {"pending": 0, "files": 0, "rows": 0, "settled": 0}
-    started = time.time() if now is None else now
+        return {"pending": 0, "files": 0, "rows": 0, "settled": 0, "hours_pruned": hours}
     files, rows = await asyncio.to_thread(archive.compact, settings.data / "archive", pending)
     # an erasure is settled only by a pass that started when every file holding its rows had been written
     settled = await users.settle_erasures({h: t for h, t in pending.items() if started >= t + DRAIN_MARGIN_S})
-    out = {"pending": len(pending), "files": files, "rows": rows, "settled": settled}
+    out = {"pending": len(pending), "files": files, "rows": rows, "settled": settled, "hours_pruned": hours}
     if files or settled:
         log.info("erasure compaction: %s", out)
     return out

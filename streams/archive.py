@@ -246,6 +246,21 @@ def read_table(root: Path, kind: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
 
 
+def prune(root: Path, before: float) -> int:
+    """Remove the archive's hour directories (both kinds) wholly older than ``before``; returns how many."""
+    first_kept = f"hour={hour_of(before)}"
+    gone = 0
+    for kind in ("impressions", "labels"):
+        for hour in sorted((root / kind).glob("hour=*")):
+            if hour.name >= first_kept:
+                break
+            for f in hour.iterdir():
+                f.unlink()
+            hour.rmdir()
+            gone += 1
+    return gone
+
+
 def compact(root: Path, erased: Mapping[str, float]) -> tuple[int, int]:
     """Rewrite every archive file that holds a row of an erased user from before the erasure, without those rows.
 

@@ -72,6 +72,7 @@ FRESH_BOUNDS_MS = (*range(5, 100, 5), *range(100, 1000, 25), *range(1000, 5000, 
 
 # labelled impressions per batch fed to the online quality watch (river costs ~12 µs each)
 QUALITY_SAMPLE = 256
+IDLE_PER_BATCH = 1000  # idle users forgotten per partition per batch: a bounded cost, caught up over batches
 # how long an abandoned pending bucket may outlive its event-time retention
 LEAK_GUARD_S = 7 * 86400
 
@@ -331,8 +332,11 @@ class EventAgent:
             sweep = cutoff > closed  # the close cursor moves: time to expire old orphans too
             if sweep:
                 reads.append(("hgetall", (keys.orphans(p),)))
+            # users idle for USER_IDLE_S (wall time: an event-time clock would stop with the traffic), a bounded few
+            reads.append(("zrangebyscore", (keys.seen(p), "-inf", wall - self.s.user_idle_s, 0, IDLE_PER_BATCH)))
             layout.append((p, clock, now, closed, due, sweep, start, imp_by_bucket, click_ids, lookup, bkts))
         results = await self.store.read(reads) if reads else []
+        idle: dict[int, list[str]] = {}
         for p, clock, now, closed, due, sweep, start, imp_by_bucket, click_ids, lookup, bkts in layout:
             pb = by_p[p]
             seen = Seen(closed_before=closed)
@@ -358,6 +362,8 @@ class EventAgent:
                 i += 1
             if sweep:
                 seen.all_orphans = {k.decode(): records.unpack_click(v) for k, v in results[i].items()}
+                i += 1
+            idle[p] = [u.decode() for u in results[i]]
             plan = plan_batch(pb.impressions, pb.clicks, seen, now=now, window_s=self.window_s,
                               bucket_s=self.bucket_s, arm_bucket_s=keys.ARM_BUCKET_S,
                               base_rate=self.s.base_rate)
@@ -384,14 +390,27 @@ class EventAgent:
         labels = [ex for plan in plans.values() for ex in plan.labelled]
         (users, learned, most, scored, population), held = await asyncio.gather(
             self._learn(served, labels), self.users.populations(parts))
-        if population:  # fenced like the rest: only this partition's owner (or an erasure, bumping seq) writes it
-            for w in writes:
-                if w.partition in population:
-                    total, users_in = held.get(w.partition, (np.zeros(self.s.d_user), 0))
-                    if total.shape != (self.s.d_user,):  # another user dimension: a new sum
-                        total, users_in = np.zeros(self.s.d_user), 0
-                    change, new = population[w.partition]
-                    w.population = keys.pack_population(total + change, users_in + new)
+        # idle users are forgotten in this batch's transaction: their keys, and their means out of the population sum
+        expire = {p: [u for u in us if u not in users] for p, us in idle.items()}
+        candidates = [u for us in expire.values() for u in us]
+        states = dict(zip(candidates, await self.users.get_many(candidates), strict=True)) if candidates else {}
+        d = self.s.d_user
+        for w in writes:
+            w.expired = expire.get(w.partition, [])
+            gone = [st[0] for u in w.expired if (st := states.get(u)) is not None and st[0].shape == (d,)]
+            if w.partition not in population and not gone:
+                continue
+            # fenced like the rest: only this partition's owner (or an erasure, bumping seq) writes it
+            total, users_in = held.get(w.partition, (np.zeros(d), 0))
+            if total.shape != (d,):  # another user dimension: a new sum
+                total, users_in = np.zeros(d), 0
+            change, new = population.get(w.partition, (np.zeros(d), 0))
+            lost = np.sum(gone, axis=0, dtype=np.float64) if gone else np.zeros(d)
+            w.population = keys.pack_population(total + change - lost, max(users_in + new - len(gone), 0))
+        by_partition = {w.partition: w for w in writes}
+        for u in users:  # when each written user last changed: the clock of its idle expiry
+            if (home := by_partition.get(owner(u.encode(), self.n_partitions))) is not None:
+                home.touched[u] = wall
         counters = self._counters(by_p, plans, learned, wall)
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
         await self._dead_letter_rejected(by_p, plans, lettered)
@@ -618,6 +637,7 @@ async def run(settings: Settings) -> None:
                 if time.monotonic() - last_archive > settings.archive_every_s:
                     last_archive = time.monotonic()
                     await asyncio.to_thread(archive_partitions, sorted(agent.owned))
+                    await registry.prune(time.time())  # workers gone for a day leave the per-process hashes
             except Exception as e:  # noqa: BLE001 - timers must outlive a broker or Redis hiccup
                 log.warning("timer: %s", e)
             await asyncio.sleep(1.0)

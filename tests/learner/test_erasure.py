@@ -166,7 +166,7 @@ def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
     assert {row["event_id"] for row in imps if row["user_id"] == VICTIM}.isdisjoint(e["event_id"] for e in mine)
     assert VICTIM in files["impressions"]  # the new life's rows stay
     second = asyncio.run(_compact(settings, time.time() + DRAIN_MARGIN_S))
-    assert second == {"pending": 1, "files": 0, "rows": 0, "settled": 1}
+    assert second == {"pending": 1, "files": 0, "rows": 0, "settled": 1, "hours_pruned": 0}
     assert rds.zcard(keys.ERASURES) == 0 and rds.exists(keys.erased(VICTIM))
 
     # a backfill of the old export: the worker ignores every erased event, and the drain archives none of them

@@ -97,3 +97,18 @@ def test_read_recent_lists_only_the_window_hours_and_holds_at_most_the_limit(tmp
     assert newest.column("event_id").to_pylist() == [f"h3-{i}" for i in range(5, 10)] + [f"h4-{i}" for i in range(10)]
     with pytest.raises(pa.ArrowInvalid):  # without a window the unreadable file is reached
         archive.read_recent(tmp_path, "impressions")
+
+
+def test_prune_removes_only_the_hours_wholly_before_the_retention(tmp_path: Path) -> None:
+    for h in range(4):
+        imps = [impression(f"u{i}", "a1", ts=T0 + h * HOUR + i * 60, event_id=f"p{h}-{i}") for i in range(3)]
+        archive.write_chunk(tmp_path, 0, f"{int(T0 + h * HOUR) * 1000}_0",
+                            [(b"1-0", {b"imp": b"\n".join(json.dumps(i).encode() for i in imps)}),
+                             (b"1-1", {b"lab": msgspec.msgpack.encode([label(imps[0], True)])})])
+    # keep from the middle of hour 2 on: hours 0 and 1 go (both kinds), hour 2 stays whole
+    assert archive.prune(tmp_path, T0 + 2 * HOUR + 1800) == 4
+    for kind in ("impressions", "labels"):
+        hours = sorted(d.name for d in (tmp_path / kind).iterdir())
+        assert hours == [f"hour={archive.hour_of(T0 + h * HOUR)}" for h in (2, 3)]
+    assert sorted(archive.read_table(tmp_path, "impressions").column("event_id").to_pylist())[0] == "p2-0"
+    assert archive.prune(tmp_path, T0 + 2 * HOUR + 1800) == 0
