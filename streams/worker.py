@@ -388,7 +388,7 @@ class EventAgent:
             writes.append(w)
         served = [imp for plan in plans.values() for imp in plan.new_impressions]
         labels = [ex for plan in plans.values() for ex in plan.labelled]
-        (users, learned, most, scored, population), held = await asyncio.gather(
+        (users, learned, most, scored, population, homes), held = await asyncio.gather(
             self._learn(served, labels), self.users.populations(parts))
         # idle users are forgotten in this batch's transaction: their keys, and their means out of the population sum
         expire = {p: [u for u in us if u not in users] for p, us in idle.items()}
@@ -408,8 +408,8 @@ class EventAgent:
             lost = np.sum(gone, axis=0, dtype=np.float64) if gone else np.zeros(d)
             w.population = keys.pack_population(total + change - lost, max(users_in + new - len(gone), 0))
         by_partition = {w.partition: w for w in writes}
-        for u in users:  # when each written user last changed: the clock of its idle expiry
-            if (home := by_partition.get(owner(u.encode(), self.n_partitions))) is not None:
+        for u, h in homes.items():  # when each written user last changed: the clock of its idle expiry
+            if (home := by_partition.get(h)) is not None:
                 home.touched[u] = wall
         counters = self._counters(by_p, plans, learned, wall)
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
@@ -420,9 +420,11 @@ class EventAgent:
 
     async def _learn(
         self, served: list[records.Impression], labelled: list[records.Labelled]
-    ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray], dict[int, tuple[np.ndarray, int]]]:
+    ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray], dict[int, tuple[np.ndarray, int]],
+               dict[str, int]]:
         """New packed posteriors of the users these events touch, a sample of (outcome, prediction) pairs, and
-        what the population sums of their partitions gain (partition → (Σ change of the means, new users)).
+        what the population sums of their partitions gain (partition → (Σ change of the means, new users)), and each
+        written user's partition.
 
         Fast negatives (``ranker.updates.learn_events``): every impression served
         takes its label-free half of the logistic step now, and a click takes the
@@ -443,7 +445,7 @@ class EventAgent:
             if (ex := clicked.get(imp.event_id)) is not None:
                 events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0))
         if not events and not labelled:
-            return {}, out, 0, none, {}
+            return {}, out, 0, none, {}, {}
         # the labels only feed the quality watch: a bounded, deterministic sample of them is read
         probes = [labelled[i] for i in np.linspace(0, len(labelled) - 1, min(len(labelled), QUALITY_SAMPLE))
                   .astype(np.int64).tolist()] if labelled else []
@@ -487,7 +489,7 @@ class EventAgent:
             predicted = sigmoid(np.einsum("ij,ij->i", mean[ex_rows], ex_ads) + self.params.bias)
             sample = (np.array([ex.clicked for ex in scored], dtype=np.float64), predicted)
         if not keep:
-            return {}, out, 0, sample, {}
+            return {}, out, 0, sample, {}, {}
         idx = np.array([row[e[0]] for e in keep])
         ads = np.stack([vectors[e[1]] for e in keep])
         kinds = np.array([e[3] for e in keep])
@@ -507,7 +509,9 @@ class EventAgent:
         population = {int(h): (change[homes == h].sum(axis=0), int((~known[touched])[homes == h].sum()))
                       for h in np.unique(homes)}
         # each impression is at most two steps (its half and its click's): the DP accounting's bound
-        return packed, out, 2 * int(counts[touched].max()), sample, population
+        # each written user's partition, once (murmur2 in Python is the cost): for its idle clock in seen:{p}
+        home_of = dict(zip((user_ids[i] for i in touched.tolist()), homes.tolist(), strict=True))
+        return packed, out, 2 * int(counts[touched].max()), sample, population, home_of
 
     def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[str],
                   wall: float) -> dict[str, dict[str, int]]:
