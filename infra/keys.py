@@ -19,7 +19,8 @@
 | ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
 | ``ad:{ad_id}`` | hash text/bid/category/active/text_hash/ts | catalog agent |
-| ``emb:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent |
+| ``emb:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent; the learner drops unused ones |
+| ``embunused`` | zset text hash → first seen unused by any ad (``CatalogStore.drop_unused_embeddings``) | learner |
 | ``ads`` | set of all ad ids | catalog agent |
 | ``catalog:log`` | stream of catalog changes (``ad_id``) | catalog agent |
 | ``workers`` | hash worker id → last heartbeat (ts, partitions owned, consumer lag per topic) | stream workers |
@@ -137,8 +138,12 @@ def ad(ad_id: str) -> str:
     return "ad:" + ad_id
 
 
+EMBEDDING_PREFIX = "emb:"
+EMBEDDINGS_UNUSED = "embunused"  # not under emb:, which a scan of the embeddings must not see
+
+
 def embedding(text_hash: str) -> str:
-    return "emb:" + text_hash
+    return EMBEDDING_PREFIX + text_hash
 
 
 # --- user state ---------------------------------------------------------------

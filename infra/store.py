@@ -89,7 +89,13 @@ class CatalogStore:
         return cast(list[bytes | None], await self.r.mget([keys.embedding(h) for h in hashes]))
 
     async def upsert(self, ads: Sequence[Ad], hashes: Sequence[str], new_embeddings: dict[str, np.ndarray]) -> None:
-        """Store ads and any newly computed embeddings, then log the change (readers follow the log)."""
+        """Store ads and their embeddings, then log the change (readers follow the log).
+
+        ``new_embeddings`` holds every text hash of ``ads`` whose embedding the caller has,
+        the cached ones too: written again in the same transaction, an embedding that
+        ``drop_unused_embeddings`` removed after the caller read the cache comes back
+        with the ad that uses it.
+        """
         pipe = self.r.pipeline(transaction=True)
         for h, vec in new_embeddings.items():
             pipe.set(keys.embedding(h), vec.astype("<f4").tobytes())
@@ -104,6 +110,46 @@ class CatalogStore:
 
     async def all_ids(self) -> list[str]:
         return sorted(x.decode() for x in cast(set[bytes], await self.r.smembers(keys.ADS)))
+
+    async def drop_unused_embeddings(self, now: float, grace_s: float) -> int:
+        """Delete the embeddings no ad has used for ``grace_s`` (mark, then sweep); returns how many.
+
+        A pass lists the stored embeddings, then the text hash of every ad; an embedding
+        unused now is marked (``embunused``) and deleted by a later pass that finds it
+        still unused ``grace_s`` after the mark. The writes are one transaction watching
+        ``catalog:log``: a catalog change during the pass aborts it (the next pass tries
+        again), and an upsert that read an embedding from the cache before it was
+        deleted writes it again with the ad (``upsert``).
+        """
+        stored = {k.decode()[len(keys.EMBEDDING_PREFIX):]
+                  async for k in self.r.scan_iter(match=keys.EMBEDDING_PREFIX + "*", count=1000)}
+        async with self.r.pipeline(transaction=True) as tx:
+            await tx.watch(keys.CATALOG_LOG)
+            ids = await self.all_ids()
+            used: set[str] = set()
+            for i in range(0, len(ids), 10_000):  # bounded replies (the reads need not be on the watching connection)
+                pipe = self.r.pipeline(transaction=False)
+                for a in ids[i:i + 10_000]:
+                    pipe.hget(keys.ad(a), "text_hash")
+                used.update(h.decode() for h in await pipe.execute() if h is not None)
+            pairs = cast(list[tuple[bytes, float]], await self.r.zrange(keys.EMBEDDINGS_UNUSED, 0, -1, withscores=True))
+            marks = {h.decode(): float(t) for h, t in pairs}
+            unused = stored - used
+            due = sorted(h for h in unused if h in marks and now - marks[h] >= grace_s)
+            new_marks: dict[str, float] = {h: now for h in unused if h not in marks}
+            back = [h for h in marks if h not in unused]  # used again, or gone
+            tx.multi()
+            if due:
+                tx.delete(*[keys.embedding(h) for h in due])
+            if due or back:
+                tx.zrem(keys.EMBEDDINGS_UNUSED, *due, *back)
+            if new_marks:
+                tx.zadd(keys.EMBEDDINGS_UNUSED, new_marks)
+            try:
+                await tx.execute()
+            except WatchError:
+                return 0  # the catalog changed meanwhile: the next pass sees it
+        return len(due)
 
     async def read(self, ad_ids: Sequence[str]) -> tuple[list[CatalogEntry], np.ndarray]:
         """Ads and their text embeddings; ads without a stored embedding are skipped.

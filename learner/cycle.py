@@ -544,10 +544,18 @@ def run_loop(settings: Settings) -> None:
         time.sleep(0.2)
 
 
+# an embedding no ad has used for this long is deleted (an ad whose text comes back within it needs no encoding)
+EMBEDDING_GRACE_S = 3600.0
+
+
 async def _compact(settings: Settings) -> None:
+    """The periodic upkeep: the archive's retention and erasures, and the embeddings no ad uses any more."""
     r = connect(settings.redis_url)
     try:
         await compact_archive(settings, r)
+        dropped = await CatalogStore(r).drop_unused_embeddings(time.time(), EMBEDDING_GRACE_S)
+        if dropped:
+            log.info("dropped %d embeddings no ad has used for %.0f s", dropped, EMBEDDING_GRACE_S)
     finally:
         await r.aclose()
 

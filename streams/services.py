@@ -38,7 +38,9 @@ class CatalogIndexer:
             loop = asyncio.get_running_loop()
             vecs = await loop.run_in_executor(None, self.encoder.encode, list(todo.values()))
             new = dict(zip(todo.keys(), vecs, strict=True))
-        await self.catalog.upsert(ads, hashes, new)
+        # the cached ones are written again with their ads: one the learner's sweep deleted since the read comes back
+        known = {h: np.frombuffer(c, dtype="<f4") for h, c in zip(hashes, cached, strict=True) if c is not None}
+        await self.catalog.upsert(ads, hashes, {**known, **new})
         return len(new)
 
 

@@ -105,3 +105,23 @@ def moved(before: dict, after: dict) -> dict:
     """What changed between two ``counters``: (key, field) → difference."""
     return {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)
             if after.get(k, 0) != before.get(k, 0)}
+
+
+def learner_examples(settings):
+    """What a learner cycle would train on now (``learner.cycle.load_examples``), read as the cycle reads it."""
+    import asyncio
+
+    from privads.infra.store import CatalogStore, connect
+    from privads.learner.cycle import load_examples
+
+    async def load():
+        r = connect(settings.redis_url)
+        try:
+            store = CatalogStore(r)
+            entries, emb = await store.read(await store.all_ids())
+            return await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb, strict=True)},
+                                       {e.ad_id: e for e in entries})
+        finally:
+            await r.aclose()
+
+    return asyncio.run(load())

@@ -66,3 +66,40 @@ def test_ad_count_deltas_keep_only_the_per_ad_counters() -> None:
                 keys.STATS: {"processed:x": 9},
                 keys.arm("treatment", 7): {"clicks": 1}}
     assert ad_count_deltas(counters) == {"treatment": {"a": [2, 5, 120_000]}, "odd:arm": {"c": [0, 1, 0]}}
+
+
+def test_embeddings_no_ad_uses_are_marked_then_dropped_after_the_grace(infra, rds: redis.Redis) -> None:
+    """Mark and sweep of the text-hash cache: only an embedding unused on two passes ``grace`` apart goes."""
+    from privads.infra.records import Ad
+    from privads.infra.store import CatalogStore
+
+    vec = {h: np.full(384, i, np.float32) for i, h in enumerate(["h-one", "h-two", "h-three"])}
+
+    async def run() -> None:
+        r = connect(infra.redis_url)
+        try:
+            store = CatalogStore(r)
+            ads = [Ad(ad_id="gc-a", text="one", bid=1.0, ts=1.0), Ad(ad_id="gc-b", text="two", bid=1.0, ts=1.0)]
+            await store.upsert(ads, ["h-one", "h-two"], {"h-one": vec["h-one"], "h-two": vec["h-two"]})
+            # gc-a's text changes: "h-one" is no ad's any more
+            await store.upsert([Ad(ad_id="gc-a", text="three", bid=1.0, ts=2.0)], ["h-three"],
+                               {"h-three": vec["h-three"]})
+            assert await store.drop_unused_embeddings(now=100.0, grace_s=50.0) == 0  # marked only
+            assert rds.zscore(keys.EMBEDDINGS_UNUSED, "h-one") == 100.0 and rds.exists(keys.embedding("h-one"))
+            assert await store.drop_unused_embeddings(now=120.0, grace_s=50.0) == 0  # not unused long enough
+            assert await store.drop_unused_embeddings(now=150.0, grace_s=50.0) == 1
+            assert not rds.exists(keys.embedding("h-one")) and rds.zcard(keys.EMBEDDINGS_UNUSED) == 0
+            assert rds.exists(keys.embedding("h-two")) and rds.exists(keys.embedding("h-three"))
+            # an unused one used again before the sweep is kept, and its mark dropped
+            await store.upsert([Ad(ad_id="gc-b", text="three", bid=1.0, ts=3.0)], ["h-three"],
+                               {"h-three": vec["h-three"]})
+            assert await store.drop_unused_embeddings(now=200.0, grace_s=50.0) == 0
+            await store.upsert([Ad(ad_id="gc-c", text="two", bid=1.0, ts=4.0)], ["h-two"], {"h-two": vec["h-two"]})
+            assert await store.drop_unused_embeddings(now=300.0, grace_s=50.0) == 0
+            assert rds.exists(keys.embedding("h-two")) and rds.zcard(keys.EMBEDDINGS_UNUSED) == 0
+            entries, emb = await store.read(["gc-a", "gc-b", "gc-c"])
+            assert [e.ad_id for e in entries] == ["gc-a", "gc-b", "gc-c"] and emb.shape == (3, 384)
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())

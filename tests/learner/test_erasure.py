@@ -26,12 +26,12 @@ import pytest
 import redis
 
 from conftest import Infra, start_api, start_worker, wait_until
-from helpers import produce, sample_ads
+from helpers import learner_examples, produce, sample_ads
 from privads.infra import keys, records
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
-from privads.infra.store import CatalogStore, connect
-from privads.learner.cycle import Examples, load_examples
+from privads.infra.store import connect
+from privads.learner.cycle import Examples
 from privads.learner.erasure import DRAIN_MARGIN_S, compact_archive, without_erased
 from privads.streams import archive
 
@@ -86,17 +86,7 @@ def archived_users(settings: Settings) -> dict[str, set[str]]:
 
 
 def examples(settings: Settings) -> Examples | None:
-    async def load() -> Examples | None:
-        r = connect(settings.redis_url)
-        try:
-            store = CatalogStore(r)
-            entries, emb = await store.read(await store.all_ids())
-            return await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb, strict=True)},
-                                       {e.ad_id: e for e in entries})
-        finally:
-            await r.aclose()
-
-    return asyncio.run(load())
+    return learner_examples(settings)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ not in the features it is learned from.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import httpx
@@ -17,12 +16,11 @@ import pytest
 import redis
 
 from conftest import wait_until
-from helpers import produce, read_topic, sample_ads
+from helpers import learner_examples, produce, read_topic, sample_ads
 from privads.infra import keys, records
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
-from privads.infra.store import CatalogStore, connect
-from privads.learner.cycle import Examples, load_examples
+from privads.learner.cycle import Examples
 from privads.ranker import experiment
 from privads.streams import archive
 
@@ -44,17 +42,7 @@ def user_in(arm: str, settings: Settings, prefix: str) -> str:
 
 
 def examples(settings: Settings) -> Examples | None:
-    async def load() -> Examples | None:
-        r = connect(settings.redis_url)
-        try:
-            store = CatalogStore(r)
-            entries, emb = await store.read(await store.all_ids())
-            return await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb, strict=True)},
-                                       {e.ad_id: e for e in entries})
-        finally:
-            await r.aclose()
-
-    return asyncio.run(load())
+    return learner_examples(settings)
 
 
 def test_a_clicks_own_update_is_not_in_the_features_it_is_learned_from(
