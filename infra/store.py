@@ -282,6 +282,17 @@ class UserStore:
             out.update({u: t for u, t in zip(part, await self.erased_at(part), strict=True) if t is not None})
         return out
 
+    async def oldest_unarchived(self) -> float | None:
+        """When the oldest batch still waiting in an ``arch:{p}`` stream was committed (None: every one is drained)."""
+        n = int(await self.r.get(keys.PARTITIONS) or 0)
+        if not n:
+            return None
+        pipe = self.r.pipeline(transaction=False)
+        for p in range(n):
+            pipe.xrange(keys.archive(p), count=1)
+        firsts = [int(e[0][0].decode().split("-")[0]) / 1000 for e in await pipe.execute() if e]
+        return min(firsts) if firsts else None
+
     async def pending_erasures(self) -> dict[str, float]:
         """Erasures whose archive rows may still be on disk: user hash → erased at."""
         pairs = cast(list[tuple[bytes, float]], await self.r.zrange(keys.ERASURES, 0, -1, withscores=True))

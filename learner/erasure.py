@@ -6,16 +6,20 @@ and pending events at once, and leaves two things behind in Redis: a tombstone
 ignored, however late it comes: a backlog, a backfilled export) and an entry in
 ``erasures`` (hash → when). From the tombstone on:
 
-- the archive's drain (``streams.archive.drain``) no longer writes the user's rows;
+- a worker's batch committed after the erasure archives none of the user's rows, and the
+  archive's drain (``streams.archive.drain``) leaves them out of the batches committed
+  before it, while the erasure is pending;
 - ``export-logs``, ``replay`` and the learner's examples leave out every row of an
   erased user from before the erasure (``without_erased``), so no copy made or read
   afterwards holds them, even before the files are compacted;
-- the next compaction pass here, at least ``DRAIN_MARGIN_S`` after the erasure,
-  rewrites the archive files that still hold such rows without them
-  (``streams.archive.compact``) and then forgets the entry in ``erasures``.
+- the next compaction pass here rewrites the archive files that still hold such rows
+  without them (``streams.archive.compact``), and forgets the entry in ``erasures`` once
+  no batch committed before the erasure waits in Redis to be archived.
 
 The rows are therefore physically gone from the archive within
-``DRAIN_MARGIN_S`` + ``erasure_compaction_s`` + one pass of the erasure.
+``erasure_compaction_s`` + one pass of the erasure (the workers drain their batches
+every few seconds; a pass that finds one from before the erasure still waiting keeps
+the erasure pending and removes the rows at the next pass).
 """
 
 from __future__ import annotations
@@ -36,10 +40,6 @@ from privads.streams import archive
 
 log = logging.getLogger("privads.learner.erasure")
 
-# a chunk of archive entries in Redis when the user was erased is written within seconds, without the user's rows if
-# it was read after the tombstone; a pass this long after the erasure sees every file written before it. A drain
-# holds its partition's lock for at most 120 s (streams.worker), so no chunk read before the erasure is written later.
-DRAIN_MARGIN_S = 120.0
 
 
 def without_erased(user_ids: Sequence[str], ts: Sequence[float] | np.ndarray,
@@ -74,9 +74,13 @@ async def compact_archive(settings: Settings, r: aioredis.Redis, now: float | No
     pending = await users.pending_erasures()
     if not pending:
         return {"pending": 0, "files": 0, "rows": 0, "settled": 0, "hours_pruned": hours}
+    # read before the files: an erasure is settled once no batch committed before it waits in Redis any more, so
+    # every file that can hold its rows was written (the drain trims a chunk only after writing it) before this pass
+    # lists them; a batch committed after it holds none of the user's rows (streams.worker)
+    oldest = await users.oldest_unarchived()
+    ready = {h: t for h, t in pending.items() if oldest is None or oldest > t}
     files, rows = await asyncio.to_thread(archive.compact, settings.data / "archive", pending)
-    # an erasure is settled only by a pass that started when every file holding its rows had been written
-    settled = await users.settle_erasures({h: t for h, t in pending.items() if started >= t + DRAIN_MARGIN_S})
+    settled = await users.settle_erasures(ready)
     out = {"pending": len(pending), "files": files, "rows": rows, "settled": settled, "hours_pruned": hours}
     if files or settled:
         log.info("erasure compaction: %s", out)

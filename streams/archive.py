@@ -137,7 +137,8 @@ def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
             return written
         first, last = entries[0][0].decode(), entries[-1][0].decode()
         imp_cols, lab_cols = columns_of(entries)
-        # a user erased while the chunk waited in Redis is not written (the compaction never sees the rows)
+        # a user erased while the chunk waited in Redis is not written (a batch committed after the erasure left the
+        # user's rows out itself, streams.worker); the erasure stays pending until this chunk is trimmed
         erased = _erased_in(r, imp_cols["user_id"] + lab_cols["user_id"])
         if erased:
             imp_cols, lab_cols = _without(imp_cols, erased), _without(lab_cols, erased)
@@ -150,12 +151,18 @@ def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
 
 
 def _erased_in(r: redis.Redis, user_ids: list[str]) -> dict[str, float]:
-    """The erased ones of ``user_ids``, with when (their tombstones)."""
-    users = list(dict.fromkeys(user_ids))
-    if not users:
+    """The ones of ``user_ids`` whose erasure is pending (``keys.ERASURES``), with when.
+
+    Only pending erasures matter here: an erasure is settled only once every chunk
+    committed before it has been drained (``learner.erasure``), and a chunk committed
+    after it holds none of the user's rows. Usually none is pending, and the chunk's
+    users are not even hashed.
+    """
+    pending = cast(list[tuple[bytes, float]], r.zrange(keys.ERASURES, 0, -1, withscores=True))
+    if not pending:
         return {}
-    stamps = cast(list[bytes | None], r.mget([keys.erased(u) for u in users]))
-    return {u: float(t) for u, t in zip(users, stamps, strict=True) if t is not None}
+    by_hash = {h.decode(): float(t) for h, t in pending}
+    return {u: by_hash[h] for u in dict.fromkeys(user_ids) if (h := keys.user_hash(u)) in by_hash}
 
 
 def _after(entry_id: str) -> str:

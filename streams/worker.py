@@ -26,7 +26,7 @@ import os
 import signal
 import socket
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field
 
 import msgspec
@@ -73,6 +73,8 @@ FRESH_BOUNDS_MS = (*range(5, 100, 5), *range(100, 1000, 25), *range(1000, 5000, 
 # labelled impressions per batch fed to the online quality watch (river costs ~12 µs each)
 QUALITY_SAMPLE = 256
 IDLE_PER_BATCH = 1000  # idle users forgotten per partition per batch: a bounded cost, caught up over batches
+# users whose idle clock this worker wrote lately (each one a ZADD per batch otherwise: ~5% of bench stream)
+SEEN_CACHE = 200_000
 # how long an abandoned pending bucket may outlive its event-time retention
 LEAK_GUARD_S = 7 * 86400
 
@@ -80,6 +82,12 @@ LEAK_GUARD_S = 7 * 86400
 def freshness_bucket(ms: float) -> int:
     """The smallest histogram bound ≥ ``ms`` (the last bound catches everything beyond)."""
     return FRESH_BOUNDS_MS[min(bisect.bisect_left(FRESH_BOUNDS_MS, ms), len(FRESH_BOUNDS_MS) - 1)]
+
+
+def _erased_row(erased: dict[str, float], user_id: str, ts: float) -> bool:
+    """Whether an event of ``user_id`` at ``ts`` predates the user's erasure (``erased``: user → erased at)."""
+    t = erased.get(user_id)
+    return t is not None and ts <= t
 
 
 @dataclass
@@ -106,6 +114,10 @@ class EventAgent:
         self.s = settings
         self.store = PartitionStore(redis)
         self.users = UserStore(redis)
+        # user → when this worker last committed its idle clock (seen:{p}); written again only after ``seen_every``,
+        # so an idle user expires between USER_IDLE_S and USER_IDLE_S + seen_every after its last event
+        self.seen_at: OrderedDict[str, float] = OrderedDict()
+        self.seen_every = settings.user_idle_s / 30
         self.producer = producer
         self.ad_vectors = ad_vectors
         self.window_s = settings.attribution_window_s
@@ -380,15 +392,10 @@ class EventAgent:
                 del_orphans=plan.del_orphans,
                 drop_buckets={b for b in bkts if b < horizon},
             )
-            if plan.new_impressions or plan.click_ts:
-                w.archive = {
-                    b"imp": b"\n".join(pb.raw_impressions[i.event_id] for i in plan.new_impressions),
-                    b"lab": msgspec.msgpack.encode([ex for ex in plan.labelled if ex.clicked]),
-                }
             writes.append(w)
         served = [imp for plan in plans.values() for imp in plan.new_impressions]
         labels = [ex for plan in plans.values() for ex in plan.labelled]
-        (users, learned, most, scored, population, homes), held = await asyncio.gather(
+        (users, learned, most, scored, population, homes, erased), held = await asyncio.gather(
             self._learn(served, labels), self.users.populations(parts))
         # idle users are forgotten in this batch's transaction: their keys, and their means out of the population sum
         expire = {p: [u for u in us if u not in users] for p, us in idle.items()}
@@ -408,6 +415,14 @@ class EventAgent:
             lost = np.sum(gone, axis=0, dtype=np.float64) if gone else np.zeros(d)
             w.population = keys.pack_population(total + change - lost, max(users_in + new - len(gone), 0))
         by_partition = {w.partition: w for w in writes}
+        for w in writes:  # the archive's entry: no row of a user erased before this batch (tombstones read in _learn)
+            plan, pb = plans[w.partition], by_p[w.partition]
+            if plan.new_impressions or plan.click_ts:
+                imps = [i for i in plan.new_impressions if not _erased_row(erased, i.user_id, i.ts)]
+                labs = [ex for ex in plan.labelled if ex.clicked and not _erased_row(erased, ex.user_id, ex.ts)]
+                if imps or labs:
+                    w.archive = {b"imp": b"\n".join(pb.raw_impressions[i.event_id] for i in imps),
+                                 b"lab": msgspec.msgpack.encode(labs)}
         for u, h in homes.items():  # when each written user last changed: the clock of its idle expiry
             if (home := by_partition.get(h)) is not None:
                 home.touched[u] = wall
@@ -415,16 +430,22 @@ class EventAgent:
         arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
         await self._dead_letter_rejected(by_p, plans, lettered)
         await self.store.commit(seq, writes, users, counters, arms, most)
+        for w in writes:  # committed: these clocks are in Redis
+            for u, t in w.touched.items():
+                self.seen_at[u] = t
+                self.seen_at.move_to_end(u)
+        while len(self.seen_at) > SEEN_CACHE:
+            self.seen_at.popitem(last=False)
         # only a committed batch counts: an apply that hit a conflict is planned (and scored) again
         self.new_drifts += self.quality.update(*scored)
 
     async def _learn(
         self, served: list[records.Impression], labelled: list[records.Labelled]
     ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray], dict[int, tuple[np.ndarray, int]],
-               dict[str, int]]:
+               dict[str, int], dict[str, float]]:
         """New packed posteriors of the users these events touch, a sample of (outcome, prediction) pairs, and
-        what the population sums of their partitions gain (partition → (Σ change of the means, new users)), and each
-        written user's partition.
+        what the population sums of their partitions gain (partition → (Σ change of the means, new users)), the
+        partition of each written user whose idle clock is due, and the erased users among the events' (→ when).
 
         Fast negatives (``ranker.updates.learn_events``): every impression served
         takes its label-free half of the logistic step now, and a click takes the
@@ -445,7 +466,7 @@ class EventAgent:
             if (ex := clicked.get(imp.event_id)) is not None:
                 events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0))
         if not events and not labelled:
-            return {}, out, 0, none, {}, {}
+            return {}, out, 0, none, {}, {}, {}
         # the labels only feed the quality watch: a bounded, deterministic sample of them is read
         probes = [labelled[i] for i in np.linspace(0, len(labelled) - 1, min(len(labelled), QUALITY_SAMPLE))
                   .astype(np.int64).tolist()] if labelled else []
@@ -489,7 +510,7 @@ class EventAgent:
             predicted = sigmoid(np.einsum("ij,ij->i", mean[ex_rows], ex_ads) + self.params.bias)
             sample = (np.array([ex.clicked for ex in scored], dtype=np.float64), predicted)
         if not keep:
-            return {}, out, 0, sample, {}, {}
+            return {}, out, 0, sample, {}, {}, gone
         idx = np.array([row[e[0]] for e in keep])
         ads = np.stack([vectors[e[1]] for e in keep])
         kinds = np.array([e[3] for e in keep])
@@ -509,9 +530,12 @@ class EventAgent:
         population = {int(h): (change[homes == h].sum(axis=0), int((~known[touched])[homes == h].sum()))
                       for h in np.unique(homes)}
         # each impression is at most two steps (its half and its click's): the DP accounting's bound
-        # each written user's partition, once (murmur2 in Python is the cost): for its idle clock in seen:{p}
-        home_of = dict(zip((user_ids[i] for i in touched.tolist()), homes.tolist(), strict=True))
-        return packed, out, 2 * int(counts[touched].max()), sample, population, home_of
+        # the partition of each written user whose idle clock is due (new here, or not written for seen_every):
+        # for seen:{p}; a new user always, since an erasure may have cleared the entry this worker remembers
+        wall = time.time()
+        home_of = {user_ids[i]: h for i, h in zip(touched.tolist(), homes.tolist(), strict=True)
+                   if not known[i] or wall - self.seen_at.get(user_ids[i], -np.inf) >= self.seen_every}
+        return packed, out, 2 * int(counts[touched].max()), sample, population, home_of, gone
 
     def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[str],
                   wall: float) -> dict[str, dict[str, int]]:
