@@ -10,6 +10,7 @@ import base64
 import math
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -171,6 +172,14 @@ class Labelled(msgspec.Struct, kw_only=True, array_like=True):
 
 
 RECORDS: dict[str, type[msgspec.Struct]] = {IMPRESSIONS: Impression, CLICKS: Click, ADS: Ad}
+
+
+def erased_event(erased: Mapping[str, float], who: str, ts: float) -> bool:
+    """Whether an event at ``ts`` of a user (``who``: its id, or its hash where ``erased`` is keyed by hash)
+    predates that user's erasure (``erased``: user → erased at). The one rule every copy of the data applies:
+    the workers, the archive's drain and compaction, and the learner's and export's readers."""
+    t = erased.get(who)
+    return t is not None and ts <= t
 
 
 def new_event_id() -> str:

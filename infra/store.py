@@ -311,7 +311,7 @@ class UserStore:
                 try:
                     await pipe.watch(keys.ERASURES)
                     hashes = list(done)
-                    scores = [await pipe.zscore(keys.ERASURES, h) for h in hashes]
+                    scores = await pipe.zmscore(keys.ERASURES, hashes)
                     gone = [h for h, t in zip(hashes, scores, strict=True) if t is not None and t <= done[h]]
                     pipe.multi()
                     if gone:

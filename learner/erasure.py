@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
+from privads.infra.records import erased_event
 from privads.infra.settings import Settings
 from privads.infra.store import UserStore, connect
 from privads.streams import archive
@@ -58,7 +58,7 @@ def without_erased(user_ids: Sequence[str], ts: Sequence[float] | np.ndarray,
     -------
     ndarray of bool, shape (n,)
     """
-    return np.array([erased.get(u, -math.inf) < t for u, t in zip(user_ids, ts, strict=True)], dtype=bool)
+    return np.array([not erased_event(erased, u, t) for u, t in zip(user_ids, ts, strict=True)], dtype=bool)
 
 
 async def compact_archive(settings: Settings, r: aioredis.Redis, now: float | None = None) -> dict[str, Any]:

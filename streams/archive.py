@@ -20,7 +20,6 @@ the same file names, so no row is archived twice or lost.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from privads.infra import keys
-from privads.infra.records import Impression, Labelled
+from privads.infra.records import Impression, Labelled, erased_event
 
 if TYPE_CHECKING:  # for annotations only: reading the archive (learner.logs) does without redis
     import redis
@@ -94,7 +93,7 @@ def columns_of(entries: StreamEntries) -> tuple[dict[str, list], dict[str, list]
 
 def _without(cols: dict[str, list], erased: Mapping[str, float]) -> dict[str, list]:
     """The columns without the rows of erased users from before their erasure."""
-    drop = [erased.get(u, -math.inf) >= t for u, t in zip(cols["user_id"], cols["ts"], strict=True)]
+    drop = [erased_event(erased, u, t) for u, t in zip(cols["user_id"], cols["ts"], strict=True)]
     if not any(drop):
         return cols
     return {name: [v for v, d in zip(values, drop, strict=True) if not d] for name, values in cols.items()}
@@ -303,7 +302,7 @@ def compact(root: Path, erased: Mapping[str, float]) -> tuple[int, int]:
             for u in set(users) - hashes.keys():
                 hashes[u] = keys.user_hash(u)
             ts = t.column("ts").to_numpy()
-            drop = np.array([erased.get(hashes[u], -math.inf) >= s for u, s in zip(users, ts, strict=True)], bool)
+            drop = np.array([erased_event(erased, hashes[u], s) for u, s in zip(users, ts, strict=True)], bool)
             if not drop.any():
                 continue
             whole = pq.read_table(path, schema=schema)

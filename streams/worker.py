@@ -84,12 +84,6 @@ def freshness_bucket(ms: float) -> int:
     return FRESH_BOUNDS_MS[min(bisect.bisect_left(FRESH_BOUNDS_MS, ms), len(FRESH_BOUNDS_MS) - 1)]
 
 
-def _erased_row(erased: dict[str, float], user_id: str, ts: float) -> bool:
-    """Whether an event of ``user_id`` at ``ts`` predates the user's erasure (``erased``: user → erased at)."""
-    t = erased.get(user_id)
-    return t is not None and ts <= t
-
-
 @dataclass
 class PartitionBatch:
     """One partition's share of a fetched batch, decoded."""
@@ -418,8 +412,9 @@ class EventAgent:
         for w in writes:  # the archive's entry: no row of a user erased before this batch (tombstones read in _learn)
             plan, pb = plans[w.partition], by_p[w.partition]
             if plan.new_impressions or plan.click_ts:
-                imps = [i for i in plan.new_impressions if not _erased_row(erased, i.user_id, i.ts)]
-                labs = [ex for ex in plan.labelled if ex.clicked and not _erased_row(erased, ex.user_id, ex.ts)]
+                imps = [i for i in plan.new_impressions if not records.erased_event(erased, i.user_id, i.ts)]
+                labs = [ex for ex in plan.labelled
+                        if ex.clicked and not records.erased_event(erased, ex.user_id, ex.ts)]
                 if imps or labs:
                     w.archive = {b"imp": b"\n".join(pb.raw_impressions[i.event_id] for i in imps),
                                  b"lab": msgspec.msgpack.encode(labs)}
@@ -481,7 +476,7 @@ class EventAgent:
             """Why an event cannot be learned (its ad has no vector, its user was erased after it), else None."""
             if ad_id not in vectors:
                 return "skipped_unknown_ad"
-            if user_id in gone and ts <= gone[user_id]:
+            if records.erased_event(gone, user_id, ts):
                 return "skipped_erased"
             return None
 

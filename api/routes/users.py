@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from privads.api.deps import RecommenderDep, WriteAccess
+from privads.api.deps import KEY_RESPONSES, RecommenderDep, WriteAccess
 
 router = APIRouter(tags=["users"])
 
@@ -15,7 +15,7 @@ router = APIRouter(tags=["users"])
 # server decodes before routing; without it such a user could never be erased
 @router.delete("/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                dependencies=[WriteAccess],
-               responses={401: {"description": "PRIVADS_API_KEY is set and X-API-Key does not match"}})
+               responses=KEY_RESPONSES)
 async def erase_user(
     user_id: Annotated[str, Path(min_length=1, max_length=128)], recommender: RecommenderDep
 ) -> Response:
