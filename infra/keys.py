@@ -12,7 +12,8 @@
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
 | ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored; no TTL (``UserStore.erase``) | API |
 | ``erasures`` | zset hash(user_id) → erased at, until the archive's compaction drops the rows | API; learner |
-| ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket | stream workers |
+| ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket, kept 8 days | stream workers |
+| ``armh:{policy}:{hour}``, ``armd:{policy}:{day}`` | the same, per hour (kept 93 days), per day (400) | workers |
 | ``adstat:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
 | ``adstat:log`` | stream: the increments of ``adstat:*`` per committed batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
 | ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
@@ -49,7 +50,17 @@ MODEL_CURRENT = "model:current"
 STATS = "stats"
 WORKERS = "workers"
 ARM_BUCKET_S = 60
-ARM_TTL_S = 8 * 24 * 3600  # per-minute arm counters outlive the longest /lift window (7 days) by a day
+ARM_TTL_S = 8 * 24 * 3600  # per-minute arm counters: the edges of a window up to a week old are exact to the minute
+# each arm's counts are kept per minute, hour and day (span s → key prefix, kept this long after the last write), so
+# that a window of any length is read from a bounded number of buckets (``arm_cover``)
+ARM_SPANS: dict[int, tuple[str, int]] = {
+    ARM_BUCKET_S: ("arm", ARM_TTL_S),
+    3600: ("armh", 93 * 24 * 3600),
+    86400: ("armd", 400 * 24 * 3600),
+}
+ARM_TTLS = {prefix + ":": ttl for prefix, ttl in ARM_SPANS.values()}
+# /lift windows are capped at a year: their start is still within the daily roll-ups' life
+ARM_MAX_WINDOW_S = 366 * 24 * 3600
 ADSTAT_LOG = "adstat:log"
 ADSTAT_LOG_HORIZON_S = 600  # a reader that fell further behind than this re-reads the hashes
 # what the API follows per ad: clicks and shown (the popularity control's Beta), and the clicks the served model
@@ -116,8 +127,52 @@ def erased(user_id: str) -> str:
 ERASURES = "erasures"  # zset user_hash → erased at: the erasures the archive's compaction has yet to apply
 
 
-def arm(policy: str, bucket: int) -> str:
-    return f"arm:{policy}:{bucket}"
+def arm(policy: str, bucket: int, span: int = ARM_BUCKET_S) -> str:
+    """One arm's counts for bucket ``bucket`` of ``span`` seconds (a key of ``ARM_SPANS``)."""
+    return f"{ARM_SPANS[span][0]}:{policy}:{bucket}"
+
+
+def arm_rollup(policy: str, minute: int) -> list[str]:
+    """The counters one event of minute ``minute`` (Unix seconds // 60) counts in: its minute, hour and day."""
+    return [arm(policy, minute * ARM_BUCKET_S // span, span) for span in ARM_SPANS]
+
+
+def arm_ttl(key: str) -> int | None:
+    """How long an arm counter is kept after its last write; None for any other key."""
+    head = key[:key.find(":") + 1]
+    return ARM_TTLS.get(head)
+
+
+def arm_cover(first: int, end: int, now: float) -> list[tuple[int, int]]:
+    """The fewest arm buckets (span, index) that tile the minutes ``[first, end)``.
+
+    Greedy: from each point, the largest span aligned there that still fits. A window of any length takes at most
+    59 + 23 minute and hour buckets at each edge plus one per day. A start older than a span's life moves back to
+    the start of the next span up (so the window may begin up to an hour, or a day, early), since the buckets that
+    would tile it exactly have expired.
+
+    Parameters
+    ----------
+    first, end : int
+        Minute indexes (Unix seconds // 60), ``end`` exclusive.
+    now : float
+        Unix seconds: decides which spans are still kept.
+    """
+    spans = sorted(ARM_SPANS)  # seconds, finest first
+    for finer, coarser in zip(spans, spans[1:], strict=False):
+        # each finer bucket lives its TTL after its last write, which is after its start
+        if first * ARM_BUCKET_S < now - ARM_SPANS[finer][1] + finer:
+            first -= first % (coarser // ARM_BUCKET_S)
+    out: list[tuple[int, int]] = []
+    i = first
+    while i < end:
+        for span in reversed(spans):
+            m = span // ARM_BUCKET_S
+            if i % m == 0 and i + m <= end:
+                out.append((span, i // m))
+                i += m
+                break
+    return out
 
 
 def adstat(policy: str, what: str) -> str:

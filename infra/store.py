@@ -491,8 +491,9 @@ class PartitionStore:
                 for f, n in incs.items():
                     if n:
                         pipe.hincrby(key, f, n)
-                if key.startswith("arm:"):  # per-minute arm counters: kept past the longest /lift window, then gone
-                    pipe.expire(key, keys.ARM_TTL_S)
+                ttl = keys.arm_ttl(key)
+                if ttl is not None:  # arm counters: kept long enough for the windows /lift reads them for, then gone
+                    pipe.expire(key, ttl)
             deltas = ad_count_deltas(counters)
             if deltas:  # the API follows the per-ad counts through this log instead of reading the hashes
                 pipe.xadd(keys.ADSTAT_LOG, {"d": orjson.dumps(deltas)}, approximate=True,
@@ -578,6 +579,10 @@ class AdCountLog:
         return [orjson.loads(fields[b"d"]) for _, fields in entries], entries[-1][0]
 
 
+# /lift/series returns at most this many buckets per arm (12 hours of minutes, 30 days of hours)
+SERIES_MAX_POINTS = 720
+
+
 class Counters:
     """Read side of the workers' exact counters: per-arm CTR buckets, global stats."""
 
@@ -587,35 +592,54 @@ class Counters:
     async def stats(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], await self.r.hgetall(keys.STATS)).items()}
 
-    async def arm_series(self, window_s: float, now: float | None = None) -> tuple[list[float], dict[str, dict]]:
-        """Impressions and clicks per arm and per minute bucket, for impressions in the last ``window_s`` seconds.
+    async def _arms(self) -> list[str]:
+        return sorted(a.decode() for a in cast(set[bytes], await self.r.smembers("arms")))
+
+    async def _read_arms(self, arms: list[str], buckets: list[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
+        """Each arm's (impressions, clicks) in each of ``buckets`` (span, index), in one pipelined round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for a in arms:
+            for span, b in buckets:
+                pipe.hmget(keys.arm(a, b, span), "impressions", "clicks")
+        res = iter(await pipe.execute())
+        return {a: [tuple(int(v or 0) for v in next(res)) for _ in buckets] for a in arms}  # type: ignore[misc]
+
+    async def arm_series(self, window_s: float, now: float | None = None,
+                         max_points: int = SERIES_MAX_POINTS) -> tuple[int, list[float], dict[str, dict]]:
+        """Impressions and clicks per arm and time bucket, for impressions in the last ``window_s`` seconds.
+
+        The buckets are the finest span (minute, hour, day) that gives at most ``max_points`` of them and is still
+        kept for the window's start, so one call reads at most ``max_points + 1`` buckets per arm.
 
         Returns
         -------
+        span : int
+            Each bucket's length, seconds.
         starts : list of float
-            Each bucket's start (Unix seconds), oldest first.
+            Each bucket's start (Unix seconds), oldest first; the first may begin before the window.
         arms : dict
             arm → {"impressions": [...], "clicks": [...]}, aligned with ``starts``.
         """
         now = time.time() if now is None else now
-        first, last = int(now - window_s) // keys.ARM_BUCKET_S, int(now) // keys.ARM_BUCKET_S
-        arms = sorted(a.decode() for a in cast(set[bytes], await self.r.smembers("arms")))
-        pipe = self.r.pipeline(transaction=False)
-        for a in arms:
-            for b in range(first, last + 1):
-                pipe.hgetall(keys.arm(a, b))
-        res = iter(await pipe.execute())
-        out = {}
-        for a in arms:
-            hs = [next(res) for _ in range(first, last + 1)]
-            out[a] = {"impressions": [int(h.get(b"impressions", 0)) for h in hs],
-                      "clicks": [int(h.get(b"clicks", 0)) for h in hs]}
-        return [float(b * keys.ARM_BUCKET_S) for b in range(first, last + 1)], out
+        span = next((s for s in sorted(keys.ARM_SPANS) if window_s / s <= max_points
+                     and now - window_s >= now - keys.ARM_SPANS[s][1] + s), max(keys.ARM_SPANS))
+        first, last = int(now - window_s) // span, int(now) // span
+        buckets = [(span, b) for b in range(first, last + 1)]
+        arms = await self._arms()
+        read = await self._read_arms(arms, buckets)
+        out = {a: {"impressions": [n for n, _ in read[a]], "clicks": [c for _, c in read[a]]} for a in arms}
+        return span, [float(b * span) for _, b in buckets], out
 
     async def arm_counts(self, window_s: float, now: float | None = None) -> dict[str, dict[str, int]]:
-        """Impressions and clicks per arm for impressions in the last ``window_s`` seconds."""
-        _, series = await self.arm_series(window_s, now)
-        return {a: {"impressions": sum(s["impressions"]), "clicks": sum(s["clicks"])} for a, s in series.items()}
+        """Impressions and clicks per arm for impressions in the last ``window_s`` seconds (whole minutes).
+
+        Read from the roll-ups (``keys.arm_cover``): at most about 170 buckets per arm plus one per day of window.
+        """
+        now = time.time() if now is None else now
+        buckets = keys.arm_cover(int(now - window_s) // keys.ARM_BUCKET_S, int(now) // keys.ARM_BUCKET_S + 1, now)
+        arms = await self._arms()
+        read = await self._read_arms(arms, buckets)
+        return {a: {"impressions": sum(n for n, _ in read[a]), "clicks": sum(c for _, c in read[a])} for a in arms}
 
     async def max_user_updates(self) -> int:
         """The most labelled impressions applied to any one user (for the DP accountant)."""

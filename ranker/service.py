@@ -543,11 +543,10 @@ class Recommender:
         return report
 
     async def lift_series(self, window_s: float) -> dict[str, Any]:
-        """Per-minute CTR of each arm and the cumulative lift since the window's start, with both intervals."""
-        starts, arms = await self.counters.arm_series(window_s)
-        out: dict[str, Any] = {"window": window_s, "bucket_s": float(starts[1] - starts[0]) if len(starts) > 1
-                               else 60.0, "starts": starts, "arms": {}, "lift": [], "lift_ci95": [],
-                               "lift_ci95_sequential": []}
+        """CTR of each arm per time bucket and the cumulative lift since the window's start, with both intervals."""
+        span, starts, arms = await self.counters.arm_series(window_s)
+        out: dict[str, Any] = {"window": window_s, "bucket_s": float(span), "starts": starts, "arms": {}, "lift": [],
+                               "lift_ci95": [], "lift_ci95_sequential": []}
         for arm, s in arms.items():
             ctr = [c / n if n else None for c, n in zip(s["clicks"], s["impressions"], strict=True)]
             out["arms"][arm] = {"impressions": s["impressions"], "clicks": s["clicks"], "ctr": ctr}

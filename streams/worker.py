@@ -542,8 +542,9 @@ class EventAgent:
             plan = plans[p]
             for k, n in plan.stats.items():
                 stats[k] += n
-            for (policy, b, what), n in plan.arm.items():
-                counters[keys.arm(policy, b)][what] += n
+            for (policy, b, what), n in plan.arm.items():  # b: the minute; rolled up per hour and day as well
+                for key in keys.arm_rollup(policy, b):
+                    counters[key][what] += n
             for (policy, ad_id, what), n in plan.ads.items():
                 counters[keys.adstat(policy, what)][ad_id] += n
             stats["labelled_clicks"] += sum(ex.clicked for ex in plan.labelled)

@@ -8,13 +8,14 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from privads.api.deps import RecommenderDep
+from privads.infra import keys
 
 router = APIRouter(tags=["experiment"])
 
-# a window costs one Redis read per minute and arm (one pipelined round trip, about 10 ms per arm and day of
-# window on 2 cores): the cap bounds what one unauthenticated GET can cost the API's event loop
-MAX_WINDOW_S = 7 * 86400
-WINDOW_DOC = f"seconds, at most {MAX_WINDOW_S} (7 days)"
+# the counters are rolled up per minute, hour and day, so a window of any length costs a bounded number of Redis
+# reads (``keys.arm_cover``, ``Counters.arm_series``); the cap is the daily roll-ups' life
+MAX_WINDOW_S = keys.ARM_MAX_WINDOW_S
+WINDOW_DOC = f"seconds, at most {MAX_WINDOW_S} (366 days)"
 
 
 class ArmOut(BaseModel):
@@ -70,5 +71,7 @@ async def lift_series(
     recommender: RecommenderDep,
     window: Annotated[float, Query(gt=0, le=MAX_WINDOW_S, allow_inf_nan=False, description=WINDOW_DOC)] = 3600.0,
 ) -> LiftSeriesOut:
-    """Per-minute CTR of each arm and the cumulative lift with its intervals (what the dashboard draws)."""
+    """CTR of each arm per bucket and the cumulative lift with its intervals (what the dashboard draws).
+
+    Buckets are minutes for windows up to 12 hours, hours up to 30 days, days beyond."""
     return LiftSeriesOut(**await recommender.lift_series(window))

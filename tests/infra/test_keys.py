@@ -59,6 +59,61 @@ def test_unpacked_arrays_are_writable_copies():
 # every kind of state lives in its own namespace: the same id never maps two kinds onto one key
 def test_key_namespaces_never_collide():
     made = [keys.user("x"), keys.checkpoint(1), keys.buckets(1), keys.pending(1, 1), keys.orphans(1),
-            keys.archive(1), keys.erased("x"), keys.arm("x", 1), keys.ad("x"), keys.embedding("x")]
+            keys.archive(1), keys.erased("x"), keys.arm("x", 1), keys.arm("x", 1, 3600), keys.arm("x", 1, 86400),
+            keys.ad("x"), keys.embedding("x")]
     assert len(set(made)) == len(made)
     assert keys.pending(1, 2) != keys.pending(12, 0) and keys.user("ad:x") != keys.ad("x")
+
+
+# --- arm counter roll-ups -------------------------------------------------------------------------------------
+
+
+def _minutes(cover: list[tuple[int, int]]) -> list[int]:
+    """The minutes a cover's buckets span, in order."""
+    out: list[int] = []
+    for span, b in cover:
+        m = span // keys.ARM_BUCKET_S
+        out.extend(range(b * m, (b + 1) * m))
+    return out
+
+
+# within the minute counters' life, the cover tiles the window exactly, with at most 59 + 23 buckets at each edge
+# plus one per whole day
+@pytest.mark.parametrize("seed", range(5))
+def test_arm_cover_tiles_a_recent_window_exactly_with_few_buckets(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    now = 1_800_000_000.0 + float(rng.integers(0, 86400))
+    for _ in range(200):
+        length = int(rng.integers(1, 7 * 1440))  # minutes, within the 8 days minute counters are kept
+        end = int(now) // 60 + 1
+        cover = keys.arm_cover(end - length, end, now)
+        assert _minutes(cover) == list(range(end - length, end))
+        assert len(cover) <= 2 * (59 + 23) + length // 1440
+
+
+def test_arm_cover_of_a_year_is_about_five_hundred_buckets() -> None:
+    now = 1_800_000_123.0
+    end = int(now) // 60 + 1
+    cover = keys.arm_cover(end - 366 * 1440, end, now)
+    assert len(cover) <= 59 + 23 + 366 + 23 + 59
+    minutes = _minutes(cover)
+    assert minutes == list(range(minutes[0], end))  # contiguous up to now
+    # a start older than the hourly counters' life (93 days) moves back to its day's start: at most a day early
+    assert minutes[0] % 1440 == 0 and 0 <= (end - 366 * 1440) - minutes[0] < 1440
+
+
+def test_arm_cover_start_moves_to_the_hour_once_minutes_are_gone() -> None:
+    now = 1_800_000_000.0
+    end = int(now) // 60 + 1
+    first = end - 10 * 1440 + 17  # 10 days back: the minute counters (8 days) are gone, the hourly ones are not
+    minutes = _minutes(keys.arm_cover(first, end, now))
+    assert minutes[0] == first - first % 60 and minutes[-1] == end - 1
+
+
+def test_an_event_counts_once_in_each_span_and_each_span_expires_after_its_life() -> None:
+    minute = 30_000_007
+    rolled = keys.arm_rollup("treatment", minute)
+    assert rolled == [keys.arm("treatment", minute), keys.arm("treatment", minute // 60, 3600),
+                      keys.arm("treatment", minute // 1440, 86400)]
+    assert [keys.arm_ttl(k) for k in rolled] == [ttl for _, ttl in keys.ARM_SPANS.values()]
+    assert keys.arm_ttl(keys.adstat("treatment", "clicks")) is None and keys.arm_ttl(keys.STATS) is None

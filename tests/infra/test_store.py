@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
 import redis
 
 from privads.infra import keys
-from privads.infra.store import AdCountLog, ad_count_deltas, connect
+from privads.infra.store import SERIES_MAX_POINTS, AdCountLog, Counters, ad_count_deltas, connect
 from privads.ranker.adcounts import AdCounts
 from privads.ranker.scoring import AdEvidence
 from privads.ranker.updates import ad_posterior
@@ -103,3 +104,44 @@ def test_embeddings_no_ad_uses_are_marked_then_dropped_after_the_grace(infra, rd
             await r.aclose()
 
     asyncio.run(run())
+
+
+# /lift reads the roll-ups: the counts of any window equal those of the events in its minutes, from a bounded
+# number of reads; /lift/series keeps its buckets few and adds up to the same events
+def test_arm_counts_of_any_window_add_up_the_events_in_it(infra, rds: redis.Redis) -> None:
+    rng = np.random.default_rng(3)
+    now = float(int(time.time()))
+    last = int(now) // 60
+    minutes = rng.integers(last - 60 * 1440, last + 1, size=3000)  # events over 60 days, one per draw
+    arms = rng.choice(["treatment", "control"], size=len(minutes))
+    rds.delete("arms")
+    rds.sadd("arms", "treatment", "control")
+    pipe = rds.pipeline(transaction=False)
+    for m, a in zip(minutes.tolist(), arms.tolist(), strict=True):
+        for key in keys.arm_rollup(a, m):  # what a worker's batch writes per event
+            pipe.hincrby(key, "impressions", 1)
+            pipe.hincrby(key, "clicks", m % 2)
+    pipe.execute()
+
+    async def go() -> None:
+        r = connect(infra.redis_url)
+        try:
+            counters = Counters(r)
+            for window in (90.0, 3600.0, 5000.0, 86400.0, 7 * 86400.0, 6.5 * 86400):
+                got = await counters.arm_counts(window, now)
+                lo = int(now - window) // 60
+                for a in ("treatment", "control"):
+                    sel = (minutes >= lo) & (arms == a)
+                    assert got[a] == {"impressions": int(sel.sum()), "clicks": int((minutes[sel] % 2).sum())}, window
+                span, starts, series = await counters.arm_series(window, now)
+                assert len(starts) <= SERIES_MAX_POINTS + 1 and span == (60 if window <= 43200 else 3600)
+                for a in ("treatment", "control"):
+                    sel = (minutes >= int(starts[0]) // 60) & (arms == a)
+                    assert sum(series[a]["impressions"]) == int(sel.sum())
+            # 60 days: minute buckets past 8 days are no longer read, the start moves back to its hour
+            got = await counters.arm_counts(60 * 86400.0, now)
+            assert sum(c["impressions"] for c in got.values()) == len(minutes)
+        finally:
+            await r.aclose()
+
+    asyncio.run(go())

@@ -80,9 +80,10 @@ def test_idle_users_are_forgotten_and_the_population_sum_follows(infra: Infra, r
     # the idle index names only the users that are held
     seen = {u.decode() for p in range(2) for u in rds.zrange(keys.seen(p), 0, -1)}
     assert seen == held
-    # per-minute arm counters expire after the longest /lift window
-    arms = list(rds.scan_iter(match="arm:*"))
-    assert arms and all(0 < rds.ttl(k) <= keys.ARM_TTL_S for k in arms)
+    # arm counters, per minute, hour and day, each expire after its span's life
+    for prefix, ttl in keys.ARM_SPANS.values():
+        arms = list(rds.scan_iter(match=f"{prefix}:*"))
+        assert arms and all(0 < rds.ttl(k) <= ttl for k in arms), prefix
 
 
 def test_per_process_entries_of_workers_gone_for_a_day_are_dropped(settings: Settings, rds: redis.Redis,
