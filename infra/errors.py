@@ -15,6 +15,7 @@ and only ``cli/`` into an exit status and one line on stderr.
     ├── Unavailable (ConnectionError)  a backend or a peer cannot be reached or answered nonsense
     │   └── HttpProtocolError          the load generator could not frame a server's HTTP response
     ├── Conflict                       a fenced write lost its race: re-read and re-plan
+    ├── Misconfigured (RuntimeError)   the settings contradict what runs (a topic's partition count)
     └── StartError (RuntimeError)      a child process did not start or become ready
 """
 
@@ -55,6 +56,10 @@ class HttpProtocolError(Unavailable):
 
 class Conflict(PrivAdsError):
     """Another writer changed a partition since it was read; the batch must be re-planned."""
+
+
+class Misconfigured(PrivAdsError, RuntimeError):
+    """The settings contradict the running system (a topic's partition count); the text says how to fix it."""
 
 
 class StartError(PrivAdsError, RuntimeError):

@@ -23,7 +23,8 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from privads.infra.records import topic_partitions
+from privads.infra.errors import Misconfigured
+from privads.infra.records import CONSUMED_TOPICS, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ def create_topics(servers: str, partitions: int, timeout: float = 30.0, retentio
             time.sleep(0.3)
     try:
         existing = set(admin.list_topics())
+        counts = topic_partitions(partitions)
         wanted = [NewTopic(t, n, 1, topic_configs=topic_configs(retention_s))
-                  for t, n in topic_partitions(partitions).items() if t not in existing]
+                  for t, n in counts.items() if t not in existing]
         created = []
         for topic in wanted:  # one at a time: a race with another creator must not fail the rest
             try:
@@ -92,9 +94,28 @@ def create_topics(servers: str, partitions: int, timeout: float = 30.0, retentio
                 created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass
+        routed = {t: n for t, n in counts.items() if t in CONSUMED_TOPICS}  # the ones users are partitioned over
+        have = {t.get("name", t.get("topic")): len(t["partitions"]) for t in admin.describe_topics(list(routed))
+                if not t.get("error_code")}
+        check_partition_counts(routed, have, partitions)
         return created
     finally:
         admin.close()
+
+
+def check_partition_counts(wanted: dict[str, int], have: dict[str, int], partitions: int) -> None:
+    """Raise ``Misconfigured`` naming the topics whose partition count is not the one the settings give.
+
+    A worker routes each user to partition ``owner(user, PRIVADS_PARTITIONS)`` and owns the partitions it is
+    assigned: with fewer real partitions than configured its forwards name partitions that do not exist; with more,
+    users are split across partitions no worker expects. Neither can run.
+    """
+    wrong = {t: n for t, n in have.items() if t in wanted and n != wanted[t]}
+    if wrong:
+        listed = ", ".join(f"{t} has {n}" for t, n in sorted(wrong.items()))
+        raise Misconfigured(f"topic partition counts do not match PRIVADS_PARTITIONS={partitions}: {listed} "
+                            f"(want {sorted(set(wanted.values()))}); set PRIVADS_PARTITIONS to the topics' count or "
+                            "recreate the topics")
 
 
 async def keep_topics(servers: str, partitions: int, timeout: float = 10.0,

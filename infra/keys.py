@@ -12,6 +12,7 @@
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
 | ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored; no TTL (``UserStore.erase``) | API |
 | ``erasures`` | zset hash(user_id) → erased at, until the archive's compaction drops the rows | API; learner |
+| ``erasing:{p}`` | zset user id → erased at, until p's owner scrubbed its pending events (a second) | API; worker |
 | ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket, kept 8 days | stream workers |
 | ``armh:{policy}:{hour}``, ``armd:{policy}:{day}`` | the same, per hour (kept 93 days), per day (400) | workers |
 | ``adstat:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
@@ -125,6 +126,11 @@ def erased(user_id: str) -> str:
 
 
 ERASURES = "erasures"  # zset user_hash → erased at: the erasures the archive's compaction has yet to apply
+
+
+def erasing(partition: int) -> str:
+    """Zset user id → erased at: erasures whose pending events the partition's owner has yet to scrub."""
+    return f"erasing:{partition}"
 
 
 def arm(policy: str, bucket: int, span: int = ARM_BUCKET_S) -> str:

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     base_rate: float = Field(0.05, gt=0, lt=1, description="prior CTR (global bias)")
     attribution_window_s: float = Field(1800.0, gt=0)
     dedupe_horizon_s: float = Field(1800.0, ge=0, description="impression ids remembered after their window")
+    max_event_ahead_s: float = Field(300.0, gt=0, description="an event stamped further than this past the worker's "
+                                     "clock is dead-lettered: one bad timestamp must not move a partition's clock")
     worker_group: str = Field("privads-worker", min_length=1, description="the workers' Kafka consumer group")
     worker_batch: int = Field(20_000, ge=1, description="max events per worker batch")
     archive_every_s: float = Field(5.0, gt=0, description="how often workers move the archive to Parquet")

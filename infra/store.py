@@ -237,12 +237,14 @@ class UserStore:
         The erasure also waits in ``erasures`` until the archive's compaction has
         removed the user's rows (``learner.erasure``).
 
-        Bumps every partition's ``seq`` so that a worker holding a state read
-        before the erasure cannot write it back (its commit is fenced on seq).
-        The user's vector leaves its partition's population sum in the same
-        transaction, so the population prior no longer holds any of it.
-        The user's impressions still waiting for a click (and clicks waiting for
-        their impression) are removed from the owning partition's buckets too.
+        Bumps the ``seq`` of the user's partition (the only one whose owner writes
+        the user) so that a worker holding a state read before the erasure cannot
+        write it back (its commit is fenced on seq). The user's vector leaves its
+        partition's population sum in the same transaction, so the population prior
+        no longer holds any of it. The user's impressions still waiting for a click
+        (and clicks waiting for their impression) are scrubbed from the partition's
+        buckets by its owner, off the request path, at its next tick
+        (``PartitionStore.scrub_erased``; queued in ``erasing:{p}``).
         """
         n = int(await self.r.get(keys.PARTITIONS) or 0)
         home = owner(user_id.encode(), n) if n else None
@@ -264,14 +266,13 @@ class UserStore:
                         total, users = keys.unpack_population(pop)
                         if total.shape == mean.shape:
                             pipe.set(keys.population(home), keys.pack_population(total - mean, max(users - 1, 0)))
-                    for p in range(n):
-                        pipe.hincrby(keys.checkpoint(p), "seq", 1)
+                    if home is not None:
+                        pipe.hincrby(keys.checkpoint(home), "seq", 1)
+                        pipe.zadd(keys.erasing(home), {user_id: now})
                     await pipe.execute()
                     break
                 except WatchError:
                     continue  # a worker committed this user meanwhile: read again
-        if home is not None:
-            await self._scrub_pending(user_id, home)
 
     async def erased_since(self, user_ids: Sequence[str]) -> dict[str, float]:
         """The erased ones of ``user_ids`` (distinct), with when: their events up to then are not to be seen."""
@@ -339,18 +340,6 @@ class UserStore:
                 total += t
                 users += n
         return total, users
-
-    async def _scrub_pending(self, user_id: str, p: int) -> None:
-        buckets = [int(b) for b in await self.r.smembers(keys.buckets(p))]
-        for key in [keys.pending(p, b) for b in buckets]:
-            entries = cast(dict[bytes, bytes], await self.r.hgetall(key))
-            mine = [iid for iid, blob in entries.items() if records.unpack_pending(blob).user_id == user_id]
-            if mine:
-                await self.r.hdel(key, *mine)
-        entries = cast(dict[bytes, bytes], await self.r.hgetall(keys.orphans(p)))
-        mine = [iid for iid, blob in entries.items() if records.unpack_click(blob).user_id == user_id]
-        if mine:
-            await self.r.hdel(keys.orphans(p), *mine)
 
     async def exists(self, user_id: str) -> bool:
         return bool(await self.r.exists(keys.user(user_id)))
@@ -420,6 +409,41 @@ class PartitionStore:
         ckpts = {p: Checkpoint.parse(res[2 * i]) for i, p in enumerate(partitions)}
         bkts = {p: {int(b) for b in res[2 * i + 1]} for i, p in enumerate(partitions)}
         return ckpts, bkts
+
+    async def scrub_erased(self, p: int, limit: int = 1000) -> int:
+        """Remove the pending impressions and waiting clicks of partition ``p``'s users erased lately.
+
+        The erasures wait in ``erasing:{p}`` (``UserStore.erase``); one pass takes up to
+        ``limit`` of them, reads the partition's buckets once for all, and deletes the
+        entries of those users from before their erasure. Each user leaves the queue only
+        if not erased again meanwhile. Returns how many entries were removed.
+        """
+        queued = cast(list[tuple[bytes, float]], await self.r.zrange(keys.erasing(p), 0, limit - 1, withscores=True))
+        if not queued:
+            return 0
+        when = {u.decode(): t for u, t in queued}
+        removed = 0
+        buckets = [int(b) for b in await self.r.smembers(keys.buckets(p))]
+        for key in [keys.pending(p, b) for b in buckets] + [keys.orphans(p)]:
+            entries = cast(dict[bytes, bytes], await self.r.hgetall(key))
+            unpack = records.unpack_click if key == keys.orphans(p) else records.unpack_pending
+            mine = [iid for iid, blob in entries.items()
+                    if records.erased_event(when, (rec := unpack(blob)).user_id, rec.ts)]
+            if mine:
+                removed += int(await self.r.hdel(key, *mine))
+        async with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(keys.erasing(p))
+                    now_scores = await pipe.zmscore(keys.erasing(p), list(when))
+                    done = [u for u, t in zip(when, now_scores, strict=True) if t is not None and t <= when[u]]
+                    pipe.multi()
+                    if done:
+                        pipe.zrem(keys.erasing(p), *done)
+                    await pipe.execute()
+                    return removed
+                except WatchError:
+                    continue
 
     async def read(self, requests: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Run a list of read commands ``(name, args)`` in one round trip."""

@@ -68,13 +68,66 @@ class Clock:
             return wall
         return min(wm + max(0.0, wall - seen - IDLE_GRACE_S) for wm, seen in self.marks.values())
 
+    def bounded(self, wall: float) -> Clock:
+        """The clock with no watermark past ``wall``.
+
+        ``advance`` never moves a watermark past the wall clock, but a checkpoint may hold
+        one from before that rule, from another host whose clock ran ahead, or from a wall
+        clock that jumped and came back: bounded, it closes windows on real time again
+        instead of years ahead.
+        """
+        return Clock({t: (min(wm, wall), min(seen, wall)) for t, (wm, seen) in self.marks.items()})
+
     def advance(self, event_ts: dict[str, list[float]], wall: float) -> Clock:
+        """The clock after a batch delivered these event times per topic, at ``wall``.
+
+        A watermark never passes ``wall``: an event a little ahead (a producer's clock skew,
+        within ``ahead``'s tolerance) is learned, but cannot close windows before their time.
+        """
         marks = dict(self.marks)
         for topic, ts in event_ts.items():
             if ts:
                 old = marks.get(topic, (float("-inf"), wall))[0]
-                marks[topic] = (max(old, max(ts)), wall)
+                marks[topic] = (max(old, min(max(ts), wall)), wall)
         return Clock(marks)
+
+
+def ahead(ts: float, wall: float, tolerance_s: float) -> str | None:
+    """Why an event stamped ``ts`` is too far in the future to be believed (then it is dead-lettered), or None.
+
+    One event in milliseconds instead of seconds would otherwise move its partition's clock
+    some 50,000 years ahead: every later impression a negative at once, every click late.
+    """
+    if ts <= wall + tolerance_s:
+        return None
+    return (f"ts {ts!r} is {ts - wall:.0f} s ahead of the worker's clock (at most {tolerance_s:g} s, "
+            "PRIVADS_MAX_EVENT_AHEAD_S); is it in milliseconds? Unix seconds are expected")
+
+
+class WallGuard:
+    """The wall time the partition clocks run on: it never moves forward faster than real (monotonic) time.
+
+    A quiet partition closes its windows on wall time (``Clock.now``). A wall clock stepped
+    forward (by hand, or by NTP correcting a large error) would close every open window at
+    once, labelling impressions negative before their clicks could come. This guard believes
+    a backward step at once (windows then close late, which is safe) and a forward step never,
+    within one process: its time runs on at the monotonic clock's rate from where it was.
+    The future-events check (``ahead``) uses the raw wall clock.
+    """
+
+    def __init__(self, slack_s: float = 1.0) -> None:
+        self.slack_s = slack_s
+        self.anchor: tuple[float, float] | None = None  # (wall, monotonic) of the last reading believed
+
+    def read(self, wall: float, mono: float) -> float:
+        """The guarded wall time for a raw ``wall`` reading taken at monotonic time ``mono``."""
+        if self.anchor is not None:
+            was, then = self.anchor
+            bound = was + max(0.0, mono - then) + self.slack_s
+            if wall > bound:
+                return bound  # a forward step: not believed; the anchor stays
+        self.anchor = (wall, mono)
+        return wall
 
 
 @dataclass

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import os
+import random
 import signal
 import socket
 import time
 from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 import msgspec
@@ -35,7 +38,7 @@ import redis
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 from redis.exceptions import RedisError
 
@@ -61,7 +64,7 @@ from privads.ranker.encoder import AdEncoder
 from privads.ranker.quality import QualityWatch
 from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, noise_rng, sigmoid
 from privads.streams import archive
-from privads.streams.attribution import Clock, Seen, bucket_of, plan_batch
+from privads.streams.attribution import Clock, Seen, WallGuard, ahead, bucket_of, plan_batch
 from privads.streams.services import AdVectors, CatalogIndexer
 
 log = logging.getLogger("privads.worker")
@@ -126,11 +129,16 @@ class EventAgent:
         self.owned: set[int] = set()
         self.to_seek: set[int] = set()
         self.n_partitions = settings.partitions
+        self.wall_guard = WallGuard()
 
     # --- ownership ------------------------------------------------------------------
 
     async def seek_to_checkpoints(self, partitions: set[int]) -> None:
-        """Resume each owned partition where its last committed batch ended (Redis, not Kafka, is the truth)."""
+        """Resume each owned partition where its last committed batch ended (Redis, not Kafka, is the truth).
+
+        A topic is read from its start only on evidence that its log is not the one the checkpoint was taken on
+        (``_same_log``); when the broker cannot tell now, the seek raises and is tried again.
+        """
         assert self.consumer is not None
         if not partitions:
             return
@@ -154,8 +162,12 @@ class EventAgent:
     async def _same_log(self, tp: TopicPartition, offset: int, fingerprint: int | None) -> bool:
         """Whether the record at ``offset`` is the one the checkpoint last consumed.
 
-        End offsets cannot tell: tansu under-reports them. A broker that lost its
-        log either has no record there or a different one.
+        End offsets cannot tell: tansu under-reports them. Evidence of a new log is a
+        different record at ``offset`` (another timestamp) or no record there at all
+        (the log ends before it: offset out of range, or an empty fetch while the
+        partition's end offset is at or below ``offset``). Anything else — a Kafka error,
+        a slow fetch — proves nothing, and raises ``KafkaConnectionError`` so the caller
+        retries instead of replaying a log it has applied.
         """
         if fingerprint is None:
             return False
@@ -167,21 +179,76 @@ class EventAgent:
         try:
             probe.assign([tp])
             probe.seek(tp, offset)
-            got = await probe.getmany(tp, timeout_ms=2000, max_records=1)
+            try:
+                got = await probe.getmany(tp, timeout_ms=5000, max_records=1)
+            except OffsetOutOfRangeError:
+                return False  # the log is shorter than the checkpoint: a new one
             recs = got.get(tp, [])
-            return bool(recs) and recs[0].offset == offset and recs[0].timestamp == fingerprint
-        except KafkaError:
-            return False  # offset out of range: the log is shorter than the checkpoint
+            if recs:
+                return recs[0].offset == offset and recs[0].timestamp == fingerprint
+            end = (await probe.end_offsets([tp]))[tp]
+            if end <= offset:
+                return False  # nothing there: the log ends before the record the checkpoint consumed
+            raise KafkaConnectionError(f"{tp.topic}[{tp.partition}]: no record at offset {offset} within 5 s although "
+                                       f"the log reaches {end}; cannot tell whether it is the checkpoint's log")
         finally:
             await probe.stop()
 
     # --- one batch ----------------------------------------------------------------------
 
     async def step(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], tick: bool) -> None:
+        """Apply one fetched batch exactly once: decode, plan, commit with the offsets; re-plan on a conflict.
+
+        Each attempt first drops the records its partition's checkpoint has passed (a fetch that raced a seek, or
+        another worker that applied them during a rebalance), so a re-plan never applies a record twice; side
+        outputs (forwards, dead letters) go out once per record across attempts. Conflicts (an erasure or another
+        writer moved ``seq``) are retried with jittered backoff for as long as they last: a worker never gives up
+        a batch.
+        """
+        lettered: set[tuple[str, int, int, str]] = set()  # rejected clicks dead-lettered by an earlier attempt
+        sent: set[tuple[str, int, int]] = set()  # records whose forward or dead letter went out already
+        attempt = 0
+        while True:
+            by_p, side = await self._decode(batch, tick)
+            if not by_p:
+                return
+            todo = [(src, out) for src, out in side if src not in sent]
+            if todo:
+                await asyncio.gather(*[await self.producer.send(t, value=v, key=k, partition=p, headers=h)
+                                       for _, (t, p, k, v, h) in todo])
+                sent.update(src for src, _ in todo)
+            try:
+                await self._apply(by_p, lettered)
+                break
+            except Conflict as e:
+                if attempt == 0:
+                    log.info("batch conflict (%s); re-planning with backoff", e)
+                elif attempt % 50 == 0:
+                    log.warning("batch still conflicting after %d attempts (%s); retrying", attempt, e)
+                lost = await self._lost_partitions(by_p)
+                batch = {tp: msgs for tp, msgs in batch.items() if tp.partition not in lost}
+                self.to_seek |= lost & self.owned
+                await asyncio.sleep(backoff_s(attempt))
+                attempt += 1
+        assert self.consumer is not None
+        commits = {TopicPartition(t, p): o for p, pb in by_p.items() for t, o in pb.offsets.items()}
+        if commits:
+            try:
+                await self.consumer.commit(commits)  # for lag monitoring only: Redis holds the truth
+            except Exception as e:  # noqa: BLE001 - a rebalance may have moved the partition
+                log.debug("offset commit skipped: %s", e)
+
+    async def _decode(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], tick: bool
+                      ) -> tuple[dict[int, PartitionBatch], list[tuple[tuple[str, int, int], tuple]]]:
+        """The batch's records past their partition's checkpoint, decoded per partition, and the side outputs.
+
+        Side outputs are ((topic, partition, offset) read, (topic, partition, key, value, headers) to produce).
+        """
         by_p: dict[int, PartitionBatch] = {}
-        side: list[tuple[str, int | None, bytes | None, bytes, list]] = []  # topic, partition, key, value, headers
+        side: list[tuple[tuple[str, int, int], tuple]] = []
+        wall = time.time()
         if batch:
-            # a record below its partition's checkpoint was applied already (a fetch raced a seek): drop it
+            # a record below its partition's checkpoint was applied already: drop it
             done, _ = await self.store.checkpoints(sorted({tp.partition for tp in batch}))
             batch = {tp: [m for m in msgs if m.offset >= done[tp.partition].offsets.get(tp.topic, 0)]
                      for tp, msgs in batch.items()}
@@ -191,40 +258,16 @@ class EventAgent:
             pb.offsets[tp.topic] = msgs[-1].offset + 1
             pb.fingerprints[tp.topic] = msgs[-1].timestamp
             for m in msgs:
-                self._route(tp, m, pb, side)
+                out: list[tuple] = []
+                self._route(tp, m, pb, out, wall)
+                side.extend(((tp.topic, tp.partition, m.offset), o) for o in out)
         if tick:
             for p in self.owned:
                 by_p.setdefault(p, PartitionBatch())
-        if not by_p:
-            return
-        if side:
-            await asyncio.gather(*[await self.producer.send(t, value=v, key=k, partition=p, headers=h)
-                                   for t, p, k, v, h in side])
-        lettered: set[tuple[str, int, int, str]] = set()  # rejected clicks dead-lettered by an earlier attempt
-        for attempt in range(20):
-            try:
-                await self._apply(by_p, lettered)
-                break
-            except Conflict as e:
-                log.info("batch conflict (%s); re-planning (attempt %d)", e, attempt + 1)
-                lost = await self._lost_partitions(by_p)
-                for p in lost:
-                    by_p.pop(p, None)
-                if lost:
-                    self.to_seek |= lost & self.owned
-                if not by_p:
-                    return
-        else:
-            raise RuntimeError("could not commit a batch after 20 attempts")
-        assert self.consumer is not None
-        commits = {TopicPartition(t, p): o for p, pb in by_p.items() for t, o in pb.offsets.items()}
-        if commits:
-            try:
-                await self.consumer.commit(commits)  # for lag monitoring only: Redis holds the truth
-            except Exception as e:  # noqa: BLE001 - a rebalance may have moved the partition
-                log.debug("offset commit skipped: %s", e)
+        return by_p, side
 
-    def _route(self, tp: TopicPartition, m: ConsumerRecord[bytes, bytes], pb: PartitionBatch, side: list) -> None:
+    def _route(self, tp: TopicPartition, m: ConsumerRecord[bytes, bytes], pb: PartitionBatch, side: list,
+               wall: float) -> None:
         """Decode one message into its partition batch, or into a side output (dead letter, forward)."""
         topic = tp.topic
         if topic == records.REPARTITION:
@@ -232,6 +275,8 @@ class EventAgent:
         pb.processed[topic] += 1
         try:
             rec = records.decode_record(topic, m.value)
+            if (why := ahead(rec.ts, wall, self.s.max_event_ahead_s)) is not None:
+                raise InvalidEvent(why)
         except InvalidEvent as e:
             side.append((records.DEAD_LETTER, None, None,
                          records.dead_letter(tp.topic, tp.partition, m.offset, str(e), m.value), []))
@@ -252,9 +297,9 @@ class EventAgent:
             pb.click_sources[id(rec)] = (tp.topic, tp.partition, m.offset, m.value)
 
     async def _lost_partitions(self, by_p: dict[int, PartitionBatch]) -> set[int]:
-        """Partitions whose checkpoint moved past where this batch started: another worker owns them now."""
+        """Partitions of this batch another worker owns now: not assigned here any more, or their checkpoint moved
+        to or past where this batch ends (what remains of it, if anything, the next attempt re-filters)."""
         ckpts, _ = await self.store.checkpoints(sorted(by_p))
-        assert self.consumer is not None
         lost = set()
         for p, pb in by_p.items():
             if p not in self.owned:
@@ -305,6 +350,9 @@ class EventAgent:
 
     async def _apply(self, by_p: dict[int, PartitionBatch], lettered: set[tuple[str, int, int, str]]) -> None:
         wall = time.time()
+        # the partition clocks run on a wall time that a forward step cannot jump (streams.attribution.WallGuard),
+        # and hold no watermark past it
+        guarded = self.wall_guard.read(wall, time.monotonic())
         parts = sorted(by_p)
         ckpts, bucket_sets = await self.store.checkpoints(parts)
         plans, writes, seq = {}, [], {}
@@ -313,8 +361,8 @@ class EventAgent:
         for p in parts:
             pb, ck, bkts = by_p[p], ckpts[p], bucket_sets[p]
             seq[p] = ck.seq
-            clock = Clock(ck.marks).advance(pb.event_ts, wall)
-            now = clock.now(wall)
+            clock = Clock(ck.marks).bounded(guarded).advance(pb.event_ts, guarded)
+            now = clock.now(guarded)
             cutoff = bucket_of(now - self.window_s, self.bucket_s)
             closed = ck.closed_before if ck.closed_before is not None else cutoff
             due = sorted(b for b in bkts if closed <= b < cutoff)
@@ -593,22 +641,87 @@ async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKa
                                 **consumer_config(settings.kafka_servers))
     await consumer.start()
     try:
+        failures = 0
         while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=200, max_records=512)
-            good = []
+            try:
+                batch = await consumer.getmany(timeout_ms=200, max_records=512)
+                failures = 0
+            except TRANSIENT as e:
+                if failures == 0:
+                    log.warning("catalog fetch failed (%s: %s); retrying with backoff", type(e).__name__, e)
+                await asyncio.sleep(backoff_s(failures, base_s=0.2))
+                failures += 1
+                continue
+            good, letters = [], []
+            sources: dict[int, tuple[str, int, int, bytes]] = {}
             for tp, msgs in batch.items():
                 for m in msgs:
                     try:
-                        good.append(records.decode_record(records.ADS, m.value))
+                        good.append(ad := records.decode_record(records.ADS, m.value))
+                        sources[id(ad)] = (tp.topic, tp.partition, m.offset, m.value)
                     except InvalidEvent as e:
-                        await producer.send(records.DEAD_LETTER, records.dead_letter(
-                            tp.topic, tp.partition, m.offset, str(e), m.value))
-            if good:
-                await indexer.upsert(good)
-            if batch:
-                await consumer.commit()
+                        letters.append(records.dead_letter(tp.topic, tp.partition, m.offset, str(e), m.value))
+            # the batch is retried until it is stored (a Redis or broker blip), then committed: never skipped
+            await retry_until_done(functools.partial(_index_batch, indexer, producer, good, letters, sources), stop,
+                                   "catalog upsert")
+            if batch and not stop.is_set():
+                await retry_until_done(consumer.commit, stop, "catalog offset commit")
     finally:
         await consumer.stop()
+
+
+async def _index_batch(indexer: CatalogIndexer, producer: AIOKafkaProducer, good: list[records.Ad],
+                       letters: list[bytes], sources: dict[int, tuple[str, int, int, bytes]]) -> None:
+    """Store a batch of ads; an ad that fails for a reason of its own (not Redis, not the broker) is dead-lettered."""
+    letters = list(letters)
+    if good:
+        try:
+            await indexer.upsert(good)
+        except TRANSIENT:
+            raise
+        except Exception:  # noqa: BLE001 - one bad ad must not stop the catalog: find it, letter it, keep the rest
+            log.exception("a catalog batch failed; storing its ads one by one")
+            for ad in good:
+                try:
+                    await indexer.upsert([ad])
+                except TRANSIENT:
+                    raise
+                except Exception as e:  # noqa: BLE001 - see above
+                    topic, partition, offset, raw = sources[id(ad)]
+                    letters.append(records.dead_letter(topic, partition, offset,
+                                                       f"ad {ad.ad_id!r} could not be indexed: {type(e).__name__}: {e}",
+                                                       raw))
+    if letters:
+        await asyncio.gather(*[await producer.send(records.DEAD_LETTER, v) for v in letters])
+
+
+# transient failures a loop step rides out: Redis or the broker away, a socket closing
+TRANSIENT = (RedisError, KafkaError, OSError, TimeoutError)
+
+
+def backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 5.0, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base · 2^attempt)] (attempt counts from 0)."""
+    return (rng or random).uniform(0.0, min(cap_s, base_s * 2.0 ** min(attempt, 30)))
+
+
+async def retry_until_done(step: Callable[[], Awaitable[object]], stop: asyncio.Event, what: str) -> bool:
+    """Run ``step`` until it succeeds or ``stop`` is set; a transient failure is logged once, then backed off.
+
+    Returns whether the step succeeded.
+    """
+    attempt = 0
+    while not stop.is_set():
+        try:
+            await step()
+            if attempt:
+                log.warning("%s succeeded after %d failed attempts", what, attempt)
+            return True
+        except TRANSIENT as e:
+            if attempt == 0:
+                log.warning("%s failed (%s: %s); retrying with backoff", what, type(e).__name__, e)
+            await asyncio.sleep(backoff_s(attempt, base_s=0.2))
+            attempt += 1
+    return False
 
 
 async def run(settings: Settings) -> None:
@@ -700,6 +813,9 @@ async def run(settings: Settings) -> None:
                 if tick:
                     last_tick = time.monotonic()
                 await agent.step(batch, tick)
+                if tick:  # the pending events of users erased lately, scrubbed off the API's request path
+                    for p in sorted(agent.owned):
+                        await agent.store.scrub_erased(p)
             except (RedisError, KafkaError, OSError) as e:
                 log.warning("batch not committed (%s: %s); retrying from the checkpoints", type(e).__name__, e)
                 replay = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from privads.infra.records import Click, Impression, Pending
-from privads.streams.attribution import IDLE_GRACE_S, Clock, Seen, bucket_of, plan_batch
+from privads.streams.attribution import IDLE_GRACE_S, Clock, Seen, WallGuard, ahead, bucket_of, plan_batch
 
 W, B = 10.0, 1  # a 10 s window, 1 s buckets
 
@@ -114,3 +114,52 @@ def test_a_forged_click_that_came_before_its_impression_is_rejected_when_it_arri
     assert [(x.impression_id, x.clicked) for x in p.labelled] == [("i2", True)]  # the true orphan still joins
     assert p.del_orphans == {"i1", "i2"} and p.stats["unattributed_clicks"] == -2
     assert p.stats["mismatched_clicks"] == 1 and not p.put_pending[98]["i1"].clicked
+
+
+# --- event time that cannot be believed -------------------------------------------------------------------------
+
+
+# an event in milliseconds is ~50,000 years ahead: refused, naming the limit; a little skew is let in
+def test_an_event_far_ahead_of_the_clock_is_refused_with_the_reason():
+    wall = 1_800_000_000.0
+    assert ahead(wall + 299.0, wall, 300.0) is None and ahead(wall - 1e6, wall, 300.0) is None
+    why = ahead(wall * 1000, wall, 300.0)
+    assert why is not None and "milliseconds" in why and "PRIVADS_MAX_EVENT_AHEAD_S" in why
+
+
+# a checkpoint's clock years ahead (written before the check, or by a wall clock that came back) closes windows on
+# real time again once bounded
+def test_a_clock_bounded_to_the_tolerance_closes_windows_on_real_time():
+    wall = 1_800_000_000.0
+    broken = Clock({"imps": (wall * 1000, wall), "clicks": (wall - 5, wall)})
+    assert broken.now(wall) == wall - 5  # the slowest topic rules while both deliver ...
+    alone = Clock({"imps": (wall * 1000, wall)})
+    assert alone.now(wall) > wall + 1e9  # ... but alone the broken one is 50,000 years ahead
+    assert alone.bounded(wall).now(wall) == wall
+    assert broken.bounded(wall).marks["clicks"] == (wall - 5, wall)  # nothing else moves
+
+
+# an event a little ahead (a producer's skew) is let in, but its topic's watermark stops at the wall clock
+def test_a_watermark_never_passes_the_wall_clock():
+    c = Clock().advance({"imps": [1000.0 + 200]}, wall=1000.0)
+    assert c.marks["imps"] == (1000.0, 1000.0)
+    assert c.advance({"imps": [1001.0]}, wall=1002.0).marks["imps"] == (1001.0, 1002.0)
+
+
+# the wall time the clocks run on follows real time: a forward step is not believed, a backward one is
+def test_the_wall_guard_ignores_a_forward_step_and_follows_a_backward_one():
+    g = WallGuard(slack_s=1.0)
+    assert g.read(1000.0, 50.0) == 1000.0
+    assert g.read(1010.0, 60.0) == 1010.0  # 10 s of wall in 10 s of real time
+    assert g.read(1010.0 + 3600, 61.0) == 1012.0  # stepped an hour ahead: 1 s passed (+ the 1 s slack)
+    assert g.read(1010.0 + 3600 + 10, 71.0) == 1022.0  # and it runs on at real time from where it was
+    assert g.read(900.0, 72.0) == 900.0  # a backward step: believed (windows close late, never early)
+    assert g.read(901.0, 73.0) == 901.0
+
+
+# a quiet partition behind a stepped wall clock keeps its window open
+def test_a_forward_wall_step_does_not_close_a_quiet_partitions_windows():
+    g = WallGuard()
+    c = Clock().advance({"imps": [1000.0], "clicks": [1000.0]}, g.read(1000.0, 0.0))
+    stepped = g.read(1000.0 + 3600, 5.0)  # 5 s later the wall clock says an hour passed
+    assert c.now(stepped) < 1000.0 + W  # still within the 10 s window: nothing closes early
