@@ -110,10 +110,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
         counts = asyncio.create_task(recommender.follow_counts(), name="follow-ad-counts")
-        try:
+        try:  # the follower's first pass: a version and the catalog as they are now, when they can be read
             await asyncio.wait_for(recommender.ready.wait(), timeout=30)
         except TimeoutError:
-            log.warning("no model version yet; serving the initial projector over the catalog log")
+            pass
+        ready, state = recommender.readiness()
+        if not ready:  # alive (/healthz) but not ready (/readyz says why until it is)
+            log.warning("not ready yet: %s; serving the initial projector over the catalog log meanwhile",
+                        state["reason"])
         try:
             yield
         finally:

@@ -200,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privads", description="PrivAds: streaming, online-learning ad recommender")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", help="the whole stack, foreground; Ctrl-C stops it").set_defaults(fn=cmd_up)
+    sub.add_parser("up", help="the whole stack, foreground; says it serves once /readyz is 200; Ctrl-C stops it"
+                   ).set_defaults(fn=cmd_up)
     sub.add_parser("worker", help="the stream worker (batch agents over aiokafka)").set_defaults(fn=cmd_worker)
     sub.add_parser("learner", help="the periodic learner loop").set_defaults(fn=cmd_learner)
     sub.add_parser("train", help="one learner cycle now").set_defaults(fn=cmd_train)

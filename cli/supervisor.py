@@ -1,4 +1,11 @@
-"""``privads up``: the whole stack in the foreground; Ctrl-C stops every process it started."""
+"""``privads up``: the whole stack in the foreground; Ctrl-C stops every process it started.
+
+The stack is started in order (broker, Redis, workers, the sample catalog, the
+learner's first version, the API), then supervised. The line that says it serves
+(``READY_LINE``) is printed only once the API's ``/readyz`` answers 200: a model
+version and the catalog loaded, so the first ``/recommend`` after it returns ads.
+Until then the supervisor logs why the API is not ready (once per reason).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from privads.infra.settings import Settings
 
 log = logging.getLogger("privads.up")
 MAX_RESTARTS = 5
+READY_LINE = "PrivAds is serving on {api}  (logs in {logs}; Ctrl-C stops)"
 
 
 class Stack:
@@ -95,6 +103,8 @@ class Stack:
         else:
             log.warning("no sample catalog at %s; the catalog starts empty", catalog)
         self._app("learner", ["learner"], ready=lambda: self._published())
+        # started once alive (/healthz); ready (/readyz) is awaited while supervising, so a child that crashes
+        # meanwhile is restarted and reported like any other
         self._app("api", ["api"], ready=lambda: httpx.get(f"{s.api}/healthz", timeout=1).status_code == 200)
 
     def _redis(self) -> redis.Redis:
@@ -124,8 +134,27 @@ class Stack:
 
     # --- run and stop ---------------------------------------------------------------
 
-    def supervise(self) -> int:
-        """Watch the children until asked to stop; restart a crashed app process, report it."""
+    def api_ready(self) -> tuple[bool, str]:
+        """Whether the API's ``/readyz`` answers 200; if not, why (its ``reason``, or why it did not answer)."""
+        try:
+            r = httpx.get(f"{self.settings.api}/readyz", timeout=2)
+        except httpx.HTTPError as e:
+            return False, f"/readyz did not answer ({type(e).__name__}: {e})"
+        if r.status_code == 200:
+            return True, ""
+        try:
+            reason = str(r.json().get("reason") or r.text[:200])
+        except ValueError:
+            reason = r.text[:200]
+        return False, f"/readyz answered {r.status_code}: {reason}"
+
+    def supervise(self, ready_line: str | None = None) -> int:
+        """Watch the children until asked to stop; restart a crashed app process, report it.
+
+        ``ready_line``: printed once the API is ready (``api_ready``); meanwhile why it is
+        not is logged, once per reason.
+        """
+        waiting_for = "" if ready_line is not None else None  # None: announced (or nothing to announce)
         while not self.stopping:
             for p in self.infra:
                 code = p.poll()
@@ -145,7 +174,15 @@ class Stack:
                 fresh = Process(p.name, p.argv, p.log, env=p.env)
                 fresh.start()
                 self.apps[i] = fresh
-            time.sleep(0.5)
+            if waiting_for is not None:
+                ready, why = self.api_ready()
+                if ready:
+                    print(ready_line, flush=True)
+                    waiting_for = None
+                elif why != waiting_for:
+                    log.info("waiting for the API to be ready: %s", why)
+                    waiting_for = why
+            time.sleep(0.5 if waiting_for is None else 0.1)
         return 0
 
     def stop(self) -> None:
@@ -178,8 +215,8 @@ def up(settings: Settings) -> int:
     code = 0
     try:
         stack.start()
-        print(f"PrivAds is serving on {stack.settings.api}  (logs in {stack.logs}; Ctrl-C stops)", flush=True)
-        code = stack.supervise()
+        # not printed yet: the API answers /healthz once it runs, but serves only once /readyz says so
+        code = stack.supervise(READY_LINE.format(api=stack.settings.api, logs=stack.logs))
     except StartError as e:
         print(f"privads up: {e}", file=sys.stderr)
         code = 1

@@ -36,6 +36,7 @@ import torch
 
 from privads.infra.kafka import make_producer
 from privads.infra.keys import EXPECTED_SCALE
+from privads.infra.loops import Step, reason_of
 from privads.infra.records import MODEL_UPDATES, unpack_served
 from privads.infra.settings import Settings
 from privads.infra.store import (
@@ -405,11 +406,14 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         served_ranker = None
         loaded: Projector | None = None
         parent = None
+        unreadable: list[str] = []  # what of the current version could not be read
         if current is not None:
-            loaded = Projector.load(Path(current["path"]) / "projector.npz")
             parent = current["version"]
-            if (Path(current["path"]) / "ranker.npz").exists():
-                served_ranker = RankerModel.load(Path(current["path"]) / "ranker.npz")
+            loaded, served_ranker, unreadable = await asyncio.to_thread(read_served, current)
+            if unreadable:
+                log.warning("the current version %s cannot be read in full (%s): this cycle starts from %s and "
+                            "publishes a new version", parent, "; ".join(unreadable),
+                            "its readable parts and the initial projector" if loaded is None else "what it can read")
         # read first: whether any user lives in the served space (a user learned after this read, while a refit
         # runs, is learned in the space being replaced: possible only around the very first users)
         total, learned = await UserStore(r).population_sum(settings.d_user)
@@ -423,12 +427,15 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             embs.append(emb)
         emb_all = np.concatenate(embs) if embs else np.zeros((0, settings.d_ad), np.float32)
         fit = fit_of(current)
-        refit = current is None or (learned == 0 and refittable(current))
+        refit = current is None or loaded is None or (learned == 0 and refittable(current))
         if refit:
             # no user lives in the user space yet, so it may still follow the catalog (see initial_projector);
-            # users learned before any version were learned under the workers' default, the seeded random map
+            # users learned before any version were learned under the workers' default, the seeded random map.
+            # A current projector that cannot be read is made again the way its manifest says it was made: the
+            # seeded random map, else the catalog's fit (a trained one is lost: the nearest the learner can make)
             on = np.array([e.active for e in entries], dtype=bool)
-            follow = learned == 0 and on.sum() >= 2  # initial_projector needs 2 ads to fit
+            rebuilt_like = fit_of(current) if current is not None and loaded is None else None
+            follow = (learned == 0 or rebuilt_like not in (None, RANDOM_FIT)) and on.sum() >= 2  # 2 ads to fit
             fit = CATALOG_FIT if follow else RANDOM_FIT
             loaded = await asyncio.to_thread(initial_projector, settings.d_ad, settings.d_user, settings.seed,
                                              emb_all[on] if follow else None)
@@ -457,18 +464,20 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             evidence = await asyncio.to_thread(evidence_offsets, examples, projector, ranker, settings, snapshot)
             evaluation["evidence"] = {"rebuilt": True, "ads": sum(len(v) for v in evidence.values()),
                                       "from_examples": 0 if examples is None else len(examples.clicked)}
-        else:  # the same model: the served version's evidence goes on
-            evidence = None if current is None else load_evidence(Path(current["path"]))
+        else:  # the same model: the served version's evidence goes on (none if it cannot be read)
+            evidence = None if current is None else _read_evidence(current, unreadable)
             evaluation["evidence"] = {"rebuilt": False}
         prior = population_prior(total, learned, settings.population_strength)
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_version(settings.models_dir, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
             "changed": changed, "population": {"users": learned, "strength": settings.population_strength,
-                                               "prior_norm": round(float(np.linalg.norm(prior)), 6)}},
+                                               "prior_norm": round(float(np.linalg.norm(prior)), 6)},
+            **({"recovered": {"from": parent, "unreadable": unreadable}} if unreadable else {})},
             ranker, prior, fit, evidence)
         if examples is not None:  # on the version as written (re-ranking re-keys a catalog: not the one saved)
-            manifest["evaluation"]["off_policy"] = await _off_policy(settings, snapshot, examples, current, manifest)
+            manifest["evaluation"]["off_policy"] = await _off_policy(settings, snapshot, examples,
+                                                                     None if unreadable else current, manifest)
             write_manifest(manifest)  # not announced yet: nobody reads it before the pointer moves
         await pointer.set(manifest)
         removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
@@ -478,6 +487,43 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
     announce(settings, manifest)
     log.info("published %s (%d ads; removed %s)", manifest["version"], manifest["index"]["size"], removed)
     return manifest
+
+
+def read_served(current: dict) -> tuple[Projector | None, RankerModel | None, list[str]]:
+    """What a cycle can read of the current version: its projector and ranker (None where it cannot), and why not.
+
+    A ranker is expected when the manifest names one (its ranker's ``type`` other than the
+    stream's own ``thompson-logistic``) or its file is there.
+
+    Returns
+    -------
+    projector, ranker : the current version's, or None
+    unreadable : list of str
+        One line per artifact that could not be read (empty when all could).
+    """
+    path = Path(current["path"])
+    unreadable: list[str] = []
+    projector = ranker = None
+    try:
+        projector = Projector.load(path / "projector.npz")
+    except Exception as e:  # noqa: BLE001 - reported and replaced: the learner must always be able to publish
+        unreadable.append(f"projector: {reason_of(e)}")
+    if current.get("ranker", {}).get("type", "thompson-logistic") != "thompson-logistic" \
+            or (path / "ranker.npz").exists():
+        try:
+            ranker = RankerModel.load(path / "ranker.npz")
+        except Exception as e:  # noqa: BLE001 - the same: trained again, or served without one
+            unreadable.append(f"ranker: {reason_of(e)}")
+    return projector, ranker, unreadable
+
+
+def _read_evidence(current: dict, unreadable: list[str]) -> EvidenceOffsets | None:
+    """The current version's evidence offsets, or None when they cannot be read (added to ``unreadable``)."""
+    try:
+        return load_evidence(Path(current["path"]))
+    except Exception as e:  # noqa: BLE001 - the live counts are used as they are
+        unreadable.append(f"evidence: {reason_of(e)}")
+        return None
 
 
 async def _off_policy(settings: Settings, snapshot: dict[str, dict[str, list[int]]], examples: Examples,
@@ -518,6 +564,12 @@ def run_loop(settings: Settings) -> None:
     signal.signal(signal.SIGINT, _stop)
     # the loop shares the machine with the workers and the API: training must not take every core
     torch.set_num_threads(settings.learner_threads)
+    # each step on its own: a failure is logged once (and again only with another reason), retried with backoff
+    compaction = Step("erasure compaction", log)  # retried at its next period: the erasures wait in Redis
+    check = Step("drift/catalog check", log, max_s=30.0)  # a missed check only delays the next cycle
+    # a failed cycle leaves the served version as it is and is retried sooner than the schedule, backing off to it
+    cycle = Step("learner cycle (the served version is unchanged)", log, base_s=5.0,
+                 max_s=settings.learner_interval_s)
     next_run, last_cycle, last_check, next_compaction = 0.0, 0.0, 0.0, 0.0
     seen_change: str | None = None
     while not stop:
@@ -525,22 +577,25 @@ def run_loop(settings: Settings) -> None:
             next_compaction = time.monotonic() + settings.erasure_compaction_s
             try:
                 asyncio.run(_compact(settings))
-            except Exception as e:  # noqa: BLE001 - the erasures wait in Redis for the next pass
-                log.warning("erasure compaction failed (retried in %.0f s): %s", settings.erasure_compaction_s, e)
+                compaction.succeeded()
+            except Exception as e:  # noqa: BLE001 - see the step's comment
+                compaction.failed(e)
         reason = "scheduled" if time.monotonic() >= next_run else None
-        if reason is None and time.monotonic() - last_check >= 1.0:
+        if reason is None and check.due() and time.monotonic() - last_check >= 1.0:
             last_check = time.monotonic()
             try:
                 reason, seen_change = asyncio.run(unscheduled(settings, last_cycle, seen_change))
-            except Exception as e:  # noqa: BLE001 - a missed check only delays the next cycle
-                log.warning("drift/catalog check failed: %s", e)
+                check.succeeded()
+            except Exception as e:  # noqa: BLE001 - see the step's comment
+                check.failed(e)
         if reason:
             last_cycle = time.time()
             try:
                 asyncio.run(run_cycle(settings, reason=reason))
-            except Exception:  # noqa: BLE001 - a failed cycle is logged; the served version stays
-                log.exception("learner cycle failed; the served version is unchanged")
-            next_run = time.monotonic() + settings.learner_interval_s
+                cycle.succeeded()
+                next_run = time.monotonic() + settings.learner_interval_s
+            except Exception as e:  # noqa: BLE001 - see the step's comment
+                next_run = time.monotonic() + cycle.failed(e)
         time.sleep(0.2)
 
 

@@ -1,13 +1,16 @@
 """Versioned model artifacts under ``PRIVADS_DATA/models/<version>/``.
 
-A version directory is written completely under a temporary name and renamed
-into place, then announced (Redis pointer + ``model-updates``), so a
-reader never sees half a version.
+A version directory is written completely under a temporary name, every file
+and the directory flushed to disk (``fsync``), renamed into place and the
+rename flushed too, then announced (Redis pointer + ``model-updates``): a
+reader never sees half a version, and a crash of the machine after the
+announcement cannot leave the pointer naming files that never reached the disk.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -90,6 +93,37 @@ class ModelVersion:
         return self.manifest["version"]
 
 
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a file created, renamed or removed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and every directory holding them (the savers write through their own
+    handles: numpy, faiss and torch close their files without an ``fsync``)."""
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(d)
+    fsync_dir(path)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict,
                   ranker: RankerModel | None = None, prior: np.ndarray | None = None,
                   fit: str | None = None, evidence: EvidenceOffsets | None = None) -> dict:
@@ -126,8 +160,11 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
                   "nlist": catalog.info.nlist, "nprobe": catalog.info.nprobe, "tuned_on": catalog.info.tuned_on},
         **info,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    fsync_tree(tmp)  # the files' data and the directory's entries, before the name makes them a version
     tmp.rename(final)
+    fsync_dir(models_dir)  # the rename itself
+    fsync_dir(models_dir.parent)  # and the models directory, the first time it was made
     return manifest
 
 
@@ -135,12 +172,22 @@ def write_manifest(manifest: dict) -> None:
     """Rewrite a written version's manifest (atomically), e.g. with evaluations made on the version as written."""
     path = Path(manifest["path"])
     tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
+    _write_synced(tmp, json.dumps(manifest, indent=1))
     tmp.replace(path / MANIFEST)
+    fsync_dir(path)
 
 
 def load_version(manifest: dict) -> ModelVersion:
+    """The artifacts a manifest names, read from its directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory is gone (naming it); any other error of a file that cannot be read is raised as it is.
+    """
     path = Path(manifest["path"])
+    if not path.is_dir():
+        raise FileNotFoundError(f"model version {manifest.get('version')}: directory {path} is missing")
     projector = Projector.load(path / "projector.npz")
     ranker = RankerModel.load(path / "ranker.npz") if (path / "ranker.npz").exists() else None
     return ModelVersion(manifest, projector, ServingCatalog.load(path, projector.d_user), ranker, load_prior(path),

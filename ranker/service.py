@@ -38,6 +38,7 @@ import numpy as np
 from privads.infra import keys, records, signing
 from privads.infra.errors import Forbidden
 from privads.infra.kafka import QueuedProducer
+from privads.infra.loops import Step, reason_of
 from privads.infra.settings import Settings
 from privads.infra.store import (
     AdCountLog,
@@ -232,7 +233,15 @@ class Recommender:
         # the popularity control's candidates: (catalog they were ranked on, rows best first)
         self.popular: tuple[ServingCatalog, np.ndarray] | None = None
         self._popular_key: tuple | None = None
+        # set once the follower has made its first pass (model and catalog), whether or not they loaded: the
+        # API's start-up waits for it; whether it can serve is ``readiness``
         self.ready = asyncio.Event()
+        # the version ``model:current`` names when it cannot be loaded: the last good one stays served, the bad
+        # one is retried with backoff (a directory may come back), logged once
+        self.skipped: dict[str, Any] | None = None
+        self._skip_step: Step | None = None
+        self.catalog_followed = False  # the change log has been followed to its end at least once
+        self.pointed: str | None = None  # the version model:current named at the last poll
 
     # --- following the learner and the catalog ----------------------------------
 
@@ -266,10 +275,31 @@ class Recommender:
         log.info("control arm pinned to model %s", pinned.version)
 
     async def _maybe_swap(self) -> None:
+        """Swap in the version ``model:current`` names, unless it is served, or unreadable and not due a retry.
+
+        A version whose artifacts cannot be read is skipped (``skipped``, logged once):
+        the last good version stays served; the same version is retried with backoff,
+        and a newer one is tried as soon as the pointer names it.
+        """
         manifest = await self.pointer.get()
+        self.pointed = None if manifest is None else manifest["version"]
         if manifest is None or manifest["version"] == self.served.version:
+            self.skipped = self._skip_step = None
             return
-        loaded = await asyncio.to_thread(load_version, manifest)
+        version = manifest["version"]
+        if self.skipped is not None and self.skipped["version"] != version:
+            self.skipped = self._skip_step = None  # another version now: try it at once
+        if self._skip_step is not None and not self._skip_step.due():
+            return
+        try:
+            loaded = await asyncio.to_thread(load_version, manifest)
+        except Exception as e:  # noqa: BLE001 - a bad version must not stop serving the good one
+            if self._skip_step is None:
+                self._skip_step = Step(f"loading model {version}", log, base_s=2.0, max_s=60.0)
+            self._skip_step.failed(e)
+            self.skipped = {"version": version, "reason": reason_of(e), "since": self.skipped["since"]
+                            if self.skipped else time.time(), "serving": self.served.version}
+            return
         change = await self._catch_up([loaded], manifest.get("catalog_change", "0-0"), None)
         if self.pinned is not None and change != self.change_id:  # bring the pinned catalog to the same point
             await self._catch_up([self.pinned], self.change_id, None)
@@ -281,6 +311,9 @@ class Recommender:
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
         self._prune_row_counts()
         self._candidates_lru.clear()
+        if self._skip_step is not None:
+            self._skip_step.succeeded()
+        self.skipped = self._skip_step = None
         log.info("serving model %s (%d ads)", loaded.version, len(loaded.catalog))
 
     async def _refresh_popular(self) -> None:
@@ -299,25 +332,68 @@ class Recommender:
             self.settings.popularity_prior_strength, POPULAR_KEPT)
         self.popular, self._popular_key = (cat, rows), key
 
+    async def _follow_model(self) -> None:
+        await self._maybe_swap()
+        await self.load_pinned()
+
+    async def _follow_catalog(self) -> None:
+        self.change_id = await self._catch_up(self._versions(), self.change_id, block_ms=100)
+        self.catalog_followed = True
+
     async def follow(self, poll_s: float = 1.0) -> None:
-        """Run forever: apply catalog changes as they are logged, swap in new model versions."""
+        """Run forever: apply catalog changes as they are logged, swap in new model versions.
+
+        Three steps, each on its own (``infra.loops.Step``): a failure of one (Redis
+        away, a version that cannot be read) is logged once and retried with backoff
+        while the others go on, so a bad model version never stops the catalog.
+        """
+        model = Step("following model:current", log, max_s=10.0)
+        catalog = Step("following the catalog change log", log, max_s=10.0)
+        popular = Step("ranking the popularity control", log, max_s=10.0)
         last_poll = last_popular = 0.0
         while True:
-            try:
-                if time.monotonic() - last_poll >= poll_s:
-                    last_poll = time.monotonic()
-                    await self._maybe_swap()
-                    await self.load_pinned()
-                    self.ready.set()
-                self.change_id = await self._catch_up(self._versions(), self.change_id, block_ms=100)
-                if time.monotonic() - last_popular >= self.settings.popularity_refresh_s:
-                    last_popular = time.monotonic()
-                    await self._refresh_popular()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - keep serving the current version
-                log.exception("following the catalog/model failed; retrying")
-                await asyncio.sleep(1.0)
+            if time.monotonic() - last_poll >= poll_s:
+                last_poll = time.monotonic()
+                await model.run(self._follow_model)
+            if not await catalog.run(self._follow_catalog):
+                await asyncio.sleep(0.1)  # failing or backing off: the read's own block is not there to pace the loop
+            self.ready.set()  # a first pass of both, whatever came of it
+            if time.monotonic() - last_popular >= self.settings.popularity_refresh_s:
+                last_popular = time.monotonic()
+                await popular.run(self._refresh_popular)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether requests get what the model and the catalog make of them, and why not.
+
+        Ready once a model version the learner published is served and the catalog
+        change log has been followed to its end. A version ``model:current`` names but
+        that cannot be read does not make a serving API unready: it is reported
+        (``skipped``) beside the version still served.
+
+        Returns
+        -------
+        ready : bool
+        body : dict
+            ``model_version``, ``ads``, ``catalog_change``, ``skipped`` (the unreadable
+            version, its reason, since when, or None) and, when not ready, ``reason``.
+        """
+        missing = []
+        if self.served.version is None:
+            if self.skipped is not None:
+                missing.append(f"no model version loaded: model:current names {self.skipped['version']}, which "
+                               f"cannot be read ({self.skipped['reason']}); waiting for a version that can")
+            elif self.pointed is None:
+                missing.append("no model version loaded: the learner has not published one yet (model:current is "
+                               "unset)")
+            else:
+                missing.append(f"no model version loaded yet: loading {self.pointed}")
+        if not self.catalog_followed:
+            missing.append("the catalog is not loaded yet: its change log has not been followed to the end")
+        body: dict[str, Any] = {"model_version": self.served.version, "ads": len(self.served.catalog),
+                                "catalog_change": self.change_id, "skipped": self.skipped}
+        if missing:
+            body["reason"] = "; ".join(missing)
+        return not missing, body
 
     async def follow_counts(self, block_ms: int = 1000) -> None:
         """Run forever: keep ``ad_counts`` current from the workers' log (a fresh snapshot after any gap)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privads.infra.loops import Step, reason_of
 from privads.infra.records import Ad
 from privads.infra.settings import Settings
 from privads.infra.store import CatalogStore, ModelPointer
@@ -55,16 +56,40 @@ class AdVectors:
         self.projector: Projector = initial_projector(settings.d_ad, settings.d_user, settings.seed)
         self.prior: np.ndarray | None = None  # the served version's population prior
         self.cache: dict[str, np.ndarray] = {}
+        self.skipped: tuple[str, str] | None = None  # (version, reason): the pointer's version, unreadable
+        self._skip_step: Step | None = None
 
     async def refresh(self) -> None:
-        """Follow the served model version (the learner publishes, workers read)."""
+        """Follow the served model version (the learner publishes, workers read).
+
+        A version whose projector cannot be read is skipped, not raised: the workers
+        keep projecting with the last good one (``skipped`` names the bad one and why;
+        logged once), retry it with backoff, and try a newer version as soon as the
+        pointer names it. A Redis error reading the pointer is raised (the timers retry).
+        """
         manifest = await self.pointer.get()
         if manifest is None or manifest["version"] == self.version:
+            self.skipped, self._skip_step = None, None
+            return
+        version = manifest["version"]
+        if self.skipped is not None and self.skipped[0] != version:
+            self.skipped, self._skip_step = None, None  # another version now: try it at once
+        if self._skip_step is not None and not self._skip_step.due():
             return
         path = Path(manifest["path"]) / "projector.npz"
-        self.projector = Projector.load(path)
-        self.prior = load_prior(path.parent)
-        self.version = manifest["version"]
+        try:
+            projector, prior = await asyncio.to_thread(lambda: (Projector.load(path), load_prior(path.parent)))
+        except Exception as e:  # noqa: BLE001 - a bad version must not stop the workers' updates
+            if self._skip_step is None:
+                self._skip_step = Step(f"loading the projector of model {version} (the workers keep projecting "
+                                       f"with {self.version or 'the initial projector'})", log, base_s=2.0, max_s=60.0)
+            self._skip_step.failed(e)
+            self.skipped = (version, reason_of(e))
+            return
+        if self._skip_step is not None:
+            self._skip_step.succeeded()
+        self.skipped, self._skip_step = None, None
+        self.projector, self.prior, self.version = projector, prior, version
         self.cache.clear()
         log.info("workers now project ads with model %s", self.version)
 

@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 from privads.infra import keys, records
 from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import async_producer_config, consumer_config, create_topics, keep_topics
+from privads.infra.loops import Step
 from privads.infra.partitioning import owner
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.settings import Settings
@@ -762,21 +763,41 @@ async def run(settings: Settings) -> None:
                     archive_redis.delete(lock)
 
     async def timers() -> None:
-        """Follow the served model, heartbeat, archive."""
+        """Follow the served model, heartbeat, publish the quality watch, archive: each step on its own.
+
+        One step failing (a model version that cannot be read, Redis away) is logged
+        once and retried with backoff (``infra.loops.Step``) and never skips the
+        others: the heartbeat goes on and ``arch:{p}`` keeps draining.
+        """
+        model = Step("following the served model", log, max_s=10.0)
+        heartbeat = Step("heartbeat", log, max_s=2.0)  # the API counts a worker alive for 5 s after its last beat
+        quality = Step("publishing the quality watch", log, max_s=10.0)
+        drain = Step("draining the archive", log, max_s=30.0)
         last_archive = time.monotonic()
+
+        async def follow_model() -> None:
+            await ad_vectors.refresh()
+            agent.prior_mean = prior_or(ad_vectors.prior, agent.prior_mean)  # new users start from the version's
+
+        async def beat() -> None:
+            await registry.beat(worker_id, len(agent.owned), time.time(), await consumer_lag(consumer))
+
+        async def publish_quality() -> None:
+            drifts = agent.new_drifts
+            await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifts > 0)
+            agent.new_drifts -= drifts  # only once published, and only those: no drift is lost to a failed write
+
+        async def archive_owned() -> None:
+            await asyncio.to_thread(archive_partitions, sorted(agent.owned))
+            await registry.prune(time.time())  # workers gone for a day leave the per-process hashes
+
         while not stop.is_set():
-            try:
-                await ad_vectors.refresh()
-                agent.prior_mean = prior_or(ad_vectors.prior, agent.prior_mean)  # new users start from the version's
-                await registry.beat(worker_id, len(agent.owned), time.time(), await consumer_lag(consumer))
-                drifted, agent.new_drifts = agent.new_drifts > 0, 0
-                await quality_board.publish(worker_id, asdict(agent.quality.snapshot()), time.time(), drifted)
-                if time.monotonic() - last_archive > settings.archive_every_s:
-                    last_archive = time.monotonic()
-                    await asyncio.to_thread(archive_partitions, sorted(agent.owned))
-                    await registry.prune(time.time())  # workers gone for a day leave the per-process hashes
-            except Exception as e:  # noqa: BLE001 - timers must outlive a broker or Redis hiccup
-                log.warning("timer: %s", e)
+            await model.run(follow_model)
+            await heartbeat.run(beat)
+            await quality.run(publish_quality)
+            if time.monotonic() - last_archive > settings.archive_every_s:
+                last_archive = time.monotonic()
+                await drain.run(archive_owned)
             await asyncio.sleep(1.0)
 
     async def recreate_topics() -> None:
