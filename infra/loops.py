@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -86,3 +87,24 @@ class Step:
             return False
         self.succeeded()
         return True
+
+
+async def until_done(step: Step, fn: Callable[[], Awaitable[object]], stop: asyncio.Event) -> bool:
+    """Run ``fn`` as ``step`` until it succeeds (True) or ``stop`` is set (False): for work that must not be skipped,
+    such as a batch whose offsets are committed only once it is stored."""
+    while not stop.is_set():
+        if await step.run(fn):
+            return True
+        try:  # wait out the backoff, but wake up for a stop
+            await asyncio.wait_for(stop.wait(), max(0.0, step.retry_at - time.monotonic()))
+        except TimeoutError:
+            pass
+    return False
+
+
+def backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 5.0, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base · 2^attempt)] (``attempt`` counts from 0).
+
+    The jitter spreads retries that conflicted together (two workers, or a worker and a burst of erasures).
+    """
+    return (rng or random).uniform(0.0, min(cap_s, base_s * 2.0 ** min(attempt, 30)))

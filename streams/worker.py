@@ -24,12 +24,10 @@ import bisect
 import functools
 import logging
 import os
-import random
 import signal
 import socket
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 import msgspec
@@ -45,7 +43,7 @@ from redis.exceptions import RedisError
 from privads.infra import keys, records
 from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import async_producer_config, consumer_config, create_topics, keep_topics
-from privads.infra.loops import Step
+from privads.infra.loops import Step, backoff_s, until_done
 from privads.infra.partitioning import owner
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.settings import Settings
@@ -642,17 +640,19 @@ async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKa
                                 **consumer_config(settings.kafka_servers))
     await consumer.start()
     try:
-        failures = 0
+        fetch = Step("fetching catalog upserts", log, base_s=0.2, max_s=5.0)
+        upsert = Step("storing a catalog batch", log, base_s=0.2, max_s=5.0)
+        commit = Step("committing the catalog offsets", log, base_s=0.2, max_s=5.0)
+        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+
+        async def get() -> None:
+            fetched.clear()
+            fetched.update(await consumer.getmany(timeout_ms=200, max_records=512))
+
         while not stop.is_set():
-            try:
-                batch = await consumer.getmany(timeout_ms=200, max_records=512)
-                failures = 0
-            except TRANSIENT as e:
-                if failures == 0:
-                    log.warning("catalog fetch failed (%s: %s); retrying with backoff", type(e).__name__, e)
-                await asyncio.sleep(backoff_s(failures, base_s=0.2))
-                failures += 1
-                continue
+            if not await until_done(fetch, get, stop):
+                break
+            batch = dict(fetched)
             good, letters = [], []
             sources: dict[int, tuple[str, int, int, bytes]] = {}
             for tp, msgs in batch.items():
@@ -663,10 +663,9 @@ async def index_ads(settings: Settings, indexer: CatalogIndexer, producer: AIOKa
                     except InvalidEvent as e:
                         letters.append(records.dead_letter(tp.topic, tp.partition, m.offset, str(e), m.value))
             # the batch is retried until it is stored (a Redis or broker blip), then committed: never skipped
-            await retry_until_done(functools.partial(_index_batch, indexer, producer, good, letters, sources), stop,
-                                   "catalog upsert")
-            if batch and not stop.is_set():
-                await retry_until_done(consumer.commit, stop, "catalog offset commit")
+            await until_done(upsert, functools.partial(_index_batch, indexer, producer, good, letters, sources), stop)
+            if batch:
+                await until_done(commit, consumer.commit, stop)
     finally:
         await consumer.stop()
 
@@ -698,31 +697,6 @@ async def _index_batch(indexer: CatalogIndexer, producer: AIOKafkaProducer, good
 
 # transient failures a loop step rides out: Redis or the broker away, a socket closing
 TRANSIENT = (RedisError, KafkaError, OSError, TimeoutError)
-
-
-def backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 5.0, rng: random.Random | None = None) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base · 2^attempt)] (attempt counts from 0)."""
-    return (rng or random).uniform(0.0, min(cap_s, base_s * 2.0 ** min(attempt, 30)))
-
-
-async def retry_until_done(step: Callable[[], Awaitable[object]], stop: asyncio.Event, what: str) -> bool:
-    """Run ``step`` until it succeeds or ``stop`` is set; a transient failure is logged once, then backed off.
-
-    Returns whether the step succeeded.
-    """
-    attempt = 0
-    while not stop.is_set():
-        try:
-            await step()
-            if attempt:
-                log.warning("%s succeeded after %d failed attempts", what, attempt)
-            return True
-        except TRANSIENT as e:
-            if attempt == 0:
-                log.warning("%s failed (%s: %s); retrying with backoff", what, type(e).__name__, e)
-            await asyncio.sleep(backoff_s(attempt, base_s=0.2))
-            attempt += 1
-    return False
 
 
 async def run(settings: Settings) -> None:
