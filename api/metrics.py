@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from redis.exceptions import NoPermissionError
 
 from privads.infra.store import UserStore, memory_use
 
@@ -47,9 +48,13 @@ class ApiMetrics:
 
 async def refresh_resources(metrics: ApiMetrics, users: UserStore) -> None:
     """Set the resource gauges from Redis (``INFO memory`` and the first entry of each ``arch:{p}``)."""
-    use = await memory_use(users.r)
-    metrics.redis_used.set(use.used)
-    metrics.redis_max.set(use.maxmemory)
-    metrics.redis_evicting.set(int(use.evicts))
+    try:
+        use = await memory_use(users.r)
+    except NoPermissionError:  # a Redis that denies INFO: these gauges stay unset, the others are still served
+        pass
+    else:
+        metrics.redis_used.set(use.used)
+        metrics.redis_max.set(use.maxmemory)
+        metrics.redis_evicting.set(int(use.evicts))
     oldest = await users.oldest_unarchived()
     metrics.archive_pending_age.set(0.0 if oldest is None else max(0.0, time.time() - oldest))

@@ -802,8 +802,8 @@ async def memory_pressure(r: aioredis.Redis, threshold: float = MEMORY_PRESSURE_
     return (await memory_use(r)).pressure(threshold)
 
 
-async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse:
-    """Check at start-up that Redis never evicts a key; returns what it reported.
+async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse | None:
+    """Check at start-up that Redis never evicts a key; returns what it reported (None: not allowed to ask).
 
     Raises
     ------
@@ -811,11 +811,23 @@ async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse:
         When ``maxmemory-policy`` is anything but ``noeviction``: an evicting Redis loses
         checkpoints (the workers then replay and count events twice) and pending impressions
         (their labels are lost) without an error anywhere, so PrivAds does not start on one.
+        A Redis that denies ``INFO`` to PrivAds' user cannot be checked: that is logged, loudly, and
+        the start goes on.
     """
-    # imported here, not with Conflict at the top: keeps this section an addition at the end of the file
+    # imported here, not with the others at the top: keeps this section an addition at the end of the file
+    import logging
+
+    from redis.exceptions import NoPermissionError
+
     from privads.infra.errors import StartError
 
-    use = await memory_use(r)
+    try:
+        use = await memory_use(r)
+    except NoPermissionError as e:
+        logging.getLogger(__name__).error(
+            "cannot read Redis' maxmemory-policy (INFO memory: %s): make sure it is noeviction, or PrivAds' state "
+            "may be evicted silently (README: Resource limits)", e)
+        return None
     if use.evicts:
         raise StartError(f"refusing to start: Redis' maxmemory-policy is {use.policy}, which deletes keys at the "
                          "memory ceiling (PrivAds' checkpoints and pending impressions among them, silently); set "

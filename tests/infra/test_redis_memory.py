@@ -24,7 +24,7 @@ from helpers import click, impression, produce, sample_ads
 from privads.infra import keys, records
 from privads.infra.processes import DEFAULT_REDIS_MAXMEMORY, free_port
 from privads.infra.settings import Settings
-from privads.infra.store import MemoryUse, connect, memory_pressure, memory_use
+from privads.infra.store import MemoryUse, connect, memory_pressure, memory_use, refuse_evicting_redis
 
 ADS = sample_ads(["gaming", "gardening"], per_category=4)
 MiB = 2**20
@@ -63,8 +63,8 @@ def test_the_embedded_redis_has_the_stated_ceiling_and_never_evicts(rds: redis.R
     assert use.maxmemory == 2**30 and use.policy == "noeviction" and 0 < use.used < use.maxmemory
 
 
-async def _read(settings: Settings, fn):  # noqa: ANN001, ANN202 - a store function of one Redis client
-    r = connect(settings.redis_url)
+async def _read(settings: Settings, fn, url: str | None = None):  # noqa: ANN001, ANN202 - a store function
+    r = connect(url or settings.redis_url)
     try:
         return await fn(r)
     finally:
@@ -84,6 +84,19 @@ def test_worker_and_api_refuse_to_start_on_an_evicting_redis(rds: redis.Redis, s
         assert "allkeys-lru" in (asyncio.run(_read(settings, memory_pressure)) or "")
     finally:
         rds.config_set("maxmemory-policy", "noeviction")
+
+
+def test_a_redis_that_denies_info_cannot_be_checked_which_is_logged_not_refused(
+        rds: redis.Redis, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    rds.acl_setuser("no-info", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"])
+    try:
+        url = settings.redis_url.replace("redis://", "redis://no-info:pw@")
+        assert asyncio.run(_read(settings, refuse_evicting_redis, url)) is None
+        assert "cannot read Redis' maxmemory-policy" in caplog.text and "noeviction" in caplog.text
+        use = asyncio.run(_read(settings, refuse_evicting_redis))  # a user that may ask: checked, and passed
+        assert use is not None and use.policy == "noeviction"
+    finally:
+        rds.acl_deluser("no-info")
 
 
 def metric(text: str, name: str) -> float:
