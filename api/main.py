@@ -17,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
 from privads.api.deps import API_KEY_HEADER
-from privads.api.metrics import ApiMetrics
+from privads.api.metrics import ApiMetrics, refresh_resources
 from privads.api.middleware import ObserveAndLimit
 from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
 from privads.infra.errors import Conflict, Forbidden, InvalidInput, NotFound, PrivAdsError, Unavailable
@@ -30,7 +31,7 @@ from privads.infra.kafka import QueuedProducer
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.secret import impression_secret
 from privads.infra.settings import Settings
-from privads.infra.store import connect
+from privads.infra.store import connect, refuse_evicting_redis
 from privads.ranker.service import Recommender
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,13 @@ async def _backend_down(_: Request, exc: Exception) -> JSONResponse:
                         headers={"Retry-After": "1"})
 
 
+async def _redis_full(_: Request, exc: Exception) -> JSONResponse:
+    # Redis at its maxmemory (noeviction) refused a write: the request changed nothing (a transaction is refused
+    # whole), and will pass once Redis has room; the events the workers were given wait in Kafka meanwhile
+    return JSONResponse(status_code=503, content={"error": f"state store full, nothing was changed; retry later: {exc}",
+                                                  "detail": "redis-oom"}, headers={"Retry-After": "5"})
+
+
 async def _secret(redis: aioredis.Redis, wait_s: float = 30.0) -> bytes:
     """The impression-signing secret, waiting up to ``wait_s`` for a Redis that is still starting."""
     deadline = time.monotonic() + wait_s
@@ -106,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
         # read once: every request signs or checks impression ids with it, without a Redis round trip
         recommender = Recommender(settings, redis, producer, await _secret(redis))
+        await refuse_evicting_redis(redis)  # an evicting Redis would lose state silently (README: Resource limits)
         await recommender.load_pinned()  # a missing pinned version stops the start-up, with its name
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
@@ -153,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.events_processed.labels(topic=topic).set(n)
         for topic, n in (await rec.consumer_lag()).items():
             metrics.consumer_lag.labels(topic=topic).set(n)
+        await refresh_resources(metrics, rec.users)
 
     app.state.refresh_metrics = refresh_metrics
 
@@ -162,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RedisConnectionError, _backend_down)
     app.add_exception_handler(RedisTimeoutError, _backend_down)
+    app.add_exception_handler(OutOfMemoryError, _redis_full)
     app.add_exception_handler(PrivAdsError, _domain_error)
     for module in (recommend, clicks, ads, users, lift, model, health, dashboard):
         app.include_router(module.router)

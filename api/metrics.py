@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from redis.exceptions import NoPermissionError
+
+from privads.infra.store import UserStore, memory_use
 
 
 class ApiMetrics:
@@ -31,3 +36,25 @@ class ApiMetrics:
         self.online_log_loss = Gauge("privads_online_log_loss", "rolling log-loss of served pCTR", registry=r)
         self.drifts = Gauge("privads_drift_total", "drifts detected in the served model's predictions", registry=r)
         self.dp_epsilon = Gauge("privads_dp_epsilon", "ε of the most-updated user vector (DP mode)", registry=r)
+        # resources (README: Resource limits): Redis' memory against its ceiling, and the archive's backlog
+        self.redis_used = Gauge("privads_redis_used_memory_bytes", "Redis used_memory", registry=r)
+        self.redis_max = Gauge("privads_redis_maxmemory_bytes", "Redis maxmemory (0: no ceiling)", registry=r)
+        self.redis_evicting = Gauge("privads_redis_evicting", "1 when Redis' maxmemory-policy deletes keys at the "
+                                    "ceiling (anything but noeviction): state may be lost", registry=r)
+        self.archive_pending_age = Gauge(
+            "privads_archive_oldest_pending_seconds", "age of the oldest committed batch still waiting in Redis "
+            "for the Parquet archive (grows while the drain cannot write, e.g. a full disk; 0: none)", registry=r)
+
+
+async def refresh_resources(metrics: ApiMetrics, users: UserStore) -> None:
+    """Set the resource gauges from Redis (``INFO memory`` and the first entry of each ``arch:{p}``)."""
+    try:
+        use = await memory_use(users.r)
+    except NoPermissionError:  # a Redis that denies INFO: these gauges stay unset, the others are still served
+        pass
+    else:
+        metrics.redis_used.set(use.used)
+        metrics.redis_max.set(use.maxmemory)
+        metrics.redis_evicting.set(int(use.evicts))
+    oldest = await users.oldest_unarchived()
+    metrics.archive_pending_age.set(0.0 if oldest is None else max(0.0, time.time() - oldest))

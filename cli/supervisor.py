@@ -67,7 +67,7 @@ class Stack:
             port = s.embedded_redis_port
             if port_open("127.0.0.1", port):
                 raise StartError(f"port {port} is in use: stop what holds it, or set PRIVADS_REDIS to use it")
-            redis = redis_process(port, s.data / "redis", self.logs / "redis.log")
+            redis = redis_process(port, s.data / "redis", self.logs / "redis.log", maxmemory=s.redis_maxmemory)
             redis.start(timeout=30)
             self.infra.append(redis)
             updates["redis"] = f"redis://127.0.0.1:{port}/0"

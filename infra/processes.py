@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from privads.infra.errors import StartError
+from privads.infra.settings import Settings
+
+DEFAULT_REDIS_MAXMEMORY: str = Settings.model_fields["redis_maxmemory"].default
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -123,17 +126,24 @@ class Process:
             out.close()
         if self.ready is None:
             return
+        try:
+            self._wait_ready(self.popen, self.ready, timeout)
+        except BaseException:
+            # whatever ends the wait (not ready, exited, Ctrl-C): what the child started in its group goes too
+            self.stop()
+            raise
+
+    def _wait_ready(self, popen: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise StartError(f"{self.name} exited with {self.popen.returncode} while starting; see {self.log}")
+            if popen.poll() is not None:
+                raise StartError(f"{self.name} exited with {popen.returncode} while starting; see {self.log}")
             try:
-                if self.ready():
+                if ready():
                     return
             except Exception:  # noqa: BLE001 - not ready yet
                 pass
             time.sleep(0.1)
-        self.stop()
         raise StartError(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
 
     @property
@@ -176,8 +186,14 @@ def broker_process(port: int, log: Path, host: str = "127.0.0.1") -> Process:
     return Process("broker", argv, log, ready=lambda: port_open(host, port))
 
 
-def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1") -> Process:
-    """An embedded redis-server on loopback with AOF persistence in ``data_dir``."""
+def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
+                  maxmemory: str = DEFAULT_REDIS_MAXMEMORY) -> Process:
+    """An embedded redis-server on loopback with AOF persistence in ``data_dir``.
+
+    It holds at most ``maxmemory`` (Redis' syntax: ``1gb``, ``512mb``; ``0``: no limit) and never evicts a key to
+    stay under it (``noeviction``): a write that would pass the limit is refused, and PrivAds retries it, where an
+    evicting policy would silently drop a checkpoint or a pending impression (README.md, "Resource limits").
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         str(redis_binary()),
@@ -189,6 +205,8 @@ def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1")
         "--save", "",
         "--daemonize", "no",
         "--protected-mode", "yes",
+        "--maxmemory", maxmemory,
+        "--maxmemory-policy", "noeviction",
     ]
 
     def ready() -> bool:

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     # embedded infrastructure
     embedded_kafka_port: int = 9092
     embedded_redis_port: int = 6379
+    # 1 GiB at the README's figures ("Resource limits"): 300k users active within USER_IDLE_S at the 2 KiB bound,
+    # 2M impressions waiting out their attribution window at ~140 B, 20k ads' embeddings at 1.5 KiB, with ~100 MB
+    # to spare; a ceiling, not a reservation
+    redis_maxmemory: str = Field("1gb", pattern=r"(?i)^[0-9]+(b|[kmg]b?)?$", description="maxmemory of the embedded "
+                                 "redis-server (and docker-compose.yml's), which runs with maxmemory-policy "
+                                 "noeviction: at the limit writes are refused and retried, never keys evicted; "
+                                 "0: no limit")
     partitions: int = Field(4, ge=1, le=256, description="partitions per source topic")
 
     # model

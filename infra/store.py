@@ -766,3 +766,95 @@ class ModelPointer:
 
     async def set(self, manifest: dict) -> None:
         await self.r.set(keys.MODEL_CURRENT, orjson.dumps(manifest))
+
+
+# --- resources ---------------------------------------------------------------
+
+# above this share of maxmemory Redis is reported under pressure: at 100% it refuses writes and the workers stall
+MEMORY_PRESSURE_SHARE = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryUse:
+    """Redis' memory as ``INFO memory`` reports it.
+
+    Attributes
+    ----------
+    used : int
+        ``used_memory``, bytes.
+    maxmemory : int
+        The ceiling, bytes; 0 when there is none.
+    policy : str
+        ``maxmemory_policy``: what Redis does at the ceiling. Only ``noeviction`` (refuse the write) keeps
+        PrivAds' state whole; any other policy deletes keys, checkpoints and pending impressions among them.
+    """
+
+    used: int
+    maxmemory: int
+    policy: str
+
+    @property
+    def share(self) -> float | None:
+        """``used / maxmemory``; None without a ceiling."""
+        return self.used / self.maxmemory if self.maxmemory else None
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy != "noeviction"
+
+    def pressure(self, threshold: float = MEMORY_PRESSURE_SHARE) -> str | None:
+        """Why this is a problem (one line), or None: an evicting policy, or more than ``threshold`` of the ceiling."""
+        if self.evicts:
+            return (f"Redis' maxmemory-policy is {self.policy}: at its ceiling it deletes keys, PrivAds' checkpoints "
+                    "and pending impressions among them; set it to noeviction")
+        share = self.share
+        if share is not None and share > threshold:
+            return (f"Redis holds {self.used / 2**20:.1f} MiB of its maxmemory {self.maxmemory / 2**20:.1f} MiB "
+                    f"({share:.0%}): at 100% it refuses writes and the workers stop committing until it has room")
+        return None
+
+
+async def memory_use(r: aioredis.Redis) -> MemoryUse:
+    """Read Redis' memory use, ceiling and eviction policy (``INFO memory``: allowed where CONFIG is not)."""
+    info = await r.info("memory")
+    return MemoryUse(int(info["used_memory"]), int(info.get("maxmemory", 0)),
+                     str(info.get("maxmemory_policy", "noeviction")))
+
+
+async def memory_pressure(r: aioredis.Redis, threshold: float = MEMORY_PRESSURE_SHARE) -> str | None:
+    """Why Redis' memory is a problem now, in one line, or None (a readiness check can report it)."""
+    return (await memory_use(r)).pressure(threshold)
+
+
+async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse | None:
+    """Check at start-up that Redis never evicts a key; returns what it reported (None: not allowed to ask).
+
+    Raises
+    ------
+    StartError
+        When ``maxmemory-policy`` is anything but ``noeviction``: an evicting Redis loses
+        checkpoints (the workers then replay and count events twice) and pending impressions
+        (their labels are lost) without an error anywhere, so PrivAds does not start on one.
+        A Redis that denies ``INFO`` to PrivAds' user cannot be checked: that is logged, loudly, and
+        the start goes on.
+    """
+    # imported here, not with the others at the top: keeps this section an addition at the end of the file
+    import logging
+
+    from redis.exceptions import NoPermissionError
+
+    from privads.infra.errors import StartError
+
+    try:
+        use = await memory_use(r)
+    except NoPermissionError as e:
+        logging.getLogger(__name__).error(
+            "cannot read Redis' maxmemory-policy (INFO memory: %s): make sure it is noeviction, or PrivAds' state "
+            "may be evicted silently (README: Resource limits)", e)
+        return None
+    if use.evicts:
+        raise StartError(f"refusing to start: Redis' maxmemory-policy is {use.policy}, which deletes keys at the "
+                         "memory ceiling (PrivAds' checkpoints and pending impressions among them, silently); set "
+                         "`maxmemory-policy noeviction` (CONFIG SET, and in its configuration) - at the ceiling "
+                         "Redis then refuses writes, which PrivAds retries (README: Resource limits)")
+    return use

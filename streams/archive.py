@@ -13,16 +13,25 @@ and writing the (many) negatives out would double the archive for nothing.
 Exactly once: each batch's archive entry is written to the stream ``arch:{p}``
 in the same Redis transaction as the state it describes. A drain reads a chunk
 of entries, writes every file of the chunk (named by the chunk's first entry
-id, under a temporary name, then renamed), and only then trims the stream. A
-crash before the trim re-reads a chunk that starts at the same id and rewrites
-the same file names, so no row is archived twice or lost.
+id, each under a temporary name; once all are written, each is renamed into
+place), and only then trims the stream. A crash before the trim re-reads a chunk
+that starts at the same id and rewrites the same file names, so no row is
+archived twice or lost.
+
+A drain that cannot write (a full disk: ``ENOSPC``) removes the temporary files
+it wrote, renames none, and trims nothing: readers never see a partial file or
+part of a chunk, and the entries wait in Redis. The workers drain through a
+``Drainer``, which logs such a failure once, backs off, and retries until the
+disk has room again (``tests/streams/test_disk_full.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -51,6 +60,7 @@ LABEL_SCHEMA = pa.schema([
     ("clicked", pa.int8()), ("value", pa.float64()), ("policy", pa.string()),
 ])
 _labels = msgspec.msgpack.Decoder(list[Labelled])
+log = logging.getLogger(__name__)
 
 
 HOUR_S = 3600
@@ -61,10 +71,28 @@ def hour_of(ts: float) -> str:
 
 
 def _write(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    _write_all([(path, table)])
+
+
+def _write_all(files: list[tuple[Path, pa.Table]]) -> None:
+    """Write each table to its path, all or none: every one under a temporary name first, then the renames.
+
+    A failure while writing (a full disk) removes the temporary files and renames none, so a reader
+    sees every file of the set or none of them, never a partial one. The temporary names are unique
+    (dot-prefixed, ``.tmp``: no reader's ``*.parquet`` matches them), so two writers never share one.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, table in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+            staged.append((tmp, path))
+            pq.write_table(table, tmp)
+        for tmp, path in staged:  # renames take no data blocks: a full disk fails the writes above, not these
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:  # what was not renamed (nothing, unless a write failed)
+            tmp.unlink(missing_ok=True)
 
 
 _impression = msgspec.json.Decoder(Impression)
@@ -110,6 +138,7 @@ def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str,
     """Write ``columns_of``'s columns into hour files named by ``first_id``; returns the number of rows."""
     name = f"p{partition}-{first_id}.parquet"
     rows = 0
+    files: list[tuple[Path, pa.Table]] = []
     for kind, cols, schema in (("impressions", imp_cols, IMPRESSION_SCHEMA), ("labels", lab_cols, LABEL_SCHEMA)):
         if not cols["ts"]:
             continue
@@ -118,7 +147,8 @@ def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str,
         hours = (np.asarray(cols["ts"]) // HOUR_S).astype(np.int64)
         for h in np.unique(hours):
             part = table if len(hours) and (hours == h).all() else table.filter(pa.array(hours == h))
-            _write(root / kind / f"hour={hour_of(float(h) * HOUR_S)}" / name, part)
+            files.append((root / kind / f"hour={hour_of(float(h) * HOUR_S)}" / name, part))
+    _write_all(files)  # the chunk's files all at once: a reader never sees its impressions without its labels
     return rows
 
 
@@ -147,6 +177,93 @@ def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
         r.xtrim(stream, minid=_after(last), approximate=False)
         if len(entries) < chunk:
             return written
+
+
+class Drainer:
+    """Drains a worker's partitions into the archive, and rides out a drain that fails.
+
+    A failed drain (a full or read-only disk, Redis away or full) has trimmed nothing it did not
+    write (``drain``), so its entries wait in ``arch:{p}``. The first failure is logged once, with
+    what happens next; the following attempts back off, from one period to ``MAX_BACKOFF_PERIODS``
+    periods (a minute at the default ``ARCHIVE_EVERY_S``), and log nothing until one succeeds,
+    which is logged once too. Meanwhile the API's ``privads_archive_oldest_pending_seconds`` grows.
+
+    Parameters
+    ----------
+    root : Path
+        The archive's directory (``PRIVADS_DATA/archive``).
+    every_s : float
+        The drain period (``ARCHIVE_EVERY_S``).
+    owner : str
+        Written in the per-partition lock ``archlock:{p}``, which keeps two workers (during a
+        rebalance) from draining one partition at once.
+    """
+
+    MAX_BACKOFF_PERIODS = 12
+    LOCK_S = 120
+
+    def __init__(self, root: Path, every_s: float, owner: str) -> None:
+        self.root = root
+        self.every_s = every_s
+        self.owner = owner
+        self.failures = 0  # failed attempts in a row
+        self.failing_since: float | None = None
+        self.error: str | None = None  # the last failure, while failing
+        self._reported: tuple[str, int | None] | None = None
+        self._retry_at = 0.0
+        self._swept = False
+
+    def run(self, r: redis.Redis, partitions: Iterable[int], force: bool = False) -> int:
+        """Drain the partitions whose lock this worker gets; returns rows written.
+
+        While backing off it does nothing (0) unless ``force`` (the last drain before the worker stops).
+        """
+        if not force and time.monotonic() < self._retry_at:
+            return 0
+        if not self._swept:
+            self._swept = True
+            self._sweep()
+        written = 0
+        try:
+            for p in partitions:
+                lock = f"archlock:{p}"
+                if r.set(lock, self.owner, nx=True, ex=self.LOCK_S):
+                    try:
+                        written += drain(r, self.root, p)
+                    finally:
+                        r.delete(lock)
+        except Exception as e:  # noqa: BLE001 - a drain that fails waits for the next attempt; nothing is lost
+            self._failed(e)
+            return written
+        if self.failures:
+            log.warning("archive: drained again into %s after %d failed attempts over %.0f s", self.root,
+                        self.failures, time.monotonic() - (self.failing_since or time.monotonic()))
+        self.failures, self.failing_since, self.error, self._reported, self._retry_at = 0, None, None, None, 0.0
+        return written
+
+    def _failed(self, e: Exception) -> None:
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.error = f"{type(e).__name__}: {e}"
+        backoff = self.every_s * min(2 ** (self.failures - 1), self.MAX_BACKOFF_PERIODS)
+        self._retry_at = time.monotonic() + backoff
+        kind = (type(e).__name__, getattr(e, "errno", None))
+        if kind != self._reported:  # once per kind of failure, not per attempt
+            self._reported = kind
+            log.error("archive: cannot drain into %s (%s); the committed batches wait in Redis (the arch:* streams) "
+                      "and are retried, backing off to every %.0f s; nothing more is logged until it works again",
+                      self.root, self.error, self.every_s * self.MAX_BACKOFF_PERIODS)
+
+    def _sweep(self) -> None:
+        """Remove temporary files a killed writer left (older than ``LOCK_S``: no live writer's)."""
+        old = time.time() - self.LOCK_S
+        for tmp in self.root.glob("*/hour=*/.*.tmp"):
+            try:
+                if tmp.stat().st_mtime < old:
+                    tmp.unlink()
+            except OSError:
+                continue
 
 
 def _erased_in(r: redis.Redis, user_ids: list[str]) -> dict[str, float]:

@@ -57,6 +57,7 @@ from privads.infra.store import (
     UserStore,
     WorkerRegistry,
     connect,
+    refuse_evicting_redis,
 )
 from privads.ranker.artifacts import prior_or
 from privads.ranker.encoder import AdEncoder
@@ -708,6 +709,7 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await asyncio.to_thread(create_topics, settings.kafka_servers, settings.partitions)
     r = connect(settings.redis_url)
+    await refuse_evicting_redis(r)  # an evicting Redis would drop checkpoints silently (README: Resource limits)
     catalog = CatalogStore(r)
     ad_vectors = AdVectors(settings, catalog, ModelPointer(r))
     indexer = CatalogIndexer(catalog, AdEncoder(settings.encoder_backend, settings.models_dir / "encoder"))
@@ -725,16 +727,12 @@ async def run(settings: Settings) -> None:
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
 
     archive_redis = redis.Redis.from_url(settings.redis_url)
+    drainer = archive.Drainer(settings.data / "archive", settings.archive_every_s, worker_id)
 
-    def archive_partitions(parts: list[int]) -> None:
-        """Drain the committed archive entries of these partitions into Parquet (in a thread)."""
-        for p in parts:
-            lock = f"archlock:{p}"
-            if archive_redis.set(lock, worker_id, nx=True, ex=120):
-                try:
-                    archive.drain(archive_redis, settings.data / "archive", p)
-                finally:
-                    archive_redis.delete(lock)
+    def archive_partitions(parts: list[int], force: bool = False) -> None:
+        """Drain the committed archive entries of these partitions into Parquet (in a thread; a failure is logged
+        once and retried with a back-off, ``streams.archive.Drainer``)."""
+        drainer.run(archive_redis, parts, force)
 
     async def timers() -> None:
         """Follow the served model, heartbeat, publish the quality watch, archive: each step on its own.
@@ -829,7 +827,7 @@ async def run(settings: Settings) -> None:
     owned = sorted(agent.owned)
     await consumer.stop()
     await producer.stop()
-    await asyncio.to_thread(archive_partitions, owned)  # leave nothing committed but unarchived
+    await asyncio.to_thread(archive_partitions, owned, True)  # leave nothing committed but unarchived
     archive_redis.close()
     await r.aclose()
     for task in done:

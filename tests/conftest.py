@@ -3,10 +3,15 @@
 Each test module that asks for ``infra`` gets its own broker and redis-server
 (both start in well under a second), so modules never see each other's events
 or state. PrivAds' own processes (worker, API) run as real subprocesses.
+
+Every fixture and test stops what it starts in a ``finally`` (or after its ``yield``,
+once the start succeeded): the run fails if a process it started outlives it
+(``tests/leakcheck.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +32,8 @@ from privads.infra.processes import (
     wait_port_free,
 )
 from privads.infra.settings import Settings
+
+pytest_plugins = ("leakcheck",)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CATALOG = REPO / "data" / "sample_ads.jsonl"
@@ -102,6 +109,20 @@ def start_worker(settings: Settings, r: redis.Redis, name: str = "worker") -> Pr
     return p
 
 
+@contextlib.contextmanager
+def stopping() -> Iterator[list[Process]]:
+    """A list for the processes a test starts: each is stopped on the way out, whatever happened, last first.
+
+    Append each one as soon as its start returns (a start that fails stops its own child).
+    """
+    procs: list[Process] = []
+    try:
+        yield procs
+    finally:
+        for p in reversed(procs):
+            p.stop(20)
+
+
 def start_api(settings: Settings) -> Process:
     """A real API subprocess (uvicorn), returned once /healthz answers."""
     p = python_process("api", ["api"], settings.data / "logs" / "api.log", settings.child_env(),
@@ -113,13 +134,17 @@ def start_api(settings: Settings) -> Process:
 @pytest.fixture(scope="module")
 def worker(settings: Settings, rds: redis.Redis) -> Iterator[Process]:
     p = start_worker(settings, rds)
-    yield p
-    p.stop(20)
+    try:
+        yield p
+    finally:
+        p.stop(20)
 
 
 @pytest.fixture(scope="module")
 def api(settings: Settings, worker: Process) -> Iterator[httpx.Client]:
     p = start_api(settings)
-    with httpx.Client(base_url=settings.api, timeout=10) as client:
-        yield client
-    p.stop(20)
+    try:
+        with httpx.Client(base_url=settings.api, timeout=10) as client:
+            yield client
+    finally:
+        p.stop(20)

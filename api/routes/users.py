@@ -15,7 +15,8 @@ router = APIRouter(tags=["users"])
 # server decodes before routing; without it such a user could never be erased
 @router.delete("/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                dependencies=[WriteAccess],
-               responses=KEY_RESPONSES)
+               responses={**KEY_RESPONSES, 503: {"description": "Redis is unreachable, or full (at its maxmemory it "
+                                                 "refuses writes): nothing was erased; retry after Retry-After"}})
 async def erase_user(
     user_id: Annotated[str, Path(min_length=1, max_length=128)], recommender: RecommenderDep
 ) -> Response:

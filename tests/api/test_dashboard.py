@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import start_api, start_worker, wait_until
+from conftest import start_api, start_worker, stopping, wait_until
 from helpers import produce, sample_ads
 from privads.infra import records
 from privads.infra.processes import free_port
@@ -32,11 +32,11 @@ def settings(infra) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(infra, settings: Settings, rds: redis.Redis):
-    worker = start_worker(settings, rds)
-    api = start_api(settings)
     rng = np.random.default_rng(1)
     sent = 0
-    with httpx.Client(base_url=settings.api, timeout=10) as c:
+    with stopping() as procs, httpx.Client(base_url=settings.api, timeout=10) as c:
+        procs.append(start_worker(settings, rds))
+        procs.append(start_api(settings))
         produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
         wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
         for u in range(80):
@@ -57,8 +57,6 @@ def client(infra, settings: Settings, rds: redis.Redis):
 
         wait_until(both_arms, 60, "every click counted, in both arms")
         yield c
-    api.stop(20)
-    worker.stop(20)
 
 
 def render(url: str, profile: Path) -> str:

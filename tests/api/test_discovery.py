@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import start_api, start_worker, wait_until
+from conftest import start_api, start_worker, stopping, wait_until
 from helpers import produce, sample_ads
 from privads.infra import records
 from privads.infra.processes import free_port
@@ -33,9 +33,9 @@ def settings(infra) -> Settings:
 
 def test_a_cold_ad_with_an_ordinary_bid_and_a_high_ctr_is_shown_and_rises(infra, settings: Settings,
                                                                             rds: redis.Redis) -> None:
-    worker = start_worker(settings, rds)
-    api = start_api(settings)
-    try:
+    with stopping() as procs:
+        procs.append(start_worker(settings, rds))
+        procs.append(start_api(settings))
         with httpx.Client(base_url=settings.api, timeout=10) as c:
             produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in [*PRICEY, NEW]])
             wait_until(lambda: c.get("/healthz").json()["ads"] == len(PRICEY) + 1, 60, "the API to index the catalog")
@@ -50,9 +50,6 @@ def test_a_cold_ad_with_an_ordinary_bid_and_a_high_ctr_is_shown_and_rises(infra,
                     if a["ad_id"] == NEW["ad_id"] and rng.random() < 0.5:
                         assert c.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user,
                                                        "ad_id": a["ad_id"]}).status_code == 202
-    finally:
-        api.stop(20)
-        worker.stop(20)
     first, last = shown_at[:50], shown_at[-300:]
     share = lambda part: sum(p is not None for p in part) / len(part)  # noqa: E731
     top = sum(p == 0 for p in last) / len(last)

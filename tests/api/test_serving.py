@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import start_api, start_worker, wait_until
+from conftest import start_api, start_worker, stopping, wait_until
 from helpers import produce, read_topic, sample_ads
 from privads.infra import records
 from privads.infra.processes import free_port
@@ -33,15 +33,13 @@ def settings(infra) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(infra, settings: Settings, rds: redis.Redis):
-    worker = start_worker(settings, rds)
-    api = start_api(settings)
     # with the key: /recommend needs it too (it logs impressions); the key's own test asks without it
-    with httpx.Client(base_url=settings.api, timeout=10, headers=AUTH) as c:
+    with stopping() as procs, httpx.Client(base_url=settings.api, timeout=10, headers=AUTH) as c:
+        procs.append(start_worker(settings, rds))
+        procs.append(start_api(settings))
         produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
         wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the API to index the catalog")
         yield c
-    api.stop(20)
-    worker.stop(20)
 
 
 def test_state_changing_endpoints_need_the_key_reads_do_not(settings: Settings, client: httpx.Client) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import start_api, start_worker, wait_until
+from conftest import start_api, start_worker, stopping, wait_until
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
 
@@ -26,9 +26,9 @@ def settings(infra) -> Settings:
 
 def test_simulate_reports_per_arm_against_the_oracle_and_its_clicks_reach_the_stream(
         settings: Settings, rds: redis.Redis) -> None:
-    worker = start_worker(settings, rds)
-    api = start_api(settings)
-    try:
+    with stopping() as procs:
+        procs.append(start_worker(settings, rds))
+        procs.append(start_api(settings))
         proc = subprocess.run([sys.executable, "-m", "privads", "simulate", "--users", "30", "--ads", "20",
                                "--requests", "400", "--seed", "3", "--concurrency", "4"],
                               capture_output=True, text=True, timeout=600, env={**os.environ, **settings.child_env()})
@@ -52,6 +52,3 @@ def test_simulate_reports_per_arm_against_the_oracle_and_its_clicks_reach_the_st
             wait_until(lambda: sum(a["clicks"] for a in c.get("/lift").json()["arms"].values()) == clicks, 30,
                        "the simulated clicks in /lift")
         assert out["lift"]["arms"]["treatment"]["impressions"] > 0
-    finally:
-        api.stop(20)
-        worker.stop(20)

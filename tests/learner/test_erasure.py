@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import Infra, start_api, start_worker, wait_until
+from conftest import Infra, start_api, start_worker, stopping, wait_until
 from helpers import learner_examples, produce, sample_ads
 from privads.infra import keys, records
 from privads.infra.processes import free_port
@@ -91,9 +91,9 @@ def examples(settings: Settings) -> Examples | None:
 
 @pytest.fixture(scope="module")
 def stack(infra: Infra, settings: Settings, rds: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    worker = start_worker(settings, rds)
-    api = start_api(settings)
-    try:
+    with stopping() as procs:
+        procs.append(start_worker(settings, rds))
+        procs.append(start_api(settings))
         with httpx.Client(base_url=settings.api, timeout=10) as c:
             produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
             wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
@@ -102,9 +102,6 @@ def stack(infra: Infra, settings: Settings, rds: redis.Redis, tmp_path_factory: 
                 total += serve(c, user)[0]
             settle(rds, total)
             yield {"client": c, "total": total, "dir": tmp_path_factory.mktemp("exports")}
-    finally:
-        api.stop(20)
-        worker.stop(20)
 
 
 def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(

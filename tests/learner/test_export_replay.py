@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import redis
 
-from conftest import Infra, start_api, start_worker, wait_until
+from conftest import Infra, start_api, start_worker, stopping, wait_until
 from helpers import produce, sample_ads
 from privads.infra import keys, records
 from privads.infra.kafka import create_topics
@@ -56,11 +56,11 @@ def user_states(r: redis.Redis) -> dict[str, tuple[np.ndarray, int]]:
 @pytest.fixture(scope="module")
 def traffic(infra: Infra, settings: Settings, rds: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """40 users × 4 requests of 4 ads, clicks by a known click model; the archive settled and exported."""
-    worker = start_worker(settings, rds)
-    api = start_api(settings)
     rng = np.random.default_rng(3)
     sent_clicks = 0
-    try:
+    with stopping() as procs:
+        procs.append(start_worker(settings, rds))
+        procs.append(api := start_api(settings))
         with httpx.Client(base_url=settings.api, timeout=10) as c:
             produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
             wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
@@ -80,9 +80,6 @@ def traffic(infra: Infra, settings: Settings, rds: redis.Redis, tmp_path_factory
         time.sleep(2.5)  # the archive drain runs every second
         out = tmp_path_factory.mktemp("export")
         yield {"total": total, "clicks": sent_clicks, "dir": out, "states": user_states(rds), "api": api}
-    finally:
-        api.stop(20)
-        worker.stop(20)
 
 
 def test_export_logs_is_one_row_per_impression_readable_by_pandas_and_duckdb(settings: Settings, traffic) -> None:
@@ -133,11 +130,11 @@ def fresh_stack(tmp_path: Path) -> Iterator[Infra]:
     """A second, empty broker and redis-server: what is left after losing the learned state."""
     kport, rport = free_port(), free_port()
     broker = broker_process(kport, tmp_path / "broker.log")
-    broker.start(30)
     red = redis_process(rport, tmp_path / "redis", tmp_path / "redis.log")
-    red.start(30)
-    create_topics(f"127.0.0.1:{kport}", partitions=2)
-    try:
+    try:  # started inside: a failed start still stops what did start
+        broker.start(30)
+        red.start(30)
+        create_topics(f"127.0.0.1:{kport}", partitions=2)
         yield Infra(f"127.0.0.1:{kport}", f"redis://127.0.0.1:{rport}/0", tmp_path, broker, red)
     finally:
         red.stop(10)

@@ -3,6 +3,9 @@
 * a worker SIGKILLed mid-stream and restarted ends in the same state as an uninterrupted one;
 * after a broker restart (the embedded broker keeps nothing) workers recreate topics and carry on;
 * after a redis-server restart, AOF has kept the users' state.
+
+The restarts replace the ``infra`` fixture's broker or redis-server in place (``infra.broker``,
+``infra.redis``): its teardown stops the ones running then, so a replacement is never left behind.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import start_worker, wait_until
+from conftest import start_worker, stopping, wait_until
 from helpers import click, impression, produce, sample_ads, topic_partitions
 from privads.infra import keys, records
 from privads.infra.processes import broker_process, redis_process, wait_port_free
@@ -54,22 +57,21 @@ def test_sigkill_mid_stream_then_restart_equals_an_uninterrupted_run(infra, sett
     rng.shuffle(clicks)
     produce(infra.kafka, records.IMPRESSIONS, [(i["user_id"], i) for i in imps])
     # impressions first, everywhere: then each user's labels follow the clicks topic's order in both runs
-    wa, wb = start_worker(sa, ra, "worker-a"), start_worker(sb, rb, "worker-b")
-    for r in (ra, rb):
-        wait_until(lambda r=r: stat(r, "impressions") == len(imps), 60, "impressions")
-        wait_until(lambda r=r: r.scard(keys.ADS) == len(ADS), 60, "the catalog")
-    produce(infra.kafka, records.CLICKS, [(c["user_id"], c) for c in clicks])
-    try:
+    with stopping() as procs:  # every worker started here, the killed one too, stopped whatever fails
+        procs.append(start_worker(sa, ra, "worker-a"))
+        procs.append(wb := start_worker(sb, rb, "worker-b"))
+        for r in (ra, rb):
+            wait_until(lambda r=r: stat(r, "impressions") == len(imps), 60, "impressions")
+            wait_until(lambda r=r: r.scard(keys.ADS) == len(ADS), 60, "the catalog")
+        produce(infra.kafka, records.CLICKS, [(c["user_id"], c) for c in clicks])
         wait_until(lambda: stat(rb, f"processed:{records.CLICKS}") > len(clicks) // 5, 60, "worker B to be mid-stream")
         wb.signal(signal.SIGKILL)
+        assert wb.popen is not None
         wb.popen.wait(10)
         killed_at = stat(rb, f"processed:{records.CLICKS}")
-        wb = start_worker(sb, rb, "worker-b2")
+        procs.append(start_worker(sb, rb, "worker-b2"))
         for r in (ra, rb):
             wait_until(lambda r=r: stat(r, f"processed:{records.CLICKS}") == len(clicks), 90, "every click")
-    finally:
-        wa.stop(20)
-        wb.stop(20)
     assert 0 < killed_at < len(clicks), "the kill did not land mid-stream"
     a, b = states(ra), states(rb)
     assert a.keys() == b.keys() and len(a) > 100
