@@ -822,8 +822,16 @@ async def memory_use(r: aioredis.Redis) -> MemoryUse:
 
 
 async def memory_pressure(r: aioredis.Redis, threshold: float = MEMORY_PRESSURE_SHARE) -> str | None:
-    """Why Redis' memory is a problem now, in one line, or None (a readiness check can report it)."""
-    return (await memory_use(r)).pressure(threshold)
+    """Why Redis' memory is a problem now, in one line, or None (a readiness check can report it).
+
+    None too for a Redis that denies ``INFO`` to PrivAds' user: nothing can be said (start-up logged it).
+    """
+    from redis.exceptions import NoPermissionError
+
+    try:
+        return (await memory_use(r)).pressure(threshold)
+    except NoPermissionError:
+        return None
 
 
 async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse | None:

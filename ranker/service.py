@@ -48,6 +48,7 @@ from privads.infra.store import (
     QualityBoard,
     UserStore,
     WorkerRegistry,
+    memory_pressure,
 )
 from privads.ranker import experiment, scoring
 from privads.ranker.adcounts import AdCounts, RowCounts
@@ -361,6 +362,14 @@ class Recommender:
             if time.monotonic() - last_popular >= self.settings.popularity_refresh_s:
                 last_popular = time.monotonic()
                 await popular.run(self._refresh_popular)
+
+    async def memory_pressure(self) -> str | None:
+        """Why Redis' memory is a problem now (near its ceiling, or a policy that evicts), or None.
+
+        Reported by ``/readyz`` without making the API unready: serving reads still work, but the
+        workers' commits and erasures are refused while Redis is full (README: Resource limits).
+        """
+        return await memory_pressure(self.users.r)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether requests get what the model and the catalog make of them, and why not.

@@ -793,6 +793,9 @@ async def run(settings: Settings) -> None:
     async def attribute_and_learn() -> None:
         """Impressions and clicks of the owned partitions → labels, posteriors, counters."""
         last_tick, replay = 0.0, False
+        # a failed batch (Redis away or full, the broker gone, a bug) is logged once per reason and retried from
+        # the checkpoints with backoff; the loop never ends on it
+        applying = Step("applying a batch (retried from the checkpoints)", log, base_s=0.5, max_s=5.0)
         while not stop.is_set():
             try:
                 if replay:  # a batch failed half-way: start again from what Redis committed
@@ -809,10 +812,12 @@ async def run(settings: Settings) -> None:
                 if tick:  # the pending events of users erased lately, scrubbed off the API's request path
                     for p in sorted(agent.owned):
                         await agent.store.scrub_erased(p)
-            except (RedisError, KafkaError, OSError) as e:
-                log.warning("batch not committed (%s: %s); retrying from the checkpoints", type(e).__name__, e)
+                applying.succeeded()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - see above: logged once, backed off, replayed
                 replay = True
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(applying.failed(e))
 
     tasks = [asyncio.create_task(t, name=n) for t, n in (
         (attribute_and_learn(), "attribute_and_learn"), (index_ads(settings, indexer, producer, stop), "index_ads"),

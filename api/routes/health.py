@@ -26,8 +26,11 @@ async def readyz(recommender: RecommenderDep) -> Any:
 
     A version ``model:current`` names that cannot be read does not make a serving API
     unready: the last good version is served and the bad one reported in ``skipped``.
+    ``memory_pressure`` names a Redis near its memory ceiling (or one that evicts): reads
+    still serve, so it is reported without going unready.
     """
     ready, body = recommender.readiness()
+    body["memory_pressure"] = await recommender.memory_pressure()  # reported, not a reason to stop serving
     if ready:
         return {"status": "ready", **body}
     return JSONResponse(status_code=503, content={"status": "not ready", **body}, headers={"Retry-After": "1"})

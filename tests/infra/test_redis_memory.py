@@ -159,6 +159,8 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             assert metric(text, "privads_redis_evicting") == 0
             reason = asyncio.run(_read(settings, memory_pressure))
             assert reason is not None and "refuses writes" in reason
+            ready = api.get("/readyz")  # reported by the readiness check, which still lets reads serve
+            assert ready.json()["memory_pressure"] == reason
 
             # room again: every event is counted, once
             rds.config_set("maxmemory", DEFAULT_REDIS_MAXMEMORY)
@@ -168,6 +170,7 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             time.sleep(2)  # a second commit of any batch would show now
             assert stat(rds, f"processed:{records.IMPRESSIONS}") == 200 and stat(rds, "labelled_clicks") == 50
             assert asyncio.run(_read(settings, memory_pressure)) is None
+            assert api.get("/readyz").json()["memory_pressure"] is None
             assert api.delete("/users/m0").status_code == 204 and not rds.exists(keys.user("m0"))
         finally:
             rds.config_set("maxmemory", DEFAULT_REDIS_MAXMEMORY)
