@@ -181,6 +181,7 @@ class Fleet:
         self.settings = settings
         self.procs: list[Process] = []
         self.streams: list[KafkaStream | ApiStream] = []
+        self.closers: list[Callable[[], None]] = []  # anything else to stop in teardown (threads)
 
     def worker(self, name: str, timeout: float = 90) -> Process:
         """A stream worker, returned once its heartbeat says it owns partitions."""
@@ -214,6 +215,8 @@ class Fleet:
     def stop_all(self) -> None:
         for s in self.streams:
             s.close()
+        for close in self.closers:
+            close()
         for p in reversed(self.procs):
             p.stop(20)
 
@@ -253,12 +256,17 @@ def kill_on_create(directory: Path, prefix: str, victim: Process, timeout: float
         assert watcher.stdout is not None
         first = watcher.stdout.readline().strip()
         assert first == "watching", f"the watcher did not start: {first}"
-        watcher.wait(timeout)
+        deadline = time.monotonic() + timeout
+        # until the watcher has killed, or the victim ended on its own (then nothing was killed: "")
+        while watcher.poll() is None and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if watcher.poll() is None:
+            return ""
         return watcher.stdout.read().strip()
     finally:
         if watcher.poll() is None:
             watcher.kill()
-            watcher.wait(5)
+        watcher.wait(5)
         if watcher.stdout is not None:
             watcher.stdout.close()
 
@@ -530,9 +538,9 @@ class ApiStream:
                 self.ledger.unanswered.append((path, user, iid, sent, time.time()))
             time.sleep(0.05)
             return None
-        if resp.status_code >= 500:  # an answer that says nothing was taken: the API was starting or stopping
+        if resp.status_code >= 500:  # e.g. a request that outlived the API's timeout: it may still have been logged
             with self._lock:
-                self.ledger.refused += 1
+                self.ledger.unanswered.append((path, user, iid, sent, time.time()))
             return None
         if resp.status_code >= 300:
             with self._lock:

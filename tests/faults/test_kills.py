@@ -94,7 +94,10 @@ def test_the_checks_pass_without_a_fault_and_catch_a_lost_or_doubled_event(box: 
     assert any(d.startswith("stats:") and "impressions: sent" in d for _, d in extra.diffs), extra.diffs
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBug, reason=(
+# not strict: the bug bites when the taking-over worker applies a batch holding only clicks (or a tick) for the
+# partition before it has read the impressions backlog, a race of its first fetches (about one run in two here).
+# Any other difference is still a failure (raises=KnownBug: only click-side aspects may differ).
+@pytest.mark.xfail(strict=False, raises=KnownBug, reason=(
     "issue 17: a partition taken over after its worker died runs its clock ahead by the outage: the checkpointed "
     "marks' wall times are old, so Clock.now counts both topics as idle (wm + wall - seen - IDLE_GRACE_S) before "
     "the backlog is read; orphan clicks expire and their impressions are labelled negative (clicks lost)"))
@@ -141,6 +144,7 @@ def test_sigkill_redis_mid_transaction_then_restart_from_its_aof_short_of_its_la
     load_catalog(box, r, ADS)
     progress = Progress(fsettings.redis_url)
     aof = AofTail(box.data / "redis").start()
+    fleet.closers.append(aof.stop)
     stream = KafkaStream(box.kafka, ADS, tag="rd")
     fleet.streams.append(stream)
     stream.start()
