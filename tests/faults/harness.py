@@ -20,6 +20,15 @@ and compares everything PrivAds counted with what the stream knows it sent:
   Parquet archive (plus anything still in ``arch:{p}``): every impression once,
   every clicked one with one label row. Each mismatch is one readable line
   (which counter, sent vs seen), so a failure says what was lost or doubled.
+  Each line belongs to an aspect (impressions, clicks, archive rows, users,
+  roll-ups): ``Outcome.require(known_bug=...)`` raises ``KnownBug`` when only the
+  aspects a known bug explains differ, so that an xfail on that bug
+  (``raises=KnownBug``) still fails on anything else.
+* Fault tools: ``Box.kill_redis``/``start_redis`` (same port, same AOF),
+  ``AofTail.cut_back`` (the AOF's last second lost, as ``appendfsync everysec``
+  allows on a power cut), ``kill_on_create`` (SIGKILL a process the moment it
+  creates a file: mid-write), ``Fleet`` (every process of a test, stopped in
+  teardown whatever happened).
 """
 
 from __future__ import annotations
@@ -324,7 +333,7 @@ class Ledger:
         for a click else None, sent at, given up at). Whether they took effect is unknown: ``check`` accepts
         rows that such a request can explain, and nothing else.
     refused : int
-        Requests that could not be sent (the API was down): nothing of them can be in the loop.
+        Requests that could not connect (the API was down): nothing of them can be in the loop.
     """
 
     impressions: dict[str, SentImpression] = field(default_factory=dict)
@@ -498,7 +507,9 @@ class ApiStream:
     ``click_every``-th impression (seeded) is clicked at once through /clicks,
     and the click counts once it is answered 202. A request that could not
     connect is refused (it never reached the API); one that was sent but got no
-    answer (the API died under it) is kept as unanswered, with its time.
+    answer (the API died under it), or a 5xx (it may have outlived the API's
+    request timeout and still logged its impressions), is kept as unanswered,
+    with its time.
     ``on_answer`` (optional) is called after each 2xx, from the client thread.
     """
 

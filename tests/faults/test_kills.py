@@ -94,8 +94,9 @@ def test_the_checks_pass_without_a_fault_and_catch_a_lost_or_doubled_event(box: 
     assert any(d.startswith("stats:") and "impressions: sent" in d for _, d in extra.diffs), extra.diffs
 
 
-# not strict: the bug bites when the taking-over worker applies a batch holding only clicks (or a tick) for the
-# partition before it has read the impressions backlog, a race of its first fetches (about one run in two here).
+# not strict: the bug bites only when the taking-over worker applies batches of one topic for the partition (or a
+# tick with none) before it has read the other topic's backlog: aiokafka shuffles the partitions of each fetch, so
+# it is a race (1 run in 4 here: 136 clicks labelled negative, their orphans expired).
 # Any other difference is still a failure (raises=KnownBug: only click-side aspects may differ).
 @pytest.mark.xfail(strict=False, raises=KnownBug, reason=(
     "issue 17: a partition taken over after its worker died runs its clock ahead by the outage: the checkpointed "
@@ -202,10 +203,12 @@ def test_sigkill_the_api_mid_request_then_restart(box: Box, fsettings: Settings,
     waited = quiesce(r, ledger)
     drain_archive(r, fsettings.data / "archive")
     out = check(r, fsettings.data / "archive", ledger)
-    lost = queued_at_the_kill(r, fsettings.data / "archive", ledger, clients.answered_at, killed_at, out)
+    queued = queued_at_the_kill(r, fsettings.data / "archive", ledger, clients.answered_at, killed_at, out)
     record("SIGKILL the API mid-request, restart", recovery, out, quiesce_s=round(waited, 1),
-           unanswered=len(ledger.unanswered), refused=ledger.refused, lost_2xx_just_before_kill=lost)
+           unanswered=len(ledger.unanswered), refused=ledger.refused, lost_from_the_queue=queued or "")
     assert len(ledger.impressions) > 200 and ledger.clicks
+    if queued:
+        raise KnownBug(queued)
     out.require()
 
 
@@ -213,30 +216,29 @@ AT_RISK_S = 0.25  # the API's producer lingers 20 ms before it sends: an answer 
 
 
 def queued_at_the_kill(r: redis.Redis, root: Path, ledger: Ledger, answered_at: dict[str, float], killed_at: float,
-                       out: Outcome) -> int:
-    """If ``out``'s differences are exactly answered events lost from the API's in-memory queue, raise ``KnownBug``.
+                       out: Outcome) -> str | None:
+    """Whether ``out``'s differences are exactly answered events lost from the API's in-memory queue; says which.
 
     Events answered 2xx within ``AT_RISK_S`` before the SIGKILL that never reached
     the loop are taken out of the ledger (with the clicks on them); if the loop
-    then matches the ledger exactly, that loss is all that went wrong. Returns how
-    many answered events were lost (0: none, and ``out`` is left to ``require``).
+    then matches the ledger exactly, that loss is all that went wrong. None when
+    nothing differs, or when something else does (``require`` reports it).
     """
     if not out.diffs:
-        return 0
+        return None
     imp_ids, lab_ids, _ = archived(r, root)
     gone = {i for i in ledger.impressions if not imp_ids.get(i)}
     gone_clicks = {c for c, i in ledger.clicks.items() if i in gone or not lab_ids.get(i)}
+    on_gone = {c for c, i in ledger.clicks.items() if i in gone}
     risky = {e for e, t in answered_at.items() if killed_at - AT_RISK_S <= t <= killed_at}
-    if not gone | gone_clicks or not (gone | (gone_clicks - {c for c, i in ledger.clicks.items() if i in gone})) \
-            <= risky:
-        return 0  # something else is wrong: ``require`` reports it
+    if not gone | gone_clicks or not gone | (gone_clicks - on_gone) <= risky:
+        return None
     relaxed = dataclasses.replace(ledger, impressions={k: v for k, v in ledger.impressions.items() if k not in gone},
                                   clicks={k: v for k, v in ledger.clicks.items() if k not in gone_clicks})
-    again = check(r, root, relaxed)
-    if again.diffs:
-        return 0
-    raise KnownBug(f"{len(gone)} impressions and {len(gone_clicks)} clicks answered 2xx within {AT_RISK_S}s before "
-                   f"the API's SIGKILL never reached the loop (nothing else differs): {sorted(gone | gone_clicks)[:6]}")
+    if check(r, root, relaxed).diffs:
+        return None
+    return (f"{len(gone)} impressions and {len(gone_clicks)} clicks answered 2xx within {AT_RISK_S}s before the "
+            f"API's SIGKILL never reached the loop (nothing else differs): {sorted(gone | gone_clicks)[:6]}")
 
 
 def test_sigkill_the_learner_mid_write_keeps_the_served_version(box: Box, fsettings: Settings, fleet: Fleet,
