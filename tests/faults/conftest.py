@@ -1,0 +1,49 @@
+"""Fixtures of the fault-injection suite: a fresh broker and redis-server per test, and the test's processes.
+
+Each fault test gets its own broker and redis-server (they start in well under a
+second), so its exact counts see no other test's events. Everything a test
+starts (workers, API, learner, streams) is stopped in teardown, even when the
+test fails half-way or killed the process itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from faults.harness import Box, Fleet, fault_settings, start_box
+
+from privads.infra.settings import Settings
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Box]:
+    b = start_box(tmp_path)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def fsettings(box: Box) -> Settings:
+    return fault_settings(box)
+
+
+@pytest.fixture
+def fleet(fsettings: Settings) -> Iterator[Fleet]:
+    f = Fleet(fsettings)
+    try:
+        yield f
+    finally:
+        f.stop_all()
+
+
+@pytest.fixture
+def r(box: Box) -> Iterator[redis.Redis]:
+    """A client of the box's redis-server; it reconnects by itself after a restart on the same port."""
+    client = redis.Redis(host="127.0.0.1", port=box.redis_port)
+    yield client
+    client.close()

@@ -1,0 +1,291 @@
+"""Process-kill faults under a steady stream of events: the loop recovers with exact counts.
+
+Each test runs on its own broker and redis-server (``box``), keeps a steady
+stream going while it SIGKILLs one process, brings it back, stops the stream,
+waits for quiescence and compares every counter, user state and archive row
+with what was sent (``faults.harness.check``). The measured recovery time is
+printed as a ``FAULT {...}`` line (and appended to ``$PRIVADS_FAULT_REPORT``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from faults.harness import (
+    ARCHIVE_LABELS,
+    CLICKS,
+    AofTail,
+    ApiStream,
+    Box,
+    Fleet,
+    KafkaStream,
+    KnownBug,
+    Ledger,
+    Outcome,
+    Progress,
+    SentImpression,
+    archived,
+    check,
+    drain_archive,
+    kill_on_create,
+    load_catalog,
+    quiesce,
+    record,
+    wait_for,
+)
+
+from helpers import sample_ads
+from privads.infra import keys, records
+from privads.infra.processes import Process
+from privads.infra.settings import Settings
+from privads.ranker.artifacts import load_version
+
+pytestmark = pytest.mark.integration
+ADS = sample_ads(["gaming", "gardening", "skincare", "coffee & tea"], per_category=4)
+
+
+def partitions_of(worker: Process) -> list[int]:
+    """The partitions a worker last said it owns (its log's "owning partitions [..]" line)."""
+    lines = [ln for ln in worker.log.read_text().splitlines() if "owning partitions" in ln]
+    return json.loads(lines[-1].split("owning partitions", 1)[1]) if lines else []
+
+
+def owned(r: redis.Redis, worker_pid: int) -> int:
+    """How many partitions the worker with this pid says it owns (its heartbeat)."""
+    for k, v in r.hgetall(keys.WORKERS).items():
+        if k.decode().endswith(f"-{worker_pid}"):
+            return int(json.loads(v)["partitions"])
+    return 0
+
+
+def test_the_checks_pass_without_a_fault_and_catch_a_lost_or_doubled_event(box: Box, fsettings: Settings,
+                                                                           fleet: Fleet, r: redis.Redis) -> None:
+    fleet.worker("worker")
+    load_catalog(box, r, ADS)
+    stream = KafkaStream(box.kafka, ADS, tag="base")
+    fleet.streams.append(stream)
+    stream.start()
+    time.sleep(4)
+    ledger = stream.stop()
+    quiesce(r, ledger)
+    drain_archive(r, fsettings.data / "archive")
+    out = check(r, fsettings.data / "archive", ledger)
+    out.require(known_bug=(CLICKS, ARCHIVE_LABELS))
+    assert len(ledger.impressions) > 500 and ledger.clicked and ledger.repeats > 0
+    record("none (baseline)", None, out)
+    # the checks can fail: an impression sent but never seen, and one seen but never sent
+    ghost = dataclasses.replace(ledger, impressions={**ledger.impressions,
+                                                     "ghost": SentImpression("baseu1", ADS[0]["ad_id"], "control",
+                                                                             time.time())})
+    lost = check(r, fsettings.data / "archive", ghost)
+    assert lost.lost == 1 and any("ghost: sent 1, seen 0" in d for _, d in lost.diffs), lost.diffs
+    dropped = next(iter(ledger.impressions))
+    fewer = dataclasses.replace(ledger, impressions={k: v for k, v in ledger.impressions.items() if k != dropped})
+    extra = check(r, fsettings.data / "archive", fewer)
+    assert any(f"impression {dropped}" in d and "never sent" in d for _, d in extra.diffs), extra.diffs
+    assert any(d.startswith("stats:") and "impressions: sent" in d for _, d in extra.diffs), extra.diffs
+
+
+# not strict: the bug bites only when the taking-over worker applies batches of one topic for the partition (or a
+# tick with none) before it has read the other topic's backlog: aiokafka shuffles the partitions of each fetch, so
+# it is a race (1 run in 4 here: 136 clicks labelled negative, their orphans expired).
+# Any other difference is still a failure (raises=KnownBug: only click-side aspects may differ).
+@pytest.mark.xfail(strict=False, raises=KnownBug, reason=(
+    "issue 17: a partition taken over after its worker died runs its clock ahead by the outage: the checkpointed "
+    "marks' wall times are old, so Clock.now counts both topics as idle (wm + wall - seen - IDLE_GRACE_S) before "
+    "the backlog is read; orphan clicks expire and their impressions are labelled negative (clicks lost)"))
+def test_sigkill_one_of_two_workers_mid_batch(box: Box, fsettings: Settings, fleet: Fleet, r: redis.Redis) -> None:
+    a = fleet.worker("worker-a")
+    load_catalog(box, r, ADS)
+    b = fleet.worker("worker-b")
+    assert a.pid is not None and b.pid is not None
+    wait_for(lambda: owned(r, a.pid) == 1 and owned(r, b.pid) == 1, 60, "the two workers to own a partition each")
+    progress = Progress(fsettings.redis_url)
+    stream = KafkaStream(box.kafka, ADS, tag="wk")
+    fleet.streams.append(stream)
+    stream.start()
+    time.sleep(3)
+    mine = partitions_of(b)
+    stream.burst(1500)  # B has a batch in hand when the kill lands
+    time.sleep(0.15)
+    before = progress.committed()
+    killed_at = time.time()
+    b.signal(signal.SIGKILL)
+    b.popen.wait(10)  # type: ignore[union-attr]
+    # mid-batch: events B had been given were not all committed when it died
+    produced = {p: sum(o for (t, q), o in stream.end_offsets.items() if q == p and t in records.EVENT_TOPICS)
+                for p in range(2)}
+    assert any(before[p] < produced[p] for p in mine), f"nothing was outstanding at the kill: {before} vs {produced}"
+    # A takes B's partition once the group notices (session timeout): both partitions commit past the kill
+    takeover = progress.recovery(before, killed_at, timeout=60)
+    wait_for(lambda: owned(r, a.pid) == 2, 30, "worker A to own both partitions")
+    b = fleet.worker("worker-b2")
+    wait_for(lambda: owned(r, a.pid) == 1 and owned(r, b.pid) == 1, 60, "the partitions to be shared again")
+    time.sleep(2)
+    ledger = stream.stop()
+    waited = quiesce(r, ledger)
+    drain_archive(r, fsettings.data / "archive")
+    out = check(r, fsettings.data / "archive", ledger)
+    record("SIGKILL 1 of 2 workers mid-batch", takeover, out, quiesce_s=round(waited, 1))
+    assert a.poll() is None, "worker A died"
+    out.require(known_bug=(CLICKS, ARCHIVE_LABELS))
+
+
+def test_sigkill_redis_mid_transaction_then_restart_from_its_aof_short_of_its_last_second(
+        box: Box, fsettings: Settings, fleet: Fleet, r: redis.Redis) -> None:
+    w = fleet.worker("worker")
+    load_catalog(box, r, ADS)
+    progress = Progress(fsettings.redis_url)
+    aof = AofTail(box.data / "redis").start()
+    fleet.closers.append(aof.stop)
+    stream = KafkaStream(box.kafka, ADS, tag="rd")
+    fleet.streams.append(stream)
+    stream.start()
+    time.sleep(3)
+    stream.burst(1500)  # the worker is committing batches when redis-server dies
+    time.sleep(0.1)
+    before = progress.committed()
+    killed_at = time.time()
+    box.kill_redis()
+    # a SIGKILL alone loses nothing (the page cache has the AOF); appendfsync everysec may lose the last second
+    # to a power cut: that is cut from the file too. The checkpoints' offsets go back with the state they describe
+    cut = aof.cut_back(1.0, killed_at)
+    box.start_redis()
+    kept = progress.committed()
+    rolled_back = sum(before.values()) - sum(kept.values())
+    assert cut > 0 and rolled_back > 0, f"the cut lost no commit ({cut} bytes, {before} → {kept})"
+    recovery = progress.recovery(before, killed_at, timeout=60)
+    time.sleep(3)
+    ledger = stream.stop()
+    waited = quiesce(r, ledger)
+    drain_archive(r, fsettings.data / "archive")
+    out = check(r, fsettings.data / "archive", ledger)
+    record("SIGKILL redis-server mid-transaction, restart from its AOF less its last second", recovery, out,
+           quiesce_s=round(waited, 1), events_rolled_back=rolled_back, aof_bytes_cut=cut)
+    assert w.poll() is None, "the worker died with redis-server"
+    out.require()
+
+
+@pytest.mark.xfail(strict=True, raises=KnownBug, reason=(
+    "issue 17: POST /recommend and POST /clicks answer 2xx once their records are in the producer's in-memory "
+    "queue (QueuedProducer, linger.ms=20), not once Kafka has them: a SIGKILL loses what was answered just before"))
+def test_sigkill_the_api_mid_request_then_restart(box: Box, fsettings: Settings, fleet: Fleet,
+                                                  r: redis.Redis) -> None:
+    fleet.worker("worker")
+    load_catalog(box, r, ADS)
+    api = fleet.api("api")
+    clients = ApiStream(fsettings.api)
+    fleet.streams.append(clients)
+    clients.start()
+    time.sleep(3)
+    # the kill lands a moment after an answer, while the other client's request is in flight
+    answered = threading.Event()
+    clients.on_answer = answered.set
+    assert answered.wait(10), "no answer from the API"
+    api.signal(signal.SIGKILL)
+    killed_at = time.time()
+    clients.on_answer = None
+    api.popen.wait(10)  # type: ignore[union-attr]
+    served = clients.answered
+    fleet.api("api2")
+    wait_for(lambda: clients.answered > served, 30, "an answer from the restarted API")
+    recovery = time.time() - killed_at
+    time.sleep(3)
+    ledger = clients.stop()
+    waited = quiesce(r, ledger)
+    drain_archive(r, fsettings.data / "archive")
+    out = check(r, fsettings.data / "archive", ledger)
+    queued = queued_at_the_kill(r, fsettings.data / "archive", ledger, clients.answered_at, killed_at, out)
+    record("SIGKILL the API mid-request, restart", recovery, out, quiesce_s=round(waited, 1),
+           unanswered=len(ledger.unanswered), refused=ledger.refused, lost_from_the_queue=queued or "")
+    assert len(ledger.impressions) > 200 and ledger.clicks
+    if queued:
+        raise KnownBug(queued)
+    out.require()
+
+
+AT_RISK_S = 0.25  # the API's producer lingers 20 ms before it sends: an answer this close to the kill may be queued
+
+
+def queued_at_the_kill(r: redis.Redis, root: Path, ledger: Ledger, answered_at: dict[str, float], killed_at: float,
+                       out: Outcome) -> str | None:
+    """Whether ``out``'s differences are exactly answered events lost from the API's in-memory queue; says which.
+
+    Events answered 2xx within ``AT_RISK_S`` before the SIGKILL that never reached
+    the loop are taken out of the ledger (with the clicks on them); if the loop
+    then matches the ledger exactly, that loss is all that went wrong. None when
+    nothing differs, or when something else does (``require`` reports it).
+    """
+    if not out.diffs:
+        return None
+    imp_ids, lab_ids, _ = archived(r, root)
+    gone = {i for i in ledger.impressions if not imp_ids.get(i)}
+    gone_clicks = {c for c, i in ledger.clicks.items() if i in gone or not lab_ids.get(i)}
+    on_gone = {c for c, i in ledger.clicks.items() if i in gone}
+    risky = {e for e, t in answered_at.items() if killed_at - AT_RISK_S <= t <= killed_at}
+    if not gone | gone_clicks or not gone | (gone_clicks - on_gone) <= risky:
+        return None
+    relaxed = dataclasses.replace(ledger, impressions={k: v for k, v in ledger.impressions.items() if k not in gone},
+                                  clicks={k: v for k, v in ledger.clicks.items() if k not in gone_clicks})
+    if check(r, root, relaxed).diffs:
+        return None
+    return (f"{len(gone)} impressions and {len(gone_clicks)} clicks answered 2xx within {AT_RISK_S}s before the "
+            f"API's SIGKILL never reached the loop (nothing else differs): {sorted(gone | gone_clicks)[:6]}")
+
+
+def test_sigkill_the_learner_mid_write_keeps_the_served_version(box: Box, fsettings: Settings, fleet: Fleet,
+                                                                r: redis.Redis) -> None:
+    fleet.worker("worker")
+    load_catalog(box, r, ADS)
+    stream = KafkaStream(box.kafka, ADS, tag="ln")
+    fleet.streams.append(stream)
+    stream.start()
+    models = fsettings.models_dir
+    first = fleet.run("train-1", ["train"])
+    assert first.popen is not None and first.popen.wait(120) == 0, "the first cycle failed"
+    served = json.loads(r.get(keys.MODEL_CURRENT))
+    api = fleet.api("api")
+    assert httpx.get(f"{fsettings.api}/healthz").json()["model_version"] == served["version"]
+
+    second = fleet.run("train-2", ["train"])
+    # killed the moment its version directory appears, while its files are being written
+    name = kill_on_create(models, ".tmp-", second)
+    killed_at = time.time()
+    assert second.popen is not None and second.popen.wait(10) == -signal.SIGKILL, \
+        f"the cycle was not killed (exit {second.poll()}): {second.log.read_text(errors='replace')[-1500:]}"
+    assert name.startswith(".tmp-") and (models / name).exists(), f"no half-written version left: {name!r}"
+    half = name.removeprefix(".tmp-")
+    assert not (models / half).exists(), "the kill came after the version was complete: not mid-write"
+    # the pointer never moved: the served version is still the first, whole and loadable
+    assert json.loads(r.get(keys.MODEL_CURRENT)) == served
+    assert load_version(served).version == served["version"]
+    assert httpx.get(f"{fsettings.api}/healthz").json()["model_version"] == served["version"]
+    during = httpx.post(f"{fsettings.api}/recommend", json={"user_id": "someone", "k": 3})
+    assert during.status_code == 200 and during.json()["model_version"] == served["version"]
+
+    third = fleet.run("train-3", ["train"])
+    assert third.popen is not None and third.popen.wait(120) == 0, "the cycle after the kill failed"
+    published = json.loads(r.get(keys.MODEL_CURRENT))
+    recovery = time.time() - killed_at
+    assert published["version"] not in (served["version"], half)
+    assert Path(published["path"]).name == published["version"] and load_version(published).version
+    wait_for(lambda: httpx.get(f"{fsettings.api}/healthz").json()["model_version"] == published["version"], 30,
+             "the API to serve the new version")
+    assert api.poll() is None
+    ledger = stream.stop()
+    for a in during.json()["ads"]:  # the request above logged impressions too
+        ledger.impressions[a["impression_id"]] = SentImpression("someone", a["ad_id"], during.json()["policy"], 0.0)
+    waited = quiesce(r, ledger)
+    drain_archive(r, fsettings.data / "archive")
+    out = check(r, fsettings.data / "archive", ledger)
+    record("SIGKILL the learner mid-write", recovery, out, quiesce_s=round(waited, 1),
+           note="served version unchanged through the kill; recovery = kill to the next version published")
+    out.require()
