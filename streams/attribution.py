@@ -78,6 +78,19 @@ class Clock:
         """
         return Clock({t: (min(wm, wall), min(seen, wall)) for t, (wm, seen) in self.marks.items()})
 
+    def idle(self, wall: float) -> list[str]:
+        """The topics whose time runs on with the wall clock now (nothing delivered for ``IDLE_GRACE_S``)."""
+        return [t for t, (_, seen) in self.marks.items() if wall - seen > IDLE_GRACE_S]
+
+    def touch(self, topics: Sequence[str], wall: float) -> Clock:
+        """The clock with these topics counted as delivering at ``wall``: not idle, their watermark kept.
+
+        For the topics a worker has not read to their end: a partition taken over after its
+        worker died has marks from before the outage, and its time must not run on by the
+        outage before the backlog is read.
+        """
+        return Clock({t: ((wm, wall) if t in topics else (wm, seen)) for t, (wm, seen) in self.marks.items()})
+
     def advance(self, event_ts: dict[str, list[float]], wall: float) -> Clock:
         """The clock after a batch delivered these event times per topic, at ``wall``.
 

@@ -28,6 +28,7 @@ import signal
 import socket
 import time
 from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import msgspec
@@ -296,6 +297,27 @@ class EventAgent:
             pb.clicks.append(rec)
             pb.click_sources[id(rec)] = (tp.topic, tp.partition, m.offset, m.value)
 
+    async def _behind(self, p: int, topics: Sequence[str]) -> list[str]:
+        """The topics of partition ``p`` this worker has not read to their end (position below the high watermark,
+        or not fetched since it was assigned the partition): they are not idle, whatever their marks say."""
+        consumer = self.consumer
+        if consumer is None:
+            return []
+        assigned = consumer.assignment()
+        behind = []
+        for topic in topics:
+            tp = TopicPartition(topic, p)
+            if tp not in assigned:
+                continue
+            high = consumer.highwater(tp)  # from the last fetch response; None before the first
+            try:
+                position = await asyncio.wait_for(consumer.position(tp), 1.0) if high is not None else None
+            except (KafkaError, TimeoutError, AssertionError):  # being reset or reassigned: not known to be read
+                position = None
+            if high is None or position is None or position < high:
+                behind.append(topic)
+        return behind
+
     async def _lost_partitions(self, by_p: dict[int, PartitionBatch]) -> set[int]:
         """Partitions of this batch another worker owns now: not assigned here any more, or their checkpoint moved
         to or past where this batch ends (what remains of it, if anything, the next attempt re-filters)."""
@@ -362,6 +384,8 @@ class EventAgent:
             pb, ck, bkts = by_p[p], ckpts[p], bucket_sets[p]
             seq[p] = ck.seq
             clock = Clock(ck.marks).bounded(guarded).advance(pb.event_ts, guarded)
+            if idle_topics := clock.idle(guarded):  # idle only once read to its end: a backlog is not quiet
+                clock = clock.touch(await self._behind(p, idle_topics), guarded)
             now = clock.now(guarded)
             cutoff = bucket_of(now - self.window_s, self.bucket_s)
             closed = ck.closed_before if ck.closed_before is not None else cutoff

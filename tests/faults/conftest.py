@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from faults.harness import Box, Fleet, fault_settings, start_box
 
+from faults.harness import Box, Fleet, fault_settings, start_box
 from privads.infra.settings import Settings
 
 

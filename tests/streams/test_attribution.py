@@ -163,3 +163,12 @@ def test_a_forward_wall_step_does_not_close_a_quiet_partitions_windows():
     c = Clock().advance({"imps": [1000.0], "clicks": [1000.0]}, g.read(1000.0, 0.0))
     stepped = g.read(1000.0 + 3600, 5.0)  # 5 s later the wall clock says an hour passed
     assert c.now(stepped) < 1000.0 + W  # still within the 10 s window: nothing closes early
+
+
+# a topic not read to its end is not idle: touched, its time stops running on with the wall clock
+def test_a_touched_topic_is_not_idle_and_keeps_its_watermark():
+    c = Clock({"imps": (100.0, 100.0), "clicks": (90.0, 100.0)})
+    assert sorted(c.idle(200.0)) == ["clicks", "imps"] and c.now(200.0) == 90.0 + 100.0 - IDLE_GRACE_S
+    t = c.touch(["clicks"], 200.0)
+    assert t.idle(200.0) == ["imps"] and t.marks["clicks"] == (90.0, 200.0)
+    assert t.now(200.0) == 90.0  # the outage does not count for the topic whose backlog is still to be read
