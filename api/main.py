@@ -27,7 +27,7 @@ from privads.api.metrics import ApiMetrics, refresh_resources
 from privads.api.middleware import ObserveAndLimit
 from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
 from privads.infra.errors import Conflict, Forbidden, InvalidInput, NotFound, PrivAdsError, Unavailable
-from privads.infra.kafka import QueuedProducer
+from privads.infra.kafka import ConfirmingProducer, QueuedProducer
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.secret import impression_secret
 from privads.infra.settings import Settings
@@ -112,8 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         faiss.omp_set_num_threads(settings.api_threads)
         redis = connect(settings.redis_url)
         producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
+        confirmer = ConfirmingProducer(settings.kafka_servers)  # clicks and ads: answered once Kafka has them
         # read once: every request signs or checks impression ids with it, without a Redis round trip
-        recommender = Recommender(settings, redis, producer, await _secret(redis))
+        recommender = Recommender(settings, redis, producer, await _secret(redis), confirmer)
         await refuse_evicting_redis(redis)  # an evicting Redis would lose state silently (README: Resource limits)
         await recommender.load_pinned()  # a missing pinned version stops the start-up, with its name
         app.state.recommender = recommender
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await asyncio.to_thread(producer.close, 10.0)
+            await asyncio.to_thread(confirmer.close, 5.0)
             await redis.aclose()
 
     app = FastAPI(title="PrivAds", version="0.1.0", lifespan=lifespan,
@@ -147,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.impressions_queued.set(rec.producer.depth)
         metrics.impressions_dropped.set(rec.producer.dropped)
         metrics.produce_failed.set(rec.producer.failed)
+        metrics.impressions_unconfirmed.set(rec.unconfirmed)
         info = rec.model_info()
         metrics.catalog_size.set(info["index"]["size"])
         metrics.model.info({"version": str(info["version"])})

@@ -26,6 +26,9 @@ class ApiMetrics:
         self.impressions_queued = Gauge("privads_impression_queue_depth", "records waiting for Kafka", registry=r)
         self.impressions_dropped = Gauge("privads_impressions_dropped_total", "records dropped: queue full", registry=r)
         self.produce_failed = Gauge("privads_produce_failed_total", "records Kafka refused", registry=r)
+        self.impressions_unconfirmed = Gauge(
+            "privads_impressions_unconfirmed_total", "impressions answered before Kafka confirmed them (a SIGKILL "
+            "of the API could lose these)", registry=r)
         self.catalog_size = Gauge("privads_index_size", "ads in the served index", registry=r)
         self.events_processed = Gauge("privads_events_processed_total", "events processed by the stream workers",
                                       ["topic"], registry=r)

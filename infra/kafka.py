@@ -23,7 +23,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from privads.infra.errors import Misconfigured
+from privads.infra.errors import Misconfigured, Unavailable
 from privads.infra.records import CONSUMED_TOPICS, topic_partitions
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,13 @@ class QueuedProducer:
         self.dropped = 0
         self.failed = 0
         self._producer = Producer(rdkafka_config(
-            servers, **{"client.id": "privads-api", "queue.buffering.max.messages": capacity,
+            # linger 1 ms: a request waits for its impressions' acknowledgement (IMPRESSION_CONFIRM_S)
+            servers, **{"client.id": "privads-api", "linger.ms": 1, "queue.buffering.max.messages": capacity,
                         "queue.buffering.max.kbytes": 1_048_576, "message.timeout.ms": int(timeout_s * 1000),
                         "enable.idempotence": False, "log_level": 3, "logger": log,
-                        # only failures come back to Python: a callback per delivered record costs the GIL 10× per
-                        # request
-                        "delivery.report.only.error": True}))
+                        # one delivery report per request comes back to Python (its last record's, when the caller
+                        # asks to confirm): a callback per delivered record costs the GIL 10× per request
+                        "delivery.report.only.error": False}))
         self._stop = threading.Event()
         # delivery reports are served by poll(); a thread of our own keeps them flowing between requests
         self._thread = threading.Thread(target=self._serve_reports, name="privads-producer", daemon=True)
@@ -230,17 +231,39 @@ class QueuedProducer:
             self.dropped += 1
             return False
 
-    def send_batch(self, topic: str, records: Sequence[tuple[str | None, bytes]]) -> int:
+    def send_batch(self, topic: str, records: Sequence[tuple[str | None, bytes]],
+                   confirm: asyncio.Future[bool] | None = None) -> int:
         """Queue ``(key, value)`` records for one topic in one call; returns how many were queued.
 
         The ones that find the queue full are dropped and counted (``dropped``), like ``send``'s.
-        Keys are still partitioned one by one (murmur2).
+        Keys are still partitioned one by one (murmur2). With ``confirm``, that future (of the
+        caller's event loop) gets True once Kafka acknowledged the batch's last record, False if it
+        failed or was dropped. Records of one key go to one partition in order, so the last one's
+        acknowledgement stands for the batch's; its failure is counted for all of them (``failed``):
+        only the last record reports back, the one delivery report per batch this costs.
         """
         if not records:
+            if confirm is not None:
+                confirm.set_result(True)
             return 0
-        queued = self._producer.produce_batch(topic, [{"key": k, "value": v} for k, v in records],
-                                              on_delivery=self._on_delivery)
-        self.dropped += len(records) - queued
+        head, last = records[:-1], records[-1]
+        queued = self._producer.produce_batch(topic, [{"key": k, "value": v} for k, v in head]) if head else 0
+        n = len(records)
+
+        def report(err: object, _msg: object) -> None:  # librdkafka's thread
+            if err is not None:
+                self._on_delivery(err, None)
+                self.failed += n - 1
+            if confirm is not None:
+                confirm.get_loop().call_soon_threadsafe(_settle, confirm, err is None)
+
+        try:
+            self._producer.produce(topic, key=last[0], value=last[1], on_delivery=report)
+            queued += 1
+        except BufferError:
+            if confirm is not None:
+                confirm.set_result(False)
+        self.dropped += n - queued
         return queued
 
     @property
@@ -260,5 +283,78 @@ class QueuedProducer:
         """Deliver what is queued (up to ``timeout``) and stop; what is left is counted as dropped."""
         left = self._producer.flush(timeout)
         self.dropped += left
+        self._stop.set()
+        self._thread.join(2.0)
+
+
+def _settle(future: asyncio.Future[bool], ok: bool) -> None:
+    if not future.done():
+        future.set_result(ok)
+
+
+class ConfirmingProducer:
+    """Produce and wait for the broker's acknowledgement: for the writes an API answer promises are stored.
+
+    ``/clicks`` and ``PUT /ads`` answer only once Kafka has the record, so an API
+    killed right after answering loses none of them (``QueuedProducer`` would lose
+    what its queue held). One callback per record comes back to Python, which is
+    why the impressions, ten per request, do not go this way.
+
+    Parameters
+    ----------
+    servers : str
+        Bootstrap servers.
+    """
+
+    def __init__(self, servers: str) -> None:
+        from confluent_kafka import Producer
+
+        self._producer = Producer(rdkafka_config(
+            servers, **{"client.id": "privads-api-confirmed", "linger.ms": 1, "enable.idempotence": False,
+                        "log_level": 3, "logger": log, "queue.buffering.max.messages": 10_000}))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve_reports, name="privads-confirming-producer", daemon=True)
+        self._thread.start()
+
+    def _serve_reports(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def send(self, topic: str, key: str | None, value: bytes, timeout_s: float) -> None:
+        """Produce one record and return once the broker has it.
+
+        Raises
+        ------
+        Unavailable
+            When the broker did not acknowledge it within ``timeout_s`` (it may still be delivered
+            later: a retry may then store it twice, which the consumers' dedupe absorbs), or refused it.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(err: object) -> None:
+            if done.done():
+                return
+            if err is None:
+                done.set_result(None)
+            else:
+                done.set_exception(Unavailable(f"Kafka refused the record for {topic}: {err}"))
+
+        def report(err: object, _msg: object) -> None:  # librdkafka's thread: hand over to the event loop
+            loop.call_soon_threadsafe(settle, err)
+
+        try:
+            self._producer.produce(topic, value=value, key=key, on_delivery=report)
+        except BufferError:
+            raise Unavailable(f"too many records waiting for Kafka; {topic} not written, retry later") from None
+        try:
+            await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            raise Unavailable(f"Kafka did not confirm the record for {topic} within {timeout_s:g} s; it may still "
+                              "be written, retry later") from None
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is in flight (up to ``timeout``) and stop."""
+        self._producer.flush(timeout)
         self._stop.set()
         self._thread.join(2.0)

@@ -37,7 +37,7 @@ import numpy as np
 
 from privads.infra import keys, records, signing
 from privads.infra.errors import Forbidden
-from privads.infra.kafka import QueuedProducer
+from privads.infra.kafka import ConfirmingProducer, QueuedProducer
 from privads.infra.loops import Step, reason_of
 from privads.infra.settings import Settings
 from privads.infra.store import (
@@ -196,7 +196,8 @@ class LiftReport:
 class Recommender:
     """Recommendations, click and catalog intake, erasure and lift for the API."""
 
-    def __init__(self, settings: Settings, redis: Any, producer: QueuedProducer, secret: bytes) -> None:
+    def __init__(self, settings: Settings, redis: Any, producer: QueuedProducer, secret: bytes,
+                 confirmer: ConfirmingProducer | None = None) -> None:
         self.settings = settings
         self.secret = secret  # signs the impression ids it hands out, checks the clicks on them (infra.signing)
         self.users = UserStore(redis)
@@ -215,7 +216,10 @@ class Recommender:
         # retrieval and the ranker's h(x) are deterministic given (model, catalog state, user mean and count,
         # context): kept for repeat requests of a user whose state has not moved, and shared by all unknown users
         self._candidates_lru: OrderedDict[tuple, Candidates] = OrderedDict()
-        self.producer = producer
+        self.producer = producer  # impressions: queued, never blocking a request for long
+        self.kafka_confirming = True  # whether requests wait for Kafka to confirm their impressions
+        self.unconfirmed = 0  # impressions answered before Kafka confirmed them
+        self.confirmer = confirmer  # clicks and ads: answered once Kafka has them
         self.rng = np.random.default_rng(settings.seed)
         self.params = ThompsonParams.from_settings(settings)
         # the controls' policies; the learned one is built per request over the version it serves
@@ -514,8 +518,34 @@ class Recommender:
         shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p, f) for pos, (ad_id, score, prop, p, f) in
                  enumerate(zip(ad_ids, ranked.score.tolist(), ranked.propensity.tolist(), pctr, factor,
                                strict=True))]
-        self._log_impressions(user_id, arm, version.version, request_id, context, shown, seen)
+        confirmed = self._log_impressions(user_id, arm, version.version, request_id, context, shown, seen)
+        await self._await_confirmation(confirmed, len(shown))
         return Recommendation(request_id, arm, version.version, shown)
+
+    async def _await_confirmation(self, confirmed: asyncio.Future[bool] | None, n: int) -> None:
+        """Answer once Kafka has the request's impressions, waiting at most ``IMPRESSION_CONFIRM_S``.
+
+        An API killed right after answering then loses none of what it answered. While Kafka is
+        away the wait would only add latency: after one wait runs out, requests stop waiting
+        until a later batch is confirmed again (``kafka_confirming``); their impressions stay
+        queued and are counted as ``unconfirmed``.
+        """
+        if confirmed is None:
+            return
+        if self.kafka_confirming:
+            try:
+                if await asyncio.wait_for(asyncio.shield(confirmed), self.settings.impression_confirm_s):
+                    return
+            except TimeoutError:
+                self.kafka_confirming = False
+                log.warning("Kafka did not confirm a request's impressions within %g s; answering without waiting "
+                            "until it does again (they stay queued)", self.settings.impression_confirm_s)
+        self.unconfirmed += n
+
+    def _confirmation(self, done: asyncio.Future[bool]) -> None:
+        if done.result() and not self.kafka_confirming:
+            self.kafka_confirming = True
+            log.info("Kafka confirms impressions again: requests wait for it")
 
     async def _learned(self, version: ModelVersion, arm: str, user_id: str, k: int, context: dict[str, Any] | None,
                        user: tuple[np.ndarray, np.ndarray, int]) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
@@ -577,38 +607,55 @@ class Recommender:
 
     def _log_impressions(self, user_id: str, policy: str, model_version: str | None, request_id: str,
                          context: dict[str, Any] | None, shown: list[ShownAd],
-                         seen: tuple[np.ndarray, np.ndarray, int]) -> None:
-        """Queue one impression per shown ad, with the user as served; never blocks (the producer counts drops)."""
+                         seen: tuple[np.ndarray, np.ndarray, int]) -> asyncio.Future[bool] | None:
+        """Queue one impression per shown ad, with the user as served; never blocks (the producer counts drops).
+
+        Returns a future that turns True once Kafka has them (None when ``IMPRESSION_CONFIRM_S`` is 0).
+        """
         now = time.time()
         user_mean, user_count = records.pack_served(seen[0]), int(seen[2])
+        confirmed: asyncio.Future[bool] | None = None
+        if self.settings.impression_confirm_s > 0:
+            confirmed = asyncio.get_running_loop().create_future()
+            confirmed.add_done_callback(self._confirmation)
         self.producer.send_batch(records.IMPRESSIONS, [
             (user_id, records.encode(records.Impression(
                 event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
                 propensity=a.propensity, policy=policy, model_version=model_version,
                 request_id=request_id, context=context or None, pctr=a.pctr, factor=a.factor,
                 user_mean=user_mean, user_count=user_count)))
-            for a in shown])
+            for a in shown], confirm=confirmed)
+        return confirmed
 
-    def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
-        """Queue a click for ``clicks``; returns its event id.
+    async def report_click(self, impression_id: str, user_id: str, ad_id: str, value: float | None) -> str:
+        """Produce a click to ``clicks`` and return its event id once Kafka has it.
 
         Raises
         ------
         Forbidden
             If ``impression_id`` is not one this API signed for ``user_id`` and ``ad_id``
             (made up, another user's, or another ad's): nothing is produced.
+        Unavailable
+            If Kafka did not confirm it in time (``ConfirmingProducer.send``).
         """
         if not signing.verify(self.secret, impression_id, user_id, ad_id):
             raise Forbidden("impression_id: not an impression served to this user_id and ad_id")
         event_id = records.new_event_id()
         click = records.Click(event_id=event_id, ts=time.time(), impression_id=impression_id,
                               user_id=user_id, ad_id=ad_id, value=value)
-        self.producer.send(records.CLICKS, user_id, records.encode(click))
+        await self._confirmed(records.CLICKS, user_id, records.encode(click))
         return event_id
 
-    def upsert_ad(self, ad: records.Ad) -> None:
-        """Queue a catalog upsert for ``ads`` (the same path as any producer's)."""
-        self.producer.send(records.ADS, ad.ad_id, records.encode(ad))
+    async def upsert_ad(self, ad: records.Ad) -> None:
+        """Produce a catalog upsert to ``ads`` (the same path as any producer's), once Kafka has it."""
+        await self._confirmed(records.ADS, ad.ad_id, records.encode(ad))
+
+    async def _confirmed(self, topic: str, key: str, value: bytes) -> None:
+        if self.confirmer is None:  # no confirming producer given (a test's recommender): queued only
+            self.producer.send(topic, key, value)
+            return
+        # within the request's own time limit (PRIVADS_REQUEST_TIMEOUT_S), with room to answer
+        await self.confirmer.send(topic, key, value, timeout_s=0.75 * self.settings.request_timeout_s)
 
     async def erase_user(self, user_id: str) -> None:
         await self.users.erase(user_id, time.time())

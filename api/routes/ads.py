@@ -32,6 +32,6 @@ async def upsert_ad(
     ad_id: Annotated[str, Path(min_length=1, max_length=256)], body: AdUpsert, recommender: RecommenderDep
 ) -> AdAccepted:
     """Create or replace an ad; it becomes recommendable from its text alone."""
-    recommender.upsert_ad(Ad(ad_id=ad_id, text=body.text, bid=body.bid, category=body.category,
-                             active=body.active, ts=time.time()))
+    await recommender.upsert_ad(Ad(ad_id=ad_id, text=body.text, bid=body.bid, category=body.category,
+                                   active=body.active, ts=time.time()))
     return AdAccepted(ad_id=ad_id)

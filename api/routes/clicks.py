@@ -26,5 +26,6 @@ class ClickAccepted(BaseModel):
              responses={**KEY_RESPONSES, 403: {"description": "impression_id was not served to this user_id and "
                                                               "ad_id (made up, another user's or another ad's)"}})
 async def report_click(body: ClickRequest, recommender: RecommenderDep) -> ClickAccepted:
-    """Report a click on an impression served to this user and ad; it is produced to privads.clicks."""
-    return ClickAccepted(event_id=recommender.report_click(body.impression_id, body.user_id, body.ad_id, body.value))
+    """Report a click on an impression served to this user and ad; answered once privads.clicks has it."""
+    return ClickAccepted(event_id=await recommender.report_click(body.impression_id, body.user_id, body.ad_id,
+                                                                 body.value))
