@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threadpool_limits(settings.api_threads)
         faiss.omp_set_num_threads(settings.api_threads)
         redis = connect(settings.redis_url)
-        producer = QueuedProducer(settings.kafka_servers, settings.impression_queue)
+        producer = QueuedProducer(settings.kafka_servers, settings.impression_queue,
+                                  linger_ms=1.0 if settings.impression_confirm_s > 0 else 20.0)
         confirmer = ConfirmingProducer(settings.kafka_servers)  # clicks and ads: answered once Kafka has them
         # read once: every request signs or checks impression ids with it, without a Redis round trip
         recommender = Recommender(settings, redis, producer, await _secret(redis), confirmer)

@@ -195,17 +195,19 @@ class QueuedProducer:
         Records held in memory while Kafka is slow or unreachable.
     timeout_s : float
         How long a record may wait for delivery before it is given up (and counted).
+    linger_ms : float
+        How long librdkafka waits to fill a batch (20 ms; 1 ms when requests wait for acknowledgements).
     """
 
-    def __init__(self, servers: str, capacity: int, timeout_s: float = 300.0) -> None:
+    def __init__(self, servers: str, capacity: int, timeout_s: float = 300.0, linger_ms: float = 20.0) -> None:
         from confluent_kafka import Producer
 
         self.servers = servers
         self.dropped = 0
         self.failed = 0
         self._producer = Producer(rdkafka_config(
-            # linger 1 ms: a request waits for its impressions' acknowledgement (IMPRESSION_CONFIRM_S)
-            servers, **{"client.id": "privads-api", "linger.ms": 1, "queue.buffering.max.messages": capacity,
+            # linger: batches amortise the broker's work; a caller that waits for acknowledgements wants it short
+            servers, **{"client.id": "privads-api", "linger.ms": linger_ms, "queue.buffering.max.messages": capacity,
                         "queue.buffering.max.kbytes": 1_048_576, "message.timeout.ms": int(timeout_s * 1000),
                         "enable.idempotence": False, "log_level": 3, "logger": log,
                         # one delivery report per request comes back to Python (its last record's, when the caller

@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     candidate_cache: int = Field(4096, ge=0, description="requests' candidates and ranker scores kept for repeat "
                                  "requests of users whose state has not moved (about 6 KB each; 0: off)")
     impression_queue: int = Field(100_000, ge=1, description="impressions held in memory while Kafka is away")
-    impression_confirm_s: float = Field(0.05, ge=0, description="/recommend answers once Kafka confirmed its "
-                                        "impressions, waiting at most this long (0: answer at once)")
+    impression_confirm_s: float = Field(0.0, ge=0, description="when > 0, /recommend answers once Kafka confirmed "
+                                        "its impressions, waiting at most this long (0: at once, the default)")
     api_key: SecretStr | None = Field(None, description="when set, every state-changing endpoint (/recommend "
                                       "included) needs it in X-API-Key")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty: CORS off")
