@@ -50,6 +50,7 @@ import numpy as np
 import redis
 from kafka import KafkaProducer
 
+from conftest import wait_until as wait_for  # one polling helper for every test (tests/conftest.py)
 from privads.infra import keys, records
 from privads.infra.kafka import create_topics
 from privads.infra.processes import Process, broker_process, free_port, python_process, redis_process, wait_port_free
@@ -290,21 +291,6 @@ def load_catalog(box: Box, r: redis.Redis, ads: list[dict], timeout: float = 90)
     finally:
         producer.close(5)
     wait_for(lambda: r.scard(keys.ADS) == len(ads), timeout, "the catalog agent to store every ad")
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.1) -> object:
-    """Poll ``check`` until it returns something truthy; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as e:  # noqa: BLE001 - keep polling (Redis may be restarting), report the last error
-            last = e
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
 
 
 # --- what was sent ------------------------------------------------------------------------------------------------
