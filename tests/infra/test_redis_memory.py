@@ -159,8 +159,10 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             assert metric(text, "privads_redis_evicting") == 0
             reason = asyncio.run(_read(settings, memory_pressure))
             assert reason is not None and "refuses writes" in reason
-            ready = api.get("/readyz")  # reported by the readiness check, which still lets reads serve
-            assert ready.json()["memory_pressure"] == reason
+            # reported by the readiness check (which still lets reads serve); its figures are read again, so only
+            # the reason's words are compared
+            ready = api.get("/readyz").json()["memory_pressure"]
+            assert ready is not None and "refuses writes" in ready
 
             # room again: every event is counted, once
             rds.config_set("maxmemory", DEFAULT_REDIS_MAXMEMORY)
