@@ -227,7 +227,9 @@ class Drainer:
         try:
             for p in partitions:
                 lock = f"archlock:{p}"
-                if r.set(lock, self.owner, nx=True, ex=self.LOCK_S):
+                # or it is this drainer's own: a Redis restored from before its release (an AOF that lost its last
+                # second) brings a lock back that nobody else holds; waiting out its TTL would stall the archive
+                if r.set(lock, self.owner, nx=True, ex=self.LOCK_S) or r.get(lock) == self.owner.encode():
                     try:
                         written += drain(r, self.root, p)
                     finally:

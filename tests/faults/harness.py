@@ -233,12 +233,13 @@ class Fleet:
 
 _KILL_ON_CREATE = r"""
 import ctypes, os, signal, struct, sys
-directory, prefix, pgid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+directory, prefix = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.inotify_init()
 if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), 0x100) < 0:  # IN_CREATE
     sys.exit(f"inotify: errno {ctypes.get_errno()}")
 print("watching", flush=True)
+pgid = int(sys.stdin.readline())  # the victim starts after the watch: events before this line wait in the queue
 while True:
     buf, i = os.read(fd, 65536), 0
     while i < len(buf):
@@ -252,33 +253,47 @@ while True:
 """
 
 
-def kill_on_create(directory: Path, prefix: str, victim: Process, timeout: float = 120) -> str:
-    """SIGKILL ``victim``'s group the moment an entry named ``prefix*`` appears in ``directory``; returns its name.
+def kill_on_create(directory: Path, prefix: str, start_victim: Callable[[], Process],
+                   timeout: float = 120) -> tuple[str, Process]:
+    """Start a victim and SIGKILL its group the moment an entry named ``prefix*`` appears in ``directory``.
 
-    The watcher is a separate process blocked on inotify: it wakes on the creation
-    itself, without sharing this process's GIL with the test's threads, so the kill
-    lands within the milliseconds the entry is being filled.
+    The watcher is a separate process blocked on inotify, watching before the victim starts (so a fast victim
+    cannot create the entry unseen): it wakes on the creation itself, without sharing this process's GIL with the
+    test's threads, so the kill lands within the milliseconds the entry is being filled.
+
+    Returns
+    -------
+    name : str
+        The entry that triggered the kill; "" if the victim ended on its own first.
+    victim : Process
     """
-    assert victim.pid is not None
-    watcher = subprocess.Popen([sys.executable, "-c", _KILL_ON_CREATE, str(directory), prefix, str(victim.pid)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    watcher = subprocess.Popen([sys.executable, "-c", _KILL_ON_CREATE, str(directory), prefix],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert watcher.stdout is not None
+        assert watcher.stdout is not None and watcher.stdin is not None
         first = watcher.stdout.readline().strip()
         assert first == "watching", f"the watcher did not start: {first}"
+        victim = start_victim()
+        assert victim.pid is not None
+        watcher.stdin.write(f"{victim.pid}\n")
+        watcher.stdin.flush()
         deadline = time.monotonic() + timeout
         # until the watcher has killed, or the victim ended on its own (then nothing was killed: "")
         while watcher.poll() is None and victim.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if watcher.poll() is None:
-            return ""
-        return watcher.stdout.read().strip()
+            time.sleep(0.2)  # the victim ended: give a kill in flight its last word
+        if watcher.poll() is None:
+            return "", victim
+        return watcher.stdout.read().strip(), victim
     finally:
         if watcher.poll() is None:
             watcher.kill()
         watcher.wait(5)
-        if watcher.stdout is not None:
-            watcher.stdout.close()
+        for pipe in (watcher.stdin, watcher.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def load_catalog(box: Box, r: redis.Redis, ads: list[dict], timeout: float = 90) -> None:

@@ -257,9 +257,8 @@ def test_sigkill_the_learner_mid_write_keeps_the_served_version(box: Box, fsetti
     api = fleet.api("api")
     assert httpx.get(f"{fsettings.api}/healthz").json()["model_version"] == served["version"]
 
-    second = fleet.run("train-2", ["train"])
     # killed the moment its version directory appears, while its files are being written
-    name = kill_on_create(models, ".tmp-", second)
+    name, second = kill_on_create(models, ".tmp-", lambda: fleet.run("train-2", ["train"]))
     killed_at = time.time()
     assert second.popen is not None and second.popen.wait(10) == -signal.SIGKILL, \
         f"the cycle was not killed (exit {second.poll()}): {second.log.read_text(errors='replace')[-1500:]}"
