@@ -6,6 +6,7 @@ may call the writing methods is fixed by the ownership table of docs/architectur
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,13 +16,15 @@ import hiredis
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import DataError, WatchError
+from redis.exceptions import DataError, NoPermissionError, WatchError
 from redis.typing import EncodableT, FieldT, XReadResponse
 
 from privads.infra import keys, records
-from privads.infra.errors import Conflict
+from privads.infra.errors import Conflict, StartError
 from privads.infra.partitioning import owner
 from privads.infra.records import Ad
+
+log = logging.getLogger(__name__)
 
 
 class HiredisConnection(aioredis.Connection):
@@ -305,22 +308,7 @@ class UserStore:
         Only an erasure still at the time ``done`` names is removed: the same id erased
         again meanwhile (a later time) waits for the next compaction pass.
         """
-        if not done:
-            return 0
-        async with self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(keys.ERASURES)
-                    hashes = list(done)
-                    scores = await pipe.zmscore(keys.ERASURES, hashes)
-                    gone = [h for h, t in zip(hashes, scores, strict=True) if t is not None and t <= done[h]]
-                    pipe.multi()
-                    if gone:
-                        pipe.zrem(keys.ERASURES, *gone)
-                    await pipe.execute()
-                    return len(gone)
-                except WatchError:
-                    continue
+        return await _zrem_unless_newer(self.r, keys.ERASURES, done)
 
     async def populations(self, partitions: Sequence[int] | None = None) -> dict[int, tuple[np.ndarray, int]]:
         """Each partition's population sum (of the learned users' means) and user count; all partitions if None."""
@@ -343,6 +331,27 @@ class UserStore:
 
     async def exists(self, user_id: str) -> bool:
         return bool(await self.r.exists(keys.user(user_id)))
+
+
+async def _zrem_unless_newer(r: aioredis.Redis, key: str, done: dict[str, float]) -> int:
+    """Remove the members of zset ``key`` that ``done`` names, each only while its score is at most the one given
+    (a member added again meanwhile, with a later time, stays for the next pass); returns how many were removed."""
+    if not done:
+        return 0
+    members = list(done)
+    async with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(key)
+                scores = await pipe.zmscore(key, members)
+                gone = [m for m, t in zip(members, scores, strict=True) if t is not None and t <= done[m]]
+                pipe.multi()
+                if gone:
+                    pipe.zrem(key, *gone)
+                await pipe.execute()
+                return len(gone)
+            except WatchError:
+                continue
 
 
 # --- partition state (the workers' exactly-once unit) -----------------------------------
@@ -431,19 +440,8 @@ class PartitionStore:
                     if records.erased_event(when, (rec := unpack(blob)).user_id, rec.ts)]
             if mine:
                 removed += int(await self.r.hdel(key, *mine))
-        async with self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(keys.erasing(p))
-                    now_scores = await pipe.zmscore(keys.erasing(p), list(when))
-                    done = [u for u, t in zip(when, now_scores, strict=True) if t is not None and t <= when[u]]
-                    pipe.multi()
-                    if done:
-                        pipe.zrem(keys.erasing(p), *done)
-                    await pipe.execute()
-                    return removed
-                except WatchError:
-                    continue
+        await _zrem_unless_newer(self.r, keys.erasing(p), when)
+        return removed
 
     async def read(self, requests: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Run a list of read commands ``(name, args)`` in one round trip."""
@@ -826,8 +824,6 @@ async def memory_pressure(r: aioredis.Redis, threshold: float = MEMORY_PRESSURE_
 
     None too for a Redis that denies ``INFO`` to PrivAds' user: nothing can be said (start-up logged it).
     """
-    from redis.exceptions import NoPermissionError
-
     try:
         return (await memory_use(r)).pressure(threshold)
     except NoPermissionError:
@@ -846,17 +842,10 @@ async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse | None:
         A Redis that denies ``INFO`` to PrivAds' user cannot be checked: that is logged, loudly, and
         the start goes on.
     """
-    # imported here, not with the others at the top: keeps this section an addition at the end of the file
-    import logging
-
-    from redis.exceptions import NoPermissionError
-
-    from privads.infra.errors import StartError
-
     try:
         use = await memory_use(r)
     except NoPermissionError as e:
-        logging.getLogger(__name__).error(
+        log.error(
             "cannot read Redis' maxmemory-policy (INFO memory: %s): make sure it is noeviction, or PrivAds' state "
             "may be evicted silently (README: Resource limits)", e)
         return None

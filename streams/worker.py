@@ -307,14 +307,7 @@ class EventAgent:
         behind = []
         for topic in topics:
             tp = TopicPartition(topic, p)
-            if tp not in assigned:
-                continue
-            high = consumer.highwater(tp)  # from the last fetch response; None before the first
-            try:
-                position = await asyncio.wait_for(consumer.position(tp), 1.0) if high is not None else None
-            except (KafkaError, TimeoutError, AssertionError):  # being reset or reassigned: not known to be read
-                position = None
-            if high is None or position is None or position < high:
+            if tp in assigned and ((left := await unread(consumer, tp)) is None or left > 0):
                 behind.append(topic)
         return behind
 
@@ -643,18 +636,25 @@ class Listener(ConsumerRebalanceListener):
         log.info("owning partitions %s", sorted(parts))
 
 
+async def unread(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """Records of an assigned partition this consumer has not taken yet (high watermark − position); None when
+    that is not known: not fetched since it was assigned, or being reset or reassigned."""
+    high = consumer.highwater(tp)  # from the last fetch response; None before the first
+    if high is None:
+        return None
+    try:
+        position = await asyncio.wait_for(consumer.position(tp), 1.0)
+    except (KafkaError, TimeoutError, AssertionError):
+        return None
+    return max(0, high - position)
+
+
 async def consumer_lag(consumer: AIOKafkaConsumer) -> dict[str, int]:
-    """Records of the assigned partitions not yet taken by this worker, per topic (high watermark − position)."""
+    """Records of the assigned partitions not yet taken by this worker, per topic (unknown ones: next beat)."""
     lag = {t: 0 for t in records.CONSUMED_TOPICS}
     for tp in consumer.assignment():
-        high = consumer.highwater(tp)  # from the last fetch response; None before the first
-        if high is None:
-            continue
-        try:
-            position = await asyncio.wait_for(consumer.position(tp), 1.0)
-        except (KafkaError, TimeoutError, AssertionError):  # being reassigned or reset: next beat
-            continue
-        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
+        if (left := await unread(consumer, tp)) is not None:
+            lag[tp.topic] = lag.get(tp.topic, 0) + left
     return lag
 
 
