@@ -685,7 +685,9 @@ def drain_archive(r: redis.Redis, root: Path) -> None:
     """Move what is still in ``arch:{p}`` to Parquet, under each partition's drain lock (as the workers take it)."""
     for p in range(PARTITIONS):
         lock = f"archlock:{p}"
-        wait_for(lambda lock=lock: r.set(lock, "fault-harness", nx=True, ex=120), 30, f"the drain lock of {p}")
+        # a worker SIGKILLed while it drained leaves its lock until the lock's TTL (archive.Drainer.LOCK_S)
+        wait_for(lambda lock=lock: r.set(lock, "fault-harness", nx=True, ex=120), archive.Drainer.LOCK_S + 10,
+                 f"the drain lock of {p}")
         try:
             archive.drain(r, root, p)
         finally:
