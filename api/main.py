@@ -27,7 +27,9 @@ from privads.api.metrics import ApiMetrics, refresh_resources
 from privads.api.middleware import ObserveAndLimit
 from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
 from privads.infra.errors import Conflict, Forbidden, InvalidInput, NotFound, PrivAdsError, Unavailable
+from privads.infra.journal import Journal
 from privads.infra.kafka import ConfirmingProducer, QueuedProducer
+from privads.infra.loops import Step
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.secret import impression_secret
 from privads.infra.settings import Settings
@@ -99,6 +101,27 @@ async def _secret(redis: aioredis.Redis, wait_s: float = 30.0) -> bytes:
             await asyncio.sleep(0.5)
 
 
+async def keep_journal(journal: Journal, producer: QueuedProducer, metrics: ApiMetrics,
+                       every_s: float = 1.0) -> None:
+    """Run forever: seal this process's aged journal segment, and replay the segments of dead processes.
+
+    The replay is a ``Step``: Kafka away is logged once and retried with backoff, while
+    sealing (local files only) goes on.
+    """
+    replay = Step("replaying dead processes' impression journals", log, max_s=30.0)
+    while True:
+        journal.tick()
+        metrics.journal_segments.set(journal.stats.segments)
+        metrics.journal_write_failed.set(journal.stats.write_failed)
+
+        async def replay_once() -> None:
+            journal.stats.replayed += await producer.replay(journal.directory)
+
+        await replay.run(replay_once)
+        metrics.journal_replayed.set(journal.stats.replayed)
+        await asyncio.sleep(every_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; settings are read here, at start-up, unless given."""
     settings = settings or Settings()
@@ -111,8 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threadpool_limits(settings.api_threads)
         faiss.omp_set_num_threads(settings.api_threads)
         redis = connect(settings.redis_url)
+        journal = Journal(settings.journal_dir) if settings.impression_journal else None
         producer = QueuedProducer(settings.kafka_servers, settings.impression_queue,
-                                  linger_ms=1.0 if settings.impression_confirm_s > 0 else 20.0)
+                                  linger_ms=1.0 if settings.impression_confirm_s > 0 else 20.0, journal=journal)
         confirmer = ConfirmingProducer(settings.kafka_servers)  # clicks and ads: answered once Kafka has them
         # read once: every request signs or checks impression ids with it, without a Redis round trip
         recommender = Recommender(settings, redis, producer, await _secret(redis), confirmer)
@@ -121,6 +145,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")
         counts = asyncio.create_task(recommender.follow_counts(), name="follow-ad-counts")
+        tasks = [follower, counts]
+        if journal is not None:
+            tasks.append(asyncio.create_task(keep_journal(journal, producer, metrics), name="keep-journal"))
         try:  # the follower's first pass: a version and the catalog as they are now, when they can be read
             await asyncio.wait_for(recommender.ready.wait(), timeout=30)
         except TimeoutError:
@@ -132,11 +159,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (follower, counts):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await asyncio.to_thread(producer.close, 10.0)
+            if journal is not None:  # after the flush: what Kafka has is deleted, the rest is left for a replay
+                journal.close()
             await asyncio.to_thread(confirmer.close, 5.0)
             await redis.aclose()
 

@@ -29,6 +29,13 @@ class ApiMetrics:
         self.impressions_unconfirmed = Gauge(
             "privads_impressions_unconfirmed_total", "impressions answered before Kafka confirmed them (a SIGKILL "
             "of the API could lose these)", registry=r)
+        self.journal_write_failed = Gauge(
+            "privads_impressions_unjournaled_total", "impressions' batches the journal could not write (disk full, "
+            "or Kafka away long enough to fill it): a SIGKILL of the API could lose these", registry=r)
+        self.journal_replayed = Gauge("privads_impressions_replayed_total", "impressions of dead API processes' "
+                                      "journals sent to Kafka by this one", registry=r)
+        self.journal_segments = Gauge("privads_journal_segments", "this process's journal files waiting for Kafka",
+                                      registry=r)
         self.catalog_size = Gauge("privads_index_size", "ads in the served index", registry=r)
         self.events_processed = Gauge("privads_events_processed_total", "events processed by the stream workers",
                                       ["topic"], registry=r)

@@ -77,12 +77,17 @@ def _loadgen(servers: str, n: int, users: int, rate: float, seed: int, ads_file:
 
 
 def bench_stream(settings: Settings, events: int, users: int, workers: int, partitions: int,
-                 fresh_rate: float, fresh_seconds: float, window_s: float, catalog: Path) -> dict:
-    """Run the stream benchmark; returns its figures."""
+                 fresh_rate: float, fresh_seconds: float, window_s: float, catalog: Path,
+                 broker_storage: str = "memory") -> dict:
+    """Run the stream benchmark; returns its figures.
+
+    ``broker_storage``: the embedded broker's log in memory, or on its S3 object store
+    (``infra/processes.py: object_store_process``).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="privads-bench-stream-"))
     procs: list[Process] = []
     try:
-        kafka, redis_url = start_private_infra(tmp, procs)
+        kafka, redis_url = start_private_infra(tmp, procs, broker_storage=broker_storage)
         s = settings.model_copy(update={
             "kafka": kafka, "redis": redis_url, "data": tmp,
             "partitions": partitions, "attribution_window_s": window_s, "dedupe_horizon_s": window_s,
@@ -134,6 +139,7 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
         return {
             "events": sent["events"], "impressions": sent["impressions"], "clicks": sent["clicks"],
             "users": users, "workers": workers, "partitions": partitions, "cores": os.cpu_count(),
+            "broker_storage": broker_storage,
             "events_per_s": round(sent["events"] / elapsed),
             "producer_events_per_s": round(sent["events"] / sent["seconds"]),
             "raw_consume_per_s": round(raw),

@@ -168,7 +168,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
         out = bench_stream(settings, events=args.events, users=args.users or 100_000, workers=args.workers,
                            partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
-                           window_s=args.window, catalog=args.catalog)
+                           window_s=args.window, catalog=args.catalog, broker_storage=args.broker_storage)
     elif args.what == "serve":
         from privads.bench.serve import bench_serve
 
@@ -256,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--fresh-rate", type=float, default=10_000.0, help="events/s of the freshness phase")
     b.add_argument("--fresh-seconds", type=float, default=20.0)
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
+    b.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
+                   help="stream: the embedded broker's log in memory or on its S3 object store (kept at a restart)")
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"),
                    help="learn: the ad texts encoded; policies: the catalog beside the audience's ads")
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")

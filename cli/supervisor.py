@@ -25,6 +25,7 @@ from privads.infra.processes import (
     Process,
     StartError,
     broker_process,
+    object_store_process,
     port_open,
     python_process,
     redis_process,
@@ -58,11 +59,21 @@ class Stack:
             port = s.embedded_kafka_port
             if port_open("127.0.0.1", port):
                 raise StartError(f"port {port} is in use: stop what holds it, or set PRIVADS_KAFKA to use it")
-            broker = broker_process(port, self.logs / "broker.log")
+            endpoint = None
+            if s.embedded_broker_storage == "s3":
+                sport = s.embedded_s3_port
+                if port_open("127.0.0.1", sport):
+                    raise StartError(f"port {sport} is in use: stop what holds it, or set PRIVADS_EMBEDDED_S3_PORT")
+                store = object_store_process(sport, s.data / "broker", self.logs / "object-store.log")
+                store.start(timeout=30)
+                self.infra.append(store)
+                endpoint = f"http://127.0.0.1:{sport}"
+            broker = broker_process(port, self.logs / "broker.log", s3_endpoint=endpoint)
             broker.start(timeout=30)
             self.infra.append(broker)
             updates["kafka"] = f"127.0.0.1:{port}"
-            log.info("embedded broker (tansu) on 127.0.0.1:%d", port)
+            log.info("embedded broker (tansu) on 127.0.0.1:%d, its log %s", port,
+                     f"in {s.data / 'broker'} (S3 on {endpoint})" if endpoint else "in memory")
         if not s.redis:
             port = s.embedded_redis_port
             if port_open("127.0.0.1", port):

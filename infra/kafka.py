@@ -12,10 +12,12 @@ silently lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin import NewTopic as AIONewTopic
@@ -24,6 +26,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from privads.infra.errors import Misconfigured, Unavailable
+from privads.infra.journal import Journal, Token, orphans
 from privads.infra.records import CONSUMED_TOPICS, topic_partitions
 
 log = logging.getLogger(__name__)
@@ -197,12 +200,17 @@ class QueuedProducer:
         How long a record may wait for delivery before it is given up (and counted).
     linger_ms : float
         How long librdkafka waits to fill a batch (20 ms; 1 ms when requests wait for acknowledgements).
+    journal : Journal or None
+        Where ``send_batch`` writes each batch before queueing it, until Kafka acknowledges it
+        (``infra/journal.py``): a process killed with records in its queue loses none of them.
     """
 
-    def __init__(self, servers: str, capacity: int, timeout_s: float = 300.0, linger_ms: float = 20.0) -> None:
+    def __init__(self, servers: str, capacity: int, timeout_s: float = 300.0, linger_ms: float = 20.0,
+                 journal: Journal | None = None) -> None:
         from confluent_kafka import Producer
 
         self.servers = servers
+        self.journal = journal
         self.dropped = 0
         self.failed = 0
         self._producer = Producer(rdkafka_config(
@@ -234,7 +242,7 @@ class QueuedProducer:
             return False
 
     def send_batch(self, topic: str, records: Sequence[tuple[str | None, bytes]],
-                   confirm: asyncio.Future[bool] | None = None) -> int:
+                   confirm: asyncio.Future[bool] | None = None, journaled: bool = True) -> int:
         """Queue ``(key, value)`` records for one topic in one call; returns how many were queued.
 
         The ones that find the queue full are dropped and counted (``dropped``), like ``send``'s.
@@ -242,31 +250,87 @@ class QueuedProducer:
         caller's event loop) gets True once Kafka acknowledged the batch's last record, False if it
         failed or was dropped. Records of one key go to one partition in order, so the last one's
         acknowledgement stands for the batch's; its failure is counted for all of them (``failed``):
-        only the last record reports back, the one delivery report per batch this costs.
+        only the last record reports back, the one delivery report per batch this costs. With a
+        journal (and ``journaled``), the batch is written to it first and its segment released by
+        that same report; a batch not wholly queued or delivered keeps its segment for a replay.
         """
         if not records:
             if confirm is not None:
                 confirm.set_result(True)
             return 0
+        token = self.journal.append(topic, records) if self.journal is not None and journaled else None
         head, last = records[:-1], records[-1]
         queued = self._producer.produce_batch(topic, [{"key": k, "value": v} for k, v in head]) if head else 0
         n = len(records)
+        whole = queued == len(head)
 
         def report(err: object, _msg: object) -> None:  # librdkafka's thread
             if err is not None:
                 self._on_delivery(err, None)
                 self.failed += n - 1
+            if token is not None:
+                self._journal_settle(token, err is None and whole)
             if confirm is not None:
-                confirm.get_loop().call_soon_threadsafe(_settle, confirm, err is None)
+                confirm.get_loop().call_soon_threadsafe(_settle, confirm, err is None and whole)
 
         try:
             self._producer.produce(topic, key=last[0], value=last[1], on_delivery=report)
             queued += 1
         except BufferError:
+            if token is not None:
+                self._journal_settle(token, False)
             if confirm is not None:
                 confirm.set_result(False)
         self.dropped += n - queued
         return queued
+
+    def _journal_settle(self, token: Token, delivered: bool) -> None:
+        try:
+            assert self.journal is not None
+            self.journal.settle(token, delivered)
+        except OSError as e:  # a file system error must not stop librdkafka's reports
+            log.warning("impression journal: cannot retire a segment: %s", e)
+
+    async def replay(self, directory: Path, timeout_s: float = 30.0) -> int:
+        """Send the journal segments of dead processes in ``directory`` to Kafka; returns the records sent.
+
+        Each orphan (``infra/journal.py: orphans``) is deleted once Kafka acknowledged every one
+        of its batches. Records Kafka already had are sent again; the workers drop the
+        impression ids they hold (``streams/attribution.py``).
+
+        Raises
+        ------
+        Unavailable
+            When Kafka did not acknowledge a segment's batches within ``timeout_s``: the segment
+            stays, for the next call.
+        """
+        sent = 0
+        with contextlib.closing(orphans(directory)) as found:
+            for orphan in found:
+                loop = asyncio.get_running_loop()
+                futures: list[asyncio.Future[bool]] = []
+                for topic, batch in orphan.frames:
+                    done: asyncio.Future[bool] = loop.create_future()
+                    self.send_batch(topic, batch, confirm=done, journaled=False)
+                    futures.append(done)
+                try:
+                    results = await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
+                except TimeoutError:
+                    raise Unavailable(f"Kafka did not acknowledge journal segment {orphan.path.name} within "
+                                      f"{timeout_s:g} s; kept for the next attempt") from None
+                if not all(results):
+                    raise Unavailable(f"Kafka refused records of journal segment {orphan.path.name}; kept for the "
+                                      "next attempt")
+                records = sum(len(b) for _, b in orphan.frames)
+                if orphan.torn:
+                    log.warning("impression journal: %s ended in %d bytes that were not a whole frame (a process "
+                                "killed while writing a request it never answered); dropped", orphan.path.name,
+                                orphan.torn)
+                log.info("impression journal: replayed %d records of %s, a process that ended without delivering "
+                         "them", records, orphan.path.name)
+                orphan.delete()
+                sent += records
+        return sent
 
     @property
     def depth(self) -> int:

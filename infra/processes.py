@@ -179,11 +179,38 @@ class Process:
         return self.popen.returncode
 
 
-def broker_process(port: int, log: Path, host: str = "127.0.0.1") -> Process:
-    """The embedded tansu broker (memory storage) on ``host:port``."""
+# the bucket tansu keeps its log in, on the embedded object store (``object_store_process``)
+BROKER_BUCKET = "tansu"
+
+
+def broker_process(port: int, log: Path, host: str = "127.0.0.1", s3_endpoint: str | None = None) -> Process:
+    """The embedded tansu broker on ``host:port``: its log in memory, or in the S3 server at ``s3_endpoint``.
+
+    In memory every event is gone when the broker stops. On S3 (the embedded ``localbucket``,
+    ``object_store_process``) the log and the consumer groups' offsets outlive a restart, even
+    a SIGKILL. tansu's S3 engine writes with conditional puts: one broker per bucket.
+    """
     url = f"tcp://{host}:{port}"
     argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
-    return Process("broker", argv, log, ready=lambda: port_open(host, port))
+    env: dict[str, str] = {}
+    if s3_endpoint is not None:
+        argv += ["--storage-engine", f"s3://{BROKER_BUCKET}/"]
+        # the object store checks no credentials, but the S3 client wants some; plain HTTP on loopback
+        env = {"AWS_ENDPOINT": s3_endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "privads",
+               "AWS_SECRET_ACCESS_KEY": "privads", "AWS_DEFAULT_REGION": "us-east-1"}
+    return Process("broker", argv, log, ready=lambda: port_open(host, port), env=env)
+
+
+def object_store_process(port: int, root: Path, log: Path, host: str = "127.0.0.1") -> Process:
+    """An S3-compatible server (``localbucket``, a pinned package) on ``host:port``, its buckets folders of ``root``.
+
+    It keeps every object on disk and checks no credentials: bind it to loopback only. The
+    broker's bucket (``BROKER_BUCKET``) is created as its folder.
+    """
+    (root / BROKER_BUCKET).mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", "import sys; from localbucket import main; sys.exit(main())",
+            "--host", host, "--port", str(port), str(root.resolve())]
+    return Process("object-store", argv, log, ready=lambda: port_open(host, port))
 
 
 def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
@@ -217,10 +244,11 @@ def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
     return Process("redis", argv, log, ready=ready)
 
 
-def start_private_infra(directory: Path, procs: list[Process]) -> tuple[str, str]:
+def start_private_infra(directory: Path, procs: list[Process], broker_storage: str = "memory") -> tuple[str, str]:
     """Start a broker and a redis-server on free loopback ports, logging into ``directory``.
 
-    Both are appended to ``procs`` as soon as they run (the caller stops them).
+    Each is appended to ``procs`` as soon as it runs (the caller stops them). With
+    ``broker_storage`` "s3" the broker keeps its log in an object store of its own, started first.
 
     Returns
     -------
@@ -228,7 +256,14 @@ def start_private_infra(directory: Path, procs: list[Process]) -> tuple[str, str
         Bootstrap servers and the Redis URL.
     """
     kport, rport = free_port(), free_port()
-    broker = broker_process(kport, directory / "broker.log")
+    endpoint = None
+    if broker_storage == "s3":
+        sport = free_port()
+        store = object_store_process(sport, directory / "s3", directory / "object-store.log")
+        store.start(30)
+        procs.append(store)
+        endpoint = f"http://127.0.0.1:{sport}"
+    broker = broker_process(kport, directory / "broker.log", s3_endpoint=endpoint)
     broker.start(30)
     procs.append(broker)
     red = redis_process(rport, directory / "redis", directory / "redis.log")

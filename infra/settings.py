@@ -31,6 +31,10 @@ class Settings(BaseSettings):
 
     # embedded infrastructure
     embedded_kafka_port: int = 9092
+    embedded_broker_storage: Literal["memory", "s3"] = Field(
+        "memory", description="where the embedded broker keeps its log: in memory (lost when it stops), or in an "
+        "embedded S3-compatible server (localbucket) under PRIVADS_DATA/broker, kept across restarts")
+    embedded_s3_port: int = Field(9400, description="port of the embedded S3-compatible server (broker storage s3)")
     embedded_redis_port: int = 6379
     # 1 GiB at the README's figures ("Resource limits"): 300k users active within USER_IDLE_S at the 2 KiB bound,
     # 2M impressions waiting out their attribution window at ~140 B, 20k ads' embeddings at 1.5 KiB, with ~100 MB
@@ -92,6 +96,9 @@ class Settings(BaseSettings):
     candidate_cache: int = Field(4096, ge=0, description="requests' candidates and ranker scores kept for repeat "
                                  "requests of users whose state has not moved (about 6 KB each; 0: off)")
     impression_queue: int = Field(100_000, ge=1, description="impressions held in memory while Kafka is away")
+    impression_journal: bool = Field(True, description="write each request's impressions to a local journal "
+                                     "(PRIVADS_DATA/journal) until Kafka acknowledges them, so an API process "
+                                     "killed with impressions in its queue loses none (infra/journal.py)")
     impression_confirm_s: float = Field(0.0, ge=0, description="when > 0, /recommend answers once Kafka confirmed "
                                         "its impressions, waiting at most this long (0: at once, the default)")
     api_key: SecretStr | None = Field(None, description="when set, every state-changing endpoint (/recommend "
@@ -159,6 +166,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data / "models"
+
+    @property
+    def journal_dir(self) -> Path:
+        """The API processes' impression journals (``infra/journal.py``): on this host's disk."""
+        return self.data / "journal"
 
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""

@@ -27,11 +27,12 @@ disk has room again (``tests/streams/test_disk_full.py``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -152,14 +153,16 @@ def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str,
     return rows
 
 
-def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
+def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500,
+          still_mine: Callable[[], bool] | None = None) -> int:
     """Move archived entries of one partition from Redis into Parquet; returns rows written.
 
-    ``r`` is a synchronous redis client (the drain runs in a thread).
+    ``r`` is a synchronous redis client (the drain runs in a thread). ``still_mine``, asked before
+    each chunk, renews the caller's lock on the partition's drain; the drain stops when it says no.
     """
     stream = keys.archive(partition)
     written = 0
-    while True:
+    while still_mine is None or still_mine():
         # bytes: the client leaves decode_responses off (see infra.store)
         entries = cast("StreamEntries | None", r.xrange(stream, count=chunk))
         if not entries:
@@ -177,6 +180,7 @@ def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500) -> int:
         r.xtrim(stream, minid=_after(last), approximate=False)
         if len(entries) < chunk:
             return written
+    return written
 
 
 class Drainer:
@@ -200,7 +204,9 @@ class Drainer:
     """
 
     MAX_BACKOFF_PERIODS = 12
-    LOCK_S = 120
+    # renewed before each chunk of a drain: a worker killed mid-drain holds its partition's archive this long at most
+    LOCK_S = 20
+    TMP_AGE_S = 300  # a temporary file this old is no live writer's
 
     def __init__(self, root: Path, every_s: float, owner: str) -> None:
         self.root = root
@@ -231,9 +237,10 @@ class Drainer:
                 # second) brings a lock back that nobody else holds; waiting out its TTL would stall the archive
                 if r.set(lock, self.owner, nx=True, ex=self.LOCK_S) or r.get(lock) == self.owner.encode():
                     try:
-                        written += drain(r, self.root, p)
+                        written += drain(r, self.root, p, still_mine=functools.partial(self._renew, r, lock))
                     finally:
-                        r.delete(lock)
+                        if r.get(lock) == self.owner.encode():  # not another drainer's, taken after ours expired
+                            r.delete(lock)
         except Exception as e:  # noqa: BLE001 - a drain that fails waits for the next attempt; nothing is lost
             self._failed(e)
             return written
@@ -242,6 +249,15 @@ class Drainer:
                         self.failures, time.monotonic() - (self.failing_since or time.monotonic()))
         self.failures, self.failing_since, self.error, self._reported, self._retry_at = 0, None, None, None, 0.0
         return written
+
+    def _renew(self, r: redis.Redis, lock: str) -> bool:
+        """Extend this drainer's lock for another ``LOCK_S``; False if it expired and is not ours any more."""
+        if r.get(lock) != self.owner.encode():
+            log.warning("archive: the drain lock %s expired during a drain (a chunk took over %d s); stopping, the "
+                        "next holder goes on", lock, self.LOCK_S)
+            return False
+        r.expire(lock, self.LOCK_S)
+        return True
 
     def _failed(self, e: Exception) -> None:
         self.failures += 1
@@ -258,8 +274,8 @@ class Drainer:
                       self.root, self.error, self.every_s * self.MAX_BACKOFF_PERIODS)
 
     def _sweep(self) -> None:
-        """Remove temporary files a killed writer left (older than ``LOCK_S``: no live writer's)."""
-        old = time.time() - self.LOCK_S
+        """Remove temporary files a killed writer left (older than ``TMP_AGE_S``: no live writer's)."""
+        old = time.time() - self.TMP_AGE_S
         for tmp in self.root.glob("*/hour=*/.*.tmp"):
             try:
                 if tmp.stat().st_mtime < old:

@@ -19,8 +19,9 @@ from privads.infra.settings import Settings
 
 
 @pytest.fixture
-def box(tmp_path: Path) -> Iterator[Box]:
-    b = start_box(tmp_path)
+def box(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Box]:
+    # parametrised indirectly with the broker's storage ("memory", the default, or "s3")
+    b = start_box(tmp_path, getattr(request, "param", "memory"))
     try:
         yield b
     finally:

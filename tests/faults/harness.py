@@ -53,7 +53,15 @@ from kafka import KafkaProducer
 from conftest import wait_until as wait_for  # one polling helper for every test (tests/conftest.py)
 from privads.infra import keys, records
 from privads.infra.kafka import create_topics
-from privads.infra.processes import Process, broker_process, free_port, python_process, redis_process, wait_port_free
+from privads.infra.processes import (
+    Process,
+    broker_process,
+    free_port,
+    object_store_process,
+    python_process,
+    redis_process,
+    wait_port_free,
+)
 from privads.infra.settings import Settings
 from privads.streams import archive
 
@@ -75,6 +83,9 @@ class Box:
     broker: Process
     redis: Process
     redis_restarts: int = 0
+    store: Process | None = None  # the broker's S3 object store, when its log is durable
+    s3_endpoint: str | None = None
+    broker_restarts: int = 0
 
     @property
     def redis_url(self) -> str:
@@ -95,9 +106,24 @@ class Box:
                                    self.data / "logs" / f"redis{self.redis_restarts}.log")
         self.redis.start(30)
 
+    def restart_broker(self) -> None:
+        """SIGKILL the broker and start a new one on the same port (and the same object store, if any)."""
+        assert self.broker.popen is not None
+        self.broker.signal(9)
+        self.broker.popen.wait(10)
+        port = int(self.kafka.rsplit(":", 1)[1])
+        if not wait_port_free("127.0.0.1", port, 15):
+            raise RuntimeError(f"port {port} still taken after the broker died")
+        self.broker_restarts += 1
+        self.broker = broker_process(port, self.data / "logs" / f"broker{self.broker_restarts}.log",
+                                     s3_endpoint=self.s3_endpoint)
+        self.broker.start(30)
+
     def stop(self) -> None:
         self.redis.stop(10)
         self.broker.stop(10)
+        if self.store is not None:
+            self.store.stop(10)
         wait_port_free("127.0.0.1", int(self.kafka.rsplit(":", 1)[1]))
 
 
@@ -151,15 +177,26 @@ class AofTail:
         return cut
 
 
-def start_box(data: Path) -> Box:
-    """Start a broker and a redis-server on free ports; the caller stops the box (``Box.stop``) even on failure."""
+def start_box(data: Path, broker_storage: str = "memory", partitions: int = PARTITIONS) -> Box:
+    """Start a broker and a redis-server on free ports; the caller stops the box (``Box.stop``) even on failure.
+
+    With ``broker_storage`` "s3" the broker keeps its log in an object store of its own (``localbucket``).
+    """
     kport, rport = free_port(), free_port()
-    box = Box(f"127.0.0.1:{kport}", rport, data, broker_process(kport, data / "logs" / "broker.log"),
-              redis_process(rport, data / "redis", data / "logs" / "redis.log"))
+    store, endpoint = None, None
+    if broker_storage == "s3":
+        sport = free_port()
+        store = object_store_process(sport, data / "s3", data / "logs" / "object-store.log")
+        endpoint = f"http://127.0.0.1:{sport}"
+    box = Box(f"127.0.0.1:{kport}", rport, data, broker_process(kport, data / "logs" / "broker.log",
+                                                                s3_endpoint=endpoint),
+              redis_process(rport, data / "redis", data / "logs" / "redis.log"), store=store, s3_endpoint=endpoint)
     try:
+        if store is not None:
+            store.start(timeout=30)
         box.broker.start(timeout=30)
         box.redis.start(timeout=30)
-        create_topics(box.kafka, partitions=PARTITIONS)
+        create_topics(box.kafka, partitions=partitions)
     except BaseException:
         box.stop()
         raise
@@ -374,18 +411,19 @@ class KafkaStream:
     """
 
     def __init__(self, servers: str, ads: list[dict], *, tag: str = "s", users: int = 150, rate: float = 250.0,
-                 click_every: int = 4, repeat_every: int = 5, seed: int = 17) -> None:
+                 click_every: int = 4, repeat_every: int = 5, seed: int = 17, linger_ms: int = 5) -> None:
         self.tag, self.rate = tag, rate
         self.ad_ids = [a["ad_id"] for a in ads]
         self.users = [f"{tag}u{i}" for i in range(users)]
         self.rng = np.random.default_rng(seed)
         self.click_every, self.repeat_every = click_every, repeat_every
-        self.producer = KafkaProducer(bootstrap_servers=servers, acks=1, linger_ms=5, retries=5)
+        self.producer = KafkaProducer(bootstrap_servers=servers, acks=1, linger_ms=linger_ms, retries=5)
         self.ledger = Ledger()
         self.errors: list[str] = []
         self.end_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset after the last acked
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.paused = threading.Event()  # set: nothing is produced (a broker restart underway)
         self._bursts: list[int] = []
         self._due: list[tuple[float, int, str, dict]] = []  # clicks waiting for their time: (when, n, imp id, click)
         self._n = 0
@@ -404,6 +442,18 @@ class KafkaStream:
     def sent(self) -> int:
         with self._lock:
             return len(self.ledger.impressions)
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop producing impressions, send the clicks already decided, and wait until the broker acknowledged all."""
+        self.paused.set()
+        deadline = time.monotonic() + timeout
+        while self._due and time.monotonic() < deadline:  # read without the lock: only emptiness matters
+            time.sleep(0.05)
+        time.sleep(0.05)  # the thread's current pass ends
+        self.producer.flush(30)
+
+    def resume(self) -> None:
+        self.paused.clear()
 
     def _ack(self, kind: str, event_id: str, value: object) -> Callable[[object], None]:
         def done(meta: object) -> None:
@@ -458,6 +508,13 @@ class KafkaStream:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if self.paused.is_set():  # no new impressions; the clicks already decided still go, on time
+                    start, made = now, 0  # resumed at the rate, without a catch-up burst
+                    while self._due and self._due[0][0] <= now:
+                        _, n, iid, imp = heapq.heappop(self._due)
+                        self._click(n, iid, imp)
+                    time.sleep(0.01)
+                    continue
                 with self._lock:
                     extra, self._bursts = sum(self._bursts), []
                 due = int((now - start) * self.rate) - made
@@ -647,7 +704,8 @@ def _stats(r: redis.Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
 
 
-def quiesce(r: redis.Redis, ledger: Ledger, timeout: float = 60.0, steady_s: float = 1.5, idle_s: float = 8.0) -> float:
+def quiesce(r: redis.Redis, ledger: Ledger, timeout: float = 60.0, steady_s: float = 1.5, idle_s: float = 8.0,
+            partitions: int = PARTITIONS) -> float:
     """Wait until every sent event is committed and every impression labelled; returns the seconds it took.
 
     Done when the workers' processed counters cover what was acknowledged, every
@@ -663,7 +721,7 @@ def quiesce(r: redis.Redis, ledger: Ledger, timeout: float = 60.0, steady_s: flo
     while time.monotonic() - t0 < timeout:
         try:
             s = _stats(r)
-            pending = sum(r.xlen(keys.archive(p)) for p in range(PARTITIONS))
+            pending = sum(r.xlen(keys.archive(p)) for p in range(partitions))
         except redis.RedisError:
             time.sleep(0.2)
             continue
@@ -681,9 +739,9 @@ def quiesce(r: redis.Redis, ledger: Ledger, timeout: float = 60.0, steady_s: flo
     return time.monotonic() - t0
 
 
-def drain_archive(r: redis.Redis, root: Path) -> None:
+def drain_archive(r: redis.Redis, root: Path, partitions: int = PARTITIONS) -> None:
     """Move what is still in ``arch:{p}`` to Parquet, under each partition's drain lock (as the workers take it)."""
-    for p in range(PARTITIONS):
+    for p in range(partitions):
         lock = f"archlock:{p}"
         # a worker SIGKILLed while it drained leaves its lock until the lock's TTL (archive.Drainer.LOCK_S)
         wait_for(lambda lock=lock: r.set(lock, "fault-harness", nx=True, ex=120), archive.Drainer.LOCK_S + 10,
@@ -714,6 +772,7 @@ class Outcome:
     lost: int = 0  # acknowledged impressions missing from the archive, clicked ones missing their label row
     doubled: int = 0  # impressions archived more than once, label rows beyond one per clicked impression
     extras: int = 0  # impressions of unanswered requests found in the loop (accepted: they may have been produced)
+    resent: int = 0  # impressions that reached Kafka twice and were dropped by the workers (``check(resent=True)``)
     diffs: list[tuple[str, str]] = field(default_factory=list)  # (aspect, line)
 
     def require(self, known_bug: tuple[str, ...] = ()) -> None:
@@ -757,8 +816,8 @@ def archived(r: redis.Redis, root: Path) -> tuple[Counter[str], Counter[str], di
                                                      strict=True)}
     lab_ids: Counter[str] = Counter(i for i, c in zip(*(labs.column(c).to_pylist() for c in labs.column_names),
                                                      strict=True) if c)
-    for p in range(PARTITIONS):  # still waiting for a drain: counted as archived
-        entries = r.xrange(keys.archive(p))
+    for stream in sorted(r.scan_iter(match="arch:*", count=1000)):  # keys.archive(p), waiting for a drain: archived
+        entries = r.xrange(stream)
         if entries:
             ic, lc = archive.columns_of(entries)
             imp_ids.update(ic["event_id"])
@@ -768,11 +827,15 @@ def archived(r: redis.Redis, root: Path) -> tuple[Counter[str], Counter[str], di
     return imp_ids, lab_ids, rows
 
 
-def check(r: redis.Redis, root: Path, ledger: Ledger, dead_letters: int = 0) -> Outcome:
+def check(r: redis.Redis, root: Path, ledger: Ledger, dead_letters: int = 0, resent: bool = False) -> Outcome:
     """Compare everything the loop counted with what ``ledger`` says was sent; exact, with one line per mismatch.
 
     ``dead_letters`` impressions were sent on purpose to be refused (hostile events): each is read once and
     dead-lettered, and nothing else of it may show anywhere.
+
+    With ``resent``, impressions may reach Kafka twice (a killed API's journal replays what Kafka
+    acknowledged just before the kill: ``infra/journal.py``): the workers must read each copy and drop it
+    (``duplicate_impressions``, also in ``processed``); every count of what the loop learned stays exact.
 
     Impressions and clicks of unanswered API requests (``Ledger.unanswered``) may
     or may not be in the loop: one found in the archive is accepted only if such a
@@ -810,7 +873,9 @@ def check(r: redis.Redis, root: Path, ledger: Ledger, dead_letters: int = 0) -> 
 
     s = _stats(r)
     n_imps = len(expected)
-    want_imps = {f"processed:{records.IMPRESSIONS}": n_imps + dead_letters, "impressions": n_imps,
+    dropped_copies = s.get("duplicate_impressions", 0) if resent else 0
+    out.resent = dropped_copies
+    want_imps = {f"processed:{records.IMPRESSIONS}": n_imps + dead_letters + dropped_copies, "impressions": n_imps,
                  "learned_impressions": n_imps,
                  # every impression is labelled once: a positive or, once its window closed, a negative
                  "labelled": n_imps}
@@ -822,6 +887,7 @@ def check(r: redis.Redis, root: Path, ledger: Ledger, dead_letters: int = 0) -> 
     # counters that must stay zero under any fault: nothing doubled, dropped, late, forwarded or unexplained
     for name in ("duplicate_impressions", "forwarded", "skipped_unknown_ad", "skipped_erased"):
         want_imps[name] = 0
+    want_imps["duplicate_impressions"] = dropped_copies
     want_imps["dead_letters"] = dead_letters
     for name in ("late_clicks", "unattributed_clicks", "expired_orphans", "mismatched_clicks"):
         want_clicks[name] = 0

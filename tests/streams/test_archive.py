@@ -112,3 +112,31 @@ def test_prune_removes_only_the_hours_wholly_before_the_retention(tmp_path: Path
         assert hours == [f"hour={archive.hour_of(T0 + h * HOUR)}" for h in (2, 3)]
     assert sorted(archive.read_table(tmp_path, "impressions").column("event_id").to_pylist())[0] == "p2-0"
     assert archive.prune(tmp_path, T0 + 2 * HOUR + 1800) == 0
+
+
+def test_a_drain_renews_its_lock_per_chunk_and_stops_once_the_lock_is_someone_elses(rds: redis.Redis,
+                                                                                   tmp_path: Path) -> None:
+    # a worker killed mid-drain holds the partition's archive only until its lock's short TTL runs out, because a
+    # live drainer renews it before each chunk; one whose lock expired and was taken stops instead of racing the taker
+    imps = [impression(f"k{i}", "a1", ts=T0 + i, event_id=f"k{i}") for i in range(30)]
+    for i in range(30):
+        add_entry(rds, 9, [imps[i]], [])
+    drainer = archive.Drainer(tmp_path, 1.0, "w1")
+    lock = "archlock:9"
+    rds.set(lock, "w1", ex=2)
+    assert drainer._renew(rds, lock) and 2 < rds.ttl(lock) <= archive.Drainer.LOCK_S  # renewed to the full TTL
+    asked = []
+
+    def mine_twice() -> bool:
+        asked.append(1)
+        return len(asked) <= 2
+
+    assert archive.drain(rds, tmp_path, 9, chunk=10, still_mine=mine_twice) == 20  # two chunks, then stopped
+    assert rds.xlen(keys.archive(9)) == 10
+    rds.set(lock, "w2", ex=60)  # expired and taken by another worker
+    assert not drainer._renew(rds, lock) and rds.get(lock) == b"w2"
+    assert drainer.run(rds, [9]) == 0 and rds.get(lock) == b"w2"  # neither drained nor released the other's lock
+    rds.delete(lock)
+    assert drainer.run(rds, [9]) == 10 and rds.get(lock) is None
+    ids = [r["event_id"] for r in archive.read_table(tmp_path, "impressions").to_pylist()]
+    assert sorted(ids) == sorted(i["event_id"] for i in imps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -176,9 +177,7 @@ def test_a_killed_writers_temporary_files_are_swept_at_the_first_drain(rds: redi
     stale, fresh = hour / ".p0-1_0.parquet.aaaa.tmp", hour / ".p0-2_0.parquet.bbbb.tmp"
     stale.write_bytes(b"half a file")
     fresh.write_bytes(b"being written now")
-    old = time.time() - archive.Drainer.LOCK_S - 60
-    import os
-
+    old = time.time() - archive.Drainer.TMP_AGE_S - 60
     os.utime(stale, (old, old))
     archive.Drainer(tmp_path, 1.0, "test").run(rds, [])
     assert not stale.exists() and fresh.exists()
