@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,7 +296,7 @@ class Orphan:
             os.unlink(self.path)
 
 
-def orphans(directory: Path, partial_age_s: float = 60.0) -> Iterator[Orphan]:
+def orphans(directory: Path, partial_age_s: float = 60.0) -> Generator[Orphan, None, None]:
     """The segments in ``directory`` whose writer is gone, one at a time, each locked by this process while it is
     the current one (until the caller asks for the next, or closes the generator: ``contextlib.closing``).
 
