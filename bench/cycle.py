@@ -29,7 +29,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ import msgspec
 import numpy as np
 import redis
 
+from privads.bench.scratch import scratch_dir
 from privads.infra import keys
 from privads.infra.kafka import create_topics
 from privads.infra.processes import Process, start_private_infra
@@ -258,49 +258,49 @@ def bench_cycle(settings: Settings, impressions: int, *, days: float = 14.0, ads
         ``cycle_peak_rss_mib`` and what the cycle's manifest says it trained on.
     """
     validate(impressions, days, ads, users, ctr)
-    tmp = Path(tempfile.mkdtemp(prefix="privads-bench-cycle-"))
-    procs: list[Process] = []
-    try:
-        kafka, redis_url = start_private_infra(tmp, procs)
-        s = settings.model_copy(update={"kafka": kafka, "redis": redis_url, "data": tmp, "catalog": None,
-                                        "seed": seed})
-        create_topics(s.kafka_servers, s.partitions)
-        start = time.perf_counter()
-        world = World(ads, users, s.d_ad, s.d_user, s.prior_precision, seed)
-        _store_catalog(s.redis_url, world)
-        r = redis.Redis.from_url(s.redis_url)
+    with scratch_dir("privads-bench-cycle-") as tmp:
+        procs: list[Process] = []
         try:
-            _store_users(r, world)
-        finally:
-            r.close()
-        times = request_times(impressions, days, time.time())
-        root = s.data / "archive"
-        clicks = 0
-        for first_id, lines, labels, hits in archive_chunks(world, times, impressions, ctr, seed + 1):
-            entry = first_id.replace("_", "-").encode()
-            archive.write_chunk(root, 0, first_id, [(entry, {b"imp": lines, b"lab": labels})])
-            clicks += hits
-        generate_s = time.perf_counter() - start
-        # the rows the learner's window holds (learner.cycle.load_examples): newest settled minus train_window_s
-        until = float(times[-1]) - s.attribution_window_s
-        req_in = (times >= until - s.train_window_s) & (times <= until)
-        slots = np.minimum(SLOTS, impressions - SLOTS * np.arange(times.size))  # the last request may be short
-        window = int(slots[req_in].sum())
-        archive_bytes = _dir_bytes(root)
+            kafka, redis_url = start_private_infra(tmp, procs)
+            s = settings.model_copy(update={"kafka": kafka, "redis": redis_url, "data": tmp, "catalog": None,
+                                            "seed": seed})
+            create_topics(s.kafka_servers, s.partitions)
+            start = time.perf_counter()
+            world = World(ads, users, s.d_ad, s.d_user, s.prior_precision, seed)
+            _store_catalog(s.redis_url, world)
+            r = redis.Redis.from_url(s.redis_url)
+            try:
+                _store_users(r, world)
+            finally:
+                r.close()
+            times = request_times(impressions, days, time.time())
+            root = s.data / "archive"
+            clicks = 0
+            for first_id, lines, labels, hits in archive_chunks(world, times, impressions, ctr, seed + 1):
+                entry = first_id.replace("_", "-").encode()
+                archive.write_chunk(root, 0, first_id, [(entry, {b"imp": lines, b"lab": labels})])
+                clicks += hits
+            generate_s = time.perf_counter() - start
+            # the rows the learner's window holds (learner.cycle.load_examples): newest settled minus train_window_s
+            until = float(times[-1]) - s.attribution_window_s
+            req_in = (times >= until - s.train_window_s) & (times <= until)
+            slots = np.minimum(SLOTS, impressions - SLOTS * np.arange(times.size))  # the last request may be short
+            window = int(slots[req_in].sum())
+            archive_bytes = _dir_bytes(root)
 
-        out, cycle_s, peak_mib = run_train(s, tmp / "train.log")
-        manifest = json.loads((Path(out["path"]) / "manifest.json").read_text())
-        return {
-            "impressions": impressions, "days": days, "ads": ads, "users": users, "clicks": clicks,
-            "archive_bytes": archive_bytes, "archive_gib": round(archive_bytes / 2**30, 3),
-            "generate_s": round(generate_s, 1),
-            "generate_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "train_window_s": s.train_window_s, "window_impressions": window,
-            "cycle_s": round(cycle_s, 1), "cycle_peak_rss_mib": round(peak_mib, 1),
-            **_evaluation(manifest), "version": manifest["version"],
-            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        }
-    finally:
-        for p in reversed(procs):
-            p.stop(20)
-        shutil.rmtree(tmp, ignore_errors=True)
+            out, cycle_s, peak_mib = run_train(s, tmp / "train.log")
+            manifest = json.loads((Path(out["path"]) / "manifest.json").read_text())
+            return {
+                "impressions": impressions, "days": days, "ads": ads, "users": users, "clicks": clicks,
+                "archive_bytes": archive_bytes, "archive_gib": round(archive_bytes / 2**30, 3),
+                "generate_s": round(generate_s, 1),
+                "generate_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "train_window_s": s.train_window_s, "window_impressions": window,
+                "cycle_s": round(cycle_s, 1), "cycle_peak_rss_mib": round(peak_mib, 1),
+                **_evaluation(manifest), "version": manifest["version"],
+                "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            }
+        finally:
+            for p in reversed(procs):
+                p.stop(20)
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from privads.bench.learn import synthetic_ads
+from privads.bench.scratch import scratch_dir
 from privads.bench.synthetic import learned_users, logged_traffic, make_world
 from privads.infra import keys
 from privads.infra.kafka import create_topics
@@ -164,62 +164,63 @@ def _metric(text: str, name: str) -> float:
 def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: float, warmup_s: float,
                 api_workers: int) -> dict:
     """Run the serving benchmark; returns its figures."""
-    tmp = Path(tempfile.mkdtemp(prefix="privads-bench-serve-"))
-    procs: list[Process] = []
-    try:
-        kafka, redis_url = start_private_infra(tmp, procs)
-        port, floor_port = free_port(), free_port()
-        # the bench's own API, on loopback over its own broker and Redis: no key (the load generator sends none)
-        s = settings.model_copy(update={
-            "kafka": kafka, "redis": redis_url, "data": tmp, "catalog": None,
-            "api": f"http://127.0.0.1:{port}", "api_workers": api_workers, "api_key": None})
-        create_topics(s.kafka_servers, s.partitions)
-        r = redis.Redis.from_url(s.redis_url)
-        manifest, users, counts = build_model(ads, s)
-        r.set(keys.MODEL_CURRENT, json.dumps(manifest))
-        warm = seed_users(r, users, counts, s.prior_precision)
-        pool = tmp / "requests.jsonl"
-        from privads.bench.loadgen_http import write_requests
+    with scratch_dir("privads-bench-serve-") as tmp:
+        procs: list[Process] = []
+        try:
+            kafka, redis_url = start_private_infra(tmp, procs)
+            port, floor_port = free_port(), free_port()
+            # the bench's own API, on loopback over its own broker and Redis: no key (the load generator sends none)
+            s = settings.model_copy(update={
+                "kafka": kafka, "redis": redis_url, "data": tmp, "catalog": None,
+                "api": f"http://127.0.0.1:{port}", "api_workers": api_workers, "api_key": None})
+            create_topics(s.kafka_servers, s.partitions)
+            r = redis.Redis.from_url(s.redis_url)
+            manifest, users, counts = build_model(ads, s)
+            r.set(keys.MODEL_CURRENT, json.dumps(manifest))
+            warm = seed_users(r, users, counts, s.prior_precision)
+            pool = tmp / "requests.jsonl"
+            from privads.bench.loadgen_http import write_requests
 
-        write_requests(pool, request_pool(warm, 20_000, s.seed))
+            write_requests(pool, request_pool(warm, 20_000, s.seed))
 
-        def serving() -> bool:
-            h = httpx.get(f"{s.api}/healthz", timeout=2).json()
-            return h.get("model_version") == manifest["version"]
+            def serving() -> bool:
+                h = httpx.get(f"{s.api}/healthz", timeout=2).json()
+                return h.get("model_version") == manifest["version"]
 
-        api = python_process("api", ["api"], tmp / "api.log", s.child_env(), ready=serving)
-        api.start(timeout=300)
-        procs.append(api)
-        loaded = _load(port, pool, concurrency, duration_s, warmup_s)
-        metrics = httpx.get(f"{s.api}/metrics", timeout=10).text
-        api.stop(30)
-        procs.remove(api)
+            api = python_process("api", ["api"], tmp / "api.log", s.child_env(), ready=serving)
+            api.start(timeout=300)
+            procs.append(api)
+            loaded = _load(port, pool, concurrency, duration_s, warmup_s)
+            metrics = httpx.get(f"{s.api}/metrics", timeout=10).text
+            api.stop(30)
+            procs.remove(api)
 
-        floor = Process("floor", [sys.executable, "-m", "privads.bench.serve", str(floor_port)], tmp / "floor.log",
-                        env=s.child_env(),
-                        ready=lambda: httpx.get(f"http://127.0.0.1:{floor_port}/healthz", timeout=1).status_code == 200)
-        floor.start(timeout=60)
-        procs.append(floor)
-        floor_load = _load(floor_port, pool, concurrency, duration_s, warmup_s)
-        return {
-            "ads": manifest["index"]["ads"], "index_type": manifest["index"]["type"],
-            "nlist": manifest["index"]["nlist"], "nprobe": manifest["index"]["nprobe"],
-            "recall_at_500": manifest["index"].get("recall_at_500"), "ranker": manifest["ranker"]["type"],
-            "candidates": s.candidates, "draws": s.propensity_draws, "k": 10,
-            "p50_ms": loaded["p50_ms"], "p90_ms": loaded["p90_ms"], "p99_ms": loaded["p99_ms"],
-            "max_ms": loaded["max_ms"], "qps": loaded["qps"], "requests": loaded["requests"],
-            "errors": loaded["errors"], "floor_p50_ms": floor_load["p50_ms"], "floor_p99_ms": floor_load["p99_ms"],
-            "floor_qps": floor_load["qps"], "concurrency": concurrency, "connections": loaded.get("connections"),
-            "api_workers": api_workers, "control_share": s.control_share, "control_policy": s.control_policy,
-            "tuned_on": manifest["index"].get("tuned_on"),
-            "duration_s": duration_s, "client_cpu_ms_per_request": loaded.get("client_cpu_ms_per_request"),
-            "impressions_queued_at_end": _metric(metrics, "privads_impression_queue_depth"),
-            "impressions_dropped": _metric(metrics, "privads_impressions_dropped_total"),
-            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        }
-    finally:
-        for p in reversed(procs):
-            p.stop(20)
+            floor = Process("floor", [sys.executable, "-m", "privads.bench.serve", str(floor_port)],
+                            tmp / "floor.log", env=s.child_env(),
+                            ready=lambda: httpx.get(f"http://127.0.0.1:{floor_port}/healthz",
+                                                    timeout=1).status_code == 200)
+            floor.start(timeout=60)
+            procs.append(floor)
+            floor_load = _load(floor_port, pool, concurrency, duration_s, warmup_s)
+            return {
+                "ads": manifest["index"]["ads"], "index_type": manifest["index"]["type"],
+                "nlist": manifest["index"]["nlist"], "nprobe": manifest["index"]["nprobe"],
+                "recall_at_500": manifest["index"].get("recall_at_500"), "ranker": manifest["ranker"]["type"],
+                "candidates": s.candidates, "draws": s.propensity_draws, "k": 10,
+                "p50_ms": loaded["p50_ms"], "p90_ms": loaded["p90_ms"], "p99_ms": loaded["p99_ms"],
+                "max_ms": loaded["max_ms"], "qps": loaded["qps"], "requests": loaded["requests"],
+                "errors": loaded["errors"], "floor_p50_ms": floor_load["p50_ms"], "floor_p99_ms": floor_load["p99_ms"],
+                "floor_qps": floor_load["qps"], "concurrency": concurrency, "connections": loaded.get("connections"),
+                "api_workers": api_workers, "control_share": s.control_share, "control_policy": s.control_policy,
+                "tuned_on": manifest["index"].get("tuned_on"),
+                "duration_s": duration_s, "client_cpu_ms_per_request": loaded.get("client_cpu_ms_per_request"),
+                "impressions_queued_at_end": _metric(metrics, "privads_impression_queue_depth"),
+                "impressions_dropped": _metric(metrics, "privads_impressions_dropped_total"),
+                "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            }
+        finally:
+            for p in reversed(procs):
+                p.stop(20)
 
 
 if __name__ == "__main__":  # the floor server: ``python -m api.bench PORT`` (settings from the environment)

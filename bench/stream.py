@@ -11,13 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
+from privads.bench.scratch import scratch_dir
 from privads.infra import keys, records
 from privads.infra.kafka import consumer_config, create_topics
 from privads.infra.processes import Process, python_process, start_private_infra
@@ -84,74 +84,75 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
     ``broker_storage``: the embedded broker's log in memory, or on its S3 object store
     (``infra/processes.py: object_store_process``).
     """
-    tmp = Path(tempfile.mkdtemp(prefix="privads-bench-stream-"))
-    procs: list[Process] = []
-    try:
-        kafka, redis_url = start_private_infra(tmp, procs, broker_storage=broker_storage)
-        s = settings.model_copy(update={
-            "kafka": kafka, "redis": redis_url, "data": tmp,
-            "partitions": partitions, "attribution_window_s": window_s, "dedupe_horizon_s": window_s,
-            "catalog": None})
-        create_topics(s.kafka_servers, partitions)
-        r = redis.Redis.from_url(s.redis_url)
-        since = time.time()
-        for i in range(workers):
-            w = python_process(f"worker{i}", ["worker"], tmp / f"worker{i}.log", s.child_env())
-            w.start()
-            procs.append(w)
+    with scratch_dir("privads-bench-stream-") as tmp:
+        procs: list[Process] = []
+        try:
+            kafka, redis_url = start_private_infra(tmp, procs, broker_storage=broker_storage)
+            s = settings.model_copy(update={
+                "kafka": kafka, "redis": redis_url, "data": tmp,
+                "partitions": partitions, "attribution_window_s": window_s, "dedupe_horizon_s": window_s,
+                "catalog": None})
+            create_topics(s.kafka_servers, partitions)
+            r = redis.Redis.from_url(s.redis_url)
+            since = time.time()
+            for i in range(workers):
+                w = python_process(f"worker{i}", ["worker"], tmp / f"worker{i}.log", s.child_env())
+                w.start()
+                procs.append(w)
 
-        def owned() -> int:
-            beats = [json.loads(v) for v in r.hgetall(keys.WORKERS).values()]
-            return sum(b["partitions"] for b in beats if b["ts"] >= since and time.time() - b["ts"] < 3)
+            def owned() -> int:
+                beats = [json.loads(v) for v in r.hgetall(keys.WORKERS).values()]
+                return sum(b["partitions"] for b in beats if b["ts"] >= since and time.time() - b["ts"] < 3)
 
-        _wait(lambda: owned() == partitions, 120, "the workers to own every partition")
-        lines = [ln for ln in catalog.read_text().splitlines() if ln.strip()]
-        produce_lines(s.kafka_servers, records.ADS, lines)
-        _wait(lambda: r.scard(keys.ADS) == len(lines), 300, "the catalog to be encoded")
-        ads_file = tmp / "ads.json"
-        ads_file.write_text(json.dumps([json.loads(ln)["ad_id"] for ln in lines]))
+            _wait(lambda: owned() == partitions, 120, "the workers to own every partition")
+            lines = [ln for ln in catalog.read_text().splitlines() if ln.strip()]
+            produce_lines(s.kafka_servers, records.ADS, lines)
+            _wait(lambda: r.scard(keys.ADS) == len(lines), 300, "the catalog to be encoded")
+            ads_file = tmp / "ads.json"
+            ads_file.write_text(json.dumps([json.loads(ln)["ad_id"] for ln in lines]))
 
-        # 1. throughput: as fast as the producer can go, workers running
-        start = time.time()
-        sent = _loadgen(s.kafka_servers, events, users, 0, 1, ads_file)
-        done = lambda: (_stat(r, f"processed:{records.IMPRESSIONS}") + _stat(r, f"processed:{records.CLICKS}")  # noqa: E731
-                        >= sent["events"])
-        _wait(done, 1800, "the workers to process every event", every=0.05)
-        elapsed = time.time() - start
-        joined = _stat(r, "labelled_clicks")
-        # every impression is labelled once its window closes
-        _wait(lambda: _stat(r, "labelled_clicks") + _stat(r, "labelled_negatives") >= sent["impressions"],
-              window_s + 120, "every impression to be labelled")
-        raw = asyncio.run(_raw_consume(s.kafka_servers, records.IMPRESSIONS, sent["impressions"]))
+            # 1. throughput: as fast as the producer can go, workers running
+            start = time.time()
+            sent = _loadgen(s.kafka_servers, events, users, 0, 1, ads_file)
+            done = lambda: (_stat(r, f"processed:{records.IMPRESSIONS}") + _stat(r, f"processed:{records.CLICKS}")  # noqa: E731
+                            >= sent["events"])
+            _wait(done, 1800, "the workers to process every event", every=0.05)
+            elapsed = time.time() - start
+            joined = _stat(r, "labelled_clicks")
+            # every impression is labelled once its window closes
+            _wait(lambda: _stat(r, "labelled_clicks") + _stat(r, "labelled_negatives") >= sent["impressions"],
+                  window_s + 120, "every impression to be labelled")
+            raw = asyncio.run(_raw_consume(s.kafka_servers, records.IMPRESSIONS, sent["impressions"]))
 
-        # 2. freshness at a steady rate
-        r.delete(keys.FRESHNESS)
-        _loadgen(s.kafka_servers, int(fresh_rate * fresh_seconds), users, fresh_rate, 2, ads_file)
-        _wait(lambda: sum(int(v) for v in r.hgetall(keys.FRESHNESS).values()) > 0, 60, "freshness samples")
-        time.sleep(2)
-        hist = {int(k): int(v) for k, v in r.hgetall(keys.FRESHNESS).items()}
+            # 2. freshness at a steady rate
+            r.delete(keys.FRESHNESS)
+            _loadgen(s.kafka_servers, int(fresh_rate * fresh_seconds), users, fresh_rate, 2, ads_file)
+            _wait(lambda: sum(int(v) for v in r.hgetall(keys.FRESHNESS).values()) > 0, 60, "freshness samples")
+            time.sleep(2)
+            hist = {int(k): int(v) for k, v in r.hgetall(keys.FRESHNESS).items()}
 
-        # 3. memory per user (the value and Redis' own overhead for the key)
-        # the first 2000 keys the scan yields (there may be fewer)
-        sample = [k for _, k in zip(range(2000), r.scan_iter(match=keys.USER_PREFIX + "*", count=1000), strict=False)]
-        sizes = [r.memory_usage(k, samples=0) or 0 for k in sample]
-        first = r.get(sample[0]) if sample else None  # None too if the key went between the scan and the read
-        return {
-            "events": sent["events"], "impressions": sent["impressions"], "clicks": sent["clicks"],
-            "users": users, "workers": workers, "partitions": partitions, "cores": os.cpu_count(),
-            "broker_storage": broker_storage,
-            "events_per_s": round(sent["events"] / elapsed),
-            "producer_events_per_s": round(sent["events"] / sent["seconds"]),
-            "raw_consume_per_s": round(raw),
-            "clicks_joined_at_end_of_throughput": joined,
-            "freshness_rate_events_per_s": fresh_rate,
-            "freshness_p50_ms": _quantile(hist, 0.5), "freshness_p99_ms": _quantile(hist, 0.99),
-            "freshness_samples": sum(hist.values()),
-            "bytes_per_user": round(sum(sizes) / len(sizes)) if sizes else None,
-            "user_value_bytes": len(first) if first is not None else None,
-            "users_learned": r.dbsize() and sum(1 for _ in r.scan_iter(match=keys.USER_PREFIX + "*", count=10000)),
-            "dead_letters": _stat(r, "dead_letters"), "forwarded": _stat(r, "forwarded"),
-        }
-    finally:
-        for p in reversed(procs):
-            p.stop(20)
+            # 3. memory per user (the value and Redis' own overhead for the key)
+            # the first 2000 keys the scan yields (there may be fewer)
+            sample = [k for _, k in zip(range(2000), r.scan_iter(match=keys.USER_PREFIX + "*", count=1000),
+                                        strict=False)]
+            sizes = [r.memory_usage(k, samples=0) or 0 for k in sample]
+            first = r.get(sample[0]) if sample else None  # None too if the key went between the scan and the read
+            return {
+                "events": sent["events"], "impressions": sent["impressions"], "clicks": sent["clicks"],
+                "users": users, "workers": workers, "partitions": partitions, "cores": os.cpu_count(),
+                "broker_storage": broker_storage,
+                "events_per_s": round(sent["events"] / elapsed),
+                "producer_events_per_s": round(sent["events"] / sent["seconds"]),
+                "raw_consume_per_s": round(raw),
+                "clicks_joined_at_end_of_throughput": joined,
+                "freshness_rate_events_per_s": fresh_rate,
+                "freshness_p50_ms": _quantile(hist, 0.5), "freshness_p99_ms": _quantile(hist, 0.99),
+                "freshness_samples": sum(hist.values()),
+                "bytes_per_user": round(sum(sizes) / len(sizes)) if sizes else None,
+                "user_value_bytes": len(first) if first is not None else None,
+                "users_learned": r.dbsize() and sum(1 for _ in r.scan_iter(match=keys.USER_PREFIX + "*", count=10000)),
+                "dead_letters": _stat(r, "dead_letters"), "forwarded": _stat(r, "forwarded"),
+            }
+        finally:
+            for p in reversed(procs):
+                p.stop(20)
