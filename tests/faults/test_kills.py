@@ -162,6 +162,18 @@ def test_sigkill_redis_mid_transaction_then_restart_from_its_aof_short_of_its_la
     out.require()
 
 
+def serving_under_load(box: Box, fsettings: Settings, fleet: Fleet, r: redis.Redis) -> tuple[Process, ApiStream]:
+    """A worker, the catalog, an API, and API clients calling it for 3 s already."""
+    fleet.worker("worker")
+    load_catalog(box, r, ADS)
+    api = fleet.api("api")
+    clients = ApiStream(fsettings.api)
+    fleet.streams.append(clients)
+    clients.start()
+    time.sleep(3)
+    return api, clients
+
+
 # /clicks answers once Kafka confirmed the click, whatever the settings. /recommend answers before Kafka has its
 # impressions (by default), but only after writing them to the API's journal (infra/journal.py): the restarted API
 # replays what the killed one had queued. With IMPRESSION_CONFIRM_S > 0 it answers once Kafka confirmed them. Either
@@ -170,13 +182,7 @@ def test_sigkill_redis_mid_transaction_then_restart_from_its_aof_short_of_its_la
 def test_sigkill_the_api_mid_request_then_restart(box: Box, fsettings: Settings, fleet: Fleet, r: redis.Redis,
                                                   confirm_s: float) -> None:
     fleet.settings = fsettings.model_copy(update={"impression_confirm_s": confirm_s})
-    fleet.worker("worker")
-    load_catalog(box, r, ADS)
-    api = fleet.api("api")
-    clients = ApiStream(fsettings.api)
-    fleet.streams.append(clients)
-    clients.start()
-    time.sleep(3)
+    api, clients = serving_under_load(box, fsettings, fleet, r)
     # the kill lands a moment after an answer, while the other client's request is in flight
     answered = threading.Event()
     clients.on_answer = answered.set
@@ -217,13 +223,7 @@ def replayed(api: str) -> int:
 # must replay each of them from the killed one's journal, once.
 def test_sigkill_the_api_while_kafka_is_frozen_then_restart(box: Box, fsettings: Settings, fleet: Fleet,
                                                             r: redis.Redis) -> None:
-    fleet.worker("worker")
-    load_catalog(box, r, ADS)
-    api = fleet.api("api")
-    clients = ApiStream(fsettings.api)
-    fleet.streams.append(clients)
-    clients.start()
-    time.sleep(3)
+    api, clients = serving_under_load(box, fsettings, fleet, r)
     before = len(clients.ledger.impressions)
     box.broker.signal(signal.SIGSTOP)
     try:

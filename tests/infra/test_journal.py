@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from aiokafka import AIOKafkaConsumer
 
 from privads.infra.journal import Journal, decode_frames, encode_ack, encode_frame, orphans
 from privads.infra.kafka import QueuedProducer, create_topics
-from privads.infra.processes import broker_process, free_port
 
 RECORDS = [("user-1", b'{"a":1}'), (None, b""), ("ünï/çødé\udcff", b"x" * 1000)]
 
@@ -137,16 +135,9 @@ def test_the_segments_of_a_killed_process_are_orphans_with_every_frame_written(t
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    b = broker_process(port, tmp_path / "broker.log")
-    try:
-        b.start(30)
-        servers = f"127.0.0.1:{port}"
-        create_topics(servers, partitions=2)
-        yield servers
-    finally:
-        b.stop(10)
+def broker(empty_broker: str) -> str:
+    create_topics(empty_broker, partitions=2)
+    return empty_broker
 
 
 async def consume_all(servers: str, topic: str, expect: int, timeout_s: float = 20.0) -> list[bytes]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
@@ -14,20 +12,9 @@ from aiokafka.errors import KafkaConnectionError
 from helpers import topic_partitions
 from privads.infra import records
 from privads.infra.kafka import keep_topics, make_producer
-from privads.infra.processes import broker_process, free_port
+from privads.infra.processes import free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def empty_broker(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    broker = broker_process(port, tmp_path / "broker.log")
-    try:
-        broker.start(30)
-        yield f"127.0.0.1:{port}"
-    finally:
-        broker.stop(10)
 
 
 def test_keep_topics_creates_the_missing_ones_once_and_reports_a_foreign_partition_count(empty_broker: str) -> None:
