@@ -109,14 +109,14 @@ async def keep_journal(journal: Journal, producer: QueuedProducer, metrics: ApiM
     sealing (local files only) goes on.
     """
     replay = Step("replaying dead processes' impression journals", log, max_s=30.0)
+
+    async def replay_once() -> None:
+        journal.stats.replayed += await producer.replay(journal.directory)
+
     while True:
         journal.tick()
         metrics.journal_segments.set(journal.stats.segments)
         metrics.journal_write_failed.set(journal.stats.write_failed)
-
-        async def replay_once() -> None:
-            journal.stats.replayed += await producer.replay(journal.directory)
-
         await replay.run(replay_once)
         metrics.journal_replayed.set(journal.stats.replayed)
         await asyncio.sleep(every_s)

@@ -141,7 +141,6 @@ class JournalStats:
     written: int = 0  # frames
     write_failed: int = 0  # frames that could not be written (disk full, say): their requests are unprotected
     replayed: int = 0  # records of dead processes' segments delivered to Kafka
-    torn: int = 0  # torn or corrupt tails found in orphans (bytes dropped)
     segments: int = 0  # this process's segments on disk now
 
 
