@@ -25,10 +25,10 @@ from privads.infra.processes import (
     Process,
     StartError,
     broker_process,
-    object_store_process,
     port_open,
     python_process,
     redis_process,
+    start_object_store,
     wait_port_free,
 )
 from privads.infra.produce import produce_file
@@ -64,10 +64,7 @@ class Stack:
                 sport = s.embedded_s3_port
                 if port_open("127.0.0.1", sport):
                     raise StartError(f"port {sport} is in use: stop what holds it, or set PRIVADS_EMBEDDED_S3_PORT")
-                store = object_store_process(sport, s.data / "broker", self.logs / "object-store.log")
-                store.start(timeout=30)
-                self.infra.append(store)
-                endpoint = f"http://127.0.0.1:{sport}"
+                endpoint = start_object_store(sport, s.data / "broker", self.logs / "object-store.log", self.infra)
             broker = broker_process(port, self.logs / "broker.log", s3_endpoint=endpoint)
             broker.start(timeout=30)
             self.infra.append(broker)

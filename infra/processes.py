@@ -213,6 +213,14 @@ def object_store_process(port: int, root: Path, log: Path, host: str = "127.0.0.
     return Process("object-store", argv, log, ready=lambda: port_open(host, port))
 
 
+def start_object_store(port: int, root: Path, log: Path, procs: list[Process], host: str = "127.0.0.1") -> str:
+    """Start ``object_store_process`` and append it to ``procs`` (the caller stops it); returns its endpoint URL."""
+    store = object_store_process(port, root, log, host)
+    store.start(30)
+    procs.append(store)
+    return f"http://{host}:{port}"
+
+
 def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
                   maxmemory: str = DEFAULT_REDIS_MAXMEMORY) -> Process:
     """An embedded redis-server on loopback with AOF persistence in ``data_dir``.
@@ -258,11 +266,7 @@ def start_private_infra(directory: Path, procs: list[Process], broker_storage: s
     kport, rport = free_port(), free_port()
     endpoint = None
     if broker_storage == "s3":
-        sport = free_port()
-        store = object_store_process(sport, directory / "s3", directory / "object-store.log")
-        store.start(30)
-        procs.append(store)
-        endpoint = f"http://127.0.0.1:{sport}"
+        endpoint = start_object_store(free_port(), directory / "s3", directory / "object-store.log", procs)
     broker = broker_process(kport, directory / "broker.log", s3_endpoint=endpoint)
     broker.start(30)
     procs.append(broker)
