@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 
 import faiss
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -30,10 +29,11 @@ from privads.infra.errors import Conflict, Forbidden, InvalidInput, NotFound, Pr
 from privads.infra.journal import Journal
 from privads.infra.kafka import ConfirmingProducer, QueuedProducer
 from privads.infra.loops import Step
+from privads.infra.migrate import refuse_old_layout
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.secret import impression_secret
 from privads.infra.settings import Settings
-from privads.infra.store import connect, refuse_evicting_redis
+from privads.infra.store import Client, connect, refuse_evicting_redis
 from privads.ranker.service import Recommender
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ async def _redis_full(_: Request, exc: Exception) -> JSONResponse:
                                                   "detail": "redis-oom"}, headers={"Retry-After": "5"})
 
 
-async def _secret(redis: aioredis.Redis, wait_s: float = 30.0) -> bytes:
+async def _secret(redis: Client, wait_s: float = 30.0) -> bytes:
     """The impression-signing secret, waiting up to ``wait_s`` for a Redis that is still starting."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # read once: every request signs or checks impression ids with it, without a Redis round trip
         recommender = Recommender(settings, redis, producer, await _secret(redis), confirmer)
         await refuse_evicting_redis(redis)  # an evicting Redis would lose state silently (README: Resource limits)
+        await refuse_old_layout(redis)  # an earlier key layout's state would look like none (README: Redis Cluster)
         await recommender.load_pinned()  # a missing pinned version stops the start-up, with its name
         app.state.recommender = recommender
         follower = asyncio.create_task(recommender.follow(), name="follow-model-and-catalog")

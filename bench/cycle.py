@@ -115,11 +115,11 @@ def _store_catalog(url: str, world: World) -> None:
     asyncio.run(store())
 
 
-def _store_users(r: redis.Redis, world: World) -> None:
+def _store_users(r: redis.Redis, world: World, partitions: int) -> None:
     # the learner keeps only rows whose user still has a state (an erased user has none)
     pipe = r.pipeline(transaction=False)
     for i in range(world.users.shape[0]):
-        pipe.set(keys.user(f"u{i}"), world.user_state(i))
+        pipe.set(keys.user(f"u{i}", partitions), world.user_state(i))
         if i % USER_CHUNK == USER_CHUNK - 1:
             pipe.execute()
     pipe.execute()
@@ -270,7 +270,7 @@ def bench_cycle(settings: Settings, impressions: int, *, days: float = 14.0, ads
             _store_catalog(s.redis_url, world)
             r = redis.Redis.from_url(s.redis_url)
             try:
-                _store_users(r, world)
+                _store_users(r, world, s.partitions)
             finally:
                 r.close()
             times = request_times(impressions, days, time.time())

@@ -85,13 +85,14 @@ def build_model(ads: int, settings: Settings) -> tuple[dict, np.ndarray, np.ndar
     return manifest, users, counts
 
 
-def seed_users(r: redis.Redis, users: np.ndarray, counts: np.ndarray, prior_precision: float) -> list[str]:
+def seed_users(r: redis.Redis, users: np.ndarray, counts: np.ndarray, prior_precision: float,
+               partitions: int) -> list[str]:
     """Write warm user posteriors the way the workers do; returns their ids."""
     ids = [f"bench-user-{i}" for i in range(users.shape[0])]
     pipe = r.pipeline(transaction=False)
     for i, uid in enumerate(ids):
         precision = np.full(users.shape[1], prior_precision + counts[i], dtype=np.float32)
-        pipe.set(keys.user(uid), keys.pack_user(users[i].astype(np.float32), precision, int(counts[i])))
+        pipe.set(keys.user(uid, partitions), keys.pack_user(users[i].astype(np.float32), precision, int(counts[i])))
         if i % 5000 == 4999:
             pipe.execute()
     pipe.execute()
@@ -177,7 +178,7 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
             r = redis.Redis.from_url(s.redis_url)
             manifest, users, counts = build_model(ads, s)
             r.set(keys.MODEL_CURRENT, json.dumps(manifest))
-            warm = seed_users(r, users, counts, s.prior_precision)
+            warm = seed_users(r, users, counts, s.prior_precision, s.partitions)
             pool = tmp / "requests.jsonl"
             from privads.bench.loadgen_http import write_requests
 

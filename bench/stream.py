@@ -23,6 +23,7 @@ from privads.infra.kafka import consumer_config, create_topics
 from privads.infra.processes import Process, python_process, start_private_infra
 from privads.infra.produce import produce_lines
 from privads.infra.settings import Settings
+from privads.infra.store import connect_sync
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
@@ -34,7 +35,7 @@ def _wait(check: Callable[[], bool], timeout: float, what: str, every: float = 0
     raise TimeoutError(f"bench: timed out waiting for {what}")
 
 
-def _stat(r: redis.Redis, name: str) -> int:
+def _stat(r: redis.Redis | redis.RedisCluster, name: str) -> int:
     return int(r.hget(keys.STATS, name) or 0)
 
 
@@ -78,22 +79,24 @@ def _loadgen(servers: str, n: int, users: int, rate: float, seed: int, ads_file:
 
 def bench_stream(settings: Settings, events: int, users: int, workers: int, partitions: int,
                  fresh_rate: float, fresh_seconds: float, window_s: float, catalog: Path,
-                 broker_storage: str = "memory") -> dict:
+                 broker_storage: str = "memory", redis_topology: str = "single") -> dict:
     """Run the stream benchmark; returns its figures.
 
     ``broker_storage``: the embedded broker's log in memory, or on its S3 object store
-    (``infra/processes.py: object_store_process``).
+    (``infra/processes.py: object_store_process``). ``redis_topology``: one redis-server, or a local
+    cluster of 3 masters and 3 replicas (``infra/redis_cluster.py``), all on this machine.
     """
     with scratch_dir("privads-bench-stream-") as tmp:
         procs: list[Process] = []
         try:
-            kafka, redis_url = start_private_infra(tmp, procs, broker_storage=broker_storage)
+            kafka, redis_url = start_private_infra(tmp, procs, broker_storage=broker_storage,
+                                                   redis_topology=redis_topology)
             s = settings.model_copy(update={
                 "kafka": kafka, "redis": redis_url, "data": tmp,
                 "partitions": partitions, "attribution_window_s": window_s, "dedupe_horizon_s": window_s,
                 "catalog": None})
             create_topics(s.kafka_servers, partitions)
-            r = redis.Redis.from_url(s.redis_url)
+            r = connect_sync(s.redis_url)
             since = time.time()
             for i in range(workers):
                 w = python_process(f"worker{i}", ["worker"], tmp / f"worker{i}.log", s.child_env())
@@ -140,7 +143,7 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
             return {
                 "events": sent["events"], "impressions": sent["impressions"], "clicks": sent["clicks"],
                 "users": users, "workers": workers, "partitions": partitions, "cores": os.cpu_count(),
-                "broker_storage": broker_storage,
+                "broker_storage": broker_storage, "redis_topology": redis_topology,
                 "events_per_s": round(sent["events"] / elapsed),
                 "producer_events_per_s": round(sent["events"] / sent["seconds"]),
                 "raw_consume_per_s": round(raw),

@@ -162,13 +162,46 @@ def cmd_lift(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_redis(settings: Settings, args: argparse.Namespace) -> int:
+    """Migrate ``PRIVADS_REDIS`` (one redis-server); unset, the embedded one's AOF, on a redis-server of its own."""
+    import redis
+
+    from privads.infra.migrate import migrate
+    from privads.infra.processes import free_port, redis_process
+
+    if settings.redis and not settings.redis.startswith("redis://"):
+        raise ValueError("PRIVADS_REDIS: the earlier key layout ran on one redis-server only (redis://); "
+                         "nothing to migrate")
+    server = None
+    url = settings.redis
+    if url is None:
+        if port_open("127.0.0.1", settings.embedded_redis_port):
+            raise RuntimeError("the embedded redis-server is running: stop `privads up` first")
+        port = free_port()
+        server = redis_process(port, settings.data / "redis", settings.data / "logs" / "redis-migrate.log",
+                               maxmemory=settings.redis_maxmemory)
+        server.start(timeout=60)
+        url = f"redis://127.0.0.1:{port}/0"
+    try:
+        r = redis.Redis.from_url(url, socket_timeout=60)
+        try:
+            print(json.dumps(migrate(r, settings.partitions)))
+        finally:
+            r.close()
+    finally:
+        if server is not None:
+            server.stop(30)
+    return 0
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "stream":
         from privads.bench.stream import bench_stream
 
         out = bench_stream(settings, events=args.events, users=args.users or 100_000, workers=args.workers,
                            partitions=args.partitions, fresh_rate=args.fresh_rate, fresh_seconds=args.fresh_seconds,
-                           window_s=args.window, catalog=args.catalog, broker_storage=args.broker_storage)
+                           window_s=args.window, catalog=args.catalog, broker_storage=args.broker_storage,
+                           redis_topology=args.redis)
     elif args.what == "serve":
         from privads.bench.serve import bench_serve
 
@@ -210,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=None)
     a.set_defaults(fn=cmd_api)
     sub.add_parser("topics", help="create the topics with explicit partition counts").set_defaults(fn=cmd_topics)
+    sub.add_parser("migrate-redis", help="rename the keys of an earlier PrivAds' Redis to the current layout "
+                   "(PrivAds stopped)").set_defaults(fn=cmd_migrate_redis)
     pr = sub.add_parser("produce", help="produce JSON-lines events from FILE or stdin")
     pr.add_argument("topic")
     pr.add_argument("file", nargs="?", type=Path, default=None)
@@ -258,6 +293,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=float, default=5.0, help="attribution window during the bench (s)")
     b.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
                    help="stream: the embedded broker's log in memory or on its S3 object store (kept at a restart)")
+    b.add_argument("--redis", choices=["single", "cluster"], default="single",
+                   help="stream: one redis-server, or a local Redis Cluster of 3 masters and 3 replicas")
     b.add_argument("--catalog", type=Path, default=Path("data/sample_ads.jsonl"),
                    help="learn: the ad texts encoded; policies: the catalog beside the audience's ads")
     b.add_argument("--encoder", choices=["onnx-int8", "torch"], default=None, help="learn: encoder backend")
@@ -286,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # the services log what they do; the one-shot commands print their result, and a failure as one line
-    quiet = args.command in ("produce", "replay", "export-logs", "lift", "topics", "simulate")
+    quiet = args.command in ("produce", "replay", "export-logs", "lift", "topics", "simulate", "migrate-redis")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # faiss's loader reports, at INFO, every SIMD build it probes before the dynamic-dispatch one it loads

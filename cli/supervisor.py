@@ -21,6 +21,7 @@ import redis
 from privads.api.server import check_bind
 from privads.infra import keys
 from privads.infra.kafka import create_topics
+from privads.infra.migrate import holds_old_layout, migrate
 from privads.infra.processes import (
     Process,
     StartError,
@@ -33,6 +34,7 @@ from privads.infra.processes import (
 )
 from privads.infra.produce import produce_file
 from privads.infra.settings import Settings
+from privads.infra.store import connect_sync
 
 log = logging.getLogger("privads.up")
 MAX_RESTARTS = 5
@@ -80,7 +82,18 @@ class Stack:
             self.infra.append(redis)
             updates["redis"] = f"redis://127.0.0.1:{port}/0"
             log.info("embedded redis-server on 127.0.0.1:%d (AOF in %s)", port, s.data / "redis")
+            self._migrate(updates["redis"])
         self.settings = s.model_copy(update=updates)
+
+    def _migrate(self, url: str) -> None:
+        """The embedded Redis of an earlier PrivAds, moved to the current key layout before anything reads it."""
+        r = redis.Redis.from_url(url, socket_timeout=30)
+        try:
+            if holds_old_layout(r):
+                log.warning("the embedded Redis holds an earlier key layout: migrating it (infra/migrate.py)")
+                log.warning("migrated: %s", migrate(r, self.settings.partitions))
+        finally:
+            r.close()
 
     def _app(self, name: str, args: list[str], ready: Callable[[], bool] | None = None,
              timeout: float = 120) -> Process:
@@ -115,8 +128,8 @@ class Stack:
         # meanwhile is restarted and reported like any other
         self._app("api", ["api"], ready=lambda: httpx.get(f"{s.api}/healthz", timeout=1).status_code == 200)
 
-    def _redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+    def _redis(self) -> redis.Redis | redis.RedisCluster:
+        return connect_sync(self.settings.redis_url, socket_timeout=5)
 
     def _published(self) -> bool:
         with self._redis() as r:

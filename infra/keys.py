@@ -1,30 +1,41 @@
 """Redis key layout and the packed user-state value, defined once.
 
+Every key one worker transaction touches shares a Redis Cluster hash slot: the keys of partition p carry the hash
+tag ``{p}`` (the user states too: ``u:{p}:id``, p the user's partition), the counters every partition adds to carry
+``{g}`` and the catalog ``{c}``. On one redis-server the tags change nothing; on a cluster they put each partition's
+state on one node and let its commit be one MULTI/EXEC (``PartitionStore.commit``). The global counters cannot join a
+partition's transaction there: the commit appends them to the partition's outbox ``out:{p}`` and ``PartitionStore.fold``
+moves them into the ``{g}`` keys exactly once.
+
 | key | type | owner |
 | --- | --- | --- |
-| ``u:{user_id}`` | packed user state (see ``pack_user``) | stream workers |
+| ``u:{p}:{user_id}`` | packed user state (see ``pack_user``) | stream workers |
 | ``seen:{p}`` | zset user id → when its state last changed: idle users expire (``USER_IDLE_S``) | owner of p |
 | ``pop:{p}`` | float64: Σ of partition p's learned users' means, then their number | owner of p; erasure subtracts |
-| ``ckpt:{p}`` | hash: input offset per topic, ``seq`` (bumped by every writer), clock, closed buckets | owner of p |
+| ``ckpt:{p}`` | hash: offset per topic, ``seq`` (bumped by each writer), clock, closed buckets, fence | owner of p |
 | ``pb:{p}`` | set of pending-bucket indexes of partition p | partition p's owner |
 | ``pend:{p}:{b}`` | hash impression id → packed ``Pending``, bucket b, TTL | partition p's owner |
 | ``orph:{p}`` | hash impression id → packed click that came before its impression | partition p's owner |
 | ``arch:{p}`` | stream: one entry per batch (new impressions, labels) for the Parquet archive | partition p's owner |
-| ``erased:{hash(user_id)}`` | when the user was erased; older events are ignored; no TTL (``UserStore.erase``) | API |
-| ``erasures`` | zset hash(user_id) → erased at, until the archive's compaction drops the rows | API; learner |
+| ``out:{p}`` | stream: on a cluster, a batch's global counter increments until ``PartitionStore.fold`` | owner of p |
+| ``erased:{p}:{hash(user_id)}`` | erased at: older events are ignored; no TTL (``UserStore.erase``) | API |
+| ``erasures:{p}`` | zset hash(user_id) → erased at, until the archive's compaction drops the rows | API; learner |
 | ``erasing:{p}`` | zset user id → erased at, until p's owner scrubbed its pending events (a second) | API; worker |
-| ``arm:{policy}:{bucket}`` | hash impressions/clicks per minute bucket, kept 8 days | stream workers |
-| ``armh:{policy}:{hour}``, ``armd:{policy}:{day}`` | the same, per hour (kept 93 days), per day (400) | workers |
-| ``adstat:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
-| ``adstat:log`` | stream: the increments of ``adstat:*`` per committed batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
-| ``dp:max_updates`` | zset: the most updates any one user has had (DP accountant) | stream workers |
-| ``fresh`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
-| ``stats`` | hash of global counters (unattributed clicks, …) | stream workers |
-| ``ad:{ad_id}`` | hash text/bid/category/active/text_hash/ts | catalog agent |
-| ``emb:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent; the learner drops unused ones |
-| ``embunused`` | zset text hash → first seen unused by any ad (``CatalogStore.drop_unused_embeddings``) | learner |
-| ``ads`` | set of all ad ids | catalog agent |
-| ``catalog:log`` | stream of catalog changes (``ad_id``) | catalog agent |
+| ``arm:{g}:{policy}:{bucket}`` | hash impressions/clicks per minute bucket, kept 8 days | stream workers |
+| ``armh:{g}:…``, ``armd:{g}:…`` | the same, per hour (kept 93 days), per day (400) | workers |
+| ``arms:{g}`` | set of the arms (policies) ever counted | workers |
+| ``adstat:{g}:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
+| ``adstat:{g}:log`` | stream: the increments of ``adstat:*`` per batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
+| ``folded:{g}`` | hash partition → the last ``out:{p}`` entry folded into the ``{g}`` keys (cluster only) | workers |
+| ``dp:max_updates:{g}`` | zset: the most updates any one user has had (DP accountant) | stream workers |
+| ``fresh:{g}`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
+| ``stats:{g}`` | hash of global counters (unattributed clicks, …) | stream workers |
+| ``ad:{c}:{ad_id}`` | hash text/bid/category/active/text_hash/ts | catalog agent |
+| ``emb:{c}:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent; the learner drops it |
+| ``embunused:{c}`` | zset text hash → first seen unused by any ad (``CatalogStore.drop_unused_embeddings``) | learner |
+| ``ads:{c}`` | set of all ad ids | catalog agent |
+| ``catalog:log:{c}`` | stream of catalog changes (``ad_id``) | catalog agent |
+| ``partitions`` | the partition count the workers run with | stream workers |
 | ``workers`` | hash worker id → last heartbeat (ts, partitions owned, consumer lag per topic) | stream workers |
 | ``quality`` | hash worker id → rolling AUC / log-loss of served predictions, drifts | stream workers |
 | ``learner:drift`` | when drift was last detected: the learner runs a cycle early | stream workers |
@@ -39,16 +50,22 @@ import struct
 
 import numpy as np
 
+from privads.infra.partitioning import owner
+
+GLOBAL = "{g}"  # the hash tag of the counters every partition adds to
+CATALOG = "{c}"  # the catalog's hash tag: an upsert writes the ad, its embedding and the change log at once
 USER_PREFIX = "u:"
-FRESHNESS = "fresh"
+FRESHNESS = "fresh:" + GLOBAL
 PARTITIONS = "partitions"
-DP_MAX_UPDATES = "dp:max_updates"
+DP_MAX_UPDATES = "dp:max_updates:" + GLOBAL
 QUALITY = "quality"
 DRIFT = "learner:drift"
-ADS = "ads"
-CATALOG_LOG = "catalog:log"
+ADS = "ads:" + CATALOG
+CATALOG_LOG = "catalog:log:" + CATALOG
 MODEL_CURRENT = "model:current"
-STATS = "stats"
+STATS = "stats:" + GLOBAL
+ARMS = "arms:" + GLOBAL
+FOLDED = "folded:" + GLOBAL
 WORKERS = "workers"
 ARM_BUCKET_S = 60
 ARM_TTL_S = 8 * 24 * 3600  # per-minute arm counters: the edges of a window up to a week old are exact to the minute
@@ -62,7 +79,7 @@ ARM_SPANS: dict[int, tuple[str, int]] = {
 ARM_TTLS = {prefix + ":": ttl for prefix, ttl in ARM_SPANS.values()}
 # /lift windows are capped at a year: their start is still within the daily roll-ups' life
 ARM_MAX_WINDOW_S = 366 * 24 * 3600
-ADSTAT_LOG = "adstat:log"
+ADSTAT_LOG = "adstat:" + GLOBAL + ":log"
 ADSTAT_LOG_HORIZON_S = 600  # a reader that fell further behind than this re-reads the hashes
 # what the API follows per ad: clicks and shown (the popularity control's Beta), and the clicks the served model
 # predicted, in millionths so that Redis adds them exactly (the calibration factor's Gamma)
@@ -71,38 +88,60 @@ ADSTAT_FIELDS = ("clicks", "labelled", "shown", "expected")
 EXPECTED_SCALE = 1_000_000
 
 
-def user(user_id: str) -> str:
-    return USER_PREFIX + user_id
+def tag(partition: int) -> str:
+    """Partition p's hash tag, ``{p}``: every key of p's state lives in the Redis Cluster slot it names."""
+    return f"{{{partition}}}"
+
+
+def user_in(user_id: str, partition: int) -> str:
+    """The state key of a user of partition ``partition`` (the caller knows it: ``user`` computes it)."""
+    return f"{USER_PREFIX}{tag(partition)}:{user_id}"
+
+
+def user(user_id: str, partitions: int) -> str:
+    """A user's state key, in the slot of the partition that owns the user among ``partitions``."""
+    return user_in(user_id, owner(user_id.encode(), partitions))
+
+
+def user_id_of(key: bytes | str) -> str:
+    """The user id of a state key (``user_in``'s inverse)."""
+    k = key.decode() if isinstance(key, bytes) else key
+    return k[k.index("}:") + 2:]
 
 
 def checkpoint(partition: int) -> str:
-    return f"ckpt:{partition}"
+    return f"ckpt:{tag(partition)}"
 
 
 def buckets(partition: int) -> str:
-    return f"pb:{partition}"
+    return f"pb:{tag(partition)}"
 
 
 def pending(partition: int, bucket: int) -> str:
-    return f"pend:{partition}:{bucket}"
+    return f"pend:{tag(partition)}:{bucket}"
 
 
 def orphans(partition: int) -> str:
-    return f"orph:{partition}"
+    return f"orph:{tag(partition)}"
 
 
 def archive(partition: int) -> str:
-    return f"arch:{partition}"
+    return f"arch:{tag(partition)}"
+
+
+def outbox(partition: int) -> str:
+    """Partition p's batches' global counter increments, waiting to be folded into the ``{g}`` keys (cluster)."""
+    return f"out:{tag(partition)}"
 
 
 def seen(partition: int) -> str:
     """When each user of partition p last changed (zset): the workers forget the idle ones."""
-    return f"seen:{partition}"
+    return f"seen:{tag(partition)}"
 
 
 def population(partition: int) -> str:
     """The sum of the learned users' means of one partition, and how many (``pack_population``)."""
-    return f"pop:{partition}"
+    return f"pop:{tag(partition)}"
 
 
 def pack_population(total: np.ndarray, users: int) -> bytes:
@@ -120,22 +159,25 @@ def user_hash(user_id: str) -> str:
     return hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
 
 
-def erased(user_id: str) -> str:
-    """The erasure tombstone's key: a hash, so that an erased id is not left in Redis in clear."""
-    return "erased:" + user_hash(user_id)
+def erased(user_id: str, partitions: int) -> str:
+    """The erasure tombstone's key, in the user's partition's slot: a hash, so that an erased id is not left in
+    Redis in clear."""
+    return f"erased:{tag(owner(user_id.encode(), partitions))}:{user_hash(user_id)}"
 
 
-ERASURES = "erasures"  # zset user_hash → erased at: the erasures the archive's compaction has yet to apply
+def erasures(partition: int) -> str:
+    """Zset user_hash → erased at: partition p's erasures the archive's compaction has yet to apply."""
+    return f"erasures:{tag(partition)}"
 
 
 def erasing(partition: int) -> str:
     """Zset user id → erased at: erasures whose pending events the partition's owner has yet to scrub."""
-    return f"erasing:{partition}"
+    return f"erasing:{tag(partition)}"
 
 
 def arm(policy: str, bucket: int, span: int = ARM_BUCKET_S) -> str:
     """One arm's counts for bucket ``bucket`` of ``span`` seconds (a key of ``ARM_SPANS``)."""
-    return f"{ARM_SPANS[span][0]}:{policy}:{bucket}"
+    return f"{ARM_SPANS[span][0]}:{GLOBAL}:{policy}:{bucket}"
 
 
 def arm_rollup(policy: str, minute: int) -> list[str]:
@@ -183,24 +225,24 @@ def arm_cover(first: int, end: int, now: float) -> list[tuple[int, int]]:
 
 def adstat(policy: str, what: str) -> str:
     """Per-ad counts (``what``: clicks | labelled) of one arm: each arm learns from its own traffic only."""
-    return f"adstat:{policy}:{what}"
+    return f"adstat:{GLOBAL}:{policy}:{what}"
 
 
 def parse_adstat(key: str) -> tuple[str, str] | None:
     """``(policy, what)`` of an ``adstat`` hash key; None for any other key (and for the log)."""
-    head, sep, rest = key.partition(":")
-    if head != "adstat" or not sep:
+    head = f"adstat:{GLOBAL}:"
+    if not key.startswith(head):
         return None
-    policy, sep, what = rest.rpartition(":")
+    policy, sep, what = key[len(head):].rpartition(":")
     return (policy, what) if sep and what in ADSTAT_FIELDS else None
 
 
 def ad(ad_id: str) -> str:
-    return "ad:" + ad_id
+    return f"ad:{CATALOG}:{ad_id}"
 
 
-EMBEDDING_PREFIX = "emb:"
-EMBEDDINGS_UNUSED = "embunused"  # not under emb:, which a scan of the embeddings must not see
+EMBEDDING_PREFIX = f"emb:{CATALOG}:"
+EMBEDDINGS_UNUSED = "embunused:" + CATALOG  # not under emb:{c}:, which a scan of the embeddings must not see
 
 
 def embedding(text_hash: str) -> str:

@@ -222,12 +222,13 @@ def start_object_store(port: int, root: Path, log: Path, procs: list[Process], h
 
 
 def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
-                  maxmemory: str = DEFAULT_REDIS_MAXMEMORY) -> Process:
+                  maxmemory: str = DEFAULT_REDIS_MAXMEMORY, extra: Sequence[str] = ()) -> Process:
     """An embedded redis-server on loopback with AOF persistence in ``data_dir``.
 
     It holds at most ``maxmemory`` (Redis' syntax: ``1gb``, ``512mb``; ``0``: no limit) and never evicts a key to
     stay under it (``noeviction``): a write that would pass the limit is refused, and PrivAds retries it, where an
     evicting policy would silently drop a checkpoint or a pending impression (README.md, "Resource limits").
+    ``extra`` is appended to its command line (a cluster node's options: ``infra.redis_cluster``).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -242,6 +243,7 @@ def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
         "--protected-mode", "yes",
         "--maxmemory", maxmemory,
         "--maxmemory-policy", "noeviction",
+        *extra,
     ]
 
     def ready() -> bool:
@@ -252,11 +254,14 @@ def redis_process(port: int, data_dir: Path, log: Path, host: str = "127.0.0.1",
     return Process("redis", argv, log, ready=ready)
 
 
-def start_private_infra(directory: Path, procs: list[Process], broker_storage: str = "memory") -> tuple[str, str]:
+def start_private_infra(directory: Path, procs: list[Process], broker_storage: str = "memory",
+                        redis_topology: str = "single") -> tuple[str, str]:
     """Start a broker and a redis-server on free loopback ports, logging into ``directory``.
 
     Each is appended to ``procs`` as soon as it runs (the caller stops them). With
     ``broker_storage`` "s3" the broker keeps its log in an object store of its own, started first.
+    With ``redis_topology`` "cluster", Redis is a local cluster of 3 masters and 3 replicas
+    (``infra.redis_cluster``) and the URL names its nodes.
 
     Returns
     -------
@@ -270,6 +275,10 @@ def start_private_infra(directory: Path, procs: list[Process], broker_storage: s
     broker = broker_process(kport, directory / "broker.log", s3_endpoint=endpoint)
     broker.start(30)
     procs.append(broker)
+    if redis_topology == "cluster":
+        from privads.infra.redis_cluster import start_redis_cluster  # it builds on this module's Process
+
+        return f"127.0.0.1:{kport}", start_redis_cluster(directory / "cluster", procs).url
     red = redis_process(rport, directory / "redis", directory / "redis.log")
     red.start(30)
     procs.append(red)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 
-import redis.asyncio as aioredis
+from redis.asyncio import Redis, RedisCluster
 
 from privads.infra.errors import Unavailable
 from privads.infra.signing import SECRET_BYTES
@@ -21,7 +21,7 @@ from privads.infra.signing import SECRET_BYTES
 IMPRESSION_SECRET = "secret:impressions"
 
 
-async def impression_secret(r: aioredis.Redis) -> bytes:
+async def impression_secret(r: Redis | RedisCluster) -> bytes:
     """The impression-signing secret: the one in Redis, created there first if there is none.
 
     Parameters

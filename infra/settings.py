@@ -10,10 +10,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CLUSTER_SCHEME = "redis+cluster"
+REDIS_SCHEMES = ("redis", "rediss", "unix", CLUSTER_SCHEME)
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """The seed nodes, user and password of a ``redis+cluster://[user:password@]host:port[,host:port…]`` URL.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong: no node, or a node without a port.
+    """
+    rest = url.split("://", 1)[1].split("/", 1)[0]
+    user = password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        user, _, password = auth.partition(":")
+        user, password = unquote(user) or None, unquote(password) or None
+    nodes = []
+    for part in filter(None, rest.split(",")):
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"PRIVADS_REDIS: cluster node {part!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ValueError(f"PRIVADS_REDIS: {CLUSTER_SCHEME}:// names no node")
+    return nodes, user, password
 
 
 class Settings(BaseSettings):
@@ -135,6 +163,18 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(f"PRIVADS_REDIS must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+        if scheme == CLUSTER_SCHEME:
+            cluster_nodes(v)
+        return v
 
     @model_validator(mode="after")
     def _pinned_needs_a_version(self) -> Settings:

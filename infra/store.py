@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -15,7 +16,11 @@ from typing import Any, cast
 import hiredis
 import numpy as np
 import orjson
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode
+from redis.cluster import ClusterNode as SyncClusterNode
 from redis.exceptions import DataError, NoPermissionError, WatchError
 from redis.typing import EncodableT, FieldT, XReadResponse
 
@@ -23,6 +28,7 @@ from privads.infra import keys, records
 from privads.infra.errors import Conflict, StartError
 from privads.infra.partitioning import owner
 from privads.infra.records import Ad
+from privads.infra.settings import CLUSTER_SCHEME, cluster_nodes
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +54,101 @@ class HiredisConnection(aioredis.Connection):
             raise DataError(str(e)) from None
 
 
-def connect(url: str) -> aioredis.Redis:
+# how long a cluster commit waits for its master's replica to acknowledge it (``Cluster.replicated``)
+REPLICA_ACK_MS = 2000
+
+
+class Cluster(aioredis.RedisCluster):
+    """A Redis Cluster client that also runs each single-slot transaction on the master owning the slot.
+
+    redis-py routes plain commands and pipelines by slot; a WATCH/MULTI/EXEC of
+    PrivAds touches one slot only (the hash tags of ``infra.keys``) and runs on
+    a client of that slot's master (``node``), whose one connection also sends
+    the ``WAIT`` that tells when the commit is on the replica (``replicated``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._masters: dict[str, aioredis.Redis] = {}
+        self._user: str | None = kwargs.get("username")
+        self._password: str | None = kwargs.get("password")
+
+    async def node(self, key: str) -> aioredis.Redis:
+        """A client of the master that owns ``key``'s slot, with one connection (transactions there, then WAIT)."""
+        await self.initialize()  # the slot map is read on first use: a no-op once read
+        n = self.get_node_from_key(key)
+        if n is None:
+            raise aioredis.ConnectionError(f"no master serves the slot of {key!r}")
+        c = self._masters.get(n.name)
+        if c is None:
+            pool = aioredis.BlockingConnectionPool(host=n.host, port=n.port, max_connections=1, timeout=None,
+                                                   connection_class=HiredisConnection, username=self._user,
+                                                   password=self._password)
+            c = self._masters[n.name] = aioredis.Redis(connection_pool=pool)
+        return c
+
+    def replicas_of(self, key: str) -> int:
+        """How many replicas the map shows for ``key``'s master."""
+        nodes = self.nodes_manager.slots_cache.get(self.keyslot(key), [])
+        return max(len(nodes) - 1, 0)
+
+    async def replicated(self, key: str) -> bool:
+        """Whether every write made through ``node(key)`` so far is on a replica (True when the master has none)."""
+        want = min(self.replicas_of(key), 1)
+        if not want:
+            return True
+        acked = await (await self.node(key)).execute_command("WAIT", want, REPLICA_ACK_MS)
+        return int(acked) >= want
+
+    async def refresh(self) -> None:
+        """Read the slot map again (after a failover) and drop the clients of former masters."""
+        await self.nodes_manager.initialize()
+        stale, self._masters = self._masters, {}
+        for c in stale.values():
+            await c.aclose()
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        for c in self._masters.values():
+            await c.aclose()
+        self._masters = {}
+        await super().aclose(*args, **kwargs)
+
+
+Client = aioredis.Redis | Cluster
+
+
+def connect(url: str) -> Client:
+    """A client of ``url``: ``redis://…`` (one server) or ``redis+cluster://host:port[,host:port…]`` (a cluster)."""
+    if url.startswith(CLUSTER_SCHEME + "://"):
+        nodes, user, password = cluster_nodes(url)
+        return Cluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user, password=password,
+                       decode_responses=False, health_check_interval=10)
     return aioredis.from_url(url, decode_responses=False, health_check_interval=10,
                              connection_class=HiredisConnection)
+
+
+def connect_sync(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:
+    """The blocking client of ``url`` (threads: the archive drain, the supervisor, the benches); ``options`` are
+    redis-py's (``socket_timeout``, …)."""
+    if url.startswith(CLUSTER_SCHEME + "://"):
+        nodes, user, password = cluster_nodes(url)
+        return redis.RedisCluster(startup_nodes=[SyncClusterNode(h, p) for h, p in nodes], username=user,
+                                  password=password, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+async def on_node(r: Client, key: str) -> aioredis.Redis:
+    """The client to run a transaction on ``key``'s slot with: ``r`` itself, or the slot's master in a cluster."""
+    return await r.node(key) if isinstance(r, Cluster) else r
+
+
+async def mget(r: Client, names: Sequence[str]) -> list[bytes | None]:
+    """GET of many keys in one round trip per node, whatever their slots."""
+    if not names:
+        return []
+    if isinstance(r, Cluster):
+        return cast(list[bytes | None], await r.mget_nonatomic(list(names)))
+    return cast(list[bytes | None], await r.mget(list(names)))
 
 
 # Replies are bytes, never str: no client of PrivAds turns decode_responses on (``connect`` leaves it off, the sync
@@ -83,7 +181,7 @@ class CatalogEntry:
 class CatalogStore:
     """Ads, their text embeddings (cached by text hash) and the change log."""
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def cached_embeddings(self, hashes: Sequence[str]) -> list[bytes | None]:
@@ -99,7 +197,7 @@ class CatalogStore:
         ``drop_unused_embeddings`` removed after the caller read the cache comes back
         with the ad that uses it.
         """
-        pipe = self.r.pipeline(transaction=True)
+        pipe = (await on_node(self.r, keys.CATALOG_LOG)).pipeline(transaction=True)
         for h, vec in new_embeddings.items():
             pipe.set(keys.embedding(h), vec.astype("<f4").tobytes())
         for ad, h in zip(ads, hashes, strict=True):
@@ -126,7 +224,7 @@ class CatalogStore:
         """
         stored = {k.decode()[len(keys.EMBEDDING_PREFIX):]
                   async for k in self.r.scan_iter(match=keys.EMBEDDING_PREFIX + "*", count=1000)}
-        async with self.r.pipeline(transaction=True) as tx:
+        async with (await on_node(self.r, keys.CATALOG_LOG)).pipeline(transaction=True) as tx:
             await tx.watch(keys.CATALOG_LOG)
             ids = await self.all_ids()
             used: set[str] = set()
@@ -200,20 +298,25 @@ class CatalogStore:
 
 
 class UserStore:
-    """Per-user posterior (mean, diagonal precision, count) and erasure tombstones."""
+    """Per-user posterior (mean, diagonal precision, count) and erasure tombstones.
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    ``partitions`` is the workers' partition count (``Settings.partitions``): a user's keys live in its partition's
+    slot (``keys.user``), found without a scan.
+    """
+
+    def __init__(self, r: Client, partitions: int) -> None:
         self.r = r
+        self.partitions = partitions
 
     async def get(self, user_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
         """One user's (mean, precision, count), or None if the stream has not learned about them."""
-        blob = cast(bytes | None, await self.r.get(keys.user(user_id)))
+        blob = cast(bytes | None, await self.r.get(keys.user(user_id, self.partitions)))
         return keys.unpack_user(blob) if blob else None
 
     async def get_many(self, user_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
         if not user_ids:
             return []
-        blobs = cast(list[bytes | None], await self.r.mget([keys.user(u) for u in user_ids]))
+        blobs = await mget(self.r, [keys.user(u, self.partitions) for u in user_ids])
         return [keys.unpack_user(b) if b else None for b in blobs]
 
     async def exist_many(self, user_ids: Sequence[str]) -> list[bool]:
@@ -222,22 +325,22 @@ class UserStore:
             return []
         async with self.r.pipeline(transaction=False) as pipe:
             for u in user_ids:
-                pipe.exists(keys.user(u))
+                pipe.exists(keys.user(u, self.partitions))
             return [bool(n) for n in await pipe.execute()]
 
     async def erased_at(self, user_ids: Sequence[str]) -> list[float | None]:
         if not user_ids:
             return []
-        vals = await self.r.mget([keys.erased(u) for u in user_ids])
+        vals = await mget(self.r, [keys.erased(u, self.partitions) for u in user_ids])
         return [float(v) if v else None for v in vals]
 
     async def erase(self, user_id: str, now: float) -> None:
         """Delete the user's state and pending events; events for it up to ``now`` are ignored from then on.
 
-        The tombstone (``erased:{hash}``) is kept for good: an event of the user however
+        The tombstone (``erased:{p}:{hash}``) is kept for good: an event of the user however
         old (a backfilled export, a backlog) is older than it and ignored, so nothing
         brings the user back; a new event of the same id after ``now`` starts a new user.
-        The erasure also waits in ``erasures`` until the archive's compaction has
+        The erasure also waits in ``erasures:{p}`` until the archive's compaction has
         removed the user's rows (``learner.erasure``).
 
         Bumps the ``seq`` of the user's partition (the only one whose owner writes
@@ -248,34 +351,42 @@ class UserStore:
         (and clicks waiting for their impression) are scrubbed from the partition's
         buckets by its owner, off the request path, at its next tick
         (``PartitionStore.scrub_erased``; queued in ``erasing:{p}``).
+
+        Every key it writes is in the partition's slot: one transaction on a cluster
+        too, which returns only once a replica holds it (a failover cannot undo it).
+
+        Raises
+        ------
+        redis.exceptions.ConnectionError
+            When no replica acknowledged the erasure in time: it may not survive a failover; asking again is safe.
         """
-        n = int(await self.r.get(keys.PARTITIONS) or 0)
-        home = owner(user_id.encode(), n) if n else None
-        async with self.r.pipeline(transaction=True) as pipe:
+        home = owner(user_id.encode(), self.partitions)
+        ukey = keys.user_in(user_id, home)
+        node = await on_node(self.r, ukey)
+        async with node.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    watched = [keys.user(user_id)] + ([keys.population(home)] if home is not None else [])
-                    await pipe.watch(*watched)
-                    blob = cast(bytes | None, await pipe.get(keys.user(user_id)))
-                    pop = cast(bytes | None, await pipe.get(keys.population(home))) if home is not None else None
+                    await pipe.watch(ukey, keys.population(home))
+                    blob = cast(bytes | None, await pipe.get(ukey))
+                    pop = cast(bytes | None, await pipe.get(keys.population(home)))
                     pipe.multi()
-                    pipe.delete(keys.user(user_id))
-                    pipe.set(keys.erased(user_id), repr(now))
-                    pipe.zadd(keys.ERASURES, {keys.user_hash(user_id): now})
-                    if home is not None:
-                        pipe.zrem(keys.seen(home), user_id)
-                    if blob and pop and home is not None:
+                    pipe.delete(ukey)
+                    pipe.set(keys.erased(user_id, self.partitions), repr(now))
+                    pipe.zadd(keys.erasures(home), {keys.user_hash(user_id): now})
+                    pipe.zrem(keys.seen(home), user_id)
+                    if blob and pop:
                         mean = keys.unpack_user(blob)[0]
                         total, users = keys.unpack_population(pop)
                         if total.shape == mean.shape:
                             pipe.set(keys.population(home), keys.pack_population(total - mean, max(users - 1, 0)))
-                    if home is not None:
-                        pipe.hincrby(keys.checkpoint(home), "seq", 1)
-                        pipe.zadd(keys.erasing(home), {user_id: now})
+                    pipe.hincrby(keys.checkpoint(home), "seq", 1)
+                    pipe.zadd(keys.erasing(home), {user_id: now})
                     await pipe.execute()
                     break
                 except WatchError:
                     continue  # a worker committed this user meanwhile: read again
+        if isinstance(self.r, Cluster) and not await self.r.replicated(ukey):
+            raise aioredis.ConnectionError(f"no replica acknowledged the erasure within {REPLICA_ACK_MS} ms")
 
     async def erased_since(self, user_ids: Sequence[str]) -> dict[str, float]:
         """The erased ones of ``user_ids`` (distinct), with when: their events up to then are not to be seen."""
@@ -288,19 +399,22 @@ class UserStore:
 
     async def oldest_unarchived(self) -> float | None:
         """When the oldest batch still waiting in an ``arch:{p}`` stream was committed (None: every one is drained)."""
-        n = int(await self.r.get(keys.PARTITIONS) or 0)
-        if not n:
-            return None
         pipe = self.r.pipeline(transaction=False)
-        for p in range(n):
+        for p in range(self.partitions):
             pipe.xrange(keys.archive(p), count=1)
         firsts = [int(e[0][0].decode().split("-")[0]) / 1000 for e in await pipe.execute() if e]
         return min(firsts) if firsts else None
 
     async def pending_erasures(self) -> dict[str, float]:
         """Erasures whose archive rows may still be on disk: user hash → erased at."""
-        pairs = cast(list[tuple[bytes, float]], await self.r.zrange(keys.ERASURES, 0, -1, withscores=True))
-        return {h.decode(): float(t) for h, t in pairs}
+        pipe = self.r.pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.zrange(keys.erasures(p), 0, -1, withscores=True)
+        out: dict[str, float] = {}
+        for pairs in await pipe.execute():
+            for h, t in pairs:
+                out[h.decode()] = max(float(t), out.get(h.decode(), 0.0))
+        return out
 
     async def settle_erasures(self, done: dict[str, float]) -> int:
         """Forget the erasures the archive no longer holds a row of; returns how many.
@@ -308,16 +422,13 @@ class UserStore:
         Only an erasure still at the time ``done`` names is removed: the same id erased
         again meanwhile (a later time) waits for the next compaction pass.
         """
-        return await _zrem_unless_newer(self.r, keys.ERASURES, done)
+        # a user hash does not tell its partition: each partition's queue drops the ones it holds
+        return sum([await _zrem_unless_newer(self.r, keys.erasures(p), done) for p in range(self.partitions)])
 
     async def populations(self, partitions: Sequence[int] | None = None) -> dict[int, tuple[np.ndarray, int]]:
         """Each partition's population sum (of the learned users' means) and user count; all partitions if None."""
-        if partitions is None:
-            partitions = range(int(await self.r.get(keys.PARTITIONS) or 0))
-        partitions = list(partitions)
-        if not partitions:
-            return {}
-        blobs = cast(list[bytes | None], await self.r.mget([keys.population(p) for p in partitions]))
+        partitions = list(range(self.partitions) if partitions is None else partitions)
+        blobs = await mget(self.r, [keys.population(p) for p in partitions])
         return {p: keys.unpack_population(b) for p, b in zip(partitions, blobs, strict=True) if b}
 
     async def population_sum(self, d: int) -> tuple[np.ndarray, int]:
@@ -330,16 +441,16 @@ class UserStore:
         return total, users
 
     async def exists(self, user_id: str) -> bool:
-        return bool(await self.r.exists(keys.user(user_id)))
+        return bool(await self.r.exists(keys.user(user_id, self.partitions)))
 
 
-async def _zrem_unless_newer(r: aioredis.Redis, key: str, done: dict[str, float]) -> int:
+async def _zrem_unless_newer(r: Client, key: str, done: dict[str, float]) -> int:
     """Remove the members of zset ``key`` that ``done`` names, each only while its score is at most the one given
     (a member added again meanwhile, with a later time, stays for the next pass); returns how many were removed."""
     if not done:
         return 0
     members = list(done)
-    async with r.pipeline(transaction=True) as pipe:
+    async with (await on_node(r, key)).pipeline(transaction=True) as pipe:
         while True:
             try:
                 await pipe.watch(key)
@@ -400,12 +511,103 @@ class PartitionWrites:
     population: bytes | None = None  # the partition's new population sum (keys.pack_population)
     touched: dict[str, float] = field(default_factory=dict)  # users of p written now → wall time (``seen:{p}``)
     expired: list[str] = field(default_factory=list)  # idle users of p to forget (their keys and ``seen`` entries)
+    users: dict[str, bytes] = field(default_factory=dict)  # user id of p → packed new state (``keys.pack_user``)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)  # global hash → field → increment
+    arms: set[str] = field(default_factory=set)  # the arms (policies) counted
+
+
+@dataclass
+class Committed:
+    """What a commit made durable, per partition: the newest ``arch:{p}`` and ``out:{p}`` entries it wrote.
+
+    On one server every committed entry may be drained and folded at once. On a
+    cluster only entries a replica holds are (``Cluster.replicated``): a failover to
+    a replica that lacks a commit replays its events, and what was drained or
+    folded of it would count twice.
+    """
+
+    archive: dict[int, str] = field(default_factory=dict)
+    outbox: dict[int, str] = field(default_factory=dict)
+
+
+async def _fence(pipe: Pipeline, expected_seq: dict[int, int]) -> None:
+    """WATCH the partitions' checkpoints and check their ``seq`` is still the one read."""
+    await pipe.watch(*[keys.checkpoint(p) for p in expected_seq])
+    for p, want in expected_seq.items():
+        now = int(await pipe.hget(keys.checkpoint(p), "seq") or 0)
+        if now != want:
+            raise Conflict(f"partition {p}: seq {now} != {want}")
+
+
+def _write_partition(pipe: Pipeline, w: PartitionWrites) -> None:
+    """Queue the writes of one partition's state, every key in its slot (``_archive_reply`` counts them)."""
+    # The type: ignores below are for redis-py's stubs: hset types its mapping Mapping[FieldT, EncodableT]
+    # and xadd its fields dict[FieldT, EncodableT]; their key type is invariant, so a dict[str, bytes] or a
+    # dict[bytes, bytes] is refused (mset and zadd take a TypeVar key and accept them).
+    p = w.partition
+    ck = keys.checkpoint(p)
+    mapping: dict[FieldT, EncodableT] = {f"off:{t}": o for t, o in w.offsets.items()}
+    mapping.update({f"fp:{t}": f for t, f in w.fingerprints.items()})
+    mapping["closed"] = w.closed_before
+    mapping.update({f"wm:{t}": f"{wm!r},{seen!r}" for t, (wm, seen) in w.marks.items()})
+    pipe.hset(ck, mapping=mapping)
+    pipe.hincrby(ck, "seq", 1)
+    for b, recs in w.pending.items():
+        key = keys.pending(p, b)
+        pipe.hset(key, mapping=recs)  # type: ignore[arg-type]  # see above
+        pipe.expire(key, w.pending_ttl_s)
+    if w.pending:
+        pipe.sadd(keys.buckets(p), *w.pending)
+    if w.drop_buckets:
+        pipe.srem(keys.buckets(p), *w.drop_buckets)
+        pipe.delete(*[keys.pending(p, b) for b in w.drop_buckets])
+    if w.put_orphans:
+        pipe.hset(keys.orphans(p), mapping=w.put_orphans)  # type: ignore[arg-type]  # see above
+    if w.del_orphans:
+        pipe.hdel(keys.orphans(p), *w.del_orphans)
+    if w.archive:
+        pipe.xadd(keys.archive(p), w.archive)  # type: ignore[arg-type]  # see above
+    if w.population is not None:
+        pipe.set(keys.population(p), w.population)
+    if w.touched:
+        pipe.zadd(keys.seen(p), w.touched)
+    if w.expired:
+        pipe.delete(*[keys.user_in(u, p) for u in w.expired])
+        pipe.zrem(keys.seen(p), *w.expired)
+    if w.users:
+        pipe.mset({keys.user_in(u, p): blob for u, blob in w.users.items()})
+
+
+def _archive_reply(w: PartitionWrites) -> int:
+    """Index of the archive XADD's reply among ``_write_partition``'s commands (called when ``w.archive``)."""
+    return 2 + 2 * len(w.pending) + bool(w.pending) + 2 * bool(w.drop_buckets) + bool(w.put_orphans) \
+        + bool(w.del_orphans)
+
+
+def _write_global(pipe: Pipeline, counters: dict[str, dict[str, int]], arms: set[str],
+                  max_user_updates: int) -> None:
+    """Queue the increments of the global counters (``{g}``), their TTLs and the per-ad count log."""
+    for key, incs in counters.items():
+        for f, n in incs.items():
+            if n:
+                pipe.hincrby(key, f, n)
+        ttl = keys.arm_ttl(key)
+        if ttl is not None:  # arm counters: kept long enough for the windows /lift reads them for, then gone
+            pipe.expire(key, ttl)
+    deltas = ad_count_deltas(counters)
+    if deltas:  # the API follows the per-ad counts through this log instead of reading the hashes
+        pipe.xadd(keys.ADSTAT_LOG, {"d": orjson.dumps(deltas)}, approximate=True,
+                  minid=f"{int((time.time() - keys.ADSTAT_LOG_HORIZON_S) * 1000)}-0")
+    if arms:
+        pipe.sadd(keys.ARMS, *arms)
+    if max_user_updates:
+        pipe.zadd(keys.DP_MAX_UPDATES, {"max": max_user_updates}, gt=True)
 
 
 class PartitionStore:
     """Reads and atomic commits of partition state; every commit bumps ``seq`` and is fenced on it."""
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def checkpoints(self, partitions: Sequence[int]) -> tuple[dict[int, Checkpoint], dict[int, set[int]]]:
@@ -450,88 +652,139 @@ class PartitionStore:
             getattr(pipe, name)(*args)
         return await pipe.execute()
 
-    async def commit(
-        self,
-        expected_seq: dict[int, int],
-        writes: Sequence[PartitionWrites],
-        users: dict[str, bytes],
-        counters: dict[str, dict[str, int]],
-        arms: set[str],
-        max_user_updates: int = 0,
-    ) -> None:
+    async def commit(self, expected_seq: dict[int, int], writes: Sequence[PartitionWrites],
+                     max_user_updates: int = 0) -> Committed | None:
         """Apply the writes of a batch atomically, if no other writer touched its partitions since they were read.
+
+        On one server the whole batch is one transaction, global counters included. On a
+        cluster each partition's writes are one transaction in its slot (``infra.keys``),
+        in partition order, and its global counter increments go to its outbox
+        (``out:{p}``) for ``fold``; a partition's commit fences only itself.
+
+        Returns
+        -------
+        Committed or None
+            On a cluster, the archive and outbox entries now on a replica (none for a partition whose replica did
+            not answer in time: a later commit's acknowledgement covers them); None on one server.
 
         Raises
         ------
         Conflict
-            If a partition's ``seq`` moved (another worker, or an erasure); nothing was written.
+            If a partition's ``seq`` moved (another worker, or an erasure): nothing was written for it (on a
+            cluster, the partitions before it in the batch are committed; their records are past their
+            checkpoints, so a re-plan skips them).
         """
-        ckeys = [keys.checkpoint(p) for p in expected_seq]
+        if isinstance(self.r, Cluster):
+            return await self._commit_per_partition(self.r, expected_seq, writes, max_user_updates)
         async with self.r.pipeline(transaction=True) as pipe:
-            await pipe.watch(*ckeys)
-            for p, want in expected_seq.items():
-                now = int(await pipe.hget(keys.checkpoint(p), "seq") or 0)
-                if now != want:
-                    raise Conflict(f"partition {p}: seq {now} != {want}")
+            await _fence(pipe, {p: want for p, want in expected_seq.items()})
             pipe.multi()
-            # The type: ignores below are for redis-py's stubs: hset types its mapping Mapping[FieldT, EncodableT]
-            # and xadd its fields dict[FieldT, EncodableT]; their key type is invariant, so a dict[str, bytes] or a
-            # dict[bytes, bytes] is refused (mset and zadd take a TypeVar key and accept them).
+            counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            arms: set[str] = set()
             for w in writes:
-                ck = keys.checkpoint(w.partition)
-                mapping: dict[FieldT, EncodableT] = {f"off:{t}": o for t, o in w.offsets.items()}
-                mapping.update({f"fp:{t}": f for t, f in w.fingerprints.items()})
-                mapping["closed"] = w.closed_before
-                mapping.update({f"wm:{t}": f"{wm!r},{seen!r}" for t, (wm, seen) in w.marks.items()})
-                pipe.hset(ck, mapping=mapping)
-                pipe.hincrby(ck, "seq", 1)
-                for b, recs in w.pending.items():
-                    key = keys.pending(w.partition, b)
-                    pipe.hset(key, mapping=recs)  # type: ignore[arg-type]  # see above
-                    pipe.expire(key, w.pending_ttl_s)
-                if w.pending:
-                    pipe.sadd(keys.buckets(w.partition), *w.pending)
-                if w.drop_buckets:
-                    pipe.srem(keys.buckets(w.partition), *w.drop_buckets)
-                    pipe.delete(*[keys.pending(w.partition, b) for b in w.drop_buckets])
-                if w.put_orphans:
-                    pipe.hset(keys.orphans(w.partition), mapping=w.put_orphans)  # type: ignore[arg-type]  # see above
-                if w.del_orphans:
-                    pipe.hdel(keys.orphans(w.partition), *w.del_orphans)
-                if w.archive:
-                    pipe.xadd(keys.archive(w.partition), w.archive)  # type: ignore[arg-type]  # see above
-                if w.population is not None:
-                    pipe.set(keys.population(w.partition), w.population)
-                if w.touched:
-                    pipe.zadd(keys.seen(w.partition), w.touched)
-                if w.expired:
-                    pipe.delete(*[keys.user(u) for u in w.expired])
-                    pipe.zrem(keys.seen(w.partition), *w.expired)
-            if users:
-                pipe.mset({keys.user(u): blob for u, blob in users.items()})
-            for key, incs in counters.items():
-                for f, n in incs.items():
-                    if n:
-                        pipe.hincrby(key, f, n)
-                ttl = keys.arm_ttl(key)
-                if ttl is not None:  # arm counters: kept long enough for the windows /lift reads them for, then gone
-                    pipe.expire(key, ttl)
-            deltas = ad_count_deltas(counters)
-            if deltas:  # the API follows the per-ad counts through this log instead of reading the hashes
-                pipe.xadd(keys.ADSTAT_LOG, {"d": orjson.dumps(deltas)}, approximate=True,
-                          minid=f"{int((time.time() - keys.ADSTAT_LOG_HORIZON_S) * 1000)}-0")
-            if arms:
-                pipe.sadd("arms", *arms)
-            if max_user_updates:
-                pipe.zadd(keys.DP_MAX_UPDATES, {"max": max_user_updates}, gt=True)
+                _write_partition(pipe, w)
+                for key, incs in w.counters.items():
+                    for f, n in incs.items():
+                        counters[key][f] += n
+                arms |= w.arms
+            _write_global(pipe, counters, arms, max_user_updates)
             try:
                 await pipe.execute()
             except aioredis.WatchError as e:
                 raise Conflict(str(e)) from None
+        return None
+
+    async def _commit_per_partition(self, r: Cluster, expected_seq: dict[int, int],
+                                    writes: Sequence[PartitionWrites], max_user_updates: int) -> Committed:
+        done = Committed()
+        for w in sorted(writes, key=lambda w: w.partition):
+            ck = keys.checkpoint(w.partition)
+            async with (await r.node(ck)).pipeline(transaction=True) as pipe:
+                await _fence(pipe, {w.partition: expected_seq[w.partition]})
+                pipe.multi()
+                _write_partition(pipe, w)
+                box = {"c": w.counters, "a": sorted(w.arms), "m": max_user_updates}
+                pipe.xadd(keys.outbox(w.partition), {"d": orjson.dumps(box)})
+                try:
+                    res = await pipe.execute()
+                except aioredis.WatchError as e:
+                    raise Conflict(str(e)) from None
+            if await r.replicated(ck):
+                done.outbox[w.partition] = res[-1].decode()
+                if w.archive:
+                    done.archive[w.partition] = res[_archive_reply(w)].decode()
+        return done
+
+    async def durable_tips(self, partition: int) -> Committed:
+        """On a cluster: the newest outbox and archive entries of ``partition``, once a replica is known to hold them.
+
+        For entries no commit of this process acknowledged (a previous owner's, killed before it folded them, or a
+        commit whose acknowledgement timed out): a write of this process to the partition's master after reading
+        them (a ``fence`` field of ``ckpt:{p}``), acknowledged by a replica, proves they are there too, since a
+        master replicates in order.
+        """
+        assert isinstance(self.r, Cluster), "one server has no replica to wait for"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xrevrange(keys.outbox(partition), count=1)
+        pipe.xrevrange(keys.archive(partition), count=1)
+        box, arch = await pipe.execute()
+        tips = Committed()
+        if not box and not arch:
+            return tips
+        ck = keys.checkpoint(partition)
+        await (await self.r.node(ck)).hset(ck, "fence", repr(time.time()))
+        if await self.r.replicated(ck):
+            if box:
+                tips.outbox[partition] = box[0][0].decode()
+            if arch:
+                tips.archive[partition] = arch[0][0].decode()
+        return tips
+
+    async def fold(self, partition: int, upto: str, limit: int = 1000) -> int:
+        """Move partition ``partition``'s outbox entries up to id ``upto`` into the global counters, exactly once.
+
+        The fold cursor (``folded:{g}``) moves in the same transaction as the counters, so an entry is added once
+        however often and by whomever it is folded; the entries folded are then trimmed. Returns how many.
+        """
+        assert isinstance(self.r, Cluster), "one server has no outbox: its commits write the counters"
+        box = keys.outbox(partition)
+        folded = 0
+        while True:
+            node = await self.r.node(keys.FOLDED)
+            async with node.pipeline(transaction=True) as pipe:
+                await pipe.watch(keys.FOLDED)
+                cursor = cast(bytes | None, await pipe.hget(keys.FOLDED, str(partition)))
+                start = "(" + cursor.decode() if cursor else "-"
+                entries = cast(StreamEntries, await self.r.xrange(box, start, upto, count=limit))
+                if not entries:
+                    return folded
+                counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+                arms: set[str] = set()
+                most = 0
+                for _, fields in entries:
+                    d = orjson.loads(fields[b"d"])
+                    for key, incs in d["c"].items():
+                        for f, n in incs.items():
+                            counters[key][f] += n
+                    arms.update(d["a"])
+                    most = max(most, int(d["m"]))
+                pipe.multi()
+                _write_global(pipe, counters, arms, most)
+                pipe.hset(keys.FOLDED, str(partition), entries[-1][0])
+                try:
+                    await pipe.execute()
+                except aioredis.WatchError:
+                    continue  # another folder moved the cursor: read it again
+            folded += len(entries)
+            # the cursor holds it: trim what was folded (a failed trim leaves entries the cursor skips)
+            await self.r.xtrim(box, minid=entries[-1][0], approximate=False)
+            await self.r.xdel(box, entries[-1][0])
+            if len(entries) < limit:
+                return folded
 
     async def reset_offsets(self, partition: int, topics: Sequence[str]) -> None:
         """Forget the input offsets of a partition's topics (their log was replaced); fenced like any write."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = (await on_node(self.r, keys.checkpoint(partition))).pipeline(transaction=True)
         pipe.hdel(keys.checkpoint(partition), *[f"{k}:{t}" for t in topics for k in ("off", "fp")])
         pipe.hincrby(keys.checkpoint(partition), "seq", 1)
         await pipe.execute()
@@ -572,12 +825,12 @@ class AdCountLog:
     hashes' state, without reading them again.
     """
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def snapshot(self, policies: Sequence[str]) -> tuple[dict[str, dict[str, list[int]]], bytes]:
         """policy → ad id → [clicks, shown, µ-expected], and the log id the snapshot is current to."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = (await on_node(self.r, keys.ADSTAT_LOG)).pipeline(transaction=True)
         for p in policies:
             for what in keys.AD_COUNT_FIELDS:
                 pipe.hgetall(keys.adstat(p, what))
@@ -608,14 +861,14 @@ SERIES_MAX_POINTS = 720
 class Counters:
     """Read side of the workers' exact counters: per-arm CTR buckets, global stats."""
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def stats(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], await self.r.hgetall(keys.STATS)).items()}
 
     async def _arms(self) -> list[str]:
-        return sorted(a.decode() for a in cast(set[bytes], await self.r.smembers("arms")))
+        return sorted(a.decode() for a in cast(set[bytes], await self.r.smembers(keys.ARMS)))
 
     async def _read_arms(self, arms: list[str], buckets: list[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
         """Each arm's (impressions, clicks) in each of ``buckets`` (span, index), in one pipelined round trip."""
@@ -679,7 +932,7 @@ class Counters:
 PROCESS_ENTRY_TTL_S = 24 * 3600.0
 
 
-async def _prune_stale(r: aioredis.Redis, key: str, now: float, keep_s: float = PROCESS_ENTRY_TTL_S) -> int:
+async def _prune_stale(r: Client, key: str, now: float, keep_s: float = PROCESS_ENTRY_TTL_S) -> int:
     """Drop the fields of a hash of per-process JSON entries (each with a ``ts``) older than ``keep_s``."""
     entries = cast(dict[bytes, bytes], await r.hgetall(key))
     stale = []
@@ -698,7 +951,7 @@ async def _prune_stale(r: aioredis.Redis, key: str, now: float, keep_s: float = 
 class WorkerRegistry:
     """Heartbeats of the stream workers: when each was last alive, how many partitions it owns, its lag."""
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def beat(self, worker_id: str, partitions: int, now: float, lag: dict[str, int] | None = None) -> None:
@@ -721,7 +974,7 @@ class WorkerRegistry:
 class QualityBoard:
     """Workers' rolling prediction quality, and drift flags that ask the learner for an early cycle."""
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def publish(self, worker_id: str, snapshot: dict, now: float, drifted: bool) -> None:
@@ -755,7 +1008,7 @@ class QualityBoard:
 class ModelPointer:
     """The manifest of the served model version (written by the learner only)."""
 
-    def __init__(self, r: aioredis.Redis) -> None:
+    def __init__(self, r: Client) -> None:
         self.r = r
 
     async def get(self) -> dict | None:
@@ -812,14 +1065,24 @@ class MemoryUse:
         return None
 
 
-async def memory_use(r: aioredis.Redis) -> MemoryUse:
-    """Read Redis' memory use, ceiling and eviction policy (``INFO memory``: allowed where CONFIG is not)."""
-    info = await r.info("memory")
+def _memory_of(info: dict) -> MemoryUse:
     return MemoryUse(int(info["used_memory"]), int(info.get("maxmemory", 0)),
                      str(info.get("maxmemory_policy", "noeviction")))
 
 
-async def memory_pressure(r: aioredis.Redis, threshold: float = MEMORY_PRESSURE_SHARE) -> str | None:
+async def memory_use(r: Client) -> MemoryUse:
+    """Read Redis' memory use, ceiling and eviction policy (``INFO memory``: allowed where CONFIG is not).
+
+    On a cluster, the fullest master's (the first to refuse writes), or the first evicting one.
+    """
+    if not isinstance(r, Cluster):
+        return _memory_of(await r.info("memory"))
+    per_node = await r.info("memory", target_nodes=Cluster.PRIMARIES)
+    uses = [_memory_of(i) for i in per_node.values()]
+    return max(uses, key=lambda u: (u.evicts, u.share or 0.0, u.used))
+
+
+async def memory_pressure(r: Client, threshold: float = MEMORY_PRESSURE_SHARE) -> str | None:
     """Why Redis' memory is a problem now, in one line, or None (a readiness check can report it).
 
     None too for a Redis that denies ``INFO`` to PrivAds' user: nothing can be said (start-up logged it).
@@ -830,7 +1093,7 @@ async def memory_pressure(r: aioredis.Redis, threshold: float = MEMORY_PRESSURE_
         return None
 
 
-async def refuse_evicting_redis(r: aioredis.Redis) -> MemoryUse | None:
+async def refuse_evicting_redis(r: Client) -> MemoryUse | None:
     """Check at start-up that Redis never evicts a key; returns what it reported (None: not allowed to ask).
 
     Raises

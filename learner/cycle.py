@@ -31,7 +31,6 @@ from typing import Any, cast
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
 import torch
 
 from privads.infra.kafka import make_producer
@@ -43,6 +42,7 @@ from privads.infra.store import (
     AdCountLog,
     CatalogEntry,
     CatalogStore,
+    Client,
     ModelPointer,
     QualityBoard,
     UserStore,
@@ -114,7 +114,7 @@ class Examples:
         return Examples(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
-async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[str, np.ndarray],
+async def load_examples(settings: Settings, r: Client, embeddings: dict[str, np.ndarray],
                         entries: dict[str, CatalogEntry]) -> Examples | None:
     """Archived impressions whose attribution window has closed, labelled by the archived clicks.
 
@@ -151,7 +151,7 @@ async def load_examples(settings: Settings, r: aioredis.Redis, embeddings: dict[
     distinct = list(dict.fromkeys(user_ids.tolist()))
     # only whether each user still has a state is read, never its values; and an erased user's rows from before
     # the erasure are left out even once the same id has a state again (the archive's compaction may not have run)
-    store = UserStore(r)
+    store = UserStore(r, settings.partitions)
     present = {u for u, exists in zip(distinct, await store.exist_many(distinct), strict=True) if exists}
     alive = without_erased(user_ids.tolist(), ts, await store.erased_since(distinct))
     keep = np.array([v is not None and c is not None and u in present and a in embeddings
@@ -416,7 +416,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
                             "its readable parts and the initial projector" if loaded is None else "what it can read")
         # read first: whether any user lives in the served space (a user learned after this read, while a refit
         # runs, is learned in the space being replaced: possible only around the very first users)
-        total, learned = await UserStore(r).population_sum(settings.d_user)
+        total, learned = await UserStore(r, settings.partitions).population_sum(settings.d_user)
         # the change id first: anything changed after it is replayed by readers as a delta
         change = await catalog_store.last_change()
         ids = await catalog_store.all_ids()
@@ -633,7 +633,7 @@ async def unscheduled(settings: Settings, last_cycle: float, seen_change: str | 
         if current is None or not refittable(current) or change in (current.get("catalog_change"), "0-0") \
                 or change != seen_change:
             return None, change
-        _, learned = await UserStore(r).population_sum(settings.d_user)
+        _, learned = await UserStore(r, settings.partitions).population_sum(settings.d_user)
         return ("catalog" if learned == 0 else None), change
     finally:
         await r.aclose()

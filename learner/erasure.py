@@ -31,11 +31,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from privads.infra.records import erased_event
 from privads.infra.settings import Settings
-from privads.infra.store import UserStore, connect
+from privads.infra.store import Client, UserStore, connect
 from privads.streams import archive
 
 log = logging.getLogger("privads.learner.erasure")
@@ -61,10 +60,10 @@ def without_erased(user_ids: Sequence[str], ts: Sequence[float] | np.ndarray,
     return np.array([not erased_event(erased, u, t) for u, t in zip(user_ids, ts, strict=True)], dtype=bool)
 
 
-async def compact_archive(settings: Settings, r: aioredis.Redis, now: float | None = None) -> dict[str, Any]:
+async def compact_archive(settings: Settings, r: Client, now: float | None = None) -> dict[str, Any]:
     """One compaction pass: the hours past the archive's retention removed, then the erased users' rows out of
     the files left; settles the erasures it covered."""
-    users = UserStore(r)
+    users = UserStore(r, settings.partitions)
     started = time.time() if now is None else now
     # never less than the training window: the learner must find the hours it trains on
     keep_s = max(settings.archive_retention_s, settings.train_window_s + settings.attribution_window_s)
@@ -91,6 +90,6 @@ async def erased_of(settings: Settings, user_ids: Sequence[str]) -> dict[str, fl
     """The erased ones of ``user_ids``, with when, from the stack's Redis (``settings.redis_url``)."""
     r = connect(settings.redis_url)
     try:
-        return await UserStore(r).erased_since(user_ids)
+        return await UserStore(r, settings.partitions).erased_since(user_ids)
     finally:
         await r.aclose()

@@ -122,7 +122,7 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
         manifest = _manifest_for(settings, policy, await ModelPointer(r).get())
         version = await asyncio.to_thread(load_version, manifest)
         users = sorted(set(rows.user_id))
-        states = dict(zip(users, await UserStore(r).get_many(users), strict=True))
+        states = dict(zip(users, await UserStore(r, settings.partitions).get_many(users), strict=True))
         snapshot, _ = await AdCountLog(r).snapshot(experiment.ARMS)
     finally:
         await r.aclose()

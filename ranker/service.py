@@ -200,7 +200,7 @@ class Recommender:
                  confirmer: ConfirmingProducer | None = None) -> None:
         self.settings = settings
         self.secret = secret  # signs the impression ids it hands out, checks the clicks on them (infra.signing)
-        self.users = UserStore(redis)
+        self.users = UserStore(redis, settings.partitions)
         self.catalog = CatalogStore(redis)
         self.pointer = ModelPointer(redis)
         self.counters = Counters(redis)

@@ -153,25 +153,27 @@ def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str,
     return rows
 
 
-def drain(r: redis.Redis, root: Path, partition: int, chunk: int = 500,
-          still_mine: Callable[[], bool] | None = None) -> int:
+def drain(r: redis.Redis | redis.RedisCluster, root: Path, partition: int, chunk: int = 500,
+          still_mine: Callable[[], bool] | None = None, upto: str = "+") -> int:
     """Move archived entries of one partition from Redis into Parquet; returns rows written.
 
     ``r`` is a synchronous redis client (the drain runs in a thread). ``still_mine``, asked before
     each chunk, renews the caller's lock on the partition's drain; the drain stops when it says no.
+    Only entries up to id ``upto`` are drained: on a cluster, the ones a replica is known to hold
+    (``infra.store.Committed``).
     """
     stream = keys.archive(partition)
     written = 0
     while still_mine is None or still_mine():
         # bytes: the client leaves decode_responses off (see infra.store)
-        entries = cast("StreamEntries | None", r.xrange(stream, count=chunk))
+        entries = cast("StreamEntries | None", r.xrange(stream, "-", upto, count=chunk))
         if not entries:
             return written
         first, last = entries[0][0].decode(), entries[-1][0].decode()
         imp_cols, lab_cols = columns_of(entries)
         # a user erased while the chunk waited in Redis is not written (a batch committed after the erasure left the
         # user's rows out itself, streams.worker); the erasure stays pending until this chunk is trimmed
-        erased = _erased_in(r, imp_cols["user_id"] + lab_cols["user_id"])
+        erased = _erased_in(r, partition, imp_cols["user_id"] + lab_cols["user_id"])
         if erased:
             imp_cols, lab_cols = _without(imp_cols, erased), _without(lab_cols, erased)
         written += write_columns(root, partition, first.replace("-", "_"), imp_cols, lab_cols)
@@ -219,11 +221,15 @@ class Drainer:
         self._retry_at = 0.0
         self._swept = False
 
-    def run(self, r: redis.Redis, partitions: Iterable[int], force: bool = False) -> int:
+    def run(self, r: redis.Redis | redis.RedisCluster, partitions: Iterable[int], force: bool = False,
+            upto: Mapping[int, str] | None = None) -> int:
         """Drain the partitions whose lock this worker gets; returns rows written.
 
         While backing off it does nothing (0) unless ``force`` (the last drain before the worker stops).
+        With ``upto`` (a cluster), each partition is drained up to the entry id it gives, and not at all if absent.
         """
+        if upto is not None:
+            partitions = [p for p in partitions if p in upto]
         if not force and time.monotonic() < self._retry_at:
             return 0
         if not self._swept:
@@ -237,7 +243,8 @@ class Drainer:
                 # second) brings a lock back that nobody else holds; waiting out its TTL would stall the archive
                 if r.set(lock, self.owner, nx=True, ex=self.LOCK_S) or r.get(lock) == self.owner.encode():
                     try:
-                        written += drain(r, self.root, p, still_mine=functools.partial(self._renew, r, lock))
+                        written += drain(r, self.root, p, still_mine=functools.partial(self._renew, r, lock),
+                                         upto="+" if upto is None else upto[p])
                     finally:
                         if r.get(lock) == self.owner.encode():  # not another drainer's, taken after ours expired
                             r.delete(lock)
@@ -250,7 +257,7 @@ class Drainer:
         self.failures, self.failing_since, self.error, self._reported, self._retry_at = 0, None, None, None, 0.0
         return written
 
-    def _renew(self, r: redis.Redis, lock: str) -> bool:
+    def _renew(self, r: redis.Redis | redis.RedisCluster, lock: str) -> bool:
         """Extend this drainer's lock for another ``LOCK_S``; False if it expired and is not ours any more."""
         if r.get(lock) != self.owner.encode():
             log.warning("archive: the drain lock %s expired during a drain (a chunk took over %d s); stopping, the "
@@ -284,15 +291,15 @@ class Drainer:
                 continue
 
 
-def _erased_in(r: redis.Redis, user_ids: list[str]) -> dict[str, float]:
-    """The ones of ``user_ids`` whose erasure is pending (``keys.ERASURES``), with when.
+def _erased_in(r: redis.Redis | redis.RedisCluster, partition: int, user_ids: list[str]) -> dict[str, float]:
+    """The ones of ``user_ids`` (of partition ``partition``) whose erasure is pending (``keys.erasures``), with when.
 
     Only pending erasures matter here: an erasure is settled only once every chunk
     committed before it has been drained (``learner.erasure``), and a chunk committed
     after it holds none of the user's rows. Usually none is pending, and the chunk's
     users are not even hashed.
     """
-    pending = cast(list[tuple[bytes, float]], r.zrange(keys.ERASURES, 0, -1, withscores=True))
+    pending = cast(list[tuple[bytes, float]], r.zrange(keys.erasures(partition), 0, -1, withscores=True))
     if not pending:
         return {}
     by_hash = {h.decode(): float(t) for h, t in pending}

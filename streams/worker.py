@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import functools
 import logging
 import os
@@ -33,8 +34,6 @@ from dataclasses import asdict, dataclass, field
 
 import msgspec
 import numpy as np
-import redis
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetOutOfRangeError
@@ -45,11 +44,14 @@ from privads.infra import keys, records
 from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import async_producer_config, consumer_config, create_topics, keep_topics
 from privads.infra.loops import Step, backoff_s, until_done
+from privads.infra.migrate import refuse_old_layout
 from privads.infra.partitioning import owner
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.settings import Settings
 from privads.infra.store import (
     CatalogStore,
+    Client,
+    Cluster,
     Conflict,
     ModelPointer,
     PartitionStore,
@@ -58,6 +60,7 @@ from privads.infra.store import (
     UserStore,
     WorkerRegistry,
     connect,
+    connect_sync,
     refuse_evicting_redis,
 )
 from privads.ranker.artifacts import prior_or
@@ -107,11 +110,15 @@ class PartitionBatch:
 class EventAgent:
     """Attribution and user learning for the partitions this worker owns."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, producer: AIOKafkaProducer,
+    def __init__(self, settings: Settings, redis: Client, producer: AIOKafkaProducer,
                  ad_vectors: AdVectors) -> None:
         self.s = settings
         self.store = PartitionStore(redis)
-        self.users = UserStore(redis)
+        self.users = UserStore(redis, settings.partitions)
+        # on a cluster: per partition, the newest archive / outbox entry a replica is known to hold (``Committed``),
+        # up to which the archive drains and the outbox folds
+        self.durable_archive: dict[int, str] = {}
+        self.unfolded: dict[int, str] = {}
         # user → when this worker last committed its idle clock (seen:{p}); written again only after ``seen_every``,
         # so an idle user expires between USER_IDLE_S and USER_IDLE_S + seen_every after its last event
         self.seen_at: OrderedDict[str, float] = OrderedDict()
@@ -486,10 +493,18 @@ class EventAgent:
         for u, h in homes.items():  # when each written user last changed: the clock of its idle expiry
             if (home := by_partition.get(h)) is not None:
                 home.touched[u] = wall
+        for u, blob in users.items():  # each user's state commits with its partition
+            by_partition[owner(u.encode(), self.n_partitions)].users[u] = blob
         counters = self._counters(by_p, plans, learned, wall)
-        arms = {policy for plan in plans.values() for (policy, _, _) in plan.arm}
+        for w in writes:
+            w.counters = counters.get(w.partition, {})
+            w.arms = {policy for (policy, _, _) in plans[w.partition].arm}
         await self._dead_letter_rejected(by_p, plans, lettered)
-        await self.store.commit(seq, writes, users, counters, arms, most)
+        committed = await self.store.commit(seq, writes, most)
+        if committed is not None:
+            self.durable_archive.update(committed.archive)
+            self.unfolded.update(committed.outbox)
+            await self.fold()
         for w in writes:  # committed: these clocks are in Redis
             for u, t in w.touched.items():
                 self.seen_at[u] = t
@@ -501,8 +516,8 @@ class EventAgent:
 
     async def _learn(
         self, served: list[records.Impression], labelled: list[records.Labelled]
-    ) -> tuple[dict[str, bytes], Counter[str], int, tuple[np.ndarray, np.ndarray], dict[int, tuple[np.ndarray, int]],
-               dict[str, int], dict[str, float]]:
+    ) -> tuple[dict[str, bytes], Counter[tuple[int, str]], int, tuple[np.ndarray, np.ndarray],
+               dict[int, tuple[np.ndarray, int]], dict[str, int], dict[str, float]]:
         """New packed posteriors of the users these events touch, a sample of (outcome, prediction) pairs, and
         what the population sums of their partitions gain (partition → (Σ change of the means, new users)), the
         partition of each written user whose idle clock is due, and the erased users among the events' (→ when).
@@ -513,7 +528,7 @@ class EventAgent:
         An impression's logit is offset by the log of the calibration factor it
         was served with (``Impression.factor``), as serving multiplies it in.
         """
-        out: Counter[str] = Counter()
+        out: Counter[tuple[int, str]] = Counter()  # (partition, stat) → n
         none = (np.zeros(0), np.zeros(0))
         # consumption order: first the clicks on impressions of earlier batches (a click's half is the same step
         # whenever it is taken), then each new impression's half, followed at once by its click's if it joined in
@@ -535,6 +550,8 @@ class EventAgent:
             self.users.get_many(user_ids), self.users.erased_at(user_ids),
             self.ad_vectors.get(list(dict.fromkeys([e[1] for e in events] + [ex.ad_id for ex in probes]))))
         row = {u: i for i, u in enumerate(user_ids)}
+        # each user's partition, once per user: stats are counted per partition (each commits on its own on a cluster)
+        home = np.array([owner(u.encode(), self.n_partitions) for u in user_ids], dtype=np.int64)
         gone = {u: t for u, t in zip(user_ids, erased, strict=True) if t is not None}
 
         def unusable(user_id: str, ad_id: str, ts: float) -> str | None:
@@ -550,7 +567,7 @@ class EventAgent:
             if (why := unusable(*e[:3])) is None:
                 keep.append(e)
             else:
-                out[why] += 1
+                out[(int(home[row[e[0]]]), why)] += 1
         scored = [ex for ex in probes if unusable(ex.user_id, ex.ad_id, ex.ts) is None]
         d = self.s.d_user
         mean = np.tile(self.prior_mean, (len(user_ids), 1))
@@ -581,11 +598,15 @@ class EventAgent:
                                        offset=offset)
         counts += np.bincount(idx[kinds == IMPRESSION], minlength=len(user_ids))
         touched = np.unique(idx)
-        out["learned_impressions"] += int((kinds == IMPRESSION).sum())
-        out["learned_clicks"] += int((kinds == CLICK).sum())
+        # counted per partition: on a cluster each partition commits (and counts) on its own
+        event_home = home[idx]
+        for h in np.unique(event_home).tolist():
+            mine = kinds[event_home == h]
+            out[(h, "learned_impressions")] += int((mine == IMPRESSION).sum())
+            out[(h, "learned_clicks")] += int((mine == CLICK).sum())
         packed = {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i])) for i in touched}
         # what each partition's population sum gains: the touched users' moves, and the new users whole
-        homes = np.array([owner(user_ids[i].encode(), self.n_partitions) for i in touched.tolist()])
+        homes = home[touched]
         change = mean[touched].astype(np.float64) - np.where(known[touched, None], before[touched], 0.0)
         population = {int(h): (change[homes == h].sum(axis=0), int((~known[touched])[homes == h].sum()))
                       for h in np.unique(homes)}
@@ -597,11 +618,21 @@ class EventAgent:
                    if not known[i] or wall - self.seen_at.get(user_ids[i], -np.inf) >= self.seen_every}
         return packed, out, 2 * int(counts[touched].max()), sample, population, home_of, gone
 
-    def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[str],
-                  wall: float) -> dict[str, dict[str, int]]:
-        counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        stats = counters[keys.STATS]
+    async def fold(self) -> None:
+        """On a cluster: fold the outboxes of the partitions committed since into the global counters."""
+        for p, upto in sorted(self.unfolded.items()):
+            await self.store.fold(p, upto)
+            if self.unfolded.get(p) == upto:
+                del self.unfolded[p]
+
+    def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[tuple[int, str]],
+                  wall: float) -> dict[int, dict[str, dict[str, int]]]:
+        """The global counters' increments of the batch, per partition: hash key → field → increment."""
+        out: dict[int, dict[str, dict[str, int]]] = {}
         for p, pb in by_p.items():
+            counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            out[p] = counters
+            stats = counters[keys.STATS]
             for topic, n in pb.processed.items():
                 stats[f"processed:{topic}" if topic.startswith("privads.") else topic] += n
             plan = plans[p]
@@ -616,9 +647,9 @@ class EventAgent:
             stats["labelled_negatives"] += sum(not ex.clicked for ex in plan.labelled)
             for ts in plan.click_ts:
                 counters[keys.FRESHNESS][str(freshness_bucket((wall - ts) * 1000))] += 1
-        for k, n in learned.items():
-            stats[k] += n
-        return counters
+        for (p, k), n in learned.items():  # a user's events arrive on its own partition (``_decode`` forwards)
+            out.setdefault(p, defaultdict(lambda: defaultdict(int)))[keys.STATS][k] += n
+        return out
 
 
 class Listener(ConsumerRebalanceListener):
@@ -734,6 +765,7 @@ async def run(settings: Settings) -> None:
     await asyncio.to_thread(create_topics, settings.kafka_servers, settings.partitions)
     r = connect(settings.redis_url)
     await refuse_evicting_redis(r)  # an evicting Redis would drop checkpoints silently (README: Resource limits)
+    await refuse_old_layout(r)  # state of an earlier key layout would look like none (README: On a Redis Cluster)
     catalog = CatalogStore(r)
     ad_vectors = AdVectors(settings, catalog, ModelPointer(r))
     indexer = CatalogIndexer(catalog, AdEncoder(settings.encoder_backend, settings.models_dir / "encoder"))
@@ -750,13 +782,14 @@ async def run(settings: Settings) -> None:
     quality_board = QualityBoard(r)
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
 
-    archive_redis = redis.Redis.from_url(settings.redis_url)
+    archive_redis = connect_sync(settings.redis_url)
     drainer = archive.Drainer(settings.data / "archive", settings.archive_every_s, worker_id)
 
     def archive_partitions(parts: list[int], force: bool = False) -> None:
         """Drain the committed archive entries of these partitions into Parquet (in a thread; a failure is logged
         once and retried with a back-off, ``streams.archive.Drainer``)."""
-        drainer.run(archive_redis, parts, force)
+        # on a cluster, only what a replica holds (a failover would replay the rest: drained, it would count twice)
+        drainer.run(archive_redis, parts, force, dict(agent.durable_archive) if isinstance(r, Cluster) else None)
 
     async def timers() -> None:
         """Follow the served model, heartbeat, publish the quality watch, archive: each step on its own.
@@ -836,12 +869,21 @@ async def run(settings: Settings) -> None:
                 if tick:  # the pending events of users erased lately, scrubbed off the API's request path
                     for p in sorted(agent.owned):
                         await agent.store.scrub_erased(p)
+                    if isinstance(r, Cluster):  # what no commit of this worker acknowledged: a dead owner's
+                        for p in sorted(agent.owned - set(agent.unfolded)):
+                            tips = await agent.store.durable_tips(p)
+                            agent.unfolded.update(tips.outbox)
+                            agent.durable_archive.update(tips.archive)
+                    await agent.fold()  # on a cluster, outboxes a failed fold left
                 applying.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - see above: logged once, backed off, replayed
                 replay = True
                 await asyncio.sleep(applying.failed(e))
+                if isinstance(r, Cluster):  # a failover may have moved the slots: read the map again
+                    with contextlib.suppress(RedisError):
+                        await r.refresh()
 
     tasks = [asyncio.create_task(t, name=n) for t, n in (
         (attribute_and_learn(), "attribute_and_learn"), (index_ads(settings, indexer, producer, stop), "index_ads"),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from privads.infra import keys
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CATALOG = REPO / "data" / "sample_ads.jsonl"
 
@@ -96,7 +98,7 @@ def counters(r) -> dict[tuple[str, str], int]:
         for key in r.scan_iter(pattern):
             if r.type(key) == b"hash":
                 out.update({(key.decode(), f.decode()): int(v) for f, v in r.hgetall(key).items()})
-    out.update({("stats", f.decode()): int(v) for f, v in r.hgetall("stats").items()
+    out.update({(keys.STATS, f.decode()): int(v) for f, v in r.hgetall(keys.STATS).items()
                 if not f.startswith(b"processed:")})
     return out
 
@@ -125,3 +127,8 @@ def learner_examples(settings):
             await r.aclose()
 
     return asyncio.run(load())
+
+
+def user_key(r, user_id: str) -> str:
+    """A user's state key, with the partition count the workers registered (``keys.PARTITIONS``)."""
+    return keys.user(user_id, int(r.get(keys.PARTITIONS)))

@@ -11,6 +11,7 @@ import redis
 from conftest import wait_until
 from helpers import produce, read_topic, sample_ads
 from privads.infra import keys, records
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["insurance", "coffee & tea", "gaming"]
@@ -128,15 +129,15 @@ def test_put_ad_becomes_recommendable(client: httpx.Client) -> None:
     wait_until(shown, 10, "the new ad to be recommended")
 
 
-def test_delete_user_erases_learned_state(client: httpx.Client, rds: redis.Redis) -> None:
+def test_delete_user_erases_learned_state(client: httpx.Client, rds: redis.Redis, settings: Settings) -> None:
     user = "erin"
     body = recommend(client, user)
     a = body["ads"][0]
     client.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user, "ad_id": a["ad_id"]})
-    wait_until(lambda: rds.exists(keys.user(user)), 30, "the click to be learned")
+    wait_until(lambda: rds.exists(keys.user(user, settings.partitions)), 30, "the click to be learned")
     r = client.delete(f"/users/{user}")
     assert r.status_code == 204
-    assert not rds.exists(keys.user(user))
+    assert not rds.exists(keys.user(user, settings.partitions))
     assert len(recommend(client, user)["ads"]) == 10
 
 

@@ -26,6 +26,7 @@ from helpers import counters, moved, produce, read_topic, sample_ads
 from privads.api.server import is_loopback
 from privads.infra import keys, records
 from privads.infra.processes import free_port
+from privads.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "coffee & tea", "gaming"], per_category=4, bid=1.0)
@@ -43,8 +44,8 @@ def stat(r: redis.Redis, name: str) -> int:
     return int(r.hget(keys.STATS, name) or 0)
 
 
-def state(r: redis.Redis, user_id: str) -> tuple | None:
-    blob = r.get(keys.user(user_id))
+def state(r: redis.Redis, user_id: str, partitions: int) -> tuple | None:
+    blob = r.get(keys.user(user_id, partitions))
     return keys.unpack_user(blob) if blob else None
 
 
@@ -56,14 +57,14 @@ def uid(prefix: str) -> str:
 
 
 def test_forged_clicks_are_refused_and_change_no_counter_and_no_vector(infra, client: httpx.Client,
-                                                                      rds: redis.Redis) -> None:
+                                                                      rds: redis.Redis, settings: Settings) -> None:
     victim, mallory, witness = uid("victim"), uid("mallory"), uid("witness")
     served = stat(rds, "impressions")
     shown = client.post("/recommend", json={"user_id": victim, "k": 5}).json()["ads"]
     seen = client.post("/recommend", json={"user_id": witness, "k": 5}).json()["ads"]
     other_ad = next(a["ad_id"] for a in ADS if a["ad_id"] != shown[0]["ad_id"])
     wait_until(lambda: stat(rds, "impressions") == served + 10, 30, "the ten impressions to be learned")
-    victim_before = state(rds, victim)
+    victim_before = state(rds, victim, settings.partitions)
     before = counters(rds)
     mine = shown[0]
     rid, mac = mine["impression_id"].rsplit(".", 1)
@@ -85,7 +86,7 @@ def test_forged_clicks_are_refused_and_change_no_counter_and_no_vector(infra, cl
     real = client.post("/clicks", json={"impression_id": seen[0]["impression_id"], "user_id": witness,
                                         "ad_id": seen[0]["ad_id"]})
     assert real.status_code == 202, real.text
-    wait_until(lambda: stat(rds, "labelled_clicks") == before.get(("stats", "labelled_clicks"), 0) + 1, 30,
+    wait_until(lambda: stat(rds, "labelled_clicks") == before.get((keys.STATS, "labelled_clicks"), 0) + 1, 30,
                "the real click to be learned")
     # the real click's moves, and nothing else
     changed = moved(before, counters(rds))
@@ -94,10 +95,10 @@ def test_forged_clicks_are_refused_and_change_no_counter_and_no_vector(infra, cl
     assert {k: v for k, v in changed.items() if not k[0].startswith("arm:")} == {
         (keys.adstat("treatment", "clicks"), seen[0]["ad_id"]): 1,
         (keys.adstat("treatment", "labelled"), seen[0]["ad_id"]): 1,
-        ("stats", "labelled_clicks"): 1, ("stats", "learned_clicks"): 1}, changed
-    for got, want in zip(state(rds, victim), victim_before, strict=True):
+        (keys.STATS, "labelled_clicks"): 1, (keys.STATS, "learned_clicks"): 1}, changed
+    for got, want in zip(state(rds, victim, settings.partitions), victim_before, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert state(rds, mallory) is None
+    assert state(rds, mallory, settings.partitions) is None
     # nothing of them reached Kafka: the only click produced is the real one
     produced = [c for c in read_topic(infra.kafka, records.CLICKS) if c["user_id"] in (victim, mallory, witness)]
     assert [c["event_id"] for c in produced] == [real.json()["event_id"]]

@@ -11,7 +11,7 @@ import redis
 
 from conftest import start_api, start_worker, stopping, wait_until
 from helpers import produce, read_topic, sample_ads
-from privads.infra import records
+from privads.infra import keys, records
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
 from privads.ranker import experiment
@@ -112,13 +112,13 @@ def test_arms_split_by_ratio_stay_sticky_and_are_logged(infra, client: httpx.Cli
     assert 'privads_recommendations_total{policy="treatment"}' in text
 
 
-def test_deletion_leaves_no_trace_in_redis(client: httpx.Client, rds: redis.Redis) -> None:
+def test_deletion_leaves_no_trace_in_redis(client: httpx.Client, rds: redis.Redis, settings: Settings) -> None:
     user = next(u for u in (f"erase-me-{i}" for i in range(100)) if experiment.assign_arm(u, "privads-arm-v1", 0.5)
                 == experiment.TREATMENT)
     body = client.post("/recommend", json={"user_id": user, "k": 5}).json()
     a = body["ads"][0]
     client.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user, "ad_id": a["ad_id"]})
-    wait_until(lambda: rds.exists(f"u:{user}"), 30, "the click to be learned")
+    wait_until(lambda: rds.exists(keys.user(user, settings.partitions)), 30, "the click to be learned")
     needle = user.encode()
 
     def traces() -> list[str]:
@@ -195,11 +195,11 @@ def test_each_arm_learns_only_from_its_own_traffic(client: httpx.Client, rds: re
     before = control_list()
     target = before[-1]  # the control's last choice
     click_target(arm_users(experiment.TREATMENT, 12, "t-fan"), target)
-    wait_until(lambda: int(rds.hget("adstat:treatment:clicks", target) or 0) >= 12, 30, "the treatment clicks")
+    wait_until(lambda: int(rds.hget(keys.adstat("treatment", "clicks"), target) or 0) >= 12, 30, "the treatment clicks")
     time.sleep(3)  # the API follows the counts within about a second and re-ranks the control every 0.5 s
     after = control_list()
     # 12 clicks in the treatment did not lift the ad in the control: it is still among the control's last
-    assert after.index(target) >= len(after) - 3 and rds.hget("adstat:control:clicks", target) is None
+    assert after.index(target) >= len(after) - 3 and rds.hget(keys.adstat("control", "clicks"), target) is None
     # the same clicks from control users: now the control's own evidence puts the ad on top
     click_target(arm_users(experiment.CONTROL, 12, "c-fan"), target)
     assert wait_until(lambda: control_list()[0] == target, 30, "the control to rank the ad it saw clicked")

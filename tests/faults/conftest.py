@@ -20,8 +20,13 @@ from privads.infra.settings import Settings
 
 @pytest.fixture
 def box(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Box]:
-    # parametrised indirectly with the broker's storage ("memory", the default, or "s3")
-    b = start_box(tmp_path, getattr(request, "param", "memory"))
+    # parametrised indirectly with the broker's storage ("memory", the default, or "s3"), or "cluster": the
+    # memory broker and a Redis Cluster
+    param = getattr(request, "param", "memory")
+    if param == "cluster":
+        b = start_box(tmp_path, redis_topology="cluster")
+    else:
+        b = start_box(tmp_path, param)
     try:
         yield b
     finally:
@@ -44,7 +49,7 @@ def fleet(fsettings: Settings) -> Iterator[Fleet]:
 
 @pytest.fixture
 def r(box: Box) -> Iterator[redis.Redis]:
-    """A client of the box's redis-server; it reconnects by itself after a restart on the same port."""
-    client = redis.Redis(host="127.0.0.1", port=box.redis_port)
+    """A client of the box's redis-server (it reconnects by itself after a restart on the same port), or cluster."""
+    client = box.client() if box.cluster is not None else redis.Redis(host="127.0.0.1", port=box.redis_port)
     yield client
     client.close()

@@ -62,7 +62,9 @@ from privads.infra.processes import (
     redis_process,
     wait_port_free,
 )
+from privads.infra.redis_cluster import LocalCluster, start_redis_cluster, stop_processes
 from privads.infra.settings import Settings
+from privads.infra.store import connect_sync
 from privads.streams import archive
 
 PARTITIONS = 2
@@ -86,10 +88,15 @@ class Box:
     store: Process | None = None  # the broker's S3 object store, when its log is durable
     s3_endpoint: str | None = None
     broker_restarts: int = 0
+    cluster: LocalCluster | None = None  # a Redis Cluster instead of ``redis`` (which then never starts)
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.cluster.url if self.cluster is not None else f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def client(self) -> redis.Redis | redis.RedisCluster:
+        """A synchronous client of the box's Redis (a cluster client on a cluster)."""
+        return connect_sync(self.redis_url)
 
     def kill_redis(self) -> None:
         """SIGKILL redis-server: what its AOF had not fsynced (``appendfsync everysec``: up to a second) is lost."""
@@ -120,6 +127,8 @@ class Box:
         self.broker.start(30)
 
     def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop(10)
         self.redis.stop(10)
         self.broker.stop(10)
         if self.store is not None:
@@ -177,10 +186,12 @@ class AofTail:
         return cut
 
 
-def start_box(data: Path, broker_storage: str = "memory", partitions: int = PARTITIONS) -> Box:
+def start_box(data: Path, broker_storage: str = "memory", partitions: int = PARTITIONS,
+              redis_topology: str = "single") -> Box:
     """Start a broker and a redis-server on free ports; the caller stops the box (``Box.stop``) even on failure.
 
-    With ``broker_storage`` "s3" the broker keeps its log in an object store of its own (``localbucket``).
+    With ``broker_storage`` "s3" the broker keeps its log in an object store of its own (``localbucket``). With
+    ``redis_topology`` "cluster", Redis is a local cluster of 3 masters and 3 replicas instead of one server.
     """
     kport, rport = free_port(), free_port()
     store, endpoint = None, None
@@ -195,7 +206,15 @@ def start_box(data: Path, broker_storage: str = "memory", partitions: int = PART
         if store is not None:
             store.start(timeout=30)
         box.broker.start(timeout=30)
-        box.redis.start(timeout=30)
+        if redis_topology == "cluster":
+            nodes: list[Process] = []
+            try:
+                box.cluster = start_redis_cluster(data / "cluster", nodes)
+            except BaseException:
+                stop_processes(nodes)
+                raise
+        else:
+            box.redis.start(timeout=30)
         create_topics(box.kafka, partitions=partitions)
     except BaseException:
         box.stop()
@@ -233,7 +252,7 @@ class Fleet:
     def worker(self, name: str, timeout: float = 90) -> Process:
         """A stream worker, returned once its heartbeat says it owns partitions."""
         since = time.time()
-        r = redis.Redis.from_url(self.settings.redis_url)
+        r = connect_sync(self.settings.redis_url)
         try:
             p = python_process(name, ["worker"], self.settings.data / "logs" / f"{name}.log",
                                self.settings.child_env(), ready=lambda: _worker_ready(r, since))
@@ -674,7 +693,7 @@ class Progress:
 
     def committed(self) -> dict[int, int]:
         """Partition → input offsets committed (impressions + clicks; forwarded events too)."""
-        r = redis.Redis.from_url(self.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        r = connect_sync(self.redis_url, socket_timeout=1, socket_connect_timeout=1)
         try:
             out = {}
             for p in range(self.partitions):
@@ -801,7 +820,7 @@ def _arm_counters(r: redis.Redis) -> dict[tuple[str, str, int, str], int]:
     out: dict[tuple[str, str, int, str], int] = {}
     for prefix, _ in keys.ARM_SPANS.values():
         for key in r.scan_iter(f"{prefix}:*", count=1000):
-            _, policy, bucket = key.decode().split(":")
+            _, _, policy, bucket = key.decode().split(":")  # keys.arm: prefix, {g}, policy, bucket
             for f, v in r.hgetall(key).items():
                 out[(prefix, policy, int(bucket), f.decode())] = int(v)
     return out
@@ -901,7 +920,7 @@ def check(r: redis.Redis, root: Path, ledger: Ledger, dead_letters: int = 0, res
     for iid, e in expected.items():
         minute = int(e.ts) // keys.ARM_BUCKET_S
         for key in keys.arm_rollup(e.policy, minute):
-            prefix, policy, bucket = key.split(":")
+            prefix, _, policy, bucket = key.split(":")  # keys.arm: prefix, {g}, policy, bucket
             want_arm[(prefix, policy, int(bucket), "impressions")] += 1
             if iid in clicked:
                 want_arm[(prefix, policy, int(bucket), "clicks")] += 1
@@ -938,9 +957,9 @@ def check(r: redis.Redis, root: Path, ledger: Ledger, dead_letters: int = 0, res
 
     # per user: the packed state's count is the impressions learned for that user
     want_users = Counter(e.user_id for e in expected.values())
-    seen_users = {u: keys.unpack_user(r.get(keys.user(u)) or b"\0\0\0\0")[2] for u in want_users}
-    extra_users = [k.decode() for k in r.scan_iter(keys.USER_PREFIX + "*", count=1000)
-                   if k.decode()[len(keys.USER_PREFIX):] not in want_users]
+    stored = {keys.user_id_of(k): r.get(k) for k in r.scan_iter(keys.USER_PREFIX + "*", count=1000)}
+    seen_users = {u: keys.unpack_user(stored.get(u) or b"\0\0\0\0")[2] for u in want_users}
+    extra_users = [u for u in stored if u not in want_users]
     _compare(out, USERS, "user state counts", dict(want_users), seen_users)
     if extra_users:
         out.diffs.append((USERS, f"user states of users never sent: {extra_users[:8]}"))

@@ -51,7 +51,7 @@ def test_hostile_events_and_an_erasure_burst_under_a_steady_stream(box: Box, fse
     async def erase_burst() -> float:
         client = aioredis.Redis.from_url(fsettings.redis_url)
         gate = asyncio.Semaphore(50)
-        users = UserStore(client)
+        users = UserStore(client, fsettings.partitions)
 
         async def one(u: str) -> None:
             async with gate:

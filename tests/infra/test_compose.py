@@ -239,3 +239,52 @@ def test_broken_copy_fails_validation(tmp_path: Path) -> None:
     proc = _run_config(broken_file, tmp_path)
     assert proc.returncode != 0, f"broken compose file was accepted:\n{proc.stdout}"
     assert "privads-undefined" in proc.stderr, proc.stderr
+
+
+# --- the Redis Cluster overlay (docker-compose.cluster.yml) -------------------------------------------------------
+
+CLUSTER_FILE = REPO_ROOT / "docker-compose.cluster.yml"
+
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_") and not k.startswith("PRIVADS_")}
+    proc = subprocess.run([_compose_binary(), "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE), "config",
+                           "--format", "json"], cwd=REPO_ROOT, env={**env, "PRIVADS_API_KEY": TEST_KEY},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_the_cluster_overlay_runs_three_masters_and_three_replicas_formed_once(cluster_config: dict) -> None:
+    services = cluster_config["services"]
+    nodes = {f"redis-{i}" for i in range(1, 7)}
+    assert nodes | {"redis-cluster"} <= services.keys() and "redis" not in services  # the single one is off
+    for n in nodes:
+        command = services[n]["command"]
+        assert _flag(command, "--cluster-enabled") == "yes" and _flag(command, "--appendonly") == "yes"
+        assert _flag(command, "--maxmemory-policy") == "noeviction"
+        assert any(v.get("target") == "/data" for v in services[n].get("volumes") or [])
+    init = services["redis-cluster"]
+    assert "--cluster-replicas 1" in init["command"][0]
+    assert set(init["depends_on"]) == nodes
+    assert all(d["condition"] == "service_healthy" for d in init["depends_on"].values())
+
+
+def test_every_app_service_names_the_cluster_and_one_partition_count(cluster_config: dict) -> None:
+    from privads.infra.settings import cluster_nodes
+
+    services = cluster_config["services"]
+    counts = set()
+    for name in APP_SERVICES:
+        env = _env(services[name])
+        seeds, _, _ = cluster_nodes(env["PRIVADS_REDIS"])
+        assert {h for h, _ in seeds} == {f"redis-{i}" for i in range(1, 7)} <= services.keys(), name
+        assert env["PRIVADS_KAFKA"] == "kafka:9092" and env["PRIVADS_DATA"] == "/var/lib/privads", name
+        counts.add(env["PRIVADS_PARTITIONS"])
+        deps = services[name].get("depends_on") or {}
+        assert "redis" not in deps, name
+        if name in ("worker", "learner", "api"):
+            assert deps["redis-cluster"]["condition"] == "service_completed_successfully", name
+    assert counts == {"12"}  # the topics' partitions and the workers' agree
+    assert _env(services["api"])["PRIVADS_API_KEY"] == TEST_KEY

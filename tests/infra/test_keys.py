@@ -58,11 +58,11 @@ def test_unpacked_arrays_are_writable_copies():
 
 # every kind of state lives in its own namespace: the same id never maps two kinds onto one key
 def test_key_namespaces_never_collide():
-    made = [keys.user("x"), keys.checkpoint(1), keys.buckets(1), keys.pending(1, 1), keys.orphans(1),
-            keys.archive(1), keys.erased("x"), keys.arm("x", 1), keys.arm("x", 1, 3600), keys.arm("x", 1, 86400),
+    made = [keys.user("x", 4), keys.checkpoint(1), keys.buckets(1), keys.pending(1, 1), keys.orphans(1),
+            keys.archive(1), keys.erased("x", 4), keys.arm("x", 1), keys.arm("x", 1, 3600), keys.arm("x", 1, 86400),
             keys.ad("x"), keys.embedding("x")]
     assert len(set(made)) == len(made)
-    assert keys.pending(1, 2) != keys.pending(12, 0) and keys.user("ad:x") != keys.ad("x")
+    assert keys.pending(1, 2) != keys.pending(12, 0) and keys.user("ad:x", 4) != keys.ad("x")
 
 
 # --- arm counter roll-ups -------------------------------------------------------------------------------------
@@ -117,3 +117,40 @@ def test_an_event_counts_once_in_each_span_and_each_span_expires_after_its_life(
                       keys.arm("treatment", minute // 1440, 86400)]
     assert [keys.arm_ttl(k) for k in rolled] == [ttl for _, ttl in keys.ARM_SPANS.values()]
     assert keys.arm_ttl(keys.adstat("treatment", "clicks")) is None and keys.arm_ttl(keys.STATS) is None
+
+
+# --- hash slots: everything one transaction touches shares a Redis Cluster slot ----------------------------------
+
+
+@pytest.mark.parametrize("partitions", [1, 4, 6, 16])
+def test_a_partitions_keys_and_its_users_share_one_slot(partitions):
+    from redis.crc import key_slot
+
+    from privads.infra.partitioning import owner
+
+    for p in range(partitions):
+        slot = key_slot(keys.checkpoint(p).encode())
+        mine = [keys.buckets(p), keys.pending(p, 7), keys.orphans(p), keys.archive(p), keys.outbox(p), keys.seen(p),
+                keys.population(p), keys.erasures(p), keys.erasing(p)]
+        assert {key_slot(k.encode()) for k in mine} == {slot}
+    for user in ("alice", "a/b", "{x}", "u:{3}:y", "ad:x", "ü" * 40):
+        home = owner(user.encode(), partitions)
+        slot = key_slot(keys.checkpoint(home).encode())
+        assert key_slot(keys.user(user, partitions).encode()) == slot
+        assert key_slot(keys.erased(user, partitions).encode()) == slot
+        assert keys.user_id_of(keys.user(user, partitions)) == user
+        assert keys.user_id_of(keys.user(user, partitions).encode()) == user
+
+
+def test_the_global_counters_share_one_slot_and_the_catalog_another():
+    from redis.crc import key_slot
+
+    counters = [keys.STATS, keys.FRESHNESS, keys.DP_MAX_UPDATES, keys.ARMS, keys.FOLDED, keys.ADSTAT_LOG,
+                keys.adstat("treatment", "clicks"), *keys.arm_rollup("control", 29_000_000)]
+    catalog = [keys.ADS, keys.CATALOG_LOG, keys.ad("x"), keys.ad("{y}"), keys.embedding("abc"),
+               keys.EMBEDDINGS_UNUSED]
+    assert len({key_slot(k.encode()) for k in counters}) == 1
+    assert len({key_slot(k.encode()) for k in catalog}) == 1
+    assert keys.parse_adstat(keys.adstat("a:b", "shown")) == ("a:b", "shown")
+    assert keys.parse_adstat(keys.ADSTAT_LOG) is None and keys.parse_adstat(keys.STATS) is None
+    assert keys.arm_ttl(keys.arm("x", 1, 3600)) == keys.ARM_SPANS[3600][1]

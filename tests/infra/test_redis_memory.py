@@ -119,7 +119,7 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             wait_until(lambda: rds.scard(keys.ADS) == len(ADS), 60, "the catalog")  # impressions learn on its ads
             produce(infra.kafka, records.IMPRESSIONS, [(i["user_id"], i) for i in imps[:100]])
             wait_until(lambda: stat(rds, f"processed:{records.IMPRESSIONS}") == 100, 60, "the first impressions")
-            assert rds.exists(keys.user("m0"))
+            assert rds.exists(keys.user("m0", settings.partitions))
 
             # fill it: a ceiling just above what it holds, then filler values until a write is refused
             rds.config_set("maxmemory", rds.info("memory")["used_memory"] + 2 * MiB)
@@ -146,11 +146,12 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             assert "used memory > 'maxmemory'" in log  # it stalled for that reason, and said so
 
             # an erasure is refused whole, with a reason and when to retry: not a 500, and nothing half-done
-            before = rds.get(keys.user("m0"))
+            before = rds.get(keys.user("m0", settings.partitions))
             r = api.delete("/users/m0")
             assert r.status_code == 503, r.text
             assert r.json()["detail"] == "redis-oom" and "full" in r.json()["error"] and r.headers["Retry-After"]
-            assert rds.get(keys.user("m0")) == before and not rds.exists(keys.erased("m0"))
+            assert rds.get(keys.user("m0", settings.partitions)) == before
+            assert not rds.exists(keys.erased("m0", settings.partitions))
 
             text = api.get("/metrics").text
             used = metric(text, "privads_redis_used_memory_bytes")
@@ -173,7 +174,7 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             assert stat(rds, f"processed:{records.IMPRESSIONS}") == 200 and stat(rds, "labelled_clicks") == 50
             assert asyncio.run(_read(settings, memory_pressure)) is None
             assert api.get("/readyz").json()["memory_pressure"] is None
-            assert api.delete("/users/m0").status_code == 204 and not rds.exists(keys.user("m0"))
+            assert api.delete("/users/m0").status_code == 204 and not rds.exists(keys.user("m0", settings.partitions))
         finally:
             rds.config_set("maxmemory", DEFAULT_REDIS_MAXMEMORY)
             filler.flushdb()

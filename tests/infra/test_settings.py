@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from privads.infra.settings import Settings
+from privads.infra.settings import Settings, cluster_nodes
 
 
 @pytest.fixture(autouse=True)
@@ -147,3 +147,26 @@ def test_serving_defaults_are_closed(monkeypatch):
     s = Settings()
     assert s.api_host == "127.0.0.1" and s.cors_origins == [] and s.api_key is None
     assert "s3cret" not in repr(Settings(api_key="s3cret"))  # the key never shows in logs
+
+
+@pytest.mark.parametrize(("url", "nodes", "user", "password"), [
+    ("redis+cluster://10.0.0.1:7000", [("10.0.0.1", 7000)], None, None),
+    ("redis+cluster://a:1,b:2,[::1]:3/0", [("a", 1), ("b", 2), ("::1", 3)], None, None),
+    ("redis+cluster://privads:s%40cret@a:1,b:2", [("a", 1), ("b", 2)], "privads", "s@cret"),
+])
+def test_cluster_urls_name_their_seed_nodes(monkeypatch, url, nodes, user, password):
+    assert cluster_nodes(url) == (nodes, user, password)
+    monkeypatch.setenv("PRIVADS_REDIS", url)
+    assert Settings().redis_url == url
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis+cluster://", "names no node"),
+    ("redis+cluster://a:1,b", "'b' is not host:port"),
+    ("http://localhost:6379", "must start with one of"),
+    ("localhost:6379", "must start with one of"),
+])
+def test_a_bad_redis_url_is_refused_naming_what_is_wrong(monkeypatch, url, says):
+    monkeypatch.setenv("PRIVADS_REDIS", url)
+    with pytest.raises(ValidationError, match=says):
+        Settings()

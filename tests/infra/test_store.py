@@ -11,7 +11,21 @@ import pytest
 import redis
 
 from privads.infra import keys
-from privads.infra.store import SERIES_MAX_POINTS, AdCountLog, Counters, ad_count_deltas, connect
+from privads.infra.errors import Conflict
+from privads.infra.processes import Process
+from privads.infra.redis_cluster import start_redis_cluster, stop_processes
+from privads.infra.store import (
+    SERIES_MAX_POINTS,
+    AdCountLog,
+    Cluster,
+    Counters,
+    PartitionStore,
+    PartitionWrites,
+    _archive_reply,
+    _write_partition,
+    ad_count_deltas,
+    connect,
+)
 from privads.ranker.adcounts import AdCounts
 from privads.ranker.scoring import AdEvidence
 from privads.ranker.updates import ad_posterior
@@ -114,8 +128,8 @@ def test_arm_counts_of_any_window_add_up_the_events_in_it(infra, rds: redis.Redi
     last = int(now) // 60
     minutes = rng.integers(last - 60 * 1440, last + 1, size=3000)  # events over 60 days, one per draw
     arms = rng.choice(["treatment", "control"], size=len(minutes))
-    rds.delete("arms")
-    rds.sadd("arms", "treatment", "control")
+    rds.delete(keys.ARMS)
+    rds.sadd(keys.ARMS, "treatment", "control")
     pipe = rds.pipeline(transaction=False)
     for m, a in zip(minutes.tolist(), arms.tolist(), strict=True):
         for key in keys.arm_rollup(a, m):  # what a worker's batch writes per event
@@ -141,6 +155,90 @@ def test_arm_counts_of_any_window_add_up_the_events_in_it(infra, rds: redis.Redi
             # 60 days: minute buckets past 8 days are no longer read, the start moves back to its hour
             got = await counters.arm_counts(60 * 86400.0, now)
             assert sum(c["impressions"] for c in got.values()) == len(minutes)
+        finally:
+            await r.aclose()
+
+    asyncio.run(go())
+
+
+# --- commits on a Redis Cluster --------------------------------------------------------------------------------
+
+
+def _writes(p: int, seq_users: dict[str, bytes], policy: str, impressions: int) -> PartitionWrites:
+    """One partition's writes with every kind of command, so that the archive entry's reply index is exercised."""
+    return PartitionWrites(
+        partition=p, offsets={"privads.impressions": 10 + p}, fingerprints={"privads.impressions": 1}, closed_before=0,
+        marks={}, pending={5: {f"i{p}": b"x"}, 6: {f"j{p}": b"y"}}, put_orphans={f"o{p}": b"z"},
+        del_orphans={"gone"}, drop_buckets={1}, archive={b"imp": b"", b"lab": b""},
+        users=seq_users, counters={keys.STATS: {"impressions": impressions}, keys.arm(policy, 7): {"clicks": 1}},
+        arms={policy})
+
+
+def test_cluster_commits_each_partition_in_its_slot_and_folds_the_counters_once(tmp_path) -> None:
+    nodes: list[Process] = []
+    try:
+        cluster = start_redis_cluster(tmp_path, nodes)
+
+        async def go() -> None:
+            r = connect(cluster.url)
+            assert isinstance(r, Cluster)
+            try:
+                store = PartitionStore(r)
+                parts = [p for p in range(6)]
+                writes = [_writes(p, {f"u{p}": b"state"}, "treatment" if p % 2 else "control", 10 * p + 1)
+                          for p in parts]
+                done = await store.commit({p: 0 for p in parts}, writes, max_user_updates=3)
+                assert done is not None and sorted(done.outbox) == parts and sorted(done.archive) == parts
+                for p in parts:  # the ids a replica holds are the entries just written
+                    assert (await r.xrevrange(keys.archive(p), count=1))[0][0].decode() == done.archive[p]
+                    assert await r.get(keys.user_in(f"u{p}", p)) == b"state"
+                with pytest.raises(Conflict):  # fenced on seq, per partition
+                    await store.commit({0: 0}, [_writes(0, {}, "control", 1)])
+                # nothing global moves before a fold; then exactly once, however often folded
+                assert await r.hget(keys.STATS, "impressions") is None
+                for _ in range(2):
+                    for p in parts:
+                        await store.fold(p, done.outbox[p])
+                assert int(await r.hget(keys.STATS, "impressions")) == sum(10 * p + 1 for p in parts)
+                assert int(await r.hget(keys.arm("treatment", 7), "clicks")) == 3
+                assert {a.decode() for a in await r.smembers(keys.ARMS)} == {"treatment", "control"}
+                assert await r.zscore(keys.DP_MAX_UPDATES, "max") == 3
+                assert all([await r.xlen(keys.outbox(p)) == 0 for p in parts])
+                # a later commit folds only its own increments
+                again = await store.commit({1: 1}, [_writes(1, {}, "treatment", 100)])
+                assert again is not None
+                await store.fold(1, again.outbox[1])
+                assert int(await r.hget(keys.STATS, "impressions")) == sum(10 * p + 1 for p in parts) + 100
+                # a dead owner's leftover, which no commit of this process acknowledged: fenced, then folded
+                box = {"c": {keys.STATS: {"impressions": 1000}}, "a": [], "m": 0}
+                left = (await r.xadd(keys.outbox(4), {"d": json.dumps(box)})).decode()
+                tips = await store.durable_tips(4)
+                assert tips.outbox == {4: left} and tips.archive == {4: done.archive[4]}
+                await store.fold(4, tips.outbox[4])
+                assert int(await r.hget(keys.STATS, "impressions")) == sum(10 * p + 1 for p in parts) + 1100
+                assert (await store.durable_tips(5)).outbox == {}  # folded and trimmed: nothing left
+            finally:
+                await r.aclose()
+
+        asyncio.run(go())
+    finally:
+        stop_processes(nodes)
+
+
+# the reply of a partition's archive XADD is where ``_archive_reply`` says, whatever else the commit writes
+@pytest.mark.parametrize("fields", [(), ("pending",), ("drop_buckets", "put_orphans"), ("pending", "del_orphans")])
+def test_the_archive_entry_id_is_read_from_its_own_reply(infra, fields) -> None:
+    full = _writes(3, {}, "control", 1)
+    w = PartitionWrites(partition=3, offsets={}, fingerprints={}, closed_before=0, marks={},
+                        archive={b"imp": b"", b"lab": b""}, **{f: getattr(full, f) for f in fields})
+
+    async def go() -> None:
+        r = connect(infra.redis_url)
+        try:
+            pipe = r.pipeline(transaction=True)
+            _write_partition(pipe, w)
+            res = await pipe.execute()
+            assert res[_archive_reply(w)] == (await r.xrevrange(keys.archive(3), count=1))[0][0]
         finally:
             await r.aclose()
 

@@ -28,6 +28,7 @@ import redis
 from conftest import Infra, start_api, start_worker, stopping, wait_until
 from helpers import learner_examples, produce, sample_ads
 from privads.infra import keys, records
+from privads.infra.partitioning import owner
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
 from privads.infra.store import connect
@@ -112,13 +113,14 @@ def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
     rows = [json.loads(line) for line in before.read_text().splitlines()]
     mine = [row for row in rows if row["user_id"] == VICTIM]
     assert len(mine) == 12 and sum(row["clicked"] for row in mine) == 3
-    assert VICTIM in archived_users(settings)["impressions"] and rds.exists(keys.user(VICTIM))
+    assert VICTIM in archived_users(settings)["impressions"] and rds.exists(keys.user(VICTIM, settings.partitions))
 
     # percent-encoded, as a client must send an id with "/"
     assert c.delete(f"/users/{quote(VICTIM, safe='')}").status_code == 204
-    assert not rds.exists(keys.user(VICTIM))
-    assert rds.ttl(keys.erased(VICTIM)) == -1  # the tombstone is kept for good: no backfill however late
-    assert rds.zscore(keys.ERASURES, keys.user_hash(VICTIM)) is not None
+    assert not rds.exists(keys.user(VICTIM, settings.partitions))
+    # the tombstone is kept for good: no backfill however late
+    assert rds.ttl(keys.erased(VICTIM, settings.partitions)) == -1
+    assert rds.zscore(keys.erasures(owner(VICTIM.encode(), settings.partitions)), keys.user_hash(VICTIM)) is not None
 
     # the same id comes back with new traffic after the erasure: a new user, whose new rows are fine to keep
     shown, _ = serve(c, VICTIM, requests=1)
@@ -139,7 +141,7 @@ def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
     assert replay["rows"] == stack["total"] - len(mine)
 
     # the learner's examples: not one of the erased impressions, though the id has a state again
-    wait_until(lambda: rds.exists(keys.user(VICTIM)), 30, "the returning id's new state")
+    wait_until(lambda: rds.exists(keys.user(VICTIM, settings.partitions)), 30, "the returning id's new state")
     ex = examples(settings)
     assert ex is not None and len(ex.event_ids) > 0
     assert not set(ex.event_ids.tolist()) & {row["event_id"] for row in mine}
@@ -152,7 +154,8 @@ def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
     imps = archive.read_table(settings.data / "archive", "impressions").to_pylist()
     assert {row["event_id"] for row in imps if row["user_id"] == VICTIM}.isdisjoint(e["event_id"] for e in mine)
     assert VICTIM in files["impressions"]  # the new life's rows stay
-    assert rds.zcard(keys.ERASURES) == 0 and rds.exists(keys.erased(VICTIM))
+    assert rds.zcard(keys.erasures(owner(VICTIM.encode(), settings.partitions))) == 0
+    assert rds.exists(keys.erased(VICTIM, settings.partitions))
     assert asyncio.run(_compact(settings, time.time()))["pending"] == 0
 
     # a backfill of the old export: the worker ignores every erased event, and the drain archives none of them
@@ -211,12 +214,12 @@ def test_an_erasure_stays_pending_while_a_batch_from_before_it_waits_to_be_archi
         r1.flushdb()
         r1.set(keys.PARTITIONS, 1)
         r1.xadd(keys.archive(0), {b"imp": b""}, id="1000-0")  # committed at t = 1 s, long before the erasure
-        r1.zadd(keys.ERASURES, {keys.user_hash("someone"): 500.0})
+        r1.zadd(keys.erasures(0), {keys.user_hash("someone"): 500.0})
         assert asyncio.run(_compact(local, 600.0))["settled"] == 0
-        assert r1.zcard(keys.ERASURES) == 1
+        assert r1.zcard(keys.erasures(0)) == 1
         r1.xtrim(keys.archive(0), minid="1000-1", approximate=False)  # drained (written, then trimmed)
         assert asyncio.run(_compact(local, 601.0))["settled"] == 1
-        assert r1.zcard(keys.ERASURES) == 0
+        assert r1.zcard(keys.erasures(0)) == 0
     finally:
         r1.flushdb()
         r1.close()

@@ -58,7 +58,7 @@ def test_a_clicks_own_update_is_not_in_the_features_it_is_learned_from(
     assert r.status_code == 202, r.text
     # the stream learns the three impressions and the click: the state now holds the click's own update
     wait_until(lambda: int(rds.hget(keys.STATS, "labelled_clicks") or 0) >= 1, 30, "the click to be learned")
-    after_click = keys.unpack_user(rds.get(keys.user(user)))
+    after_click = keys.unpack_user(rds.get(keys.user(user, settings.partitions)))
     assert after_click[2] > 0 and np.linalg.norm(after_click[0]) > 0
     second = api.post("/recommend", json={"user_id": user, "k": 3}).json()
     control_user = user_in(experiment.CONTROL, settings, "leak-c")
@@ -85,7 +85,7 @@ def test_a_clicks_own_update_is_not_in_the_features_it_is_learned_from(
     np.testing.assert_array_equal(ex.users[i], np.zeros(settings.d_user, np.float32))
     assert not np.allclose(ex.users[i], after_click[0], atol=1e-3)
     # the second request was ranked with the state after the first click (float16 in the log), not today's
-    today = keys.unpack_user(rds.get(keys.user(user)))
+    today = keys.unpack_user(rds.get(keys.user(user, settings.partitions)))
     assert today[2] > after_click[2]  # the second request's impressions were learned since
     for a in second["ads"]:
         j = row[a["impression_id"]]

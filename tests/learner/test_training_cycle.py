@@ -56,7 +56,7 @@ def world(settings: Settings, rds) -> Projector:
 
     asyncio.run(store())
     for u in range(N_USERS):
-        rds.set(keys.user(f"u{u}"), keys.pack_user(users[u], np.full(64, 16.0, np.float32), 5))
+        rds.set(keys.user(f"u{u}", settings.partitions), keys.pack_user(users[u], np.full(64, 16.0, np.float32), 5))
     ui, ai = rng.integers(0, N_USERS, N_IMPS), rng.integers(0, N_ADS, N_IMPS)
     p = sigmoid((users[ui] * truth.project(emb[ai])).sum(1) + logit(settings.base_rate))
     clicked = rng.random(N_IMPS) < p

@@ -82,7 +82,8 @@ def test_a_batch_that_raced_another_worker_applies_only_what_that_worker_did_not
     stats = {k.decode(): int(v) for k, v in rds.hgetall(keys.STATS).items()}
     assert stats["processed:privads.impressions"] == N  # not N + N/2: the re-plan dropped the applied half
     assert stats["impressions"] == N and stats.get("duplicate_impressions", 0) == 0
-    arm = sum(int(rds.hget(k, "impressions") or 0) for k in rds.scan_iter("arm:treatment:*"))
+    minutes = rds.scan_iter(keys.arm("treatment", 0).removesuffix("0") + "*")
+    arm = sum(int(rds.hget(k, "impressions") or 0) for k in minutes)
     assert arm == N
     assert int(rds.hget(keys.checkpoint(0), f"off:{records.IMPRESSIONS}")) == N
     archived = sum(e[b"imp"].count(b"\n") + 1 for _, e in rds.xrange(keys.archive(0)) if e.get(b"imp"))

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from conftest import wait_until
-from helpers import click, counters, impression, moved, produce, read_topic, sample_ads
+from helpers import click, counters, impression, moved, produce, read_topic, sample_ads, user_key
 from privads.infra import keys, records
 from privads.infra.partitioning import owner
 from privads.infra.processes import free_port
@@ -57,7 +57,7 @@ def on_partition(of: str, prefix: str, same: bool) -> str:
 
 
 def state(r: redis.Redis, user_id: str) -> tuple | None:
-    blob = r.get(keys.user(user_id))
+    blob = r.get(user_key(r, user_id))
     return keys.unpack_user(blob) if blob else None
 
 

@@ -77,7 +77,7 @@ def test_an_event_stamped_in_milliseconds_is_dead_lettered_and_learning_goes_on(
     produce(infra.kafka, records.CLICKS, [(user, click(good))])
     wait_until(lambda: stat(rds, "labelled_clicks") == clicks + 1, 30, "the next click to be joined")
     assert stat(rds, "late_clicks") == late
-    assert not rds.exists(keys.user(bad_user))
+    assert not rds.exists(keys.user(bad_user, settings.partitions))
     assert 0 < max(watermarks(rds, settings.partitions)) <= time.time() + settings.max_event_ahead_s
 
 
@@ -118,7 +118,7 @@ def test_a_burst_of_erasures_never_stops_the_worker(infra, settings: Settings, c
                 await users.erase(u, time.time())
 
         try:
-            users = UserStore(r)
+            users = UserStore(r, settings.partitions)
             await asyncio.gather(*[one(u) for u in ids])
         finally:
             await r.aclose()
@@ -157,7 +157,7 @@ def test_the_scrub_keeps_what_came_after_the_erasure(infra, settings: Settings, 
     async def go() -> int:
         r = aioredis.Redis.from_url(infra.redis_url)
         try:
-            await UserStore(r).erase(user, time.time())
+            await UserStore(r, settings.partitions).erase(user, time.time())
             # the scrub the worker runs at its next tick, here at once: it must keep what came after
             new["ts"] = time.time() + 0.5
             produce(infra.kafka, records.IMPRESSIONS, [(user, new)])

@@ -94,8 +94,8 @@ def test_broker_restart_workers_recreate_topics_and_keep_state(infra, settings: 
         imp = impression("survivor", ADS[0]["ad_id"])
         produce(infra.kafka, records.IMPRESSIONS, [("survivor", imp)])
         produce(infra.kafka, records.CLICKS, [("survivor", click(imp))])
-        wait_until(lambda: r.exists(keys.user("survivor")), 30, "the first click to be learned")
-        before = keys.unpack_user(r.get(keys.user("survivor")))
+        wait_until(lambda: r.exists(keys.user("survivor", settings.partitions)), 30, "the first click to be learned")
+        before = keys.unpack_user(r.get(keys.user("survivor", settings.partitions)))
 
         port = int(infra.kafka.rsplit(":", 1)[1])
         infra.broker.stop(10)
@@ -117,7 +117,8 @@ def test_broker_restart_workers_recreate_topics_and_keep_state(infra, settings: 
         imp2 = impression("survivor", ADS[1]["ad_id"])
         produce(infra.kafka, records.IMPRESSIONS, [("survivor", imp2)])
         produce(infra.kafka, records.CLICKS, [("survivor", click(imp2))])
-        after = wait_until(lambda: (st := keys.unpack_user(r.get(keys.user("survivor"))))[2] == 2 and st, 60,
+        survivor = keys.user("survivor", settings.partitions)
+        after = wait_until(lambda: (st := keys.unpack_user(r.get(survivor)))[2] == 2 and st, 60,
                            "the click after the restart to be learned on top of the kept state")
         assert not np.allclose(after[0], before[0])
         assert w.poll() is None  # the worker rode it out
@@ -137,7 +138,7 @@ def test_redis_restart_keeps_user_state_through_aof(infra, settings: Settings) -
         produce(infra.kafka, records.CLICKS, [("durable", click(imp))])
         # the click's half is committed with the click's label (the impression's came first, on its own)
         wait_until(lambda: int(r.hget(keys.STATS, "labelled_clicks") or 0) > clicks, 30, "the click to be learned")
-        kept = r.get(keys.user("durable"))
+        kept = r.get(keys.user("durable", settings.partitions))
         time.sleep(1.5)  # appendfsync everysec
 
         port = int(infra.redis_url.rsplit(":", 1)[1].split("/")[0])
@@ -146,11 +147,11 @@ def test_redis_restart_keeps_user_state_through_aof(infra, settings: Settings) -
         infra.redis = redis_process(port, infra.data / "redis", infra.data / "logs" / "redis2.log")
         infra.redis.start(30)
         r = redis.Redis.from_url(s.redis_url)
-        assert r.get(keys.user("durable")) == kept
+        assert r.get(keys.user("durable", settings.partitions)) == kept
         imp2 = impression("durable", ADS[3]["ad_id"])
         produce(infra.kafka, records.IMPRESSIONS, [("durable", imp2)])
         produce(infra.kafka, records.CLICKS, [("durable", click(imp2))])
-        wait_until(lambda: keys.unpack_user(r.get(keys.user("durable")))[2] == 2, 60,
+        wait_until(lambda: keys.unpack_user(r.get(keys.user("durable", settings.partitions)))[2] == 2, 60,
                    "the worker to reconnect and learn the next click")
         assert w.poll() is None
         assert json.loads(r.hget(keys.WORKERS, next(iter(r.hkeys(keys.WORKERS))))) is not None

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from conftest import Infra, start_worker, wait_until
-from helpers import impression, produce, sample_ads
+from helpers import impression, produce, sample_ads, user_key
 from privads.infra import keys, records
 from privads.infra.processes import Process
 from privads.infra.settings import Settings
@@ -70,12 +70,12 @@ def test_idle_users_are_forgotten_and_the_population_sum_follows(infra: Infra, r
     # every wave's users were learned, and no more than the last waves' (those within USER_IDLE_S) are held: one
     # wave's batches forget the users idle since before it, so at most this wave and the one before it remain
     assert peak <= 2 * WAVE, peak
-    held = {k.decode()[len(keys.USER_PREFIX):] for k in user_keys(rds)}
+    held = {keys.user_id_of(k) for k in user_keys(rds)}
     assert held and all(u.startswith((f"w{waves - 1}-", f"w{waves - 2}-")) for u in held), sorted(held)[:5]
     # the population sums hold exactly the users that are left: their count and the sum of their means
     pops = [keys.unpack_population(rds.get(keys.population(p))) for p in range(2)]
     assert sum(n for _, n in pops) == len(held)
-    means = np.sum([keys.unpack_user(rds.get(keys.user(u)))[0] for u in held], axis=0)
+    means = np.sum([keys.unpack_user(rds.get(user_key(rds, u)))[0] for u in held], axis=0)
     np.testing.assert_allclose(sum(t for t, _ in pops), means, atol=1e-3)
     # the idle index names only the users that are held
     seen = {u.decode() for p in range(2) for u in rds.zrange(keys.seen(p), 0, -1)}

@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from conftest import wait_until
-from helpers import click, impression, produce, read_topic, sample_ads
+from helpers import click, impression, produce, read_topic, sample_ads, user_key
 from privads.infra import keys, records
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
@@ -45,7 +45,7 @@ def catalog(infra, worker, rds: redis.Redis) -> list[dict]:
 
 
 def state(r: redis.Redis, user_id: str):
-    blob = r.get(keys.user(user_id))
+    blob = r.get(user_key(r, user_id))
     return keys.unpack_user(blob) if blob else None
 
 
@@ -54,7 +54,7 @@ def stat(r: redis.Redis, name: str) -> int:
 
 
 def arm_impressions(r: redis.Redis, policy: str) -> int:
-    return sum(int(r.hget(k, "impressions") or 0) for k in r.scan_iter(f"arm:{policy}:*"))
+    return sum(int(r.hget(k, "impressions") or 0) for k in r.scan_iter(keys.arm(policy, 0).removesuffix("0") + "*"))
 
 
 def uid(prefix: str) -> str:
@@ -319,16 +319,16 @@ def test_the_population_sums_hold_every_learned_user_once_and_erasure_takes_one_
     want, count = every_user()
     assert n == count
     np.testing.assert_allclose(total, want, atol=1e-4)
-    gone = keys.unpack_user(rds.get(keys.user(users[0])))[0]
+    gone = keys.unpack_user(rds.get(keys.user(users[0], settings.partitions)))[0]
 
     async def erase() -> None:
         r = aioredis.Redis.from_url(infra.redis_url)
         try:
-            await UserStore(r).erase(users[0], time.time())
+            await UserStore(r, settings.partitions).erase(users[0], time.time())
         finally:
             await r.aclose()
 
     asyncio.run(erase())
     total_after, n_after = sums()
-    assert n_after == n - 1 and not rds.exists(keys.user(users[0]))
+    assert n_after == n - 1 and not rds.exists(keys.user(users[0], settings.partitions))
     np.testing.assert_allclose(total_after, total - gone, atol=1e-6)
