@@ -131,6 +131,20 @@ def start_api(settings: Settings) -> Process:
     return p
 
 
+@contextlib.contextmanager
+def serving(infra: Infra, settings: Settings, r: redis.Redis, ads: list[dict]) -> Iterator[httpx.Client]:
+    """A worker and an API of their own, the catalog ``ads`` produced and indexed; both stopped on the way out."""
+    from helpers import produce  # beside this file, as the tests import it
+
+    with stopping() as procs:
+        procs.append(start_worker(settings, r))
+        procs.append(start_api(settings))
+        with httpx.Client(base_url=settings.api, timeout=10) as c:
+            produce(infra.kafka, "privads.ads", [(a["ad_id"], a) for a in ads])
+            wait_until(lambda: c.get("/healthz").json()["ads"] == len(ads), 60, "the catalog")
+            yield c
+
+
 @pytest.fixture(scope="module")
 def worker(settings: Settings, rds: redis.Redis) -> Iterator[Process]:
     p = start_worker(settings, rds)

@@ -14,14 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 import redis
 
-from conftest import Infra, start_api, start_worker, stopping, wait_until
-from helpers import produce, sample_ads
-from privads.infra import keys, records
+from conftest import Infra, serving, wait_until
+from helpers import sample_ads
+from privads.infra import keys
 from privads.infra.kafka import create_topics
 from privads.infra.processes import Process, broker_process, free_port, wait_port_free
 from privads.infra.redis_cluster import CLUSTER_SLOTS, start_redis_cluster, stop_processes
@@ -84,59 +83,54 @@ def test_the_core_loop_on_a_redis_cluster(infra: Infra, settings: Settings, rds:
     assert masters == {0, 1, 2}
     clicks: dict[str, int] = {}  # user → clicks sent
     per_arm = {"treatment": [0, 0], "control": [0, 0]}  # impressions, clicks
-    with stopping() as procs:
-        procs.append(start_worker(settings, rds))
-        procs.append(start_api(settings))
-        with httpx.Client(base_url=settings.api, timeout=10) as c:
-            produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
-            wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
-            first_version = c.get("/model").json()["version"]
-            for _ in range(ROUNDS):
-                for u in range(USERS):
-                    user = f"user-{u}"
-                    body = c.post("/recommend", json={"user_id": user, "k": 4}).json()
-                    per_arm[body["policy"]][0] += len(body["ads"])
-                    for a in body["ads"]:
-                        if CATEGORY[a["ad_id"]] == "insurance" and a["position"] < 2:  # a known rule, no randomness
-                            r = c.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user,
-                                                        "ad_id": a["ad_id"]})
-                            assert r.status_code == 202, r.text
-                            clicks[user] = clicks.get(user, 0) + 1
-                            per_arm[body["policy"]][1] += 1
-            total = sum(n for n, _ in per_arm.values())
-            assert total == USERS * ROUNDS * 4 and sum(clicks.values()) > 0
-
-            # exact counters: every impression labelled, /lift counts what was served and clicked, per arm
-            def labelled() -> int:
-                return int(rds.hget(keys.STATS, "labelled_clicks") or 0) + int(
-                    rds.hget(keys.STATS, "labelled_negatives") or 0)
-
-            wait_until(lambda: labelled() == total, 60, "every impression labelled")
-            lift = wait_until(lambda: (b := c.get("/lift").json()) and all(
-                b["arms"].get(arm, {}).get("impressions") == n for arm, (n, _) in per_arm.items() if n) and b, 30,
-                "/lift to count every impression")
-            for arm, (n, k) in per_arm.items():
-                if n:
-                    assert (lift["arms"][arm]["impressions"], lift["arms"][arm]["clicks"]) == (n, k), (arm, lift)
-            assert int(rds.hget(keys.STATS, "labelled_clicks")) == sum(clicks.values())
-
-            # user learning: each user's state is in its partition's slot, with every impression counted
+    with serving(infra, settings, rds, ADS) as c:
+        first_version = c.get("/model").json()["version"]
+        for _ in range(ROUNDS):
             for u in range(USERS):
-                blob = rds.get(keys.user(f"user-{u}", PARTITIONS))
-                assert blob is not None and keys.unpack_user(blob)[2] == ROUNDS * 4, f"user-{u}"
+                user = f"user-{u}"
+                body = c.post("/recommend", json={"user_id": user, "k": 4}).json()
+                per_arm[body["policy"]][0] += len(body["ads"])
+                for a in body["ads"]:
+                    if CATEGORY[a["ad_id"]] == "insurance" and a["position"] < 2:  # a known rule, no randomness
+                        r = c.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user,
+                                                    "ad_id": a["ad_id"]})
+                        assert r.status_code == 202, r.text
+                        clicks[user] = clicks.get(user, 0) + 1
+                        per_arm[body["policy"]][1] += 1
+        total = sum(n for n, _ in per_arm.values())
+        assert total == USERS * ROUNDS * 4 and sum(clicks.values()) > 0
 
-            # erasure: the state goes, the tombstone stays, and nothing the user did is exported
-            assert c.delete(f"/users/{VICTIM}").status_code == 204
-            assert rds.get(keys.user(VICTIM, PARTITIONS)) is None
-            assert rds.get(keys.erased(VICTIM, PARTITIONS)) is not None
+        # exact counters: every impression labelled, /lift counts what was served and clicked, per arm
+        def labelled() -> int:
+            return int(rds.hget(keys.STATS, "labelled_clicks") or 0) + int(
+                rds.hget(keys.STATS, "labelled_negatives") or 0)
 
-            # a learner cycle, hot-swapped by the API
-            version = privads(settings, "train")["version"]
-            assert version != first_version
-            wait_until(lambda: c.get("/model").json()["version"] == version, 30, "the API to swap in the new version")
-            served = c.post("/recommend", json={"user_id": "user-0", "k": 4}).json()
-            assert served["model_version"] == version and len(served["ads"]) == 4
-            total += 4
+        wait_until(lambda: labelled() == total, 60, "every impression labelled")
+        lift = wait_until(lambda: (b := c.get("/lift").json()) and all(
+            b["arms"].get(arm, {}).get("impressions") == n for arm, (n, _) in per_arm.items() if n) and b, 30,
+            "/lift to count every impression")
+        for arm, (n, k) in per_arm.items():
+            if n:
+                assert (lift["arms"][arm]["impressions"], lift["arms"][arm]["clicks"]) == (n, k), (arm, lift)
+        assert int(rds.hget(keys.STATS, "labelled_clicks")) == sum(clicks.values())
+
+        # user learning: each user's state is in its partition's slot, with every impression counted
+        for u in range(USERS):
+            blob = rds.get(keys.user(f"user-{u}", PARTITIONS))
+            assert blob is not None and keys.unpack_user(blob)[2] == ROUNDS * 4, f"user-{u}"
+
+        # erasure: the state goes, the tombstone stays, and nothing the user did is exported
+        assert c.delete(f"/users/{VICTIM}").status_code == 204
+        assert rds.get(keys.user(VICTIM, PARTITIONS)) is None
+        assert rds.get(keys.erased(VICTIM, PARTITIONS)) is not None
+
+        # a learner cycle, hot-swapped by the API
+        version = privads(settings, "train")["version"]
+        assert version != first_version
+        wait_until(lambda: c.get("/model").json()["version"] == version, 30, "the API to swap in the new version")
+        served = c.post("/recommend", json={"user_id": "user-0", "k": 4}).json()
+        assert served["model_version"] == version and len(served["ads"]) == 4
+        total += 4
 
         # export and replay: one row per impression (the erased user's left out), the on-policy CTR replayed
         wait_until(lambda: labelled() == total, 60, "the last impressions labelled")

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import Infra, start_api, start_worker, stopping, wait_until
-from helpers import learner_examples, produce, sample_ads
+from conftest import Infra, serving, wait_until
+from helpers import learner_examples, sample_ads
 from privads.infra import keys, records
 from privads.infra.partitioning import owner
 from privads.infra.processes import free_port
@@ -92,17 +92,12 @@ def examples(settings: Settings) -> Examples | None:
 
 @pytest.fixture(scope="module")
 def stack(infra: Infra, settings: Settings, rds: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    with stopping() as procs:
-        procs.append(start_worker(settings, rds))
-        procs.append(start_api(settings))
-        with httpx.Client(base_url=settings.api, timeout=10) as c:
-            produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
-            wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
-            total = 0
-            for user in [VICTIM, *OTHERS]:
-                total += serve(c, user)[0]
-            settle(rds, total)
-            yield {"client": c, "total": total, "dir": tmp_path_factory.mktemp("exports")}
+    with serving(infra, settings, rds, ADS) as c:
+        total = 0
+        for user in [VICTIM, *OTHERS]:
+            total += serve(c, user)[0]
+        settle(rds, total)
+        yield {"client": c, "total": total, "dir": tmp_path_factory.mktemp("exports")}
 
 
 def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
