@@ -584,16 +584,38 @@ def _archive_reply(w: PartitionWrites) -> int:
         + bool(w.del_orphans)
 
 
+# Every increment of a batch's global counters in one command: a HINCRBY per field is one reply per field for the
+# client to read back (hundreds per batch: per ad and arm), which cost the workers more than Redis' work. KEYS: the
+# hashes; ARGV, per key: its TTL (0: none), its number of fields, then (field, increment) pairs.
+_HINCRBY_MANY = """
+local a = 1
+for _, key in ipairs(KEYS) do
+  local ttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, n do
+    redis.call('HINCRBY', key, ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+return #KEYS
+"""
+
+
 def _write_global(pipe: Pipeline, counters: dict[str, dict[str, int]], arms: set[str],
                   max_user_updates: int) -> None:
     """Queue the increments of the global counters (``{g}``), their TTLs and the per-ad count log."""
+    names: list[str] = []
+    args: list[EncodableT] = []
     for key, incs in counters.items():
-        for f, n in incs.items():
-            if n:
-                pipe.hincrby(key, f, n)
-        ttl = keys.arm_ttl(key)
-        if ttl is not None:  # arm counters: kept long enough for the windows /lift reads them for, then gone
-            pipe.expire(key, ttl)
+        fields = [(f, n) for f, n in incs.items() if n]
+        # arm counters are kept long enough for the windows /lift reads them for, then gone (0: no TTL)
+        ttl = keys.arm_ttl(key) or 0
+        if fields or ttl:
+            names.append(key)
+            args += [ttl, len(fields), *[x for pair in fields for x in pair]]
+    if names:
+        pipe.eval(_HINCRBY_MANY, len(names), *names, *args)
     deltas = ad_count_deltas(counters)
     if deltas:  # the API follows the per-ad counts through this log instead of reading the hashes
         pipe.xadd(keys.ADSTAT_LOG, {"d": orjson.dumps(deltas)}, approximate=True,
