@@ -597,6 +597,7 @@ class ApiStream:
         self.click_every = click_every
         self.ledger = Ledger()
         self.errors: list[str] = []
+        self.failed: Counter[int] = Counter()  # 5xx answers by status
         self.answered = 0
         self.answered_at: dict[str, float] = {}  # impression id or click event id → when its 2xx came back
         self.on_answer: Callable[[], None] | None = None
@@ -629,6 +630,7 @@ class ApiStream:
         if resp.status_code >= 500:  # e.g. a request that outlived the API's timeout: it may still have been logged
             with self._lock:
                 self.ledger.unanswered.append((path, user, iid, sent, time.time()))
+                self.failed[resp.status_code] += 1
             return None
         if resp.status_code >= 300:
             with self._lock:

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from faults.harness import (
+    ApiStream,
     Box,
     Fleet,
     KafkaStream,
@@ -62,3 +63,35 @@ def test_a_redis_master_killed_mid_stream_fails_over_and_every_count_stays_exact
     assert promoted in box.cluster.masters()
     out.require()
 
+
+
+# the API under load while the master of the global counters' slot ({g}: per-arm and per-ad counts, the log the
+# API follows) dies: requests caught in the failover may fail (5xx), none is refused as bad input, the API answers
+# again without a restart, and every impression it answered is counted once
+@pytest.mark.parametrize("box", ["cluster"], indirect=True)
+def test_the_api_under_load_rides_out_a_master_failover(box: Box, fsettings: Settings, fleet: Fleet,
+                                                        r: redis.RedisCluster) -> None:
+    assert box.cluster is not None
+    fleet.worker("worker")
+    load_catalog(box, r, ADS)
+    fleet.api("api")
+    clients = ApiStream(fsettings.api)
+    fleet.streams.append(clients)
+    clients.start()
+    wait_for(lambda: clients.answered >= 50, 30, "the API to answer")
+    victim = box.cluster.masters()[r.keyslot(keys.STATS) * 3 // CLUSTER_SLOTS]
+    killed_at = time.time()
+    box.cluster.kill_master(victim)
+    served = clients.answered
+    wait_for(lambda: clients.answered >= served + 100, 60, "the API to answer again after the failover")
+    recovery = time.time() - killed_at
+    ledger = clients.stop()
+    waited = quiesce(r, ledger, timeout=120)
+    drain_archive(r, fsettings.data / "archive")
+    out = check(r, fsettings.data / "archive", ledger, resent=True)
+    record("Redis Cluster master of {g} SIGKILLed under API load", recovery, out, quiesce_s=round(waited, 1),
+           unanswered=len(ledger.unanswered), answered=clients.answered, failed=dict(clients.failed))
+    assert not clients.errors, clients.errors[:5]
+    assert set(clients.failed) <= {503}, clients.failed  # Redis away is "try again", never a 500
+    assert len(ledger.impressions) > 300
+    out.require()
