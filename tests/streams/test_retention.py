@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from conftest import Infra, start_worker, wait_until
-from helpers import impression, produce, sample_ads, user_key
+from helpers import impression, produce, sample_ads
 from privads.infra import keys, records
 from privads.infra.processes import Process
 from privads.infra.settings import Settings
@@ -70,15 +70,27 @@ def test_idle_users_are_forgotten_and_the_population_sum_follows(infra: Infra, r
     # every wave's users were learned, and no more than the last waves' (those within USER_IDLE_S) are held: one
     # wave's batches forget the users idle since before it, so at most this wave and the one before it remain
     assert peak <= 2 * WAVE, peak
-    held = {keys.user_id_of(k) for k in user_keys(rds)}
+    # one snapshot (a MULTI) of the users' states, the population sums and the idle index: the worker goes on
+    # forgetting idle users meanwhile, so reads spread over time would compare different moments
+    scanned = user_keys(rds)
+    pipe = rds.pipeline(transaction=True)
+    for k in scanned:
+        pipe.get(k)
+    for p in range(2):
+        pipe.get(keys.population(p))
+    for p in range(2):
+        pipe.zrange(keys.seen(p), 0, -1)
+    res = pipe.execute()
+    states = {keys.user_id_of(k): v for k, v in zip(scanned, res, strict=False) if v is not None}  # None: forgotten
+    pops = [keys.unpack_population(b) for b in res[len(scanned):len(scanned) + 2]]
+    seen = {u.decode() for members in res[len(scanned) + 2:] for u in members}
+    held = set(states)
     assert held and all(u.startswith((f"w{waves - 1}-", f"w{waves - 2}-")) for u in held), sorted(held)[:5]
     # the population sums hold exactly the users that are left: their count and the sum of their means
-    pops = [keys.unpack_population(rds.get(keys.population(p))) for p in range(2)]
     assert sum(n for _, n in pops) == len(held)
-    means = np.sum([keys.unpack_user(rds.get(user_key(rds, u)))[0] for u in held], axis=0)
+    means = np.sum([keys.unpack_user(v)[0] for v in states.values()], axis=0)
     np.testing.assert_allclose(sum(t for t, _ in pops), means, atol=1e-3)
     # the idle index names only the users that are held
-    seen = {u.decode() for p in range(2) for u in rds.zrange(keys.seen(p), 0, -1)}
     assert seen == held
     # arm counters, per minute, hour and day, each expire after its span's life
     for prefix, ttl in keys.ARM_SPANS.values():
