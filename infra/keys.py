@@ -223,6 +223,12 @@ def arm_cover(first: int, end: int, now: float) -> list[tuple[int, int]]:
     return out
 
 
+def entry_after(entry_id: str) -> str:
+    """The smallest stream entry id after ``entry_id`` ("ms-seq"): an exact ``XTRIM MINID`` drops up to it."""
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
 def adstat(policy: str, what: str) -> str:
     """Per-ad counts (``what``: clicks | labelled) of one arm: each arm learns from its own traffic only."""
     return f"adstat:{GLOBAL}:{policy}:{what}"

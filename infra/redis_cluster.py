@@ -273,7 +273,7 @@ class LocalCluster:
         promoted: list[int] = []
 
         def taken_over() -> str | None:
-            mine = [c for c in candidates if _role(self.host, c) == "master"]
+            mine = [c for c in candidates if _info(self.host, c, "replication").get("role") == "master"]
             if not mine:
                 return f"no replica of {port} ({candidates}) promoted yet"
             for node in self.alive():
@@ -298,16 +298,6 @@ class LocalCluster:
 def _masters(views: list[NodeView]) -> list[NodeView]:
     """The live masters serving slots, ordered by the first slot each serves."""
     return sorted((n for n in views if n.role == "master" and not n.failed and n.slots), key=lambda n: n.slots[0])
-
-
-def _role(host: str, port: int) -> str:
-    """What a node says it is (``ROLE``): "master" or "slave"."""
-    client = _client(host, port)
-    try:
-        reply = client.execute_command("ROLE")
-    finally:
-        client.close()
-    return str(reply[0])
 
 
 def _free_ports(count: int) -> list[int]:

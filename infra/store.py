@@ -539,12 +539,18 @@ async def _fence(pipe: Pipeline, expected_seq: dict[int, int]) -> None:
             raise Conflict(f"partition {p}: seq {now} != {want}")
 
 
+# where the reply of a partition's archive XADD is among its transaction's: ``_write_partition`` queues it first
+ARCHIVE_REPLY = 0
+
+
 def _write_partition(pipe: Pipeline, w: PartitionWrites) -> None:
-    """Queue the writes of one partition's state, every key in its slot (``_archive_reply`` counts them)."""
+    """Queue the writes of one partition's state, every key in its slot; the archive entry first (``ARCHIVE_REPLY``)."""
     # The type: ignores below are for redis-py's stubs: hset types its mapping Mapping[FieldT, EncodableT]
     # and xadd its fields dict[FieldT, EncodableT]; their key type is invariant, so a dict[str, bytes] or a
     # dict[bytes, bytes] is refused (mset and zadd take a TypeVar key and accept them).
     p = w.partition
+    if w.archive:
+        pipe.xadd(keys.archive(p), w.archive)  # type: ignore[arg-type]  # see above
     ck = keys.checkpoint(p)
     mapping: dict[FieldT, EncodableT] = {f"off:{t}": o for t, o in w.offsets.items()}
     mapping.update({f"fp:{t}": f for t, f in w.fingerprints.items()})
@@ -565,8 +571,6 @@ def _write_partition(pipe: Pipeline, w: PartitionWrites) -> None:
         pipe.hset(keys.orphans(p), mapping=w.put_orphans)  # type: ignore[arg-type]  # see above
     if w.del_orphans:
         pipe.hdel(keys.orphans(p), *w.del_orphans)
-    if w.archive:
-        pipe.xadd(keys.archive(p), w.archive)  # type: ignore[arg-type]  # see above
     if w.population is not None:
         pipe.set(keys.population(p), w.population)
     if w.touched:
@@ -578,10 +582,11 @@ def _write_partition(pipe: Pipeline, w: PartitionWrites) -> None:
         pipe.mset({keys.user_in(u, p): blob for u, blob in w.users.items()})
 
 
-def _archive_reply(w: PartitionWrites) -> int:
-    """Index of the archive XADD's reply among ``_write_partition``'s commands (called when ``w.archive``)."""
-    return 2 + 2 * len(w.pending) + bool(w.pending) + 2 * bool(w.drop_buckets) + bool(w.put_orphans) \
-        + bool(w.del_orphans)
+def _add_counters(into: dict[str, dict[str, int]], incs: dict[str, dict[str, int]]) -> None:
+    """Add global counter increments (hash key → field → n) into ``into`` (a ``defaultdict`` of them)."""
+    for key, fields in incs.items():
+        for f, n in fields.items():
+            into[key][f] += n
 
 
 # Every increment of a batch's global counters in one command: a HINCRBY per field is one reply per field for the
@@ -699,15 +704,13 @@ class PartitionStore:
         if isinstance(self.r, Cluster):
             return await self._commit_per_partition(self.r, expected_seq, writes, max_user_updates)
         async with self.r.pipeline(transaction=True) as pipe:
-            await _fence(pipe, {p: want for p, want in expected_seq.items()})
+            await _fence(pipe, expected_seq)
             pipe.multi()
             counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             arms: set[str] = set()
             for w in writes:
                 _write_partition(pipe, w)
-                for key, incs in w.counters.items():
-                    for f, n in incs.items():
-                        counters[key][f] += n
+                _add_counters(counters, w.counters)
                 arms |= w.arms
             _write_global(pipe, counters, arms, max_user_updates)
             try:
@@ -734,7 +737,7 @@ class PartitionStore:
             if await r.replicated(ck):
                 done.outbox[w.partition] = res[-1].decode()
                 if w.archive:
-                    done.archive[w.partition] = res[_archive_reply(w)].decode()
+                    done.archive[w.partition] = res[ARCHIVE_REPLY].decode()
         return done
 
     async def durable_tips(self, partition: int) -> Committed:
@@ -785,9 +788,7 @@ class PartitionStore:
                 most = 0
                 for _, fields in entries:
                     d = orjson.loads(fields[b"d"])
-                    for key, incs in d["c"].items():
-                        for f, n in incs.items():
-                            counters[key][f] += n
+                    _add_counters(counters, d["c"])
                     arms.update(d["a"])
                     most = max(most, int(d["m"]))
                 pipe.multi()
@@ -799,8 +800,7 @@ class PartitionStore:
                     continue  # another folder moved the cursor: read it again
             folded += len(entries)
             # the cursor holds it: trim what was folded (a failed trim leaves entries the cursor skips)
-            await self.r.xtrim(box, minid=entries[-1][0], approximate=False)
-            await self.r.xdel(box, entries[-1][0])
+            await self.r.xtrim(box, minid=keys.entry_after(entries[-1][0].decode()), approximate=False)
             if len(entries) < limit:
                 return folded
 

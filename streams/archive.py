@@ -179,7 +179,7 @@ def drain(r: redis.Redis | redis.RedisCluster, root: Path, partition: int, chunk
         written += write_columns(root, partition, first.replace("-", "_"), imp_cols, lab_cols)
         # only now: everything up to `last` is on disk. Exactly: an approximate (~) trim keeps whole stream nodes,
         # whose entries the next drain would then write a second time under another file name
-        r.xtrim(stream, minid=_after(last), approximate=False)
+        r.xtrim(stream, minid=keys.entry_after(last), approximate=False)
         if len(entries) < chunk:
             return written
     return written
@@ -304,11 +304,6 @@ def _erased_in(r: redis.Redis | redis.RedisCluster, partition: int, user_ids: li
         return {}
     by_hash = {h.decode(): float(t) for h, t in pending}
     return {u: by_hash[h] for u in dict.fromkeys(user_ids) if (h := keys.user_hash(u)) in by_hash}
-
-
-def _after(entry_id: str) -> str:
-    ms, seq = entry_id.split("-")
-    return f"{ms}-{int(seq) + 1}"
 
 
 def _schema(kind: str) -> pa.Schema:

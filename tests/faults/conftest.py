@@ -49,7 +49,7 @@ def fleet(fsettings: Settings) -> Iterator[Fleet]:
 
 @pytest.fixture
 def r(box: Box) -> Iterator[redis.Redis]:
-    """A client of the box's redis-server (it reconnects by itself after a restart on the same port), or cluster."""
-    client = box.client() if box.cluster is not None else redis.Redis(host="127.0.0.1", port=box.redis_port)
+    """A client of the box's Redis (a cluster client on a cluster); it reconnects by itself after a restart."""
+    client = box.client()
     yield client
     client.close()

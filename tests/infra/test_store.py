@@ -15,13 +15,13 @@ from privads.infra.errors import Conflict
 from privads.infra.processes import Process
 from privads.infra.redis_cluster import start_redis_cluster, stop_processes
 from privads.infra.store import (
+    ARCHIVE_REPLY,
     SERIES_MAX_POINTS,
     AdCountLog,
     Cluster,
     Counters,
     PartitionStore,
     PartitionWrites,
-    _archive_reply,
     _write_partition,
     ad_count_deltas,
     connect,
@@ -225,7 +225,7 @@ def test_cluster_commits_each_partition_in_its_slot_and_folds_the_counters_once(
         stop_processes(nodes)
 
 
-# the reply of a partition's archive XADD is where ``_archive_reply`` says, whatever else the commit writes
+# the reply of a partition's archive XADD is at ``ARCHIVE_REPLY``, whatever else the commit writes
 @pytest.mark.parametrize("fields", [(), ("pending",), ("drop_buckets", "put_orphans"), ("pending", "del_orphans")])
 def test_the_archive_entry_id_is_read_from_its_own_reply(infra, fields) -> None:
     full = _writes(3, {}, "control", 1)
@@ -238,7 +238,7 @@ def test_the_archive_entry_id_is_read_from_its_own_reply(infra, fields) -> None:
             pipe = r.pipeline(transaction=True)
             _write_partition(pipe, w)
             res = await pipe.execute()
-            assert res[_archive_reply(w)] == (await r.xrevrange(keys.archive(3), count=1))[0][0]
+            assert res[ARCHIVE_REPLY] == (await r.xrevrange(keys.archive(3), count=1))[0][0]
         finally:
             await r.aclose()
 
