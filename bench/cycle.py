@@ -274,7 +274,7 @@ def bench_cycle(settings: Settings, impressions: int, *, days: float = 14.0, ads
             finally:
                 r.close()
             times = request_times(impressions, days, time.time())
-            root = s.data / "archive"
+            root = s.local / "archive"  # a directory: the bench writes its own archive there
             clicks = 0
             for first_id, lines, labels, hits in archive_chunks(world, times, impressions, ctr, seed + 1):
                 entry = first_id.replace("_", "-").encode()

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from privads.infra.objects import archive_of
 from privads.infra.processes import port_open
 from privads.infra.settings import Settings
 
@@ -116,11 +117,11 @@ def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
 
     # the erasure registry is in the stack's Redis: an export that could not read it could hold erased users
     running = _running(settings, need_kafka=False)
-    rows = settled_rows(settings.data, settings.attribution_window_s)
+    rows = settled_rows(archive_of(settings), settings.attribution_window_s)
     erased = asyncio.run(erased_of(running, [r["user_id"] for r in rows]))
     keep = without_erased([r["user_id"] for r in rows], [r["ts"] for r in rows], erased)
     rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
-    write_rows(rows, args.out)
+    write_rows(rows, args.out, settings)
     print(json.dumps({"out": str(args.out), "rows": len(rows), "clicked": sum(r["clicked"] for r in rows),
                       "erased_rows_left_out": int((~keep).sum())}))
     return 0
@@ -178,7 +179,7 @@ def cmd_migrate_redis(settings: Settings, args: argparse.Namespace) -> int:
         if port_open("127.0.0.1", settings.embedded_redis_port):
             raise RuntimeError("the embedded redis-server is running: stop `privads up` first")
         port = free_port()
-        server = redis_process(port, settings.data / "redis", settings.data / "logs" / "redis-migrate.log",
+        server = redis_process(port, settings.local / "redis", settings.local / "logs" / "redis-migrate.log",
                                maxmemory=settings.redis_maxmemory)
         server.start(timeout=60)
         url = f"redis://127.0.0.1:{port}/0"
@@ -265,10 +266,10 @@ def parser() -> argparse.ArgumentParser:
                     "can learn")
     sm.set_defaults(fn=cmd_simulate)
     ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
-    ex.add_argument("out", type=Path, help="OUT.jsonl or OUT.parquet")
+    ex.add_argument("out", help="OUT.jsonl or OUT.parquet: a path, or an s3://bucket/key URL (AWS_* settings)")
     ex.set_defaults(fn=cmd_export_logs)
     rp = sub.add_parser("replay", help="offline evaluation of a policy on logged impressions (JSON report)")
-    rp.add_argument("logs", type=Path)
+    rp.add_argument("logs", help="a path, or an s3://bucket/key URL (AWS_* settings)")
     rp.add_argument("--policy", required=True, help="uniform | popularity | logged | current | a model version")
     rp.add_argument("--estimators", default="replay,ips,snips,dm,dr")
     rp.add_argument("--format", choices=["jsonl", "parquet", "obd"], default=None, help="default: by extension")

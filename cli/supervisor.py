@@ -45,8 +45,11 @@ class Stack:
     """The processes of one ``privads up``, started in order and stopped in reverse."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings.model_copy(update={"data": settings.data.resolve()})
-        self.logs = self.settings.data / "logs"
+        # absolute: the children run elsewhere than this process' directory
+        where = {"local_data": settings.local_data.resolve()} if settings.data_on_s3 else {
+            "data": str(settings.local.resolve())}
+        self.settings = settings.model_copy(update=where)
+        self.logs = self.settings.local / "logs"
         self.infra: list[Process] = []
         self.apps: list[Process] = []
         self.restarts: dict[str, int] = {}
@@ -66,22 +69,22 @@ class Stack:
                 sport = s.embedded_s3_port
                 if port_open("127.0.0.1", sport):
                     raise StartError(f"port {sport} is in use: stop what holds it, or set PRIVADS_EMBEDDED_S3_PORT")
-                endpoint = start_object_store(sport, s.data / "broker", self.logs / "object-store.log", self.infra)
+                endpoint = start_object_store(sport, s.local / "broker", self.logs / "object-store.log", self.infra)
             broker = broker_process(port, self.logs / "broker.log", s3_endpoint=endpoint)
             broker.start(timeout=30)
             self.infra.append(broker)
             updates["kafka"] = f"127.0.0.1:{port}"
             log.info("embedded broker (tansu) on 127.0.0.1:%d, its log %s", port,
-                     f"in {s.data / 'broker'} (S3 on {endpoint})" if endpoint else "in memory")
+                     f"in {s.local / 'broker'} (S3 on {endpoint})" if endpoint else "in memory")
         if not s.redis:
             port = s.embedded_redis_port
             if port_open("127.0.0.1", port):
                 raise StartError(f"port {port} is in use: stop what holds it, or set PRIVADS_REDIS to use it")
-            redis = redis_process(port, s.data / "redis", self.logs / "redis.log", maxmemory=s.redis_maxmemory)
+            redis = redis_process(port, s.local / "redis", self.logs / "redis.log", maxmemory=s.redis_maxmemory)
             redis.start(timeout=30)
             self.infra.append(redis)
             updates["redis"] = f"redis://127.0.0.1:{port}/0"
-            log.info("embedded redis-server on 127.0.0.1:%d (AOF in %s)", port, s.data / "redis")
+            log.info("embedded redis-server on 127.0.0.1:%d (AOF in %s)", port, s.local / "redis")
             self._migrate(updates["redis"])
         self.settings = s.model_copy(update=updates)
 
@@ -104,7 +107,7 @@ class Stack:
 
     def start(self) -> None:
         s = self.settings
-        s.data.mkdir(parents=True, exist_ok=True)
+        s.local.mkdir(parents=True, exist_ok=True)
         self._embedded()
         s = self.settings
         created = create_topics(s.kafka_servers, s.partitions, retention_s=s.topic_retention_s)

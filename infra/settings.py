@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlparse
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CLUSTER_SCHEME = "redis+cluster"
+S3_SCHEME = "s3"
 REDIS_SCHEMES = ("redis", "rediss", "unix", CLUSTER_SCHEME)
 
 
@@ -47,12 +48,22 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | No
 class Settings(BaseSettings):
     """PrivAds configuration, from ``PRIVADS_*`` environment variables (README.md, "Configuration")."""
 
-    model_config = SettingsConfigDict(env_prefix="PRIVADS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PRIVADS_", extra="ignore", populate_by_name=True)
 
     # the public configuration (README.md, "Configuration")
     kafka: str | None = Field(None, description="bootstrap servers; unset → embedded broker")
     redis: str | None = Field(None, description="Redis URL; unset → embedded redis-server")
-    data: Path = Field(Path("./.privads"), description="data dir")
+    data: str = Field("./.privads", description="data dir, or an s3://bucket[/prefix] URL for the model versions, "
+                      "the archive and the exports (logs, journals and the embedded servers then stay in LOCAL_DATA)")
+    local_data: Path = Field(Path("./.privads"), description="this host's own directory when PRIVADS_DATA is an "
+                             "s3:// URL: logs, the API's journal, the embedded servers' files, a cache of the model "
+                             "versions it loaded (unused when PRIVADS_DATA is a directory: that is the host's own)")
+    # the standard AWS variables, read as AWS SDKs read them (no PRIVADS_ prefix)
+    aws_endpoint_url: str | None = Field(None, validation_alias=AliasChoices("AWS_ENDPOINT_URL"),
+                                         description="the S3 endpoint of an s3:// PRIVADS_DATA (unset: AWS's)")
+    aws_access_key_id: str | None = Field(None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"))
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_REGION"))
     api: str = Field("http://127.0.0.1:8000", description="where the CLI finds the API")
 
     catalog: Path | None = Field(Path("data/sample_ads.jsonl"), description="sample catalog loaded by `up`")
@@ -159,10 +170,26 @@ class Settings(BaseSettings):
     # supervisor
     stop_timeout_s: float = Field(25.0, gt=0)
 
-    @field_validator("kafka", "redis", "catalog", "dp_clip", "control_version", "api_key", mode="before")
+    @field_validator("kafka", "redis", "catalog", "dp_clip", "control_version", "api_key", "aws_endpoint_url",
+                     "aws_access_key_id", "aws_secret_access_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_url(cls, v: object) -> object:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, str) and "://" in v:
+            scheme, rest = v.split("://", 1)
+            if scheme != S3_SCHEME:
+                raise ValueError(f"PRIVADS_DATA: {scheme}:// is not supported; a directory or s3://bucket[/prefix]")
+            if not rest.split("/", 1)[0]:
+                raise ValueError("PRIVADS_DATA: s3:// names no bucket")
+        elif v == "":
+            raise ValueError("PRIVADS_DATA is blank: a directory or s3://bucket[/prefix]")
+        return v
 
     @field_validator("redis")
     @classmethod
@@ -204,22 +231,36 @@ class Settings(BaseSettings):
         return self.redis
 
     @property
+    def data_on_s3(self) -> bool:
+        """Whether PRIVADS_DATA is an object store (``s3://``) rather than a directory."""
+        return str(self.data).startswith(f"{S3_SCHEME}://")  # str: model_copy(update=…) does not validate
+
+    @property
+    def local(self) -> Path:
+        """This host's own directory: PRIVADS_DATA itself, or LOCAL_DATA when PRIVADS_DATA is on S3."""
+        return self.local_data if self.data_on_s3 else Path(self.data)
+
+    @property
     def models_dir(self) -> Path:
-        return self.data / "models"
+        """Local model files: the encoder's runtime cache, and the model versions when PRIVADS_DATA is a directory
+        (on S3 they are in the bucket, ``infra.objects.models_of``, and this host keeps a cache of those it loaded)."""
+        return self.local / "models"
 
     @property
     def journal_dir(self) -> Path:
         """The API processes' impression journals (``infra/journal.py``): on this host's disk."""
-        return self.data / "journal"
+        return self.local / "journal"
 
     def child_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         # None is written as "" (blank means unset), so that it overrides a value inherited from the parent
         env = {}
         for name, value in self.model_dump().items():
+            alias = type(self).model_fields[name].validation_alias
+            key = alias.choices[0] if isinstance(alias, AliasChoices) else f"PRIVADS_{name.upper()}"
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             elif isinstance(value, list):
                 value = json.dumps(value)  # pydantic-settings reads complex fields as JSON
-            env[f"PRIVADS_{name.upper()}"] = "" if value is None else str(value)
+            env[str(key)] = "" if value is None else str(value)
         return env

@@ -26,7 +26,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 from privads.infra.kafka import make_producer
 from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.loops import Step, reason_of
+from privads.infra.objects import Objects, archive_of, models_of
 from privads.infra.records import MODEL_UPDATES, unpack_served
 from privads.infra.settings import Settings
 from privads.infra.store import (
@@ -67,6 +67,7 @@ from privads.ranker.artifacts import (
     load_evidence,
     load_version,
     refittable,
+    version_dir,
     write_manifest,
     write_version,
 )
@@ -127,7 +128,7 @@ async def load_examples(settings: Settings, r: Client, embeddings: dict[str, np.
     hours of the training window (``TRAIN_WINDOW_S`` before the newest settled
     impression) are read, newest first, and at most the newest ``MAX_EXAMPLES`` kept.
     """
-    root = settings.data / "archive"
+    root = archive_of(settings)
     newest = await asyncio.to_thread(archive.newest_ts, root, "impressions")
     if newest is None:
         return None
@@ -399,6 +400,7 @@ def off_policy_values(hold: Examples, versions: dict[str, ModelVersion], counts:
 async def run_cycle(settings: Settings, reason: str = "scheduled",
                     trainer: Callable[..., Projector] = train_projector) -> dict:
     """Build and publish one model version; returns its manifest."""
+    models = models_of(settings)
     r = connect(settings.redis_url)
     try:
         catalog_store, pointer = CatalogStore(r), ModelPointer(r)
@@ -409,7 +411,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         unreadable: list[str] = []  # what of the current version could not be read
         if current is not None:
             parent = current["version"]
-            loaded, served_ranker, unreadable = await asyncio.to_thread(read_served, current)
+            loaded, served_ranker, unreadable = await asyncio.to_thread(read_served, current, models)
             if unreadable:
                 log.warning("the current version %s cannot be read in full (%s): this cycle starts from %s and "
                             "publishes a new version", parent, "; ".join(unreadable),
@@ -465,11 +467,10 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             evaluation["evidence"] = {"rebuilt": True, "ads": sum(len(v) for v in evidence.values()),
                                       "from_examples": 0 if examples is None else len(examples.clicked)}
         else:  # the same model: the served version's evidence goes on (none if it cannot be read)
-            evidence = None if current is None else _read_evidence(current, unreadable)
+            evidence = None if current is None else _read_evidence(current, unreadable, models)
             evaluation["evidence"] = {"rebuilt": False}
         prior = population_prior(total, learned, settings.population_strength)
-        settings.models_dir.mkdir(parents=True, exist_ok=True)
-        manifest = write_version(settings.models_dir, projector, serving, {
+        manifest = await asyncio.to_thread(write_version, models, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
             "changed": changed, "population": {"users": learned, "strength": settings.population_strength,
                                                "prior_norm": round(float(np.linalg.norm(prior)), 6)},
@@ -478,9 +479,10 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         if examples is not None:  # on the version as written (re-ranking re-keys a catalog: not the one saved)
             manifest["evaluation"]["off_policy"] = await _off_policy(settings, snapshot, examples,
                                                                      None if unreadable else current, manifest)
-            write_manifest(manifest)  # not announced yet: nobody reads it before the pointer moves
+            # not announced yet: nobody reads it before the pointer moves
+            await asyncio.to_thread(write_manifest, manifest, models)
         await pointer.set(manifest)
-        removed = collect_garbage(settings.models_dir, settings.keep_versions, manifest["version"],
+        removed = await asyncio.to_thread(collect_garbage, models, settings.keep_versions, manifest["version"],
                                   settings.control_version if settings.control_policy == "pinned" else None)
     finally:
         await r.aclose()
@@ -489,7 +491,8 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
     return manifest
 
 
-def read_served(current: dict) -> tuple[Projector | None, RankerModel | None, list[str]]:
+def read_served(current: dict, models: Objects | None = None) -> tuple[Projector | None, RankerModel | None,
+                                                                       list[str]]:
     """What a cycle can read of the current version: its projector and ranker (None where it cannot), and why not.
 
     A ranker is expected when the manifest names one (its ranker's ``type`` other than the
@@ -501,9 +504,12 @@ def read_served(current: dict) -> tuple[Projector | None, RankerModel | None, li
     unreadable : list of str
         One line per artifact that could not be read (empty when all could).
     """
-    path = Path(current["path"])
     unreadable: list[str] = []
     projector = ranker = None
+    try:
+        path = version_dir(current, models)
+    except Exception as e:  # noqa: BLE001 - the same as a file that cannot be read
+        return None, None, [f"version: {reason_of(e)}"]
     try:
         projector = Projector.load(path / "projector.npz")
     except Exception as e:  # noqa: BLE001 - reported and replaced: the learner must always be able to publish
@@ -517,10 +523,10 @@ def read_served(current: dict) -> tuple[Projector | None, RankerModel | None, li
     return projector, ranker, unreadable
 
 
-def _read_evidence(current: dict, unreadable: list[str]) -> EvidenceOffsets | None:
+def _read_evidence(current: dict, unreadable: list[str], models: Objects) -> EvidenceOffsets | None:
     """The current version's evidence offsets, or None when they cannot be read (added to ``unreadable``)."""
     try:
-        return load_evidence(Path(current["path"]))
+        return load_evidence(version_dir(current, models))
     except Exception as e:  # noqa: BLE001 - the live counts are used as they are
         unreadable.append(f"evidence: {reason_of(e)}")
         return None
@@ -532,9 +538,10 @@ async def _off_policy(settings: Settings, snapshot: dict[str, dict[str, list[int
     try:
         counts = AdCounts()
         counts.reset(snapshot)
-        versions = {"candidate": await asyncio.to_thread(load_version, written)}
+        models = models_of(settings)
+        versions = {"candidate": await asyncio.to_thread(load_version, written, models)}
         if current is not None:
-            versions["served"] = await asyncio.to_thread(load_version, current)
+            versions["served"] = await asyncio.to_thread(load_version, current, models)
         return await asyncio.to_thread(off_policy_values, split(examples)[1], versions, counts, settings)
     except Exception as e:  # noqa: BLE001 - an estimate, not a reason to keep the catalog or the users waiting
         log.warning("off-policy estimates failed: %s: %s", type(e).__name__, e)

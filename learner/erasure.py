@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from privads.infra.objects import archive_of
 from privads.infra.records import erased_event
 from privads.infra.settings import Settings
 from privads.infra.store import Client, UserStore, connect
@@ -67,7 +68,7 @@ async def compact_archive(settings: Settings, r: Client, now: float | None = Non
     started = time.time() if now is None else now
     # never less than the training window: the learner must find the hours it trains on
     keep_s = max(settings.archive_retention_s, settings.train_window_s + settings.attribution_window_s)
-    hours = await asyncio.to_thread(archive.prune, settings.data / "archive", started - keep_s)
+    hours = await asyncio.to_thread(archive.prune, archive_of(settings), started - keep_s)
     if hours:
         log.info("archive retention: removed %d hour directories older than %.0f s", hours, keep_s)
     pending = await users.pending_erasures()
@@ -78,7 +79,7 @@ async def compact_archive(settings: Settings, r: Client, now: float | None = Non
     # lists them; a batch committed after it holds none of the user's rows (streams.worker)
     oldest = await users.oldest_unarchived()
     ready = {h: t for h, t in pending.items() if oldest is None or oldest > t}
-    files, rows = await asyncio.to_thread(archive.compact, settings.data / "archive", pending)
+    files, rows = await asyncio.to_thread(archive.compact, archive_of(settings), pending)
     settled = await users.settle_erasures(ready)
     out = {"pending": len(pending), "files": files, "rows": rows, "settled": settled, "hours_pruned": hours}
     if files or settled:

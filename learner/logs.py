@@ -28,7 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from privads.infra import objects
 from privads.infra.errors import LogError
+from privads.infra.settings import Settings
 from privads.learner.offline import Log
 from privads.streams import archive
 
@@ -94,9 +96,11 @@ class Rows:
 # --- export ----------------------------------------------------------------------------------
 
 
-def settled_rows(data: Path, window_s: float, now: float | None = None) -> list[dict[str, Any]]:
-    """The archive's impressions whose label is settled, joined with their clicks, oldest first."""
-    root = data / "archive"
+def settled_rows(root: archive.Root, window_s: float, now: float | None = None) -> list[dict[str, Any]]:
+    """The archive's impressions whose label is settled, joined with their clicks, oldest first.
+
+    ``root``: the archive (``infra.objects.archive_of``, or its directory).
+    """
     imps = archive.read_table(root, "impressions").to_pylist()
     clicks = {row["impression_id"]: row for row in archive.read_table(root, "labels").to_pylist()}
     now = time.time() if now is None else now
@@ -120,26 +124,26 @@ def settled_rows(data: Path, window_s: float, now: float | None = None) -> list[
     return out
 
 
-def write_rows(rows: list[dict[str, Any]], out: Path) -> None:
-    """Write exported rows as JSONL or Parquet, by ``out``'s extension (written to a temporary name, then renamed)."""
+def write_rows(rows: list[dict[str, Any]], out: Path | str, settings: Settings | None = None) -> None:
+    """Write exported rows as JSONL or Parquet, by ``out``'s extension, published whole (``infra.objects``).
+
+    ``out`` is a path, or an ``s3://bucket/key`` URL (the credentials from ``settings``).
+    """
     fmt = format_of(out)
     if fmt not in ("jsonl", "parquet"):
-        raise LogError(f"{out}: export writes .jsonl or .parquet, not {out.suffix or 'no extension'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+        raise LogError(f"{out}: export writes .jsonl or .parquet, not {Path(str(out)).suffix or 'no extension'}")
+    where, name = objects.at(out, settings)
     if fmt == "jsonl":
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
     else:
         cols = {name: [r[name] for r in rows] for name in EXPORT_SCHEMA.names}
         cols["context"] = [None if c is None else json.dumps(c, separators=(",", ":")) for c in cols["context"]]
-        pq.write_table(pa.table(cols, schema=EXPORT_SCHEMA), tmp)
-    tmp.replace(out)
+        data = objects.table_bytes(pa.table(cols, schema=EXPORT_SCHEMA))
+    where.put(name, data)
 
 
-def format_of(path: Path) -> str:
-    suffix = path.suffix.lower()
+def format_of(path: Path | str) -> str:
+    suffix = Path(str(path)).suffix.lower()
     return {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "obd"}.get(
         suffix, suffix.lstrip("."))
 

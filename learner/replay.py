@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from privads.infra.errors import LogError
+from privads.infra.objects import local_copy, models_of
 from privads.infra.records import unpack_served
 from privads.infra.settings import Settings
 from privads.infra.store import AdCountLog, ModelPointer, UserStore, connect
@@ -61,7 +62,7 @@ def parse_estimators(text: str) -> tuple[str, ...]:
     return names
 
 
-def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...], fmt: str | None = None, *,
+def run(settings: Settings, logs: Path | str, policy: str, estimators: tuple[str, ...], fmt: str | None = None, *,
         ci: CIMethod = "normal", n_bootstrap: int = 500, seed: int = 0, draws: int = 256,
         reward: str = "clicked", registry: bool = False) -> dict[str, Any]:
     """The JSON report of ``privads replay``.
@@ -69,7 +70,8 @@ def run(settings: Settings, logs: Path, policy: str, estimators: tuple[str, ...]
     ``registry``: read the stack's erasure registry (``settings.redis_url``) and leave out
     the rows of users erased after them (``learner.erasure``); the report says whether it was read.
     """
-    rows = read_logs(logs, fmt)
+    with local_copy(logs, settings) as path:  # an s3:// URL: read from a copy on this host
+        rows = read_logs(path, fmt)
     erasures: dict[str, Any] = {"registry_read": registry, "rows_left_out": 0}
     if registry and rows.actions is None:
         keep = without_erased(rows.user_id, rows.ts, asyncio.run(erased_of(settings, rows.user_id)))
@@ -108,11 +110,12 @@ def _manifest_for(settings: Settings, policy: str, current: dict | None) -> dict
     path = Path(policy)
     if (path / MANIFEST).is_file():
         return read_manifest(path.parent, path.name)
+    models = models_of(settings)
     try:
-        return read_manifest(settings.models_dir, policy)
+        return read_manifest(models, policy)
     except FileNotFoundError:
         raise LogError(f"--policy: {policy!r} is neither uniform, popularity, logged, current, nor a model version "
-                       f"(directory, or name in {settings.models_dir})") from None
+                       f"(directory, or name in {models})") from None
 
 
 async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *, seed: int,
@@ -120,7 +123,7 @@ async def _model_policy(settings: Settings, policy: str, rows: Rows, log: Log, *
     r = connect(settings.redis_url)
     try:
         manifest = _manifest_for(settings, policy, await ModelPointer(r).get())
-        version = await asyncio.to_thread(load_version, manifest)
+        version = await asyncio.to_thread(load_version, manifest, models_of(settings))
         users = sorted(set(rows.user_id))
         states = dict(zip(users, await UserStore(r, settings.partitions).get_many(users), strict=True))
         snapshot, _ = await AdCountLog(r).snapshot(experiment.ARMS)

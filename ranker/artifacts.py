@@ -1,10 +1,16 @@
 """Versioned model artifacts under ``PRIVADS_DATA/models/<version>/``.
 
-A version directory is written completely under a temporary name, every file
-and the directory flushed to disk (``fsync``), renamed into place and the
+On a directory, a version is written completely under a temporary name, every
+file and the directory flushed to disk (``fsync``), renamed into place and the
 rename flushed too, then announced (Redis pointer + ``model-updates``): a
 reader never sees half a version, and a crash of the machine after the
 announcement cannot leave the pointer naming files that never reached the disk.
+
+On S3 (``PRIVADS_DATA=s3://…``, ``infra.objects``) there is no rename: the version
+is built in this host's cache, its files PUT one by one and its manifest last. A
+version is one whose manifest exists (``read_manifest``), and it is announced only
+after the manifest's PUT returned. Readers on other hosts copy a version into their
+own cache once (``version_dir``) and load it from there.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from privads.infra.objects import Objects, as_objects, fsync_dir
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
 from privads.ranker.projector import Projector
@@ -93,15 +101,6 @@ class ModelVersion:
         return self.manifest["version"]
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a file created, renamed or removed in it) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: Path) -> None:
     """Flush every file under ``path`` and every directory holding them (the savers write through their own
     handles: numpy, faiss and torch close their files without an ``fsync``)."""
@@ -124,21 +123,57 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalog, info: dict,
+def write_version(models: Objects | Path, projector: Projector, catalog: ServingCatalog, info: dict,
                   ranker: RankerModel | None = None, prior: np.ndarray | None = None,
                   fit: str | None = None, evidence: EvidenceOffsets | None = None) -> dict:
-    """Write a version directory atomically; returns its manifest.
+    """Write a version atomically into ``models`` (a directory, or ``Objects`` on S3); returns its manifest.
 
     ``fit``: where the projector came from (``RANDOM_FIT``, ``CATALOG_FIT``, ``TRAINED_FIT``), recorded as the
     manifest's ``projector.fit``.
     """
+    models = as_objects(models)
+    models_dir = models.local_path()
     version = new_version()
+    while models.exists(f"{version}/{MANIFEST}") or (models_dir is not None and (models_dir / version).exists()):
+        version = new_version() + "b"  # two cycles in the same millisecond
+    if models_dir is None:
+        return _publish_to_objects(models, version, projector, catalog, info, ranker, prior, fit, evidence)
     final = models_dir / version
-    while final.exists():  # two cycles in the same millisecond
-        version = new_version() + "b"
-        final = models_dir / version
     tmp = models_dir / f".tmp-{version}"
     tmp.mkdir(parents=True)
+    manifest = _write_files(tmp, str(final.resolve()), version, projector, catalog, info, ranker, prior, fit,
+                            evidence)
+    fsync_tree(tmp)  # the files' data and the directory's entries, before the name makes them a version
+    tmp.rename(final)
+    fsync_dir(models_dir)  # the rename itself
+    fsync_dir(models_dir.parent)  # and the models directory, the first time it was made
+    return manifest
+
+
+def _publish_to_objects(models: Objects, version: str, projector: Projector, catalog: ServingCatalog, info: dict,
+                        ranker: RankerModel | None, prior: np.ndarray | None, fit: str | None,
+                        evidence: EvidenceOffsets | None) -> dict:
+    """``write_version`` on S3: built in this host's cache, PUT file by file, the manifest last (its existence is
+    the version's), then kept as the cache's copy."""
+    cache = models.cache
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".build-{version}-", dir=cache))
+    try:
+        manifest = _write_files(build, models.url_of(version), version, projector, catalog, info, ranker, prior,
+                                fit, evidence)
+        models.publish_dir(build, version, last=MANIFEST)
+        if cache is not None and not (cache / version).exists():
+            build.rename(cache / version)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return manifest
+
+
+def _write_files(tmp: Path, path: str, version: str, projector: Projector, catalog: ServingCatalog, info: dict,
+                 ranker: RankerModel | None, prior: np.ndarray | None, fit: str | None,
+                 evidence: EvidenceOffsets | None) -> dict:
+    """A version's files in directory ``tmp``, its manifest (naming ``path``) written last; returns the manifest."""
     projector.save(tmp / "projector.npz")
     catalog.save(tmp)
     if ranker is not None:
@@ -149,7 +184,7 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
         save_evidence(tmp, evidence)
     manifest = {
         "version": version,
-        "path": str(final.resolve()),
+        "path": path,
         "built_at": time.time(),
         "projector": {"type": "linear", "d_in": int(projector.weight.shape[0]), "d_out": projector.d_user,
                       **({"fit": fit} if fit is not None else {})},
@@ -161,31 +196,56 @@ def write_version(models_dir: Path, projector: Projector, catalog: ServingCatalo
         **info,
     }
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    fsync_tree(tmp)  # the files' data and the directory's entries, before the name makes them a version
-    tmp.rename(final)
-    fsync_dir(models_dir)  # the rename itself
-    fsync_dir(models_dir.parent)  # and the models directory, the first time it was made
     return manifest
 
 
-def write_manifest(manifest: dict) -> None:
+def on_objects(manifest: dict) -> bool:
+    """Whether a version lives on S3 (its manifest's path is a URL), not in a directory."""
+    return "://" in str(manifest["path"])
+
+
+def version_dir(manifest: dict, models: Objects | None = None) -> Path:
+    """The local directory of a version's files: its own on a directory, this host's cached copy on S3.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the version is gone (naming it).
+    """
+    if not on_objects(manifest):
+        return Path(manifest["path"])
+    if models is None or models.cache is None:
+        raise ValueError(f"model version {manifest.get('version')} is on {manifest['path']}: reading it needs the "
+                         "models' Objects with a cache (infra.objects.models_of)")
+    return models.fetch_dir(str(manifest["version"]))
+
+
+def write_manifest(manifest: dict, models: Objects | None = None) -> None:
     """Rewrite a written version's manifest (atomically), e.g. with evaluations made on the version as written."""
+    text = json.dumps(manifest, indent=1)
+    if on_objects(manifest):
+        if models is None:
+            raise ValueError(f"model version {manifest['version']} is on S3: rewriting its manifest needs models")
+        models.put(f"{manifest['version']}/{MANIFEST}", text.encode())
+        if models.cache is not None and (models.cache / manifest["version"]).is_dir():
+            (models.cache / manifest["version"] / MANIFEST).write_text(text)  # the cached copy: the same files
+        return
     path = Path(manifest["path"])
     tmp = path / f".{MANIFEST}.tmp"
-    _write_synced(tmp, json.dumps(manifest, indent=1))
+    _write_synced(tmp, text)
     tmp.replace(path / MANIFEST)
     fsync_dir(path)
 
 
-def load_version(manifest: dict) -> ModelVersion:
-    """The artifacts a manifest names, read from its directory.
+def load_version(manifest: dict, models: Objects | None = None) -> ModelVersion:
+    """The artifacts a manifest names, read from its directory (``version_dir``: on S3, ``models``).
 
     Raises
     ------
     FileNotFoundError
         If the directory is gone (naming it); any other error of a file that cannot be read is raised as it is.
     """
-    path = Path(manifest["path"])
+    path = version_dir(manifest, models)
     if not path.is_dir():
         raise FileNotFoundError(f"model version {manifest.get('version')}: directory {path} is missing")
     projector = Projector.load(path / "projector.npz")
@@ -207,25 +267,36 @@ def prior_or(prior: np.ndarray | None, default: np.ndarray) -> np.ndarray:
     return prior if prior is not None and prior.shape == default.shape else default
 
 
-def read_manifest(models_dir: Path, version: str) -> dict:
-    """The manifest of a version on disk (e.g. the one a pinned control serves)."""
-    path = models_dir / version
-    if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(f"model version {version!r} not found in {models_dir}")
-    manifest = json.loads((path / MANIFEST).read_text())
-    manifest["path"] = str(path.resolve())  # the data dir may have moved since it was written
+def read_manifest(models: Objects | Path, version: str) -> dict:
+    """The manifest of a published version (e.g. the one a pinned control serves)."""
+    models = as_objects(models)
+    try:
+        manifest = json.loads(models.get(f"{version}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model version {version!r} not found in {models}") from None
+    # where it is now: the data dir may have moved since it was written
+    local = models.local_path(version)
+    manifest["path"] = str(local.resolve()) if local is not None else models.url_of(version)
     return manifest
 
 
-def collect_garbage(models_dir: Path, keep: int, current: str, pinned: str | None = None) -> list[str]:
-    """Remove all but the newest ``keep`` versions (never the current or the pinned one); returns the removed."""
-    versions = sorted((p for p in models_dir.glob("v*") if p.is_dir()), key=lambda p: p.name)
+def collect_garbage(models: Objects | Path, keep: int, current: str, pinned: str | None = None) -> list[str]:
+    """Remove all but the newest ``keep`` versions (never the current or the pinned one); returns the removed.
+
+    On S3, this host's cached copies of the removed versions go too.
+    """
+    models = as_objects(models)
+    versions = [v for v in models.dirs() if v.startswith("v")]
     removed = []
-    for p in versions[:-keep] if keep else versions:
-        if p.name not in (current, pinned):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    for p in models_dir.glob(".tmp-*"):
-        if time.time() - p.stat().st_mtime > 3600:
-            shutil.rmtree(p, ignore_errors=True)
+    for name in versions[:-keep] if keep else versions:
+        if name not in (current, pinned):
+            models.delete_tree(name)
+            if models.cache is not None:
+                shutil.rmtree(models.cache / name, ignore_errors=True)
+            removed.append(name)
+    models_dir = models.local_path()
+    if models_dir is not None:
+        for p in models_dir.glob(".tmp-*"):
+            if time.time() - p.stat().st_mtime > 3600:
+                shutil.rmtree(p, ignore_errors=True)
     return removed

@@ -39,6 +39,7 @@ from privads.infra import keys, records, signing
 from privads.infra.errors import Forbidden
 from privads.infra.kafka import ConfirmingProducer, QueuedProducer
 from privads.infra.loops import Step, reason_of
+from privads.infra.objects import models_of
 from privads.infra.settings import Settings
 from privads.infra.store import (
     AdCountLog,
@@ -270,8 +271,9 @@ class Recommender:
         """Load the ``pinned`` control's version (its catalog follows the change log like the served one's)."""
         if self.settings.control_policy != "pinned" or self.pinned is not None:
             return
-        manifest = read_manifest(self.settings.models_dir, str(self.settings.control_version))
-        pinned = await asyncio.to_thread(load_version, manifest)
+        models = models_of(self.settings)
+        manifest = await asyncio.to_thread(read_manifest, models, str(self.settings.control_version))
+        pinned = await asyncio.to_thread(load_version, manifest, models)
         await self._catch_up([pinned], manifest.get("catalog_change", "0-0"), None)
         rc = self.row_counts(pinned.catalog, experiment.CONTROL, pinned.evidence)
         self._factors[(id(pinned.catalog), experiment.CONTROL)] = await asyncio.to_thread(
@@ -297,7 +299,7 @@ class Recommender:
         if self._skip_step is not None and not self._skip_step.due():
             return
         try:
-            loaded = await asyncio.to_thread(load_version, manifest)
+            loaded = await asyncio.to_thread(load_version, manifest, models_of(self.settings))
         except Exception as e:  # noqa: BLE001 - a bad version must not stop serving the good one
             if self._skip_step is None:
                 self._skip_step = Step(f"loading model {version}", log, base_s=2.0, max_s=60.0)

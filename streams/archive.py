@@ -1,6 +1,6 @@
 """The event archive: what the workers committed, drained from Redis into Parquet files by hour.
 
-Layout under ``PRIVADS_DATA/archive``::
+Layout under ``PRIVADS_DATA/archive`` (a directory, or a prefix of an S3 bucket: ``infra.objects``)::
 
     impressions/hour=2026-11-23T14/p{partition}-{first entry id}.parquet   one row per impression (raw JSON kept,
                                                                           and the user as served: user_mean/_count)
@@ -14,7 +14,7 @@ Exactly once: each batch's archive entry is written to the stream ``arch:{p}``
 in the same Redis transaction as the state it describes. A drain reads a chunk
 of entries, writes every file of the chunk (named by the chunk's first entry
 id, each under a temporary name; once all are written, each is renamed into
-place), and only then trims the stream. A crash before the trim re-reads a chunk
+place; on S3 each object is PUT whole), and only then trims the stream. A crash before the trim re-reads a chunk
 that starts at the same id and rewrites the same file names, so no row is
 archived twice or lost.
 
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -39,9 +37,9 @@ from typing import TYPE_CHECKING, cast
 import msgspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from privads.infra import keys
+from privads.infra.objects import Objects, as_objects, table_bytes
 from privads.infra.records import Impression, Labelled, erased_event
 
 if TYPE_CHECKING:  # for annotations only: reading the archive (learner.logs) does without redis
@@ -71,29 +69,17 @@ def hour_of(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H", time.gmtime(ts))
 
 
-def _write(path: Path, table: pa.Table) -> None:
-    _write_all([(path, table)])
+# the archive's root: ``Objects`` (a directory or an S3 prefix), or a directory's path
+Root = Objects | Path
 
 
-def _write_all(files: list[tuple[Path, pa.Table]]) -> None:
-    """Write each table to its path, all or none: every one under a temporary name first, then the renames.
+def _write_all(root: Objects, files: list[tuple[str, pa.Table]]) -> None:
+    """Write each table as a Parquet file at its key, all or none (``Objects.put_all``).
 
-    A failure while writing (a full disk) removes the temporary files and renames none, so a reader
-    sees every file of the set or none of them, never a partial one. The temporary names are unique
-    (dot-prefixed, ``.tmp``: no reader's ``*.parquet`` matches them), so two writers never share one.
+    A failure while writing (a full disk) removes what was written, so a reader sees every file of
+    the set or none of them, never a partial one.
     """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, table in files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-            staged.append((tmp, path))
-            pq.write_table(table, tmp)
-        for tmp, path in staged:  # renames take no data blocks: a full disk fails the writes above, not these
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:  # what was not renamed (nothing, unless a write failed)
-            tmp.unlink(missing_ok=True)
+    root.put_all((key, table_bytes(table)) for key, table in files)
 
 
 _impression = msgspec.json.Decoder(Impression)
@@ -128,18 +114,18 @@ def _without(cols: dict[str, list], erased: Mapping[str, float]) -> dict[str, li
     return {name: [v for v, d in zip(values, drop, strict=True) if not d] for name, values in cols.items()}
 
 
-def write_chunk(root: Path, partition: int, first_id: str, entries: StreamEntries) -> int:
+def write_chunk(root: Root, partition: int, first_id: str, entries: StreamEntries) -> int:
     """Write a chunk's rows into hour files named by ``first_id``; returns the number of rows."""
     imp_cols, lab_cols = columns_of(entries)
     return write_columns(root, partition, first_id, imp_cols, lab_cols)
 
 
-def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str, list],
+def write_columns(root: Root, partition: int, first_id: str, imp_cols: dict[str, list],
                   lab_cols: dict[str, list]) -> int:
     """Write ``columns_of``'s columns into hour files named by ``first_id``; returns the number of rows."""
     name = f"p{partition}-{first_id}.parquet"
     rows = 0
-    files: list[tuple[Path, pa.Table]] = []
+    files: list[tuple[str, pa.Table]] = []
     for kind, cols, schema in (("impressions", imp_cols, IMPRESSION_SCHEMA), ("labels", lab_cols, LABEL_SCHEMA)):
         if not cols["ts"]:
             continue
@@ -148,12 +134,13 @@ def write_columns(root: Path, partition: int, first_id: str, imp_cols: dict[str,
         hours = (np.asarray(cols["ts"]) // HOUR_S).astype(np.int64)
         for h in np.unique(hours):
             part = table if len(hours) and (hours == h).all() else table.filter(pa.array(hours == h))
-            files.append((root / kind / f"hour={hour_of(float(h) * HOUR_S)}" / name, part))
-    _write_all(files)  # the chunk's files all at once: a reader never sees its impressions without its labels
+            files.append((f"{kind}/hour={hour_of(float(h) * HOUR_S)}/{name}", part))
+    # the chunk's files all at once: a reader never sees its impressions without its labels
+    _write_all(as_objects(root), files)
     return rows
 
 
-def drain(r: redis.Redis | redis.RedisCluster, root: Path, partition: int, chunk: int = 500,
+def drain(r: redis.Redis | redis.RedisCluster, root: Root, partition: int, chunk: int = 500,
           still_mine: Callable[[], bool] | None = None, upto: str = "+") -> int:
     """Move archived entries of one partition from Redis into Parquet; returns rows written.
 
@@ -196,8 +183,8 @@ class Drainer:
 
     Parameters
     ----------
-    root : Path
-        The archive's directory (``PRIVADS_DATA/archive``).
+    root : Objects or Path
+        The archive (``PRIVADS_DATA/archive``: ``infra.objects.archive_of``).
     every_s : float
         The drain period (``ARCHIVE_EVERY_S``).
     owner : str
@@ -210,8 +197,8 @@ class Drainer:
     LOCK_S = 20
     TMP_AGE_S = 300  # a temporary file this old is no live writer's
 
-    def __init__(self, root: Path, every_s: float, owner: str) -> None:
-        self.root = root
+    def __init__(self, root: Root, every_s: float, owner: str) -> None:
+        self.root = as_objects(root)
         self.every_s = every_s
         self.owner = owner
         self.failures = 0  # failed attempts in a row
@@ -281,9 +268,13 @@ class Drainer:
                       self.root, self.error, self.every_s * self.MAX_BACKOFF_PERIODS)
 
     def _sweep(self) -> None:
-        """Remove temporary files a killed writer left (older than ``TMP_AGE_S``: no live writer's)."""
+        """Remove temporary files a killed writer left (older than ``TMP_AGE_S``: no live writer's; on S3 a PUT
+        leaves none)."""
+        local = self.root.local_path()
+        if local is None:
+            return
         old = time.time() - self.TMP_AGE_S
-        for tmp in self.root.glob("*/hour=*/.*.tmp"):
+        for tmp in local.glob("*/hour=*/.*.tmp"):
             try:
                 if tmp.stat().st_mtime < old:
                     tmp.unlink()
@@ -310,26 +301,33 @@ def _schema(kind: str) -> pa.Schema:
     return IMPRESSION_SCHEMA if kind == "impressions" else LABEL_SCHEMA
 
 
-def _first_entry_ms(path: Path) -> int:
+def _first_entry_ms(key: str) -> int:
     """When a file's chunk was committed: the Redis entry id in its name (``p{p}-{ms}_{seq}.parquet``)."""
     try:
-        return int(path.stem.split("-", 1)[1].split("_", 1)[0])
+        return int(key.rsplit("/", 1)[-1].split("-", 1)[1].split("_", 1)[0].removesuffix(".parquet"))
     except (IndexError, ValueError):
         return 0
 
 
-def _hours_newest_first(root: Path, kind: str, since: float | None) -> list[Path]:
-    """The hour directories of ``kind`` from the hour of ``since`` on (all without it), newest first."""
+def _parquet(root: Objects, prefix: str) -> list[str]:
+    """The Parquet files below ``prefix`` (not the temporary ones a writer has not renamed yet)."""
+    return [k for k in root.files(prefix) if k.endswith(".parquet") and not k.rsplit("/", 1)[-1].startswith(".")]
+
+
+def _hours_newest_first(root: Objects, kind: str, since: float | None) -> list[str]:
+    """The hour directories of ``kind`` (their keys) from the hour of ``since`` on (all without it), newest first."""
     first = None if since is None else f"hour={hour_of(since)}"
-    return [d for d in sorted((root / kind).glob("hour=*"), reverse=True) if first is None or d.name >= first]
+    return [f"{kind}/{d}" for d in sorted(root.dirs(kind), reverse=True)
+            if d.startswith("hour=") and (first is None or d >= first)]
 
 
-def newest_ts(root: Path, kind: str = "impressions") -> float | None:
+def newest_ts(root: Root, kind: str = "impressions") -> float | None:
     """The newest row's ``ts``, from the newest hour's Parquet statistics (no row is read)."""
+    root = as_objects(root)
     for hour in _hours_newest_first(root, kind, None):
         best = None
-        for f in hour.glob("*.parquet"):
-            meta = pq.ParquetFile(f).metadata
+        for f in _parquet(root, hour):
+            meta = root.parquet_metadata(f)
             col = meta.schema.to_arrow_schema().get_field_index("ts")
             for g in range(meta.num_row_groups):
                 stats = meta.row_group(g).column(col).statistics
@@ -340,7 +338,7 @@ def newest_ts(root: Path, kind: str = "impressions") -> float | None:
     return None
 
 
-def read_recent(root: Path, kind: str, *, since: float | None = None, until: float | None = None,
+def read_recent(root: Root, kind: str, *, since: float | None = None, until: float | None = None,
                 limit: int | None = None, columns: list[str] | None = None) -> pa.Table:
     """The newest rows of ``kind`` with ``since ≤ ts ≤ until``, at most ``limit`` of them.
 
@@ -349,13 +347,14 @@ def read_recent(root: Path, kind: str, *, since: float | None = None, until: flo
     until ``limit`` rows are held: memory is ``limit`` rows plus one file, whatever the
     archive's size. Rows are then ordered by ``ts`` and the newest ``limit`` kept.
     """
+    root = as_objects(root)
     schema = _schema(kind)
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in dict.fromkeys([*columns, "ts"])])
     tables, held = [], 0
     for hour in _hours_newest_first(root, kind, since):
-        for f in sorted(hour.glob("*.parquet"), key=_first_entry_ms, reverse=True):
-            t = pq.read_table(f, schema=schema)
+        for f in sorted(_parquet(root, hour), key=_first_entry_ms, reverse=True):
+            t = root.read_table(f, schema=schema)
             ts = t.column("ts").to_numpy()
             keep = np.ones(ts.shape[0], bool)
             if since is not None:
@@ -380,31 +379,33 @@ def read_recent(root: Path, kind: str, *, since: float | None = None, until: flo
     return table.take(pa.array(order))
 
 
-def read_table(root: Path, kind: str) -> pa.Table:
+def read_table(root: Root, kind: str) -> pa.Table:
     """Every archived row of ``kind`` ("impressions" or "labels") as one table."""
-    files = sorted((root / kind).glob("hour=*/*.parquet"))
+    root = as_objects(root)
+    files = [f for f in _parquet(root, kind) if f.split("/")[1].startswith("hour=")]
     schema = IMPRESSION_SCHEMA if kind == "impressions" else LABEL_SCHEMA
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    return pa.concat_tables([root.read_table(f, schema=schema) for f in files])
 
 
-def prune(root: Path, before: float) -> int:
+def prune(root: Root, before: float) -> int:
     """Remove the archive's hour directories (both kinds) wholly older than ``before``; returns how many."""
+    root = as_objects(root)
     first_kept = f"hour={hour_of(before)}"
     gone = 0
     for kind in ("impressions", "labels"):
-        for hour in sorted((root / kind).glob("hour=*")):
-            if hour.name >= first_kept:
+        for hour in root.dirs(kind):
+            if not hour.startswith("hour="):
+                continue
+            if hour >= first_kept:
                 break
-            for f in hour.iterdir():
-                f.unlink()
-            hour.rmdir()
+            root.delete_tree(f"{kind}/{hour}")
             gone += 1
     return gone
 
 
-def compact(root: Path, erased: Mapping[str, float]) -> tuple[int, int]:
+def compact(root: Root, erased: Mapping[str, float]) -> tuple[int, int]:
     """Rewrite every archive file that holds a row of an erased user from before the erasure, without those rows.
 
     Parameters
@@ -425,16 +426,17 @@ def compact(root: Path, erased: Mapping[str, float]) -> tuple[int, int]:
     """
     if not erased:
         return 0, 0
+    root = as_objects(root)
     newest_ms = int(max(erased.values()) * 1000) + 1
     hashes: dict[str, str] = {}  # user id → hash, across files (a user's rows span many)
     files = rows = 0
     for kind in ("impressions", "labels"):
         schema = _schema(kind)
         cols = pa.schema([schema.field("user_id"), schema.field("ts")])
-        for path in sorted((root / kind).glob("hour=*/*.parquet")):
+        for path in _parquet(root, kind):
             if _first_entry_ms(path) > newest_ms:
                 continue
-            t = pq.read_table(path, schema=cols)
+            t = root.read_table(path, schema=cols)
             users = t.column("user_id").to_pylist()
             for u in set(users) - hashes.keys():
                 hashes[u] = keys.user_hash(u)
@@ -442,12 +444,12 @@ def compact(root: Path, erased: Mapping[str, float]) -> tuple[int, int]:
             drop = np.array([erased_event(erased, hashes[u], s) for u, s in zip(users, ts, strict=True)], bool)
             if not drop.any():
                 continue
-            whole = pq.read_table(path, schema=schema)
+            whole = root.read_table(path, schema=schema)
             kept = whole.filter(pa.array(~drop))
             if kept.num_rows:
-                _write(path, kept)
+                _write_all(root, [(path, kept)])
             else:
-                path.unlink()
+                root.delete(path)
             files += 1
             rows += int(drop.sum())
     return files, rows

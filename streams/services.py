@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from privads.infra.loops import Step, reason_of
+from privads.infra.objects import models_of
 from privads.infra.records import Ad
 from privads.infra.settings import Settings
 from privads.infra.store import CatalogStore, ModelPointer
-from privads.ranker.artifacts import load_prior
+from privads.ranker.artifacts import load_prior, version_dir
 from privads.ranker.encoder import AdEncoder
 from privads.ranker.projector import Projector, initial_projector
 
@@ -76,9 +76,14 @@ class AdVectors:
             self.skipped, self._skip_step = None, None  # another version now: try it at once
         if self._skip_step is not None and not self._skip_step.due():
             return
-        path = Path(manifest["path"]) / "projector.npz"
+        models = models_of(self.settings)
+
+        def load() -> tuple[Projector, np.ndarray | None]:
+            path = version_dir(manifest, models)  # on S3: this host's copy, fetched once
+            return Projector.load(path / "projector.npz"), load_prior(path)
+
         try:
-            projector, prior = await asyncio.to_thread(lambda: (Projector.load(path), load_prior(path.parent)))
+            projector, prior = await asyncio.to_thread(load)
         except Exception as e:  # noqa: BLE001 - a bad version must not stop the workers' updates
             if self._skip_step is None:
                 self._skip_step = Step(f"loading the projector of model {version} (the workers keep projecting "

@@ -45,6 +45,7 @@ from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import async_producer_config, consumer_config, create_topics, keep_topics
 from privads.infra.loops import Step, backoff_s, until_done
 from privads.infra.migrate import refuse_old_layout
+from privads.infra.objects import archive_of
 from privads.infra.partitioning import owner
 from privads.infra.runtime import keep_freed_memory
 from privads.infra.settings import Settings
@@ -783,7 +784,7 @@ async def run(settings: Settings) -> None:
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
 
     archive_redis = connect_sync(settings.redis_url)
-    drainer = archive.Drainer(settings.data / "archive", settings.archive_every_s, worker_id)
+    drainer = archive.Drainer(archive_of(settings), settings.archive_every_s, worker_id)
 
     def archive_partitions(parts: list[int], force: bool = False) -> None:
         """Drain the committed archive entries of these partitions into Parquet (in a thread; a failure is logged

@@ -27,6 +27,7 @@ from privads.infra.processes import (
     Process,
     broker_process,
     free_port,
+    object_store_process,
     python_process,
     redis_process,
     wait_port_free,
@@ -46,6 +47,40 @@ class Infra:
     data: Path
     broker: Process
     redis: Process
+
+
+@dataclass
+class S3:
+    """A real S3-compatible server (localbucket) of a test module's own, with an empty bucket ``bucket``."""
+
+    endpoint: str
+    bucket: str
+    root: Path  # the server's directory: one folder per bucket, one file per object
+
+    def settings(self, prefix: str, **kw: object) -> dict[str, object]:
+        """Settings keywords that put PRIVADS_DATA on this server, below ``prefix``."""
+        return {"data": f"s3://{self.bucket}/{prefix}", "aws_endpoint_url": self.endpoint,
+                "aws_access_key_id": "privads", "aws_secret_access_key": "privads", **kw}
+
+
+@contextlib.contextmanager
+def s3_server(directory: Path, bucket: str = "privads") -> Iterator[S3]:
+    """Start a localbucket server on a free loopback port; stopped (and its port freed) on exit."""
+    port = free_port()
+    (directory / "s3" / bucket).mkdir(parents=True)  # a bucket is a folder, made before the server starts
+    server = object_store_process(port, directory / "s3", directory / "object-store.log")
+    try:
+        server.start(30)
+        yield S3(f"http://127.0.0.1:{port}", bucket, directory / "s3")
+    finally:
+        server.stop(10)
+        wait_port_free("127.0.0.1", port)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 0.1) -> object:
@@ -103,7 +138,7 @@ def _worker_ready(r: redis.Redis, since: float) -> bool:
 def start_worker(settings: Settings, r: redis.Redis, name: str = "worker") -> Process:
     """A real stream worker subprocess, returned once it owns partitions."""
     since = time.time()
-    p = python_process(name, ["worker"], settings.data / "logs" / f"{name}.log", settings.child_env(),
+    p = python_process(name, ["worker"], settings.local / "logs" / f"{name}.log", settings.child_env(),
                        ready=lambda: _worker_ready(r, since))
     p.start(timeout=90)
     return p
@@ -125,7 +160,7 @@ def stopping() -> Iterator[list[Process]]:
 
 def start_api(settings: Settings) -> Process:
     """A real API subprocess (uvicorn), returned once /healthz answers."""
-    p = python_process("api", ["api"], settings.data / "logs" / "api.log", settings.child_env(),
+    p = python_process("api", ["api"], settings.local / "logs" / "api.log", settings.child_env(),
                        ready=lambda: httpx.get(f"{settings.api}/healthz", timeout=1).status_code == 200)
     p.start(timeout=90)
     return p

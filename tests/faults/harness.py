@@ -254,7 +254,7 @@ class Fleet:
         since = time.time()
         r = connect_sync(self.settings.redis_url)
         try:
-            p = python_process(name, ["worker"], self.settings.data / "logs" / f"{name}.log",
+            p = python_process(name, ["worker"], self.settings.local / "logs" / f"{name}.log",
                                self.settings.child_env(), ready=lambda: _worker_ready(r, since))
             self.procs.append(p)
             p.start(timeout=timeout)
@@ -265,7 +265,7 @@ class Fleet:
     def api(self, name: str = "api", timeout: float = 90) -> Process:
         """The API, returned once /healthz answers."""
         url = self.settings.api
-        p = python_process(name, ["api"], self.settings.data / "logs" / f"{name}.log", self.settings.child_env(),
+        p = python_process(name, ["api"], self.settings.local / "logs" / f"{name}.log", self.settings.child_env(),
                            ready=lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
         self.procs.append(p)
         p.start(timeout=timeout)
@@ -273,7 +273,7 @@ class Fleet:
 
     def run(self, name: str, args: list[str]) -> Process:
         """Any other PrivAds command (``train``, ``learner``), started without waiting."""
-        p = python_process(name, args, self.settings.data / "logs" / f"{name}.log", self.settings.child_env())
+        p = python_process(name, args, self.settings.local / "logs" / f"{name}.log", self.settings.child_env())
         self.procs.append(p)
         p.start()
         return p

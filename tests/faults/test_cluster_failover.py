@@ -56,8 +56,8 @@ def test_a_redis_master_killed_mid_stream_fails_over_and_every_count_stays_exact
     wait_for(lambda: processed() >= before + 1500, 90, "the stream to go on after the failover")
     ledger = stream.stop()
     waited = quiesce(r, ledger, timeout=120)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger)
     record("Redis Cluster master SIGKILLed mid-stream", None, out, failover_s=round(failover_s, 1),
            quiesce_s=round(waited, 1), killed=victim, promoted=promoted)
     assert promoted in box.cluster.masters()
@@ -87,8 +87,8 @@ def test_the_api_under_load_rides_out_a_master_failover(box: Box, fsettings: Set
     recovery = time.time() - killed_at
     ledger = clients.stop()
     waited = quiesce(r, ledger, timeout=120)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger, resent=True)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger, resent=True)
     record("Redis Cluster master of {g} SIGKILLed under API load", recovery, out, quiesce_s=round(waited, 1),
            unanswered=len(ledger.unanswered), answered=clients.answered, failed=dict(clients.failed))
     assert not clients.errors, clients.errors[:5]

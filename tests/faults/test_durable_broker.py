@@ -70,8 +70,8 @@ def test_sigkill_the_durable_broker_with_unconsumed_events_then_restart(box: Box
     recovery = progress.recovery(before, killed_at, timeout=120)
     ledger = stream.stop()
     waited = quiesce(r, ledger, timeout=180)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger)
     record("SIGKILL the broker (log on S3) with events unconsumed, restart", recovery, out,
            quiesce_s=round(waited, 1), unconsumed_at_the_kill=unconsumed)
     assert w.poll() is None, "the worker died with the broker"

@@ -90,8 +90,8 @@ def test_workers_joining_and_leaving_during_200k_events_keep_every_count_exact(b
         ledger = stream.stop()
         waited = quiesce(r, ledger, timeout=300, partitions=PARTITIONS)
         wait_for(lambda: owned(r, w3) + owned(r, w4) == PARTITIONS, 30, "w3 and w4 to own every partition")
-        drain_archive(r, settings.data / "archive", partitions=PARTITIONS)
-        out = check(r, settings.data / "archive", ledger)
+        drain_archive(r, settings.local / "archive", partitions=PARTITIONS)
+        out = check(r, settings.local / "archive", ledger)
         record("4 workers join and leave (one SIGTERM, one SIGKILL) over 6 partitions", None, out,
                quiesce_s=round(waited, 1), changes=changes, seconds=round(time.time() - t0))
         assert ledger.events >= EVENTS

@@ -68,8 +68,8 @@ def test_hostile_events_and_an_erasure_burst_under_a_steady_stream(box: Box, fse
     time.sleep(3)
     ledger = stream.stop()
     quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger, dead_letters=MS_EVENTS)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger, dead_letters=MS_EVENTS)
     record("hostile: ms timestamps, a clock 50,000 years ahead, 600 erasures", None, out,
            erasures_per_s=round(ERASURES / burst_s))
     out.require()

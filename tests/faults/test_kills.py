@@ -70,8 +70,8 @@ def test_the_checks_pass_without_a_fault_and_catch_a_lost_or_doubled_event(box: 
     time.sleep(4)
     ledger = stream.stop()
     quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger)
     out.require()
     assert len(ledger.impressions) > 500 and ledger.clicked and ledger.repeats > 0
     record("none (baseline)", None, out)
@@ -79,11 +79,11 @@ def test_the_checks_pass_without_a_fault_and_catch_a_lost_or_doubled_event(box: 
     ghost = dataclasses.replace(ledger, impressions={**ledger.impressions,
                                                      "ghost": SentImpression("baseu1", ADS[0]["ad_id"], "control",
                                                                              time.time())})
-    lost = check(r, fsettings.data / "archive", ghost)
+    lost = check(r, fsettings.local / "archive", ghost)
     assert lost.lost == 1 and any("ghost: sent 1, seen 0" in d for _, d in lost.diffs), lost.diffs
     dropped = next(iter(ledger.impressions))
     fewer = dataclasses.replace(ledger, impressions={k: v for k, v in ledger.impressions.items() if k != dropped})
-    extra = check(r, fsettings.data / "archive", fewer)
+    extra = check(r, fsettings.local / "archive", fewer)
     assert any(f"impression {dropped}" in d and "never sent" in d for _, d in extra.diffs), extra.diffs
     assert any(d.startswith("stats:") and "impressions: sent" in d for _, d in extra.diffs), extra.diffs
 
@@ -120,8 +120,8 @@ def test_sigkill_one_of_two_workers_mid_batch(box: Box, fsettings: Settings, fle
     time.sleep(2)
     ledger = stream.stop()
     waited = quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger)
     record("SIGKILL 1 of 2 workers mid-batch", takeover, out, quiesce_s=round(waited, 1))
     assert a.poll() is None, "worker A died"
     out.require()
@@ -154,8 +154,8 @@ def test_sigkill_redis_mid_transaction_then_restart_from_its_aof_short_of_its_la
     time.sleep(3)
     ledger = stream.stop()
     waited = quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger)
     record("SIGKILL redis-server mid-transaction, restart from its AOF less its last second", recovery, out,
            quiesce_s=round(waited, 1), events_rolled_back=rolled_back, aof_bytes_cut=cut)
     assert w.poll() is None, "the worker died with redis-server"
@@ -199,8 +199,8 @@ def test_sigkill_the_api_mid_request_then_restart(box: Box, fsettings: Settings,
     time.sleep(3)
     ledger = clients.stop()
     waited = quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger, resent=True)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger, resent=True)
     record(f"SIGKILL the API mid-request, restart (IMPRESSION_CONFIRM_S={confirm_s:g})", recovery, out,
            quiesce_s=round(waited, 1), unanswered=len(ledger.unanswered), refused=ledger.refused,
            journal_segments_left_by_the_kill=len(journal), impressions_sent_twice_and_dropped=out.resent)
@@ -242,8 +242,8 @@ def test_sigkill_the_api_while_kafka_is_frozen_then_restart(box: Box, fsettings:
     time.sleep(3)
     ledger = clients.stop()
     waited = quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger, resent=True)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger, resent=True)
     record("SIGKILL the API while Kafka is frozen (SIGSTOP), restart", recovery, out, quiesce_s=round(waited, 1),
            unanswered=len(ledger.unanswered), refused=ledger.refused, answered_while_frozen=held,
            replayed_from_the_journal=sent_again, impressions_sent_twice_and_dropped=out.resent)
@@ -295,8 +295,8 @@ def test_sigkill_the_learner_mid_write_keeps_the_served_version(box: Box, fsetti
     for a in during.json()["ads"]:  # the request above logged impressions too
         ledger.impressions[a["impression_id"]] = SentImpression("someone", a["ad_id"], during.json()["policy"], 0.0)
     waited = quiesce(r, ledger)
-    drain_archive(r, fsettings.data / "archive")
-    out = check(r, fsettings.data / "archive", ledger)
+    drain_archive(r, fsettings.local / "archive")
+    out = check(r, fsettings.local / "archive", ledger)
     record("SIGKILL the learner mid-write", recovery, out, quiesce_s=round(waited, 1),
            note="served version unchanged through the kill; recovery = kill to the next version published")
     out.require()

@@ -127,7 +127,7 @@ def recommend(settings: Settings, user: str) -> dict:
 
 
 def archived_impressions(settings: Settings) -> set[str]:
-    return {e for f in (settings.data / "archive" / "impressions").rglob("*.parquet")
+    return {e for f in (settings.local / "archive" / "impressions").rglob("*.parquet")
             for e in pq.read_table(f, columns=["event_id"]).column("event_id").to_pylist()}
 
 
@@ -139,8 +139,8 @@ def beat_ts(rds: redis.Redis) -> float:
 def test_a_version_whose_directory_is_gone_wedges_nothing(settings: Settings, rds: redis.Redis, running) -> None:
     good = json.loads(rds.get(keys.MODEL_CURRENT))
     wait_until(lambda: readyz(settings)["model_version"] == good["version"], 30, "the API to serve the first version")
-    worker_log = settings.data / "logs" / "worker.log"
-    api_log = settings.data / "logs" / "api.log"
+    worker_log = settings.local / "logs" / "worker.log"
+    api_log = settings.local / "logs" / "api.log"
     wait_until(lambda: f"workers now project ads with model {good['version']}" in worker_log.read_text(), 30,
                "the worker to follow the first version")
 

@@ -265,6 +265,9 @@ def test_the_cluster_overlay_runs_three_masters_and_three_replicas_formed_once(c
         assert _flag(command, "--cluster-enabled") == "yes" and _flag(command, "--appendonly") == "yes"
         assert _flag(command, "--maxmemory-policy") == "noeviction"
         assert any(v.get("target") == "/data" for v in services[n].get("volumes") or [])
+    objects = services["objects"]  # the object store: its bucket made, its objects in a volume, not published
+    assert "mkdir -p /objects/privads" in objects["command"][0] and "--port 9000" in objects["command"][0]
+    assert any(v.get("target") == "/objects" for v in objects["volumes"]) and not objects.get("ports")
     init = services["redis-cluster"]
     assert "--cluster-replicas 1" in init["command"][0]
     assert set(init["depends_on"]) == nodes
@@ -280,11 +283,15 @@ def test_every_app_service_names_the_cluster_and_one_partition_count(cluster_con
         env = _env(services[name])
         seeds, _, _ = cluster_nodes(env["PRIVADS_REDIS"])
         assert {h for h, _ in seeds} == {f"redis-{i}" for i in range(1, 7)} <= services.keys(), name
-        assert env["PRIVADS_KAFKA"] == "kafka:9092" and env["PRIVADS_DATA"] == "/var/lib/privads", name
+        assert env["PRIVADS_KAFKA"] == "kafka:9092", name
+        # shared data in the object store, each container's own files in its volume
+        assert env["PRIVADS_DATA"] == "s3://privads/data" and env["PRIVADS_LOCAL_DATA"] == "/var/lib/privads", name
+        assert env["AWS_ENDPOINT_URL"] == "http://objects:9000", name
         counts.add(env["PRIVADS_PARTITIONS"])
         deps = services[name].get("depends_on") or {}
         assert "redis" not in deps, name
         if name in ("worker", "learner", "api"):
             assert deps["redis-cluster"]["condition"] == "service_completed_successfully", name
+            assert deps["objects"]["condition"] == "service_healthy", name
     assert counts == {"12"}  # the topics' partitions and the workers' agree
     assert _env(services["api"])["PRIVADS_API_KEY"] == TEST_KEY

@@ -142,7 +142,7 @@ def test_a_full_redis_stalls_the_worker_without_losing_events_and_erasure_answer
             assert stat(rds, f"processed:{records.IMPRESSIONS}") == 100, "a batch was committed into a full Redis?"
             assert stat(rds, f"processed:{records.CLICKS}") == 0
             assert worker.poll() is None, "the worker died of a full Redis"
-            log = (settings.data / "logs" / "worker.log").read_text(errors="replace")
+            log = (settings.local / "logs" / "worker.log").read_text(errors="replace")
             assert "used memory > 'maxmemory'" in log  # it stalled for that reason, and said so
 
             # an erasure is refused whole, with a reason and when to retry: not a 500, and nothing half-done

@@ -31,7 +31,7 @@ def _from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Settings:
 
 def test_contract_defaults():
     s = Settings()
-    assert s.data == Path("./.privads")
+    assert s.data == "./.privads" and s.local == Path("./.privads") and not s.data_on_s3
     assert s.api == "http://127.0.0.1:8000"
     assert s.kafka is None and s.redis is None
     assert s.api_host == "127.0.0.1" and s.api_port == 8000
@@ -57,7 +57,7 @@ def test_env_overrides(monkeypatch, tmp_path):
     assert s.kafka == "broker-1:9092,broker-2:9092" and s.kafka_servers == s.kafka
     assert s.redis == "redis://cache:6379/2" and s.redis_url == s.redis
     assert s.d_user == 32 and isinstance(s.d_user, int)
-    assert s.data == tmp_path and s.models_dir == tmp_path / "models"
+    assert s.local == tmp_path and s.models_dir == tmp_path / "models"
     assert s.exploration == 0.25
 
 
@@ -98,7 +98,7 @@ def test_api_host_and_port(monkeypatch, api, host, port):
 
 def test_child_env_shape():
     env = Settings(kafka="k:9092").child_env()
-    assert all(k.startswith("PRIVADS_") and k == k.upper() for k in env)
+    assert all((k.startswith("PRIVADS_") or k.startswith("AWS_")) and k == k.upper() for k in env)
     assert all(isinstance(v, str) for v in env.values())
     assert env["PRIVADS_KAFKA"] == "k:9092" and env["PRIVADS_D_USER"] == "64"
     # None is written blank, which reads back as unset and overrides a value the child would inherit
@@ -118,6 +118,34 @@ def test_child_env_round_trip_customised(monkeypatch, tmp_path):
     back = _from_env(monkeypatch, s.child_env())
     assert back == s
     assert back.d_user == 32 and back.api_port == 8123 and back.learning_rate == 0.123456789
+
+
+def test_data_on_s3_keeps_this_hosts_files_local_and_reads_the_standard_aws_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRIVADS_DATA", "s3://bucket/some/prefix")
+    monkeypatch.setenv("PRIVADS_LOCAL_DATA", str(tmp_path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    s = Settings()
+    assert s.data_on_s3 and s.data == "s3://bucket/some/prefix"
+    # logs, journals, the embedded servers and the model cache: this host's directory, not the bucket
+    assert s.local == tmp_path and s.journal_dir == tmp_path / "journal" and s.models_dir == tmp_path / "models"
+    assert (s.aws_endpoint_url, s.aws_access_key_id, s.aws_region) == ("http://127.0.0.1:9000", "key", "eu-west-3")
+    assert s.aws_secret_access_key is not None and s.aws_secret_access_key.get_secret_value() == "secret"
+    env = s.child_env()  # a child reads them back under the names AWS SDKs use
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["AWS_SECRET_ACCESS_KEY"] == "secret"
+    assert "PRIVADS_AWS_ENDPOINT_URL" not in env
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.delenv(name)
+    assert _from_env(monkeypatch, env) == s
+
+
+@pytest.mark.parametrize("data, why", [("gs://bucket", "gs:// is not supported"), ("s3://", "names no bucket"),
+                                       ("s3:///prefix", "names no bucket"), ("", "blank")])
+def test_a_bad_data_url_is_refused_naming_what_is_wrong(data, why):
+    with pytest.raises(ValidationError, match=why):
+        Settings(data=data)
 
 
 # a None setting (catalog=None: load no sample catalog) must survive the trip to a child

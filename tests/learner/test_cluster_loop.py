@@ -1,8 +1,10 @@
-"""The core loop on a Redis Cluster of 3 masters and 3 replicas: serving, clicks, exact counters, user learning,
-erasure, a learner cycle and its hot-swap, export and replay.
+"""The core loop on a Redis Cluster of 3 masters and 3 replicas with PRIVADS_DATA on an S3-compatible server:
+serving, clicks, exact counters, user learning, erasure, a learner cycle and its hot-swap, export and replay.
 
 The same stack as everywhere else (tansu, a worker and the API as subprocesses), with ``PRIVADS_REDIS`` naming
-the cluster's nodes (``redis+cluster://…``): every key one transaction touches shares a slot (``infra.keys``).
+the cluster's nodes (``redis+cluster://…``): every key one transaction touches shares a slot (``infra.keys``);
+and ``PRIVADS_DATA=s3://…`` on a real localbucket server: the archive, the model versions and the export live in
+the bucket, and the processes' own files (logs, journal, model cache) in ``PRIVADS_LOCAL_DATA``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import Infra, serving, wait_until
+from conftest import S3, Infra, serving, wait_until
 from helpers import sample_ads
-from privads.infra import keys
+from privads.infra import keys, objects
 from privads.infra.kafka import create_topics
 from privads.infra.processes import Process, broker_process, free_port, wait_port_free
 from privads.infra.redis_cluster import CLUSTER_SLOTS, start_redis_cluster, stop_processes
@@ -55,10 +57,10 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
 
 
 @pytest.fixture(scope="module")
-def settings(infra: Infra) -> Settings:
-    return Settings(kafka=infra.kafka, redis=infra.redis_url, data=infra.data, partitions=PARTITIONS, catalog=None,
-                    seed=5, api=f"http://127.0.0.1:{free_port()}", control_share=0.5, attribution_window_s=WINDOW,
-                    archive_every_s=1.0)
+def settings(infra: Infra, s3: S3) -> Settings:
+    return Settings(kafka=infra.kafka, redis=infra.redis_url, **s3.settings("loop", local_data=infra.data),
+                    partitions=PARTITIONS, catalog=None, seed=5, api=f"http://127.0.0.1:{free_port()}",
+                    control_share=0.5, attribution_window_s=WINDOW, archive_every_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,8 @@ def privads(settings: Settings, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_the_core_loop_on_a_redis_cluster(infra: Infra, settings: Settings, rds: redis.RedisCluster,
-                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_core_loop_on_a_redis_cluster_with_its_data_on_s3(infra: Infra, settings: Settings, s3: S3,
+                                                              rds: redis.RedisCluster) -> None:
     # the partitions' state is spread over the three masters, not piled on one
     masters = {rds.keyslot(keys.checkpoint(p)) * 3 // CLUSTER_SLOTS for p in range(PARTITIONS)}
     assert masters == {0, 1, 2}
@@ -134,7 +136,7 @@ def test_the_core_loop_on_a_redis_cluster(infra: Infra, settings: Settings, rds:
 
         # export and replay: one row per impression (the erased user's left out), the on-policy CTR replayed
         wait_until(lambda: labelled() == total, 60, "the last impressions labelled")
-        out = tmp_path_factory.mktemp("export") / "logs.jsonl"
+        out = f"s3://{s3.bucket}/exports/logs.jsonl"
         victim_rows = ROUNDS * 4
 
         def exported() -> dict:
@@ -144,8 +146,19 @@ def test_the_core_loop_on_a_redis_cluster(infra: Infra, settings: Settings, rds:
         time.sleep(2.0)  # the archive drains every second
         got = wait_until(exported, 60, "the archive to hold every impression")
         assert got["clicked"] == sum(clicks.values()) - clicks.get(VICTIM, 0)
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        where, name = objects.at(out, settings)
+        rows = [json.loads(line) for line in where.get(name).decode().splitlines()]
         assert VICTIM not in {r["user_id"] for r in rows}
         replayed = privads(settings, "replay", str(out), "--policy", "logged", "--estimators", "ips,snips")
         assert replayed["logged_mean_reward"] == pytest.approx(got["clicked"] / got["rows"])
         assert np.isclose(replayed["estimators"]["snips"]["estimate"], got["clicked"] / got["rows"])
+
+    # where it all is: the archive, the versions and the export in the bucket (as the server keeps them on its
+    # disk), none of them in the host's own directory; the API and the worker loaded the versions into its cache
+    bucket = s3.root / s3.bucket
+    assert list((bucket / "loop" / "archive" / "impressions").rglob("*.parquet"))
+    assert (bucket / "loop" / "models" / version / "manifest.json").is_file()
+    assert (bucket / "exports" / "logs.jsonl").is_file()
+    assert not (infra.data / "archive").exists()
+    assert not list((infra.data / "models").glob("v*"))
+    assert (infra.data / "cache" / "models" / version / "manifest.json").is_file()

@@ -81,7 +81,7 @@ def settle(r: redis.Redis, total: int) -> None:
 
 
 def archived_users(settings: Settings) -> dict[str, set[str]]:
-    root = settings.data / "archive"
+    root = settings.local / "archive"
     return {kind: set(archive.read_table(root, kind).column("user_id").to_pylist())
             for kind in ("impressions", "labels")}
 
@@ -146,7 +146,7 @@ def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
     assert first == {"pending": 1, "files": first["files"], "rows": len(mine) + 3, "settled": 1, "hours_pruned": 0}
     assert first["files"] >= 1
     files = archived_users(settings)
-    imps = archive.read_table(settings.data / "archive", "impressions").to_pylist()
+    imps = archive.read_table(settings.local / "archive", "impressions").to_pylist()
     assert {row["event_id"] for row in imps if row["user_id"] == VICTIM}.isdisjoint(e["event_id"] for e in mine)
     assert VICTIM in files["impressions"]  # the new life's rows stay
     assert rds.zcard(keys.erasures(owner(VICTIM.encode(), settings.partitions))) == 0
@@ -162,9 +162,9 @@ def test_erasure_reaches_export_replay_learner_archive_and_survives_a_backfill(
     wait_until(lambda: int(rds.hget(keys.STATS, "skipped_erased") or 0) >= skipped + len(mine), 60,
                "the backfilled events to be skipped as erased")
     time.sleep(2.0)  # drains
-    imps = archive.read_table(settings.data / "archive", "impressions").to_pylist()
+    imps = archive.read_table(settings.local / "archive", "impressions").to_pylist()
     assert {row["event_id"] for row in imps}.isdisjoint(e["event_id"] for e in mine)
-    labs = archive.read_table(settings.data / "archive", "labels").to_pylist()
+    labs = archive.read_table(settings.local / "archive", "labels").to_pylist()
     assert {row["impression_id"] for row in labs}.isdisjoint(e["event_id"] for e in mine)
 
 

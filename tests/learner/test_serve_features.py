@@ -70,7 +70,7 @@ def test_a_clicks_own_update_is_not_in_the_features_it_is_learned_from(
     ours = {a["impression_id"] for a in first["ads"] + second["ads"] + control["ads"]}
 
     def archived() -> bool:
-        ids = archive.read_table(settings.data / "archive", "impressions").column("event_id").to_pylist()
+        ids = archive.read_table(settings.local / "archive", "impressions").column("event_id").to_pylist()
         return ours <= set(ids)
 
     wait_until(archived, 30, "the impressions to be archived")

@@ -71,7 +71,7 @@ def world(settings: Settings, rds) -> Projector:
         if clicked[i]:
             labels.append(Labelled(impression_id=f"i{i}", user_id=imp["user_id"], ad_id=imp["ad_id"],
                                    ts=imp["ts"], clicked=True, policy="treatment"))
-    archive.write_chunk(Path(settings.data) / "archive", 0, "1_0",
+    archive.write_chunk(Path(settings.local) / "archive", 0, "1_0",
                         [(b"1-0", {b"imp": b"\n".join(lines), b"lab": msgspec.msgpack.encode(labels)})])
     return truth
 

@@ -98,7 +98,7 @@ def test_a_full_archive_disk_keeps_the_batches_in_redis_and_drains_them_once_the
         assert visible(root) == [] and leftovers(root) == []
         waiting = sum(rds.xlen(keys.archive(p)) for p in range(settings.partitions))
         assert waiting > 0, "the failed drain trimmed entries it did not write"
-        log = (settings.data / "logs" / "worker.log").read_text(errors="replace")
+        log = (settings.local / "logs" / "worker.log").read_text(errors="replace")
         assert log.count("archive: cannot drain") == 1, log[-3000:]
         assert "No space left on device" in log
         text = httpx_get(settings, "/metrics")
@@ -108,7 +108,7 @@ def test_a_full_archive_disk_keeps_the_batches_in_redis_and_drains_them_once_the
         filler.unlink()
         wait_until(lambda: sum(rds.xlen(keys.archive(p)) for p in range(settings.partitions)) == 0, 30,
                    "the drain to catch up once the disk has room")
-        worker_log = settings.data / "logs" / "worker.log"
+        worker_log = settings.local / "logs" / "worker.log"
         log = wait_until(lambda: (t := worker_log.read_text(errors="replace")).count("archive: drained again") and t,
                          10, "the recovery to be logged (just after the trim the test saw)")
         assert log.count("archive: cannot drain") == 1 and log.count("archive: drained again") == 1, log[-3000:]

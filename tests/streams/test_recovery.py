@@ -41,7 +41,7 @@ def variant(settings: Settings, db: int) -> tuple[Settings, redis.Redis]:
     """The same broker and redis-server, another Redis database and consumer group."""
     url = settings.redis_url.rsplit("/", 1)[0] + f"/{db}"
     s = settings.model_copy(update={"redis": url, "worker_group": f"privads-worker-db{db}",
-                                    "data": settings.data / f"db{db}"})
+                                    "data": settings.local / f"db{db}"})
     return s, redis.Redis.from_url(url)
 
 
