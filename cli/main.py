@@ -160,6 +160,18 @@ def cmd_lift(settings: Settings, args: argparse.Namespace) -> int:
     else:
         lo, hi = body["lift_ci95"]
         print(f"lift: {body['lift']:+.2%}  ci95 [{lo:+.2%}, {hi:+.2%}]  p={body['p_value']:.4g}")
+    if any(a["value"] for a in body["arms"].values()):  # clicks that carried a value
+        print(f"\n{'arm':<12}{'value':>12}{'per impr.':>12}  ci95")
+        for name, a in sorted(body["arms"].items()):
+            lo, hi = a["value_ci95"] or (0.0, 0.0)
+            print(f"{name:<12}{a['value']:>12.2f}{a['value_per_impression']:>12.5f}  [{lo:.5f}, {hi:.5f}]")
+        if body["value_lift"] is None:
+            print("value lift: n/a (needs value in both arms)")
+        else:
+            lo, hi = body["value_lift_ci95"]
+            slo, shi = body["value_lift_ci95_sequential"]
+            print(f"value lift: {body['value_lift']:+.2%}  ci95 [{lo:+.2%}, {hi:+.2%}]  "
+                  f"always-valid [{slo:+.2%}, {shi:+.2%}]  p={body['value_p_value']:.4g}")
     return 0
 
 

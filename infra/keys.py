@@ -21,7 +21,7 @@ moves them into the ``{g}`` keys exactly once.
 | ``erased:{p}:{hash(user_id)}`` | erased at: older events are ignored; no TTL (``UserStore.erase``) | API |
 | ``erasures:{p}`` | zset hash(user_id) → erased at, until the archive's compaction drops the rows | API; learner |
 | ``erasing:{p}`` | zset user id → erased at, until p's owner scrubbed its pending events (a second) | API; worker |
-| ``arm:{g}:{policy}:{bucket}`` | hash impressions/clicks per minute bucket, kept 8 days | stream workers |
+| ``arm:{g}:{policy}:{bucket}`` | hash impressions, clicks, value:sum, value:sq per minute, kept 8 days | workers |
 | ``armh:{g}:…``, ``armd:{g}:…`` | the same, per hour (kept 93 days), per day (400) | workers |
 | ``arms:{g}`` | set of the arms (policies) ever counted | workers |
 | ``adstat:{g}:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
@@ -173,6 +173,12 @@ def erasures(partition: int) -> str:
 def erasing(partition: int) -> str:
     """Zset user id → erased at: erasures whose pending events the partition's owner has yet to scrub."""
     return f"erasing:{tag(partition)}"
+
+
+# an arm bucket's float fields (HINCRBYFLOAT): the sum of its clicks' values and of their squares. Floats, not fixed
+# point: a value has no bound, and a fixed-point square would overflow Redis' 64-bit integers at values of ~3,000
+ARM_VALUE, ARM_VALUE_SQ = "value:sum", "value:sq"
+ARM_VALUE_FIELDS = (ARM_VALUE, ARM_VALUE_SQ)
 
 
 def arm(policy: str, bucket: int, span: int = ARM_BUCKET_S) -> str:

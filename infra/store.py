@@ -512,7 +512,7 @@ class PartitionWrites:
     touched: dict[str, float] = field(default_factory=dict)  # users of p written now → wall time (``seen:{p}``)
     expired: list[str] = field(default_factory=list)  # idle users of p to forget (their keys and ``seen`` entries)
     users: dict[str, bytes] = field(default_factory=dict)  # user id of p → packed new state (``keys.pack_user``)
-    counters: dict[str, dict[str, int]] = field(default_factory=dict)  # global hash → field → increment
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)  # global hash → field → increment
     arms: set[str] = field(default_factory=set)  # the arms (policies) counted
 
 
@@ -582,7 +582,7 @@ def _write_partition(pipe: Pipeline, w: PartitionWrites) -> None:
         pipe.mset({keys.user_in(u, p): blob for u, blob in w.users.items()})
 
 
-def _add_counters(into: dict[str, dict[str, int]], incs: dict[str, dict[str, int]]) -> None:
+def _add_counters(into: dict[str, dict[str, float]], incs: dict[str, dict[str, float]]) -> None:
     """Add global counter increments (hash key → field → n) into ``into`` (a ``defaultdict`` of them)."""
     for key, fields in incs.items():
         for f, n in fields.items():
@@ -591,14 +591,19 @@ def _add_counters(into: dict[str, dict[str, int]], incs: dict[str, dict[str, int
 
 # Every increment of a batch's global counters in one command: a HINCRBY per field is one reply per field for the
 # client to read back (hundreds per batch: per ad and arm), which cost the workers more than Redis' work. KEYS: the
-# hashes; ARGV, per key: its TTL (0: none), its number of fields, then (field, increment) pairs.
+# hashes; ARGV, per key: its TTL (0: none), its number of fields, then (field, increment) pairs. The arms' value
+# fields (``keys.ARM_VALUE_FIELDS``, "value:…") are floats: HINCRBYFLOAT; every other field counts, HINCRBY.
 _HINCRBY_MANY = """
 local a = 1
 for _, key in ipairs(KEYS) do
   local ttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
   for _ = 1, n do
-    redis.call('HINCRBY', key, ARGV[a], ARGV[a + 1])
+    if string.sub(ARGV[a], 1, 6) == 'value:' then
+      redis.call('HINCRBYFLOAT', key, ARGV[a], ARGV[a + 1])
+    else
+      redis.call('HINCRBY', key, ARGV[a], ARGV[a + 1])
+    end
     a = a + 2
   end
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
@@ -607,7 +612,7 @@ return #KEYS
 """
 
 
-def _write_global(pipe: Pipeline, counters: dict[str, dict[str, int]], arms: set[str],
+def _write_global(pipe: Pipeline, counters: dict[str, dict[str, float]], arms: set[str],
                   max_user_updates: int) -> None:
     """Queue the increments of the global counters (``{g}``), their TTLs and the per-ad count log."""
     names: list[str] = []
@@ -706,7 +711,7 @@ class PartitionStore:
         async with self.r.pipeline(transaction=True) as pipe:
             await _fence(pipe, expected_seq)
             pipe.multi()
-            counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            counters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(int))
             arms: set[str] = set()
             for w in writes:
                 _write_partition(pipe, w)
@@ -783,7 +788,7 @@ class PartitionStore:
                 entries = cast(StreamEntries, await self.r.xrange(box, start, upto, count=limit))
                 if not entries:
                     return folded
-                counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+                counters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(int))
                 arms: set[str] = set()
                 most = 0
                 for _, fields in entries:
@@ -818,7 +823,7 @@ class PartitionStore:
 # --- counters for /lift and /metrics ------------------------------------------------
 
 
-def ad_count_deltas(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
+def ad_count_deltas(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, list[int]]]:
     """The per-ad increments among a batch's counters that the API follows.
 
     Returns policy → ad id → [clicks, shown, µ-expected] (``keys.AD_COUNT_FIELDS``).
@@ -835,7 +840,7 @@ def ad_count_deltas(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, 
         arm = out.setdefault(policy, {})
         for ad_id, n in incs.items():
             if n:
-                arm.setdefault(ad_id, [0] * len(keys.AD_COUNT_FIELDS))[i] += n
+                arm.setdefault(ad_id, [0] * len(keys.AD_COUNT_FIELDS))[i] += int(n)  # per-ad counts: integers
     return {p: ads for p, ads in out.items() if ads}
 
 
@@ -880,6 +885,16 @@ class AdCountLog:
 SERIES_MAX_POINTS = 720
 
 
+@dataclass(frozen=True, slots=True)
+class ArmBucket:
+    """One arm's counts over some minutes: impressions, clicks, and the sums of the clicks' values and squares."""
+
+    impressions: int = 0
+    clicks: int = 0
+    value: float = 0.0
+    value_sq: float = 0.0
+
+
 class Counters:
     """Read side of the workers' exact counters: per-arm CTR buckets, global stats."""
 
@@ -892,14 +907,20 @@ class Counters:
     async def _arms(self) -> list[str]:
         return sorted(a.decode() for a in cast(set[bytes], await self.r.smembers(keys.ARMS)))
 
-    async def _read_arms(self, arms: list[str], buckets: list[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
-        """Each arm's (impressions, clicks) in each of ``buckets`` (span, index), in one pipelined round trip."""
+    async def _read_arms(self, arms: list[str], buckets: list[tuple[int, int]]) -> dict[str, list[ArmBucket]]:
+        """Each arm's counts in each of ``buckets`` (span, index), in one pipelined round trip."""
         pipe = self.r.pipeline(transaction=False)
         for a in arms:
             for span, b in buckets:
-                pipe.hmget(keys.arm(a, b, span), "impressions", "clicks")
+                pipe.hmget(keys.arm(a, b, span), "impressions", "clicks", *keys.ARM_VALUE_FIELDS)
         res = iter(await pipe.execute())
-        return {a: [tuple(int(v or 0) for v in next(res)) for _ in buckets] for a in arms}  # type: ignore[misc]
+        out: dict[str, list[ArmBucket]] = {}
+        for a in arms:
+            out[a] = []
+            for _ in buckets:
+                n, c, v, sq = next(res)
+                out[a].append(ArmBucket(int(n or 0), int(c or 0), float(v or 0.0), float(sq or 0.0)))
+        return out
 
     async def arm_series(self, window_s: float, now: float | None = None,
                          max_points: int = SERIES_MAX_POINTS) -> tuple[int, list[float], dict[str, dict]]:
@@ -915,7 +936,8 @@ class Counters:
         starts : list of float
             Each bucket's start (Unix seconds), oldest first; the first may begin before the window.
         arms : dict
-            arm → {"impressions": [...], "clicks": [...]}, aligned with ``starts``.
+            arm → {"impressions": [...], "clicks": [...], "value": [...], "value_sq": [...]}, aligned with
+            ``starts`` (value: the sum of the clicks' values, value_sq: of their squares).
         """
         now = time.time() if now is None else now
         span = next((s for s in sorted(keys.ARM_SPANS) if window_s / s <= max_points
@@ -924,11 +946,13 @@ class Counters:
         buckets = [(span, b) for b in range(first, last + 1)]
         arms = await self._arms()
         read = await self._read_arms(arms, buckets)
-        out = {a: {"impressions": [n for n, _ in read[a]], "clicks": [c for _, c in read[a]]} for a in arms}
+        out = {a: {"impressions": [x.impressions for x in read[a]], "clicks": [x.clicks for x in read[a]],
+                   "value": [x.value for x in read[a]], "value_sq": [x.value_sq for x in read[a]]} for a in arms}
         return span, [float(b * span) for _, b in buckets], out
 
-    async def arm_counts(self, window_s: float, now: float | None = None) -> dict[str, dict[str, int]]:
-        """Impressions and clicks per arm for impressions in the last ``window_s`` seconds (whole minutes).
+    async def arm_counts(self, window_s: float, now: float | None = None) -> dict[str, ArmBucket]:
+        """Impressions, clicks and the clicks' value per arm for impressions in the last ``window_s`` seconds
+        (whole minutes).
 
         Read from the roll-ups (``keys.arm_cover``): at most about 170 buckets per arm plus one per day of window.
         """
@@ -936,7 +960,8 @@ class Counters:
         buckets = keys.arm_cover(int(now - window_s) // keys.ARM_BUCKET_S, int(now) // keys.ARM_BUCKET_S + 1, now)
         arms = await self._arms()
         read = await self._read_arms(arms, buckets)
-        return {a: {"impressions": sum(n for n, _ in read[a]), "clicks": sum(c for _, c in read[a])} for a in arms}
+        return {a: ArmBucket(sum(x.impressions for x in read[a]), sum(x.clicks for x in read[a]),
+                             sum(x.value for x in read[a]), sum(x.value_sq for x in read[a])) for a in arms}
 
     async def max_user_updates(self) -> int:
         """The most labelled impressions applied to any one user (for the DP accountant)."""

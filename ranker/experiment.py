@@ -21,6 +21,13 @@ sqrt(v (v + τ²) / τ² · (2 log(1/α) + log((v + τ²) / v))). By Ville's
 inequality the chance that p is ever ≤ α, over all looks, is at most α. This
 assumes the normal approximation of θ̂ and a sample that only grows: a window
 that starts at the experiment's start, not a sliding one.
+
+Value (a click's optional ``value``: revenue, a conversion's worth) is judged the
+same way: each arm's value per impression ``V = Σ value / n`` (an impression
+without a click is worth 0), its variance from the arm's sum of squared values,
+``s² = Σ value² / n − V²``, and the lift ``V_t / V_c − 1`` with the delta-method
+variance of its log, ``s_t² / (n_t V_t²) + s_c² / (n_c V_c²)``, in both the one-look
+and the always-valid forms. With every value 1 these are the CTR formulas above.
 """
 
 from __future__ import annotations
@@ -76,8 +83,11 @@ def sequential_lift(clicks_t: int, n_t: int, clicks_c: int, n_c: int, alpha: flo
     if n_t == 0 or n_c == 0 or clicks_t == 0 or clicks_c == 0:
         return SequentialLift(None, None)
     p_t, p_c = clicks_t / n_t, clicks_c / n_c
-    theta = math.log(p_t / p_c)
-    v = (1 - p_t) / (n_t * p_t) + (1 - p_c) / (n_c * p_c)
+    return _msprt(math.log(p_t / p_c), (1 - p_t) / (n_t * p_t) + (1 - p_c) / (n_c * p_c), alpha, tau)
+
+
+def _msprt(theta: float, v: float, alpha: float, tau: float) -> SequentialLift:
+    """The mSPRT's confidence sequence and p-value for a log ratio ``theta`` of delta-method variance ``v``."""
     if v <= 0:  # every impression clicked in both arms: no uncertainty left to test against
         return SequentialLift((math.exp(theta) - 1.0, math.exp(theta) - 1.0), 1.0 if theta == 0 else 0.0)
     t2 = tau * tau
@@ -109,3 +119,65 @@ def lift(clicks_t: int, n_t: int, clicks_c: int, n_c: int, z: float = Z95) -> Li
     se = math.sqrt(pooled * (1 - pooled) * (1 / n_t + 1 / n_c))
     p_value = 1.0 if se == 0 else 2.0 * _norm_sf(abs(p_t - p_c) / se)
     return Lift(ratio - 1.0, (lo, hi), p_value)
+
+
+@dataclass(frozen=True, slots=True)
+class ArmValue:
+    """One arm's value per impression, with a 95% normal interval (None without impressions)."""
+
+    per_impression: float
+    ci95: tuple[float, float] | None
+
+
+def _moments(total: float, sq: float, n: int) -> tuple[float, float]:
+    """Mean and (population) variance per impression of values summing to ``total``, squares to ``sq``."""
+    mean = total / n
+    return mean, max(sq / n - mean * mean, 0.0)
+
+
+def arm_value(total: float, sq: float, n: int, z: float = Z95) -> ArmValue:
+    """Value per impression of an arm whose ``n`` impressions' values sum to ``total`` (squares: ``sq``).
+
+    The interval is ``V ± z·s/√n`` (see the module docstring), clipped at 0: values are never negative.
+    """
+    if n <= 0:
+        return ArmValue(0.0, None)
+    mean, var = _moments(total, sq, n)
+    half = z * math.sqrt(var / n)
+    return ArmValue(mean, (max(0.0, mean - half), mean + half))
+
+
+def _log_value_ratio(total_t: float, sq_t: float, n_t: int, total_c: float, sq_c: float,
+                     n_c: int) -> tuple[float, float, float, float] | None:
+    """θ̂ = log(V_t / V_c), its delta-method variance, and the variance of V_t − V_c; None if undefined."""
+    if n_t <= 0 or n_c <= 0 or total_t <= 0 or total_c <= 0:
+        return None
+    (m_t, s_t), (m_c, s_c) = _moments(total_t, sq_t, n_t), _moments(total_c, sq_c, n_c)
+    return (math.log(m_t / m_c), s_t / (n_t * m_t * m_t) + s_c / (n_c * m_c * m_c), m_t - m_c,
+            s_t / n_t + s_c / n_c)
+
+
+def value_lift(total_t: float, sq_t: float, n_t: int, total_c: float, sq_c: float, n_c: int,
+               z: float = Z95) -> Lift:
+    """Relative lift of value per impression, treatment over control, for one look.
+
+    The interval is the delta-method interval of ``log(V_t / V_c)``, exponentiated;
+    the p-value is Welch's z-test of ``V_t = V_c``. Undefined (None) without value
+    in both arms.
+    """
+    got = _log_value_ratio(total_t, sq_t, n_t, total_c, sq_c, n_c)
+    if got is None:
+        return Lift(None, None, None)
+    theta, v, diff, v_diff = got
+    se = math.sqrt(v)
+    p_value = (1.0 if diff == 0 else 0.0) if v_diff <= 0 else 2.0 * _norm_sf(abs(diff) / math.sqrt(v_diff))
+    return Lift(math.exp(theta) - 1.0, (math.exp(theta - z * se) - 1.0, math.exp(theta + z * se) - 1.0), p_value)
+
+
+def sequential_value_lift(total_t: float, sq_t: float, n_t: int, total_c: float, sq_c: float, n_c: int,
+                          alpha: float = 0.05, tau: float = MIXING_SD) -> SequentialLift:
+    """Always-valid interval of the value lift and p-value of none (mSPRT on ``log(V_t / V_c)``)."""
+    got = _log_value_ratio(total_t, sq_t, n_t, total_c, sq_c, n_c)
+    if got is None:
+        return SequentialLift(None, None)
+    return _msprt(got[0], got[1], alpha, tau)

@@ -43,6 +43,7 @@ from privads.infra.objects import models_of
 from privads.infra.settings import Settings
 from privads.infra.store import (
     AdCountLog,
+    ArmBucket,
     CatalogStore,
     Counters,
     ModelPointer,
@@ -181,6 +182,9 @@ class ArmStats:
     clicks: int
     ctr: float
     ci95: tuple[float, float]
+    value: float = 0.0  # the clicks' values, summed
+    value_per_impression: float = 0.0
+    value_ci95: tuple[float, float] | None = None
 
 
 @dataclass
@@ -192,6 +196,12 @@ class LiftReport:
     p_value: float | None = None
     lift_ci95_sequential: tuple[float, float] | None = None
     p_value_sequential: float | None = None
+    # the same for value per impression (clicks' ``value``: ranker.experiment.value_lift)
+    value_lift: float | None = None
+    value_lift_ci95: tuple[float, float] | None = None
+    value_p_value: float | None = None
+    value_lift_ci95_sequential: tuple[float, float] | None = None
+    value_p_value_sequential: float | None = None
 
 
 class Recommender:
@@ -666,14 +676,20 @@ class Recommender:
         counts = await self.counters.arm_counts(window_s)
         report = LiftReport(window_s=window_s)
         for arm, c in counts.items():
-            n, clicks = c["impressions"], c["clicks"]
-            report.arms[arm] = ArmStats(n, clicks, clicks / n if n else 0.0, experiment.wilson(clicks, n))
-        t = counts.get(experiment.TREATMENT, {"impressions": 0, "clicks": 0})
-        c = counts.get(experiment.CONTROL, {"impressions": 0, "clicks": 0})
-        res = experiment.lift(t["clicks"], t["impressions"], c["clicks"], c["impressions"])
+            n, clicks = c.impressions, c.clicks
+            value = experiment.arm_value(c.value, c.value_sq, n)
+            report.arms[arm] = ArmStats(n, clicks, clicks / n if n else 0.0, experiment.wilson(clicks, n), c.value,
+                                        value.per_impression, value.ci95)
+        t, c = counts.get(experiment.TREATMENT, ArmBucket()), counts.get(experiment.CONTROL, ArmBucket())
+        res = experiment.lift(t.clicks, t.impressions, c.clicks, c.impressions)
         report.lift, report.lift_ci95, report.p_value = res.lift, res.ci95, res.p_value
-        seq = experiment.sequential_lift(t["clicks"], t["impressions"], c["clicks"], c["impressions"])
+        seq = experiment.sequential_lift(t.clicks, t.impressions, c.clicks, c.impressions)
         report.lift_ci95_sequential, report.p_value_sequential = seq.ci95, seq.p_value
+        vt, vc = (t.value, t.value_sq, t.impressions), (c.value, c.value_sq, c.impressions)
+        val = experiment.value_lift(*vt, *vc)
+        report.value_lift, report.value_lift_ci95, report.value_p_value = val.lift, val.ci95, val.p_value
+        vseq = experiment.sequential_value_lift(*vt, *vc)
+        report.value_lift_ci95_sequential, report.value_p_value_sequential = vseq.ci95, vseq.p_value
         return report
 
     async def lift_series(self, window_s: float) -> dict[str, Any]:
@@ -681,18 +697,26 @@ class Recommender:
         span, starts, arms = await self.counters.arm_series(window_s)
         out: dict[str, Any] = {"window": window_s, "bucket_s": float(span), "starts": starts, "arms": {}, "lift": [],
                                "lift_ci95": [], "lift_ci95_sequential": []}
+        out.update(value_lift=[], value_lift_ci95=[], value_lift_ci95_sequential=[])
         for arm, s in arms.items():
             ctr = [c / n if n else None for c, n in zip(s["clicks"], s["impressions"], strict=True)]
-            out["arms"][arm] = {"impressions": s["impressions"], "clicks": s["clicks"], "ctr": ctr}
-        empty = {"impressions": [0] * len(starts), "clicks": [0] * len(starts)}
+            vpi = [v / n if n else None for v, n in zip(s["value"], s["impressions"], strict=True)]
+            out["arms"][arm] = {"impressions": s["impressions"], "clicks": s["clicks"], "ctr": ctr,
+                                "value": s["value"], "value_per_impression": vpi}
+        empty: dict[str, list] = {f: [0] * len(starts) for f in ("impressions", "clicks", "value", "value_sq")}
         t, c = arms.get(experiment.TREATMENT, empty), arms.get(experiment.CONTROL, empty)
         # cumulative from the window's start: what the sequential interval assumes
         cum = [np.cumsum(x).tolist() for x in (t["clicks"], t["impressions"], c["clicks"], c["impressions"])]
-        for ct, nt, cc, nc in zip(*cum, strict=True):
+        vcum = [np.cumsum(x).tolist() for x in (t["value"], t["value_sq"], c["value"], c["value_sq"])]
+        for ct, nt, cc, nc, vt, qt, vc, qc in zip(*cum, *vcum, strict=True):
             fixed = experiment.lift(ct, nt, cc, nc)
             out["lift"].append(fixed.lift)
             out["lift_ci95"].append(fixed.ci95)
             out["lift_ci95_sequential"].append(experiment.sequential_lift(ct, nt, cc, nc).ci95)
+            val = experiment.value_lift(vt, qt, nt, vc, qc, nc)
+            out["value_lift"].append(val.lift)
+            out["value_lift_ci95"].append(val.ci95)
+            out["value_lift_ci95_sequential"].append(experiment.sequential_value_lift(vt, qt, nt, vc, qc, nc).ci95)
         return out
 
     async def worker_counters(self) -> dict[str, int]:

@@ -26,12 +26,13 @@ transaction, so a batch is applied once or not at all.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
+from privads.infra import keys
 from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.records import Click, Impression, Labelled, Pending
 
@@ -178,6 +179,8 @@ class Plan:
     labelled: list[Labelled] = field(default_factory=list)
     new_impressions: list[Impression] = field(default_factory=list)
     arm: Counter[tuple[str, int, str]] = field(default_factory=Counter)  # (policy, arm bucket, impressions|clicks)
+    # (policy, arm bucket, keys.ARM_VALUE_FIELDS) → the clicks' values and their squares, by the impression's minute
+    arm_value: defaultdict[tuple[str, int, str], float] = field(default_factory=lambda: defaultdict(float))
     ads: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (policy, ad_id, keys.ADSTAT_FIELDS)
     stats: Counter[str] = field(default_factory=Counter)
     closed_before: int = 0
@@ -242,7 +245,11 @@ def plan_batch(
         plan.ads[(rec.policy, rec.ad_id, "labelled")] += 1
         if clicked:
             plan.ads[(rec.policy, rec.ad_id, "clicks")] += 1
-            plan.arm[(rec.policy, int(rec.ts) // arm_bucket_s, "clicks")] += 1
+            minute = int(rec.ts) // arm_bucket_s
+            plan.arm[(rec.policy, minute, "clicks")] += 1
+            if rec.value:  # the arm's value per impression and its variance (ranker.experiment.arm_value)
+                plan.arm_value[(rec.policy, minute, keys.ARM_VALUE)] += rec.value
+                plan.arm_value[(rec.policy, minute, keys.ARM_VALUE_SQ)] += rec.value * rec.value
 
     def reject(click: Click, why: str) -> None:
         plan.rejected.append((click, why))

@@ -627,11 +627,11 @@ class EventAgent:
                 del self.unfolded[p]
 
     def _counters(self, by_p: dict[int, PartitionBatch], plans: dict, learned: Counter[tuple[int, str]],
-                  wall: float) -> dict[int, dict[str, dict[str, int]]]:
+                  wall: float) -> dict[int, dict[str, dict[str, float]]]:
         """The global counters' increments of the batch, per partition: hash key → field → increment."""
-        out: dict[int, dict[str, dict[str, int]]] = {}
+        out: dict[int, dict[str, dict[str, float]]] = {}
         for p, pb in by_p.items():
-            counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            counters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(int))
             out[p] = counters
             stats = counters[keys.STATS]
             for topic, n in pb.processed.items():
@@ -642,6 +642,9 @@ class EventAgent:
             for (policy, b, what), n in plan.arm.items():  # b: the minute; rolled up per hour and day as well
                 for key in keys.arm_rollup(policy, b):
                     counters[key][what] += n
+            for (policy, b, what), v in plan.arm_value.items():  # floats: HINCRBYFLOAT (infra.store._write_global)
+                for key in keys.arm_rollup(policy, b):
+                    counters[key][what] += v
             for (policy, ad_id, what), n in plan.ads.items():
                 counters[keys.adstat(policy, what)][ad_id] += n
             stats["labelled_clicks"] += sum(ex.clicked for ex in plan.labelled)

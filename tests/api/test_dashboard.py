@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from privads.ranker import experiment
 pytestmark = pytest.mark.integration
 ADS = sample_ads(["insurance", "gaming"], per_category=6, bid=1.0)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# what the fixture sent, per arm: impressions, and the values of its clicks (each click carries one)
+SENT: dict[str, dict[str, list[float] | int]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +42,18 @@ def client(infra, settings: Settings, rds: redis.Redis):
         procs.append(start_api(settings))
         produce(infra.kafka, records.ADS, [(a["ad_id"], a) for a in ADS])
         wait_until(lambda: c.get("/healthz").json()["ads"] == len(ADS), 60, "the catalog")
+        SENT.update({arm: {"impressions": 0, "values": []} for arm in experiment.ARMS})
         for u in range(80):
             user = f"dash-{u}"
+            arm = experiment.assign_arm(user, settings.arm_salt, 0.5)
             for _ in range(2):
                 for a in c.post("/recommend", json={"user_id": user, "k": 3}).json()["ads"]:
-                    arm_rate = 0.3 if experiment.assign_arm(user, settings.arm_salt, 0.5) == "treatment" else 0.15
-                    if rng.random() < arm_rate:
+                    SENT[arm]["impressions"] += 1  # type: ignore[operator]
+                    if rng.random() < (0.3 if arm == "treatment" else 0.15):
+                        value = float(rng.choice([0.25, 1.0, 4.5]))
                         c.post("/clicks", json={"impression_id": a["impression_id"], "user_id": user,
-                                                "ad_id": a["ad_id"]})
+                                                "ad_id": a["ad_id"], "value": value})
+                        SENT[arm]["values"].append(value)  # type: ignore[union-attr]
                         sent += 1
 
         def both_arms() -> dict | None:
@@ -99,6 +106,8 @@ def test_the_dashboard_draws_ctr_per_arm_and_the_lift_with_its_band(client: http
     for arm, a in lift["arms"].items():
         row = re.search(rf'<tr data-arm="{arm}">(.*?)</tr>', dom)
         assert row and f"<td>{a['impressions']}</td>" in row.group(1) and f"<td>{a['clicks']}</td>" in row.group(1)
+        assert f"<td>{a['value_per_impression']:.4f}</td>" in row.group(1)  # and the value per impression
+    assert float(attr(dom, "div", 'id="value-summary"', "data-lift")) == pytest.approx(lift["value_lift"], rel=1e-6)
     status = re.search(r'<span id="status">([^<]*)</span>', dom)
     assert status and status.group(1) == "" and "always-valid 95% [" in dom
 
@@ -108,3 +117,33 @@ def test_lift_reports_the_always_valid_interval_beside_the_one_look_one(client: 
     lo, hi = body["lift_ci95"]
     slo, shi = body["lift_ci95_sequential"]
     assert slo < lo <= body["lift"] <= hi < shi and 0 <= body["p_value"] <= body["p_value_sequential"] <= 1
+
+
+def test_lift_reports_value_per_impression_and_the_value_lift_as_computed_by_hand(client: httpx.Client) -> None:
+    body = client.get("/lift", params={"window": 3600}).json()
+    moments = {}
+    for arm, sent in SENT.items():
+        n, values = int(sent["impressions"]), list(sent["values"])  # type: ignore[arg-type]
+        got = body["arms"][arm]
+        assert got["impressions"] == n and got["clicks"] == len(values)
+        assert got["value"] == pytest.approx(sum(values))
+        # by hand: an impression without a click is worth 0
+        mean = sum(values) / n
+        var = sum(v * v for v in values) / n - mean * mean
+        half = 1.959963984540054 * (var / n) ** 0.5
+        assert got["value_per_impression"] == pytest.approx(mean)
+        assert got["value_ci95"] == pytest.approx([max(0.0, mean - half), mean + half])
+        moments[arm] = (mean, var, n)
+    (mt, vt, nt), (mc, vc, nc) = moments["treatment"], moments["control"]
+    theta, se = np.log(mt / mc), np.sqrt(vt / (nt * mt * mt) + vc / (nc * mc * mc))
+    assert body["value_lift"] == pytest.approx(mt / mc - 1)
+    assert body["value_lift_ci95"] == pytest.approx([np.exp(theta - 1.959963984540054 * se) - 1,
+                                                     np.exp(theta + 1.959963984540054 * se) - 1])
+    welch = abs(mt - mc) / np.sqrt(vt / nt + vc / nc)
+    assert body["value_p_value"] == pytest.approx(float(2 * 0.5 * math.erfc(welch / math.sqrt(2))))
+    lo, hi = body["value_lift_ci95_sequential"]  # always valid: wider than the one-look interval, around it
+    assert lo < body["value_lift_ci95"][0] and hi > body["value_lift_ci95"][1]
+    series = client.get("/lift/series", params={"window": 3600}).json()
+    assert series["value_lift"][-1] == pytest.approx(body["value_lift"])  # the cumulative value lift ends there
+    for arm in experiment.ARMS:
+        assert sum(series["arms"][arm]["value"]) == pytest.approx(body["arms"][arm]["value"])

@@ -18,6 +18,7 @@ from privads.infra.store import (
     ARCHIVE_REPLY,
     SERIES_MAX_POINTS,
     AdCountLog,
+    ArmBucket,
     Cluster,
     Counters,
     PartitionStore,
@@ -135,6 +136,9 @@ def test_arm_counts_of_any_window_add_up_the_events_in_it(infra, rds: redis.Redi
         for key in keys.arm_rollup(a, m):  # what a worker's batch writes per event
             pipe.hincrby(key, "impressions", 1)
             pipe.hincrby(key, "clicks", m % 2)
+            if m % 2:  # a click worth 0.25 on odd minutes
+                pipe.hincrbyfloat(key, keys.ARM_VALUE, 0.25)
+                pipe.hincrbyfloat(key, keys.ARM_VALUE_SQ, 0.0625)
     pipe.execute()
 
     async def go() -> None:
@@ -146,15 +150,17 @@ def test_arm_counts_of_any_window_add_up_the_events_in_it(infra, rds: redis.Redi
                 lo = int(now - window) // 60
                 for a in ("treatment", "control"):
                     sel = (minutes >= lo) & (arms == a)
-                    assert got[a] == {"impressions": int(sel.sum()), "clicks": int((minutes[sel] % 2).sum())}, window
+                    clicks = int((minutes[sel] % 2).sum())
+                    assert got[a] == ArmBucket(int(sel.sum()), clicks, 0.25 * clicks, 0.0625 * clicks), window
                 span, starts, series = await counters.arm_series(window, now)
                 assert len(starts) <= SERIES_MAX_POINTS + 1 and span == (60 if window <= 43200 else 3600)
                 for a in ("treatment", "control"):
                     sel = (minutes >= int(starts[0]) // 60) & (arms == a)
                     assert sum(series[a]["impressions"]) == int(sel.sum())
+                    assert sum(series[a]["value"]) == 0.25 * int((minutes[sel] % 2).sum())
             # 60 days: minute buckets past 8 days are no longer read, the start moves back to its hour
             got = await counters.arm_counts(60 * 86400.0, now)
-            assert sum(c["impressions"] for c in got.values()) == len(minutes)
+            assert sum(c.impressions for c in got.values()) == len(minutes)
         finally:
             await r.aclose()
 
@@ -170,7 +176,8 @@ def _writes(p: int, seq_users: dict[str, bytes], policy: str, impressions: int) 
         partition=p, offsets={"privads.impressions": 10 + p}, fingerprints={"privads.impressions": 1}, closed_before=0,
         marks={}, pending={5: {f"i{p}": b"x"}, 6: {f"j{p}": b"y"}}, put_orphans={f"o{p}": b"z"},
         del_orphans={"gone"}, drop_buckets={1}, archive={b"imp": b"", b"lab": b""},
-        users=seq_users, counters={keys.STATS: {"impressions": impressions}, keys.arm(policy, 7): {"clicks": 1}},
+        users=seq_users, counters={keys.STATS: {"impressions": impressions},
+                                   keys.arm(policy, 7): {"clicks": 1, keys.ARM_VALUE: 0.75, keys.ARM_VALUE_SQ: 0.5625}},
         arms={policy})
 
 
@@ -201,6 +208,9 @@ def test_cluster_commits_each_partition_in_its_slot_and_folds_the_counters_once(
                         await store.fold(p, done.outbox[p])
                 assert int(await r.hget(keys.STATS, "impressions")) == sum(10 * p + 1 for p in parts)
                 assert int(await r.hget(keys.arm("treatment", 7), "clicks")) == 3
+                # the clicks' values are floats, added as floats through the outbox and the fold
+                assert float(await r.hget(keys.arm("treatment", 7), keys.ARM_VALUE)) == pytest.approx(2.25)
+                assert float(await r.hget(keys.arm("control", 7), keys.ARM_VALUE_SQ)) == pytest.approx(3 * 0.5625)
                 assert {a.decode() for a in await r.smembers(keys.ARMS)} == {"treatment", "control"}
                 assert await r.zscore(keys.DP_MAX_UPDATES, "max") == 3
                 assert all([await r.xlen(keys.outbox(p)) == 0 for p in parts])

@@ -8,7 +8,10 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from privads.ranker import experiment
 from privads.ranker.experiment import CONTROL, TREATMENT, Z95, assign_arm, lift, wilson
+
+Z = Z95
 
 # --- wilson ---------------------------------------------------------------------------
 #
@@ -195,3 +198,42 @@ def test_peeking_at_an_aa_test_fools_the_fixed_p_value_but_not_the_sequential_on
     # in at most 5% (Ville), up to this simulation's error
     assert fixed_ever / runs > 0.15
     assert seq_ever / runs <= 0.05 + 2.5 * np.sqrt(0.05 * 0.95 / runs)
+
+
+# --- value per impression ------------------------------------------------------------------------------------------
+
+
+def test_arm_value_hand_computed():
+    # 10 impressions, two clicked, worth 2.0 and 0.5: mean 0.25, variance 4.25/10 − 0.0625 = 0.3625
+    got = experiment.arm_value(2.5, 4.25, 10)
+    half = Z * math.sqrt(0.3625 / 10)
+    assert got.per_impression == pytest.approx(0.25)
+    assert got.ci95 == pytest.approx((0.0, 0.25 + half))  # clipped at 0: a value is never negative
+    assert experiment.arm_value(0.0, 0.0, 0) == experiment.ArmValue(0.0, None)
+
+
+def test_value_lift_hand_computed():
+    # treatment: 100 impressions, Σv = 30, Σv² = 90 → V 0.3, s² 0.81; control: 200, 20, 40 → V 0.1, s² 0.19
+    got = experiment.value_lift(30.0, 90.0, 100, 20.0, 40.0, 200)
+    se = math.sqrt(0.81 / (100 * 0.09) + 0.19 / (200 * 0.01))
+    assert got.lift == pytest.approx(2.0)
+    assert got.ci95 == pytest.approx((3 * math.exp(-Z * se) - 1, 3 * math.exp(Z * se) - 1))
+    z = 0.2 / math.sqrt(0.81 / 100 + 0.19 / 200)
+    assert got.p_value == pytest.approx(math.erfc(z / math.sqrt(2)))
+    seq = experiment.sequential_value_lift(30.0, 90.0, 100, 20.0, 40.0, 200)
+    assert seq.ci95[0] < got.ci95[0] and seq.ci95[1] > got.ci95[1]
+
+
+def test_value_lift_with_every_value_one_is_the_ctr_lift():
+    ctr, seq = experiment.lift(120, 1000, 90, 1000), experiment.sequential_lift(120, 1000, 90, 1000)
+    val = experiment.value_lift(120.0, 120.0, 1000, 90.0, 90.0, 1000)
+    assert val.lift == pytest.approx(ctr.lift) and val.ci95 == pytest.approx(ctr.ci95)
+    other = experiment.sequential_value_lift(120.0, 120.0, 1000, 90.0, 90.0, 1000)
+    assert other.ci95 == pytest.approx(seq.ci95) and other.p_value == pytest.approx(seq.p_value)
+
+
+@pytest.mark.parametrize("args", [(0.0, 0.0, 100, 5.0, 9.0, 100), (5.0, 9.0, 100, 0.0, 0.0, 100),
+                                  (5.0, 9.0, 0, 5.0, 9.0, 100)])
+def test_value_lift_undefined_without_value_in_both_arms(args):
+    assert experiment.value_lift(*args) == experiment.Lift(None, None, None)
+    assert experiment.sequential_value_lift(*args) == experiment.SequentialLift(None, None)

@@ -38,6 +38,11 @@ def test_click_in_window_is_one_positive_and_counts():
     p = plan([imp("i1", 95.0)], [clk("i1", 96.0, value=2.0), clk("i1", 97.0)])
     assert [(x.impression_id, x.clicked, x.value) for x in p.labelled] == [("i1", True, 2.0)]
     assert p.stats["repeated_clicks"] == 1 and p.arm[("t", 1, "clicks")] == 1 and p.arm[("t", 1, "impressions")] == 1
+    # the click's value, and its square, in the impression's minute (the repeated click adds nothing)
+    assert dict(p.arm_value) == {("t", 1, "value:sum"): 2.0, ("t", 1, "value:sq"): 4.0}
+    # a click without a value counts as a click worth nothing
+    q = plan([imp("i2", 95.0)], [clk("i2", 96.0)])
+    assert q.arm[("t", 1, "clicks")] == 1 and not q.arm_value
     assert p.put_pending[95]["i1"].clicked and p.click_ts == [96.0]
 
 
