@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install clean chromium lint typecheck
+.PHONY: run test install clean chromium prometheus lint typecheck
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 
+# the alert rules' test runs Debian's Prometheus and promtool (installed once, if missing)
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
 # style (ruff) and the import layers of docs/architecture.md (.importlinter)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -35,7 +40,7 @@ typecheck: $(STAMP)
 	@mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/privads
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p privads
 
-test: lint typecheck chromium
+test: lint typecheck chromium prometheus
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 clean:

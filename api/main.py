@@ -116,9 +116,9 @@ async def keep_journal(journal: Journal, producer: QueuedProducer, metrics: ApiM
     while True:
         journal.tick()
         metrics.journal_segments.set(journal.stats.segments)
-        metrics.journal_write_failed.set(journal.stats.write_failed)
+        metrics.mirrored.set("privads_impressions_unjournaled", journal.stats.write_failed)
         await replay.run(replay_once)
-        metrics.journal_replayed.set(journal.stats.replayed)
+        metrics.mirrored.set("privads_impressions_replayed", journal.stats.replayed)
         await asyncio.sleep(every_s)
 
 
@@ -177,23 +177,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def refresh_metrics() -> None:
         rec: Recommender = app.state.recommender
+        mirrored = metrics.mirrored
         metrics.impressions_queued.set(rec.producer.depth)
-        metrics.impressions_dropped.set(rec.producer.dropped)
-        metrics.produce_failed.set(rec.producer.failed)
-        metrics.impressions_unconfirmed.set(rec.unconfirmed)
+        mirrored.set("privads_impressions_dropped", rec.producer.dropped)
+        mirrored.set("privads_produce_failed", rec.producer.failed)
+        mirrored.set("privads_impressions_unconfirmed", rec.unconfirmed)
         info = rec.model_info()
         metrics.catalog_size.set(info["index"]["size"])
         metrics.model.info({"version": str(info["version"])})
+        if info["built_at"] is not None:
+            metrics.model_built.set(float(info["built_at"]))
+        metrics.learner_interval.set(settings.learner_interval_s)
         quality = await rec.quality()
-        metrics.drifts.set(quality["drifts"])
+        mirrored.set("privads_drift", quality["drifts"])
         if quality["auc"] is not None:
             metrics.online_auc.set(quality["auc"])
             metrics.online_log_loss.set(quality["log_loss"])
         privacy = await rec.privacy()
         if privacy["differential_privacy"]:
             metrics.dp_epsilon.set(privacy["epsilon"])
-        for topic, n in (await rec.worker_counters()).items():
-            metrics.events_processed.labels(topic=topic).set(n)
+        stream = await rec.stream_counts()
+        for topic, n in stream.processed.items():
+            mirrored.set("privads_events_processed", n, topic)
+        mirrored.set("privads_dead_letters", stream.dead_letters)
+        mirrored.freshness_ms = stream.freshness_ms
         for topic, n in (await rec.consumer_lag()).items():
             metrics.consumer_lag.labels(topic=topic).set(n)
         await refresh_resources(metrics, rec.users)

@@ -3,15 +3,73 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from redis.exceptions import NoPermissionError
 
 from privads.infra.store import UserStore, memory_use
 
 
+class Mirrored:
+    """A Prometheus collector of values counted elsewhere (Redis, the producer's thread, the journal), exposed as
+    the type they are: counters, and the stream's click → user-state latency as a histogram.
+
+    Their owners count them; ``refresh_metrics`` (``api/main.py``) copies them here before each scrape.
+    """
+
+    COUNTERS = {  # name (exposed with ``_total``) → (help, label names)
+        "privads_impressions_dropped": ("impression records dropped by this process: its queue for Kafka was full",
+                                        ()),
+        "privads_produce_failed": ("records Kafka refused (this process)", ()),
+        "privads_impressions_unconfirmed": ("impressions answered before Kafka confirmed them (a SIGKILL of the API "
+                                            "could lose these)", ()),
+        "privads_impressions_unjournaled": ("impressions' batches the journal could not write (disk full, or Kafka "
+                                            "away long enough to fill it): a SIGKILL of the API could lose these",
+                                            ()),
+        "privads_impressions_replayed": ("impressions of dead API processes' journals sent to Kafka by this one", ()),
+        "privads_events_processed": ("events processed by the stream workers (all of them: read from Redis)",
+                                     ("topic",)),
+        "privads_dead_letters": ("events the stream workers dead-lettered (privads.dead-letters): undecodable, "
+                                 "invalid, or clicks that match no impression of their user and ad", ()),
+        "privads_drift": ("drifts detected in the served model's predictions", ()),
+    }
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in self.COUNTERS}
+        self.freshness_ms: dict[int, int] = {}  # histogram bound (ms) → clicks applied within it (not cumulative)
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        self.values[name][labels] = float(value)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (doc, labelnames) in self.COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=list(labelnames))
+            for labels, v in sorted(self.values[name].items()):
+                family.add_metric(list(labels), v)
+            yield family
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in sorted(self.freshness_ms.items()):
+            total += n
+            if bound < FRESHNESS_INF_MS:
+                buckets.append((repr(bound / 1000.0), float(total)))
+        buckets.append(("+Inf", float(total)))
+        yield HistogramMetricFamily("privads_freshness_seconds", "time from a click's production to the update of "
+                                    "its user's state, over every click the workers applied", buckets=buckets)
+
+
+# the stream workers' last freshness bound catches everything beyond the one before it
+FRESHNESS_INF_MS = 10**9
+
+
 class ApiMetrics:
-    """One registry per app, so several apps (tests) never collide."""
+    """One registry per app, so several apps (tests) never collide.
+
+    Names follow Prometheus' conventions: base units in the name (``_seconds``, ``_bytes``, ``_messages``,
+    ``_ads``), counters as counters (``_total``); the alert rules over them are ``ops/prometheus/alerts.yml``.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -23,28 +81,21 @@ class ApiMetrics:
                                        registry=r)
         self.recommended_ads = Counter("privads_recommended_ads", "ads shown (impressions logged) per arm",
                                        ["policy"], registry=r)
+        self.mirrored = Mirrored()
+        r.register(self.mirrored)
         self.impressions_queued = Gauge("privads_impression_queue_depth", "records waiting for Kafka", registry=r)
-        self.impressions_dropped = Gauge("privads_impressions_dropped_total", "records dropped: queue full", registry=r)
-        self.produce_failed = Gauge("privads_produce_failed_total", "records Kafka refused", registry=r)
-        self.impressions_unconfirmed = Gauge(
-            "privads_impressions_unconfirmed_total", "impressions answered before Kafka confirmed them (a SIGKILL "
-            "of the API could lose these)", registry=r)
-        self.journal_write_failed = Gauge(
-            "privads_impressions_unjournaled_total", "impressions' batches the journal could not write (disk full, "
-            "or Kafka away long enough to fill it): a SIGKILL of the API could lose these", registry=r)
-        self.journal_replayed = Gauge("privads_impressions_replayed_total", "impressions of dead API processes' "
-                                      "journals sent to Kafka by this one", registry=r)
         self.journal_segments = Gauge("privads_journal_segments", "this process's journal files waiting for Kafka",
                                       registry=r)
-        self.catalog_size = Gauge("privads_index_size", "ads in the served index", registry=r)
-        self.events_processed = Gauge("privads_events_processed_total", "events processed by the stream workers",
-                                      ["topic"], registry=r)
-        self.consumer_lag = Gauge("privads_consumer_lag", "messages not yet consumed by the stream workers",
+        self.catalog_size = Gauge("privads_index_ads", "ads in the served index", registry=r)
+        self.consumer_lag = Gauge("privads_consumer_lag_messages", "messages not yet consumed by the stream workers",
                                   ["topic"], registry=r)
         self.model = Info("privads_model", "served model version", registry=r)
+        self.model_built = Gauge("privads_model_built_timestamp_seconds", "when the served model version was built "
+                                 "(the learner publishes one every LEARNER_INTERVAL_S)", registry=r)
+        self.learner_interval = Gauge("privads_learner_interval_seconds", "LEARNER_INTERVAL_S, as configured",
+                                      registry=r)
         self.online_auc = Gauge("privads_online_auc", "rolling AUC of served pCTR vs outcomes", registry=r)
         self.online_log_loss = Gauge("privads_online_log_loss", "rolling log-loss of served pCTR", registry=r)
-        self.drifts = Gauge("privads_drift_total", "drifts detected in the served model's predictions", registry=r)
         self.dp_epsilon = Gauge("privads_dp_epsilon", "ε of the most-updated user vector (DP mode)", registry=r)
         # resources (README: Resource limits): Redis' memory against its ceiling, and the archive's backlog
         self.redis_used = Gauge("privads_redis_used_memory_bytes", "Redis used_memory", registry=r)

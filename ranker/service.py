@@ -187,6 +187,13 @@ class ArmStats:
     value_ci95: tuple[float, float] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StreamCounts:
+    processed: dict[str, int]  # topic → events the workers processed
+    dead_letters: int
+    freshness_ms: dict[int, int]  # bound (ms) → clicks applied within it, over its lower neighbour
+
+
 @dataclass
 class LiftReport:
     window_s: float
@@ -719,10 +726,11 @@ class Recommender:
             out["value_lift_ci95_sequential"].append(experiment.sequential_value_lift(vt, qt, nt, vc, qc, nc).ci95)
         return out
 
-    async def worker_counters(self) -> dict[str, int]:
-        """Events processed per topic by the stream workers."""
+    async def stream_counts(self) -> StreamCounts:
+        """What the stream workers counted: events per topic, dead letters, and the freshness histogram."""
         stats = await self.counters.stats()
-        return {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("processed:")}
+        return StreamCounts({k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("processed:")},
+                            stats.get("dead_letters", 0), await self.counters.freshness())
 
     async def consumer_lag(self) -> dict[str, int]:
         """Records the live stream workers have not taken yet, per topic (from their heartbeats)."""

@@ -159,9 +159,18 @@ def test_health_model_lift_metrics(client: httpx.Client) -> None:
     assert 'privads_request_seconds_bucket{le="0.01",method="POST",route="/recommend",status="200"}' in text
     assert 'privads_events_processed_total{topic="privads.clicks"}' in text
     assert "privads_impressions_dropped_total 0.0" in text
-    assert "privads_drift_total" in text
-    lag = wait_until(lambda: 'privads_consumer_lag{topic="privads.clicks"}' in client.get("/metrics").text, 20,
-                     "the consumer lag metric")
+    # Prometheus' conventions: counters typed counter (with _total), units in the names
+    for counter in ("privads_events_processed", "privads_impressions_dropped", "privads_drift",
+                    "privads_dead_letters", "privads_recommendations"):
+        assert f"# TYPE {counter}_total counter" in text or f"# TYPE {counter} counter" in text, counter
+        assert f"{counter}_total" in text, counter
+    inf = 'privads_freshness_seconds_bucket{le="+Inf"}'
+    assert "# TYPE privads_freshness_seconds histogram" in text and inf in text
+    clicks = sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(inf))
+    assert clicks > 0  # the clicks of this module, each timed from its production to its user's update
+    assert "privads_model_built_timestamp_seconds" in text and "privads_index_ads" in text
+    lag = wait_until(lambda: 'privads_consumer_lag_messages{topic="privads.clicks"}' in client.get("/metrics").text,
+                     20, "the consumer lag metric")
     assert lag
     spec = client.get("/openapi.json").json()
     assert {"/recommend", "/clicks", "/ads/{ad_id}", "/users/{user_id}", "/lift", "/model", "/healthz",

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 
 APP_SERVICES = {"topics", "worker", "learner", "api", "catalog"}
-ALL_SERVICES = {"kafka", "redis"} | APP_SERVICES
+ALL_SERVICES = {"kafka", "redis", "prometheus"} | APP_SERVICES
 
 
 def _compose_binary() -> str:
@@ -100,6 +100,16 @@ def _env(service: dict) -> dict:
     env = service.get("environment") or {}
     assert isinstance(env, dict), f"unexpected environment shape: {env!r}"
     return env
+
+
+def test_prometheus_scrapes_the_api_with_the_shipped_rules(config: dict) -> None:
+    prom = config["services"]["prometheus"]
+    mounts = {v.get("target"): v.get("source") for v in prom["volumes"]}
+    assert Path(mounts["/etc/prometheus/privads"]) == REPO_ROOT / "ops" / "prometheus"
+    assert "--config.file=/etc/prometheus/privads/prometheus.yml" in prom["command"]
+    assert all(p.get("host_ip") == "127.0.0.1" for p in prom.get("ports") or [])  # its UI: not published
+    scraped = (REPO_ROOT / "ops" / "prometheus" / "prometheus.yml").read_text()
+    assert '"api:8000"' in scraped and "alerts.yml" in scraped
 
 
 def test_all_services_defined(config: dict) -> None:
