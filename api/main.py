@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from privads.api.deps import API_KEY_HEADER
 from privads.api.metrics import ApiMetrics, refresh_resources
 from privads.api.middleware import ObserveAndLimit
-from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, users
+from privads.api.routes import ads, clicks, dashboard, health, lift, model, recommend, stream, users
 from privads.infra.errors import Conflict, Forbidden, InvalidInput, NotFound, PrivAdsError, Unavailable
 from privads.infra.journal import Journal
 from privads.infra.kafka import ConfirmingProducer, QueuedProducer
@@ -215,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RedisTimeoutError, _backend_down)
     app.add_exception_handler(OutOfMemoryError, _redis_full)
     app.add_exception_handler(PrivAdsError, _domain_error)
-    for module in (recommend, clicks, ads, users, lift, model, health, dashboard):
+    for module in (recommend, clicks, ads, users, lift, model, health, stream, dashboard):
         app.include_router(module.router)
     if settings.cors_origins:  # off unless configured: the API is called by servers, not browsers
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT",

@@ -38,7 +38,7 @@ import numpy as np
 import redis
 
 from privads.bench.scratch import scratch_dir
-from privads.infra import keys
+from privads.infra import keys, progress
 from privads.infra.kafka import create_topics
 from privads.infra.processes import Process, start_private_infra
 from privads.infra.records import Ad, Labelled, pack_served
@@ -276,10 +276,12 @@ def bench_cycle(settings: Settings, impressions: int, *, days: float = 14.0, ads
             times = request_times(impressions, days, time.time())
             root = s.local / "archive"  # a directory: the bench writes its own archive there
             clicks = 0
-            for first_id, lines, labels, hits in archive_chunks(world, times, impressions, ctr, seed + 1):
-                entry = first_id.replace("_", "-").encode()
-                archive.write_chunk(root, 0, first_id, [(entry, {b"imp": lines, b"lab": labels})])
-                clicks += hits
+            with progress.bar("bench cycle: writing the archive", total=impressions, unit="imp") as bar:
+                for first_id, lines, labels, hits in archive_chunks(world, times, impressions, ctr, seed + 1):
+                    entry = first_id.replace("_", "-").encode()
+                    archive.write_chunk(root, 0, first_id, [(entry, {b"imp": lines, b"lab": labels})])
+                    clicks += hits
+                    bar.update(lines.count(b"\n") + 1)
             generate_s = time.perf_counter() - start
             # the rows the learner's window holds (learner.cycle.load_examples): newest settled minus train_window_s
             until = float(times[-1]) - s.attribution_window_s
@@ -288,6 +290,7 @@ def bench_cycle(settings: Settings, impressions: int, *, days: float = 14.0, ads
             window = int(slots[req_in].sum())
             archive_bytes = _dir_bytes(root)
 
+            progress.stage("bench cycle: one learner cycle (privads train, a child process)")
             out, cycle_s, peak_mib = run_train(s, tmp / "train.log")
             manifest = json.loads((Path(out["path"]) / "manifest.json").read_text())
             return {

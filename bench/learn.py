@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from privads.bench.synthetic import learned_users, logged_traffic, make_world
+from privads.infra import progress
 from privads.infra.settings import Settings
 from privads.learner import ranking
 from privads.learner.evaluation import auc, log_loss
@@ -126,12 +127,14 @@ def bench_learn(settings: Settings, catalog: Path, backend: str, ads: int, repea
     texts = [json.loads(line)["text"] for line in catalog.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="privads-bench-learn-") as tmp:
         enc = AdEncoder(backend, Path(tmp) / "encoder")
+        progress.stage(f"bench learn: encoding {len(texts)} ad texts {repeat} times ({backend})")
         enc.encode(texts[:32])  # load (and, for onnx-int8, build the export) outside the timing
         start = time.perf_counter()
         for _ in range(repeat):
             enc.encode(texts)
         seconds = time.perf_counter() - start
     d, seed = settings.d_user, settings.seed
+    progress.stage(f"bench learn: the index over {ads} ads, then the ranker")
     return {**bench_index(ads, d, seed), "encode_backend": backend, "encode_texts": len(texts) * repeat,
             "encode_ads_per_s": round(len(texts) * repeat / seconds),
             **bench_ranker(UpdateParams.from_settings(settings), settings.prior_precision, d=d, seed=seed)}

@@ -35,6 +35,7 @@ from privads.bench import optional
 from privads.bench.audience import Audience, efficiency, make_audience
 from privads.bench.peers import PopularityPeer, PrivAdsPolicy, RandomPolicy, RiverThompson, VowpalPolicy
 from privads.bench.simulate import audience_bids, catalog_bids
+from privads.infra import progress
 from privads.infra.settings import Settings
 from privads.ranker.policy import Policy, Slate, ThompsonParams
 from privads.ranker.scoring import Ranked
@@ -143,7 +144,9 @@ def run_policies(world: World, policies: list[Policy], requests: int, k: int, se
         clicks = 0
         waiting: deque[tuple[int, Slate, Ranked, np.ndarray]] = deque()  # labels not delivered yet
         started = time.perf_counter()
+        bar = progress.bar(f"bench policies: {policy.name}", total=requests, unit="req")
         for i, u in enumerate(users.tolist()):
+            bar.update(1)
             slate = Slate(ads, u, bids=bids)
             ranked = policy.rank(slate, k)
             shown = ads[ranked.index]
@@ -155,6 +158,7 @@ def run_policies(world: World, policies: list[Policy], requests: int, k: int, se
                 policy.learn(was, did, hit)
             expected[i], value[i] = p.mean(), float((p * bids[shown]).sum()) / k
             clicks += int(clicked.sum())
+        bar.close()
         seconds = time.perf_counter() - started
         report[policy.name] = {
             "efficiency": round(efficiency(expected, oracle, random), 4),

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from privads.bench.learn import synthetic_ads
 from privads.bench.scratch import scratch_dir
 from privads.bench.synthetic import learned_users, logged_traffic, make_world
-from privads.infra import keys
+from privads.infra import keys, progress
 from privads.infra.kafka import create_topics
 from privads.infra.processes import Process, free_port, python_process, start_private_infra
 from privads.infra.settings import Settings
@@ -176,6 +176,7 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
                 "api": f"http://127.0.0.1:{port}", "api_workers": api_workers, "api_key": None})
             create_topics(s.kafka_servers, s.partitions)
             r = redis.Redis.from_url(s.redis_url)
+            progress.stage(f"bench serve: building a model version over {ads} ads")
             manifest, users, counts = build_model(ads, s)
             r.set(keys.MODEL_CURRENT, json.dumps(manifest))
             warm = seed_users(r, users, counts, s.prior_precision, s.partitions)
@@ -189,8 +190,11 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
                 return h.get("model_version") == manifest["version"]
 
             api = python_process("api", ["api"], tmp / "api.log", s.child_env(), ready=serving)
+            progress.stage(f"bench serve: starting {api_workers} API processes")
             api.start(timeout=300)
             procs.append(api)
+            progress.stage(f"bench serve: /recommend, {concurrency} in flight, {warmup_s:.0f} s warm-up and "
+                           f"{duration_s:.0f} s measured")
             loaded = _load(port, pool, concurrency, duration_s, warmup_s)
             metrics = httpx.get(f"{s.api}/metrics", timeout=10).text
             api.stop(30)
@@ -202,6 +206,7 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
                                                     timeout=1).status_code == 200)
             floor.start(timeout=60)
             procs.append(floor)
+            progress.stage("bench serve: the empty endpoint's floor, the same load")
             floor_load = _load(floor_port, pool, concurrency, duration_s, warmup_s)
             return {
                 "ads": manifest["index"]["ads"], "index_type": manifest["index"]["type"],

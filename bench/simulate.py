@@ -39,6 +39,7 @@ import httpx
 import numpy as np
 
 from privads.bench.audience import Audience, draw_bids, efficiency, make_audience
+from privads.infra import progress
 
 
 @dataclass
@@ -152,8 +153,11 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
     failures = 0
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=api, timeout=30, headers=headers) as c:
+        progress.stage(f"simulate: putting the audience's {ads} ads into the catalog (PUT /ads)")
         await _put_catalog(c, aud)
+        progress.stage("simulate: waiting until /recommend serves them")
         await _wait_recommendable(c, aud, ready_timeout_s)
+        bar = progress.bar("simulate: requests", total=requests, unit="req")
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(requests):
             queue.put_nowait(i)
@@ -172,6 +176,7 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
                 if ctx is not None:
                     body_in["context"] = aud.contexts[ctx]
                 r = await c.post("/recommend", json=body_in)
+                bar.update(1)
                 if r.status_code != 200:
                     failures += 1
                     continue
@@ -195,12 +200,15 @@ async def run_simulation(api: str, users: int, ads: int, requests: int, *, seed:
                 t.oracle_value.append(aud.oracle_value(user, k, ctx))
                 t.random_value.append(aud.random_value(user, k, ctx))
                 t.order.append(i)
-                for a in (a for a, hit in zip(shown, clicked, strict=True) if hit):
-                    cr = await c.post("/clicks", json={"impression_id": a["impression_id"],
+                for a, worth in ((a, v) for a, v, hit in zip(shown, bids, clicked, strict=True) if hit):
+                    # a click is worth its ad's bid (cost per click): /lift's value per impression is the revenue
+                    cr = await c.post("/clicks", json={"impression_id": a["impression_id"], "value": float(worth),
                                                        "user_id": f"sim-{seed}-user-{user}", "ad_id": a["ad_id"]})
                     failures += cr.status_code != 202
+                bar.set_postfix(clicks=sum(t.clicks for t in tallies.values()), refresh=False)
 
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        with bar:
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.monotonic() - started
         await asyncio.sleep(2.0)  # the last clicks reach the counters
         lift = (await c.get("/lift", params={"window": max(3600.0, elapsed + 600)})).json()

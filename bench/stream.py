@@ -18,12 +18,13 @@ from pathlib import Path
 import redis
 
 from privads.bench.scratch import scratch_dir
-from privads.infra import keys, records
+from privads.infra import keys, progress, records
 from privads.infra.kafka import consumer_config, create_topics
 from privads.infra.processes import Process, python_process, start_private_infra
 from privads.infra.produce import produce_lines
 from privads.infra.settings import Settings
 from privads.infra.store import connect_sync
+from privads.ranker.quality import histogram_quantile
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
@@ -37,18 +38,6 @@ def _wait(check: Callable[[], bool], timeout: float, what: str, every: float = 0
 
 def _stat(r: redis.Redis | redis.RedisCluster, name: str) -> int:
     return int(r.hget(keys.STATS, name) or 0)
-
-
-def _quantile(hist: dict[int, int], q: float) -> float | None:
-    total = sum(hist.values())
-    if not total:
-        return None
-    seen = 0
-    for bound in sorted(hist):
-        seen += hist[bound]
-        if seen >= q * total:
-            return float(bound)
-    return float(max(hist))
 
 
 async def _raw_consume(servers: str, topic: str, expected: int) -> float:
@@ -116,10 +105,17 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
 
             # 1. throughput: as fast as the producer can go, workers running
             start = time.time()
+            progress.stage(f"bench stream: producing {events} events as fast as the producer goes")
             sent = _loadgen(s.kafka_servers, events, users, 0, 1, ads_file)
-            done = lambda: (_stat(r, f"processed:{records.IMPRESSIONS}") + _stat(r, f"processed:{records.CLICKS}")  # noqa: E731
-                            >= sent["events"])
-            _wait(done, 1800, "the workers to process every event", every=0.05)
+            processed = lambda: (_stat(r, f"processed:{records.IMPRESSIONS}")  # noqa: E731
+                                 + _stat(r, f"processed:{records.CLICKS}"))
+            with progress.bar("bench stream: events processed", total=sent["events"], unit="ev") as bar:
+                def done() -> bool:
+                    n = processed()
+                    bar.update(n - bar.n)
+                    return n >= sent["events"]
+
+                _wait(done, 1800, "the workers to process every event", every=0.05)
             elapsed = time.time() - start
             joined = _stat(r, "labelled_clicks")
             # every impression is labelled once its window closes
@@ -129,6 +125,7 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
 
             # 2. freshness at a steady rate
             r.delete(keys.FRESHNESS)
+            progress.stage(f"bench stream: freshness at {fresh_rate:.0f} events/s for {fresh_seconds:.0f} s")
             _loadgen(s.kafka_servers, int(fresh_rate * fresh_seconds), users, fresh_rate, 2, ads_file)
             _wait(lambda: sum(int(v) for v in r.hgetall(keys.FRESHNESS).values()) > 0, 60, "freshness samples")
             time.sleep(2)
@@ -149,7 +146,7 @@ def bench_stream(settings: Settings, events: int, users: int, workers: int, part
                 "raw_consume_per_s": round(raw),
                 "clicks_joined_at_end_of_throughput": joined,
                 "freshness_rate_events_per_s": fresh_rate,
-                "freshness_p50_ms": _quantile(hist, 0.5), "freshness_p99_ms": _quantile(hist, 0.99),
+                "freshness_p50_ms": histogram_quantile(hist, 0.5), "freshness_p99_ms": histogram_quantile(hist, 0.99),
                 "freshness_samples": sum(hist.values()),
                 "bytes_per_user": round(sum(sizes) / len(sizes)) if sizes else None,
                 "user_value_bytes": len(first) if first is not None else None,

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from privads.infra import progress
 from privads.infra.objects import archive_of
 from privads.infra.processes import port_open
 from privads.infra.settings import Settings
@@ -118,9 +119,11 @@ def cmd_export_logs(settings: Settings, args: argparse.Namespace) -> int:
     # the erasure registry is in the stack's Redis: an export that could not read it could hold erased users
     running = _running(settings, need_kafka=False)
     rows = settled_rows(archive_of(settings), settings.attribution_window_s)
+    progress.stage(f"export-logs: {len(rows)} settled impressions; leaving out erased users")
     erased = asyncio.run(erased_of(running, [r["user_id"] for r in rows]))
     keep = without_erased([r["user_id"] for r in rows], [r["ts"] for r in rows], erased)
     rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+    progress.stage(f"export-logs: writing {len(rows)} rows to {args.out}")
     write_rows(rows, args.out, settings)
     print(json.dumps({"out": str(args.out), "rows": len(rows), "clicked": sum(r["clicked"] for r in rows),
                       "erased_rows_left_out": int((~keep).sum())}))
@@ -246,11 +249,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privads", description="PrivAds: streaming, online-learning ad recommender")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # the commands that can run longer than a few seconds report their progress on stderr (infra/progress.py)
+    long = argparse.ArgumentParser(add_help=False)
+    long.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (the result, on stdout, "
+                      "is the same)")
     sub.add_parser("up", help="the whole stack, foreground; says it serves once /readyz is 200; Ctrl-C stops it"
                    ).set_defaults(fn=cmd_up)
     sub.add_parser("worker", help="the stream worker (batch agents over aiokafka)").set_defaults(fn=cmd_worker)
     sub.add_parser("learner", help="the periodic learner loop").set_defaults(fn=cmd_learner)
-    sub.add_parser("train", help="one learner cycle now").set_defaults(fn=cmd_train)
+    sub.add_parser("train", help="one learner cycle now", parents=[long]).set_defaults(fn=cmd_train)
     a = sub.add_parser("api", help="the HTTP API (uvicorn)")
     a.add_argument("--host", default=None)
     a.add_argument("--port", type=int, default=None)
@@ -258,11 +265,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("topics", help="create the topics with explicit partition counts").set_defaults(fn=cmd_topics)
     sub.add_parser("migrate-redis", help="rename the keys of an earlier PrivAds' Redis to the current layout "
                    "(PrivAds stopped)").set_defaults(fn=cmd_migrate_redis)
-    pr = sub.add_parser("produce", help="produce JSON-lines events from FILE or stdin")
+    pr = sub.add_parser("produce", help="produce JSON-lines events from FILE or stdin", parents=[long])
     pr.add_argument("topic")
     pr.add_argument("file", nargs="?", type=Path, default=None)
     pr.set_defaults(fn=cmd_produce)
-    sm = sub.add_parser("simulate", help="a synthetic audience with a known click model against the running API")
+    sm = sub.add_parser("simulate", help="a synthetic audience with a known click model against the running API",
+                        parents=[long])
     sm.add_argument("--users", type=int, required=True)
     sm.add_argument("--ads", type=int, required=True)
     sm.add_argument("--requests", type=int, required=True)
@@ -277,10 +285,12 @@ def parser() -> argparse.ArgumentParser:
                     "(0, the default: no context; 0.7 is a strong effect): what only a ranker reading the context "
                     "can learn")
     sm.set_defaults(fn=cmd_simulate)
-    ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet")
+    ex = sub.add_parser("export-logs", help="archived impressions joined with their clicks, as JSONL or Parquet",
+                        parents=[long])
     ex.add_argument("out", help="OUT.jsonl or OUT.parquet: a path, or an s3://bucket/key URL (AWS_* settings)")
     ex.set_defaults(fn=cmd_export_logs)
-    rp = sub.add_parser("replay", help="offline evaluation of a policy on logged impressions (JSON report)")
+    rp = sub.add_parser("replay", help="offline evaluation of a policy on logged impressions (JSON report)",
+                        parents=[long])
     rp.add_argument("logs", help="a path, or an s3://bucket/key URL (AWS_* settings)")
     rp.add_argument("--policy", required=True, help="uniform | popularity | logged | current | a model version")
     rp.add_argument("--estimators", default="replay,ips,snips,dm,dr")
@@ -295,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     lf = sub.add_parser("lift", help="online CTR per arm and lift, as a table")
     lf.add_argument("--window", type=float, default=3600.0)
     lf.set_defaults(fn=cmd_lift)
-    b = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
+    b = sub.add_parser("bench", help="benchmarks; each prints one JSON object", parents=[long])
     b.add_argument("what", choices=["serve", "stream", "learn", "policies", "cycle"])
     b.add_argument("--events", type=int, default=1_000_000)
     b.add_argument("--users", type=int, default=None, help="stream, cycle: 100000; policies: the audience's (400)")
@@ -337,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # the services log what they do; the one-shot commands print their result, and a failure as one line
     quiet = args.command in ("produce", "replay", "export-logs", "lift", "topics", "simulate", "migrate-redis")
+    progress.enable(not getattr(args, "quiet", True))  # the long commands, unless --quiet
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # faiss's loader reports, at INFO, every SIMD build it probes before the dynamic-dispatch one it loads

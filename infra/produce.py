@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from privads.infra import records
+from privads.infra import progress, records
 from privads.infra.errors import InvalidEvent
 from privads.infra.kafka import make_producer
 
@@ -43,21 +43,27 @@ def click_of_exported_row(line: str) -> str | None:
                        "ad_id": row.get("ad_id"), "value": row.get("value")}, separators=(",", ":"))
 
 
-def produce_lines(servers: str, topic: str, lines: Iterable[str], report: TextIO = sys.stderr) -> Counts:
+def produce_lines(servers: str, topic: str, lines: Iterable[str], report: TextIO = sys.stderr,
+                  size: int | None = None) -> Counts:
     """Validate each line as a ``topic`` event and produce the valid ones, keyed per the contract.
 
     Invalid lines are reported with their line number and skipped; the raw line
     (extra fields included) is what is produced. An exported log
     (``privads export-logs``) can be produced as it is to both topics: as
     impressions, its rows are impressions with extra fields; as clicks, each
-    clicked row becomes its click and the others are skipped (counted).
+    clicked row becomes its click and the others are skipped (counted). ``size``: the input's bytes, if known
+    (the progress bar's total).
     """
     if topic not in KEY_FIELD:
         raise ValueError(f"topic must be one of {', '.join(KEY_FIELD)}; got {topic!r}")
     counts = Counts()
     producer = make_producer(servers, linger_ms=20, batch_size=256 * 1024)
+    bar = progress.bar(f"produce {topic}", total=size, unit="B", unit_scale=True)
     try:
         for n, line in enumerate(lines, start=1):
+            bar.update(len(line.encode("utf-8")))
+            if n % 1000 == 0:
+                bar.set_postfix(produced=counts.produced, invalid=counts.invalid, refresh=False)
             line = line.strip()
             if not line:
                 continue
@@ -77,8 +83,10 @@ def produce_lines(servers: str, topic: str, lines: Iterable[str], report: TextIO
             key = getattr(decoded.record, KEY_FIELD[topic])
             producer.send(topic, key=key.encode(), value=payload)
             counts.produced += 1
+        bar.set_postfix(produced=counts.produced, invalid=counts.invalid, refresh=False)
         producer.flush(timeout=60)
     finally:
+        bar.close()
         producer.close(timeout=10)
     return counts
 
@@ -90,4 +98,4 @@ def produce_file(servers: str, topic: str, path: Path | None, report: TextIO = s
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     with path.open(encoding="utf-8") as f:
-        return produce_lines(servers, topic, f, report)
+        return produce_lines(servers, topic, f, report, size=path.stat().st_size)

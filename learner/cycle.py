@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 import torch
 
+from privads.infra import progress
 from privads.infra.kafka import make_producer
 from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.loops import Step, reason_of
@@ -422,6 +423,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
         # the change id first: anything changed after it is replayed by readers as a delta
         change = await catalog_store.last_change()
         ids = await catalog_store.all_ids()
+        progress.stage(f"learner cycle ({reason}): reading the catalog's {len(ids)} ads")
         entries, embs = [], []
         for i in range(0, len(ids), READ_CHUNK):
             chunk, emb = await catalog_store.read(ids[i:i + READ_CHUNK])
@@ -442,11 +444,16 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             loaded = await asyncio.to_thread(initial_projector, settings.d_ad, settings.d_user, settings.seed,
                                              emb_all[on] if follow else None)
         assert loaded is not None  # the served version's, or initial when there was none
+        progress.stage("learner cycle: reading the training window of the archive")
         examples = await load_examples(settings, r, {e.ad_id: v for e, v in zip(entries, emb_all, strict=True)},
                                        {e.ad_id: e for e in entries})
         served = loaded
+        n = 0 if examples is None else len(examples.clicked)
+        progress.stage(f"learner cycle: training and gating the projector on {n} examples")
         projector, proj_eval = await asyncio.to_thread(choose_projector, served, examples, settings, trainer)
+        progress.stage("learner cycle: training and gating the ranker")
         ranker, rank_eval = await asyncio.to_thread(choose_ranker, served_ranker, examples, projector, settings)
+        progress.stage(f"learner cycle: building the index of {int(sum(e.active for e in entries))} ads")
         serving = await asyncio.to_thread(
             ServingCatalog.build, projector.d_user, [e.ad_id for e in entries], projector.project(emb_all),
             np.array([e.bid for e in entries], dtype=np.float32), np.array([e.active for e in entries], dtype=bool),
@@ -470,6 +477,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             evidence = None if current is None else _read_evidence(current, unreadable, models)
             evaluation["evidence"] = {"rebuilt": False}
         prior = population_prior(total, learned, settings.population_strength)
+        progress.stage(f"learner cycle: publishing the version to {models}")
         manifest = await asyncio.to_thread(write_version, models, projector, serving, {
             "parent": parent, "catalog_change": change, "reason": reason, "evaluation": evaluation,
             "changed": changed, "population": {"users": learned, "strength": settings.population_strength,

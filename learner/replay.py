@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from privads.infra import progress
 from privads.infra.errors import LogError
 from privads.infra.objects import local_copy, models_of
 from privads.infra.records import unpack_served
@@ -70,8 +71,10 @@ def run(settings: Settings, logs: Path | str, policy: str, estimators: tuple[str
     ``registry``: read the stack's erasure registry (``settings.redis_url``) and leave out
     the rows of users erased after them (``learner.erasure``); the report says whether it was read.
     """
+    progress.stage(f"replay: reading {logs}")
     with local_copy(logs, settings) as path:  # an s3:// URL: read from a copy on this host
         rows = read_logs(path, fmt)
+    progress.stage(f"replay: {len(rows)} rows read")
     erasures: dict[str, Any] = {"registry_read": registry, "rows_left_out": 0}
     if registry and rows.actions is None:
         keep = without_erased(rows.user_id, rows.ts, asyncio.run(erased_of(settings, rows.user_id)))
@@ -89,6 +92,8 @@ def run(settings: Settings, logs: Path | str, policy: str, estimators: tuple[str
             raise LogError(f"--policy {policy}: a served model can only be replayed on PrivAds' own logs "
                            "(jsonl/parquet from export-logs), whose ads it knows")
         pol = asyncio.run(_model_policy(settings, policy, rows, log, seed=seed, draws=draws))
+    progress.stage(f"replay: {', '.join(estimators)} on {len(log)} rows, " + (
+        "analytic intervals" if ci == "normal" else f"{n_bootstrap} bootstrap resamples"))
     results = evaluate(pol, log, estimators, ci=ci, n_bootstrap=n_bootstrap, seed=seed)
     intervals = ("analytic: delta method; DM adds the reward model's influence, replay of clicks uses Wilson"
                  if ci == "normal" else f"percentile bootstrap over rows, {n_bootstrap} resamples; DM and DR refit "
@@ -191,8 +196,11 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
     factors = {arm: arm_evidence(cat, rc, settings)[0] for arm, rc in row_counts.items()}
     unknown = today = 0
 
+    bar = progress.bar(f"replay: re-ranking with {version.version}", total=len(first_row), unit="req")
+
     def slate_of(req: int) -> tuple[Slate, np.ndarray]:
         nonlocal unknown, today
+        bar.update(1)
         i = first_row[req]
         state = (request_states or {}).get(req)
         if state is None:
@@ -206,7 +214,8 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
                               context_ids(rows.context[i]), None)
         return slate, np.array([action_of.get(a, -1) for a in cat.ids_of(cand)], dtype=np.int64)
 
-    out = policy_rows(policy, log, slate_of, draws=draws, rng=np.random.default_rng(seed), name=name)
+    with bar:
+        out = policy_rows(policy, log, slate_of, draws=draws, rng=np.random.default_rng(seed), name=name)
     out.notes.append(f"re-ranked {len(first_row)} logged requests with {draws} Monte-Carlo draws each "
                      f"(π_e standard error ≤ {0.5 / np.sqrt(draws):.3f})")
     served = len(first_row) - today

@@ -280,6 +280,36 @@ def read_manifest(models: Objects | Path, version: str) -> dict:
     return manifest
 
 
+def recent_manifests(models: Objects | Path, limit: int) -> list[dict]:
+    """The manifests of the newest ``limit`` published versions, oldest first (a version whose manifest cannot be
+    read is left out)."""
+    models = as_objects(models)
+    out = []
+    for name in [v for v in models.dirs() if v.startswith("v")][-limit:]:
+        try:
+            out.append(read_manifest(models, name))
+        except (FileNotFoundError, ValueError):  # half-written (no manifest yet), or not JSON
+            continue
+    return out
+
+
+def version_summary(manifest: dict, swapped_at: float | None) -> dict[str, Any]:
+    """What the dashboard's model timeline shows of a version: its gates' verdicts and figures."""
+    evaluation = manifest.get("evaluation", {})
+
+    def gate(kind: str) -> dict[str, Any]:
+        e = evaluation.get(kind) or {}
+        out = {"trained": bool(e.get("trained")), "promoted": bool(e.get("promoted")), "reason": e.get("reason")}
+        for side in ("candidate", "served"):
+            if isinstance(e.get(side), dict):
+                out[side] = {k: v for k, v in e[side].items() if isinstance(v, (int, float))}
+        return out
+
+    return {"version": manifest["version"], "built_at": manifest.get("built_at"), "reason": manifest.get("reason"),
+            "changed": manifest.get("changed", []), "projector": gate("projector"), "ranker": gate("ranker"),
+            "swapped_at": swapped_at}
+
+
 def collect_garbage(models: Objects | Path, keep: int, current: str, pinned: str | None = None) -> list[str]:
     """Remove all but the newest ``keep`` versions (never the current or the pinned one); returns the removed.
 

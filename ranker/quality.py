@@ -60,3 +60,17 @@ class QualityWatch:
             return QualitySnapshot(0, None, None, 0)
         # the wrapped metrics (.obj), typed: Rolling forwards .get to them through a __getattr__ typed as object
         return QualitySnapshot(self.examples, float(self.auc.obj.get()), float(self.loss.obj.get()), self.drifts)
+
+
+def histogram_quantile(hist: dict[int, int], q: float) -> float | None:
+    """The ``q`` quantile of a histogram of counts per upper bound (the stream's freshness, ``keys.FRESHNESS``):
+    the smallest bound whose cumulative count reaches ``q`` of the total; None when it is empty."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    seen = 0
+    for bound in sorted(hist):
+        seen += hist[bound]
+        if seen >= q * total:
+            return float(bound)
+    return float(max(hist))

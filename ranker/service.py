@@ -54,7 +54,15 @@ from privads.infra.store import (
 )
 from privads.ranker import experiment, scoring
 from privads.ranker.adcounts import AdCounts, RowCounts
-from privads.ranker.artifacts import EvidenceOffsets, ModelVersion, load_version, prior_or, read_manifest
+from privads.ranker.artifacts import (
+    EvidenceOffsets,
+    ModelVersion,
+    load_version,
+    prior_or,
+    read_manifest,
+    recent_manifests,
+    version_summary,
+)
 from privads.ranker.features import context_ids
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import (
@@ -70,6 +78,7 @@ from privads.ranker.policy import (
 )
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
+from privads.ranker.quality import histogram_quantile
 from privads.ranker.scoring import AdEvidence, category_factors
 from privads.ranker.updates import dp_epsilon
 
@@ -211,6 +220,9 @@ class LiftReport:
     value_p_value_sequential: float | None = None
 
 
+SWAPS_KEPT = 100  # the model versions this process remembers swapping to (the dashboard's timeline)
+
+
 class Recommender:
     """Recommendations, click and catalog intake, erasure and lift for the API."""
 
@@ -223,6 +235,7 @@ class Recommender:
         self.pointer = ModelPointer(redis)
         self.counters = Counters(redis)
         self.quality_board = QualityBoard(redis)
+        self.swaps: OrderedDict[str, float] = OrderedDict()  # version → when this process started serving it
         self.workers = WorkerRegistry(redis)
         self.ad_log = AdCountLog(redis)
         self.ad_counts = AdCounts()  # the arms' per-ad counts, followed from the workers' log
@@ -333,6 +346,9 @@ class Recommender:
         self._factors[(id(loaded.catalog), experiment.TREATMENT)] = await asyncio.to_thread(
             rekey_now, loaded.catalog, rc, self.settings)
         self.served, self.change_id = loaded, change  # one assignment: requests see old or new, never a mix
+        self.swaps[loaded.version] = time.time()
+        while len(self.swaps) > SWAPS_KEPT:
+            self.swaps.popitem(last=False)
         self._prune_row_counts()
         self._candidates_lru.clear()
         if self._skip_step is not None:
@@ -739,6 +755,20 @@ class Recommender:
             for topic, n in beat.get("lag", {}).items():
                 lag[topic] = lag.get(topic, 0) + int(n)
         return lag
+
+    async def model_history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest ``limit`` model versions, oldest first: when built, why, what changed, the gates' verdicts
+        and figures, and when this API process swapped to it (None: never served here)."""
+        manifests = await asyncio.to_thread(recent_manifests, models_of(self.settings), limit)
+        return [version_summary(m, self.swaps.get(m["version"])) for m in manifests]
+
+    async def stream_health(self) -> dict[str, Any]:
+        """The stream workers' counts (events per topic, dead letters), their lag, and click freshness quantiles."""
+        counts = await self.stream_counts()
+        hist = counts.freshness_ms
+        return {"processed": counts.processed, "dead_letters": counts.dead_letters,
+                "lag": await self.consumer_lag(), "freshness_clicks": sum(hist.values()),
+                "freshness_p50_ms": histogram_quantile(hist, 0.5), "freshness_p99_ms": histogram_quantile(hist, 0.99)}
 
     async def quality(self) -> dict[str, Any]:
         """Rolling AUC / log-loss of served predictions against outcomes, and drift."""

@@ -38,7 +38,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from privads.infra import keys
+from privads.infra import keys, progress
 from privads.infra.objects import Objects, as_objects, table_bytes
 from privads.infra.records import Impression, Labelled, erased_event
 
@@ -386,7 +386,12 @@ def read_table(root: Root, kind: str) -> pa.Table:
     schema = IMPRESSION_SCHEMA if kind == "impressions" else LABEL_SCHEMA
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([root.read_table(f, schema=schema) for f in files])
+    with progress.bar(f"reading the archive's {kind}", total=len(files), unit="file") as bar:
+        tables = []
+        for f in files:
+            tables.append(root.read_table(f, schema=schema))
+            bar.update(1)
+    return pa.concat_tables(tables)
 
 
 def prune(root: Root, before: float) -> int:

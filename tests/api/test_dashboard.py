@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -147,3 +150,45 @@ def test_lift_reports_value_per_impression_and_the_value_lift_as_computed_by_han
     assert series["value_lift"][-1] == pytest.approx(body["value_lift"])  # the cumulative value lift ends there
     for arm in experiment.ARMS:
         assert sum(series["arms"][arm]["value"]) == pytest.approx(body["arms"][arm]["value"])
+
+
+def _td(dom: str, key: str) -> re.Match:
+    m = re.search(rf'<td data-key="{re.escape(key)}"( data-total="(\d+)")?>([^<]*)</td>', dom)
+    assert m, f"no panel cell {key!r}"
+    return m
+
+
+def test_every_panel_draws_the_apis_numbers_and_a_trained_version_is_marked(
+        client: httpx.Client, settings: Settings, tmp_path: Path) -> None:
+    trained = subprocess.run([sys.executable, "-m", "privads", "train", "-q"], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, **settings.child_env()})
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    version = json.loads(trained.stdout)["version"]
+    wait_until(lambda: client.get("/model").json()["version"] == version, 30, "the API to swap to the new version")
+    history = client.get("/model/history").json()
+    assert history[-1]["version"] == version and history[-1]["swapped_at"] is not None
+    stream, serving, model = (client.get(p).json() for p in ("/stream", "/serving", "/model"))
+    dom = render(f"{settings.api}/dashboard", tmp_path / "profile")
+    # the model timeline: the trained version in the table and marked on the CTR chart's time axis
+    assert f'<tr data-version="{version}">' in dom
+    assert re.search(rf'<line [^>]*data-version="{version}"', dom)
+    assert int(attr(dom, "svg", 'id="ctr-chart"', "data-marks")) >= 1
+    assert int(attr(dom, "table", 'id="versions"', "data-n")) == len(history)
+    assert len(re.findall(r'class="label tick"', dom)) >= 4  # both charts have a time axis
+    # stream health: the same totals, freshness and dead letters as GET /stream; rates once read twice
+    for topic, n in stream["processed"].items():
+        cell = _td(dom, f"rate:{topic}")
+        assert int(cell.group(2)) == n and cell.group(3) != "n/a", topic
+    assert _td(dom, "freshness_p99_ms").group(3) == f"{stream['freshness_p99_ms']:g} ms"
+    assert _td(dom, "freshness_p50_ms").group(3) == f"{stream['freshness_p50_ms']:g} ms"
+    assert _td(dom, "dead_letters").group(3) == str(stream["dead_letters"])
+    assert _td(dom, "dead_letters_per_min").group(3) == "0.0"
+    # serving: this process's /recommend count and latency, and a request rate
+    assert int(_td(dom, "recommend_requests").group(3)) == serving["recommend_requests"] > 0
+    assert _td(dom, "recommend_p99_ms").group(3) == f"{serving['recommend_p99_ms']:g} ms"
+    assert float(_td(dom, "qps").group(3)) > 0  # the dashboard's own reads, at least
+    # online quality: the workers' rolling figures
+    q = model["quality"]
+    assert int(_td(dom, "examples").group(3)) == q["examples"] > 0
+    assert _td(dom, "auc").group(3) == ("n/a" if q["auc"] is None else f"{q['auc']:.4f}")
+    assert _td(dom, "version").group(3) == version

@@ -73,3 +73,20 @@ def test_bench_policies_prints_one_json_object_and_draws_the_plot(tmp_path) -> N
     bad = privads("bench", "policies", "--policies", "privads,magic", env=env)
     lines = bad.stderr.decode().strip().splitlines()
     assert bad.returncode != 0 and len(lines) == 1 and "unknown policy 'magic'" in lines[0], lines
+
+
+def test_long_commands_report_progress_on_stderr_and_quiet_silences_it(infra, tmp_path) -> None:
+    ads = [{"ad_id": f"p-{i}", "text": f"progress ad {i}", "bid": 1.0, "category": "c"} for i in range(3000)]
+    f = tmp_path / "many.jsonl"
+    f.write_text("".join(json.dumps(a) + "\n" for a in ads))
+    env = {"PRIVADS_KAFKA": infra.kafka, "PRIVADS_REDIS": infra.redis_url}
+    loud = privads("produce", records.ADS, str(f), env=env)
+    assert loud.returncode == 0, loud.stderr
+    # the result alone on stdout, one JSON object
+    assert json.loads(loud.stdout) == {"topic": records.ADS, "produced": 3000, "invalid": 0}
+    err = loud.stderr.decode()
+    # what it is doing, how far (the file's bytes, to 100%), the rate, and the counts so far
+    assert f"produce {records.ADS}: 100%" in err and "B/s" in err and "produced=3000" in err, err
+    quiet = privads("produce", records.ADS, str(f), "--quiet", env=env)
+    assert quiet.returncode == 0 and json.loads(quiet.stdout)["produced"] == 3000
+    assert f"produce {records.ADS}" not in quiet.stderr.decode()  # (kafka-python's own warnings stay)

@@ -22,6 +22,11 @@ def privads(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd)
 
 
+def errors(stderr: str) -> list[str]:
+    """stderr's lines but the progress stages (``privads: …``, infra/progress.py) written before the failure."""
+    return [ln for ln in stderr.strip().splitlines() if not ln.startswith("privads: ")]
+
+
 def report(*args: str) -> dict:
     proc = privads("replay", *args)
     assert proc.returncode == 0, proc.stderr
@@ -86,7 +91,7 @@ def test_a_log_without_propensities_is_refused_by_the_ips_family_with_one_line(t
     _write_log(log, with_propensity=False)
     proc = privads("replay", str(log), "--policy", "uniform", "--estimators", "ips,snips")
     assert proc.returncode != 0 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
+    lines = errors(proc.stderr)
     assert len(lines) == 1 and "ips, snips: 600 of 600 rows have no logged propensity" in lines[0]
     # the estimators that need none still run on it
     out = report(str(log), "--policy", "popularity", "--estimators", "dm")
@@ -104,5 +109,18 @@ def test_bad_arguments_fail_with_one_line_naming_them(tmp_path: Path, args: list
     _write_log(log, with_propensity=True)
     proc = privads("replay", *[a.replace("{log}", str(log)) for a in args], cwd=tmp_path)
     assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
+    lines = errors(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_replay_says_what_it_does_on_stderr_and_quiet_silences_it(tmp_path: Path) -> None:
+    log = tmp_path / "ok.jsonl"
+    _write_log(log, with_propensity=True)
+    loud = privads("replay", str(log), "--policy", "uniform", "--estimators", "ips,snips", cwd=tmp_path)
+    assert loud.returncode == 0, loud.stderr
+    assert json.loads(loud.stdout)["rows"] == 600  # the report alone on stdout
+    assert f"privads: replay: reading {log}" in loud.stderr and "privads: replay: 600 rows read" in loud.stderr
+    assert "privads: replay: ips, snips on 600 rows, analytic intervals" in loud.stderr
+    quiet = privads("replay", str(log), "--policy", "uniform", "--estimators", "ips,snips", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0 and json.loads(quiet.stdout) == json.loads(loud.stdout)
+    assert "privads:" not in quiet.stderr

@@ -1,0 +1,66 @@
+"""GET /stream: the stream workers' health, and GET /serving: this API process's own load (the dashboard's panels)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from privads.api.deps import RecommenderDep
+from privads.api.metrics import ApiMetrics
+
+router = APIRouter(tags=["health"])
+
+
+class StreamOut(BaseModel):
+    processed: dict[str, int] = Field(description="events the workers processed, per topic, since the state began "
+                                      "(the dashboard's events/s: their change between two reads)")
+    dead_letters: int = Field(description="events dead-lettered so far")
+    lag: dict[str, int] = Field(description="records of each topic the live workers have not consumed yet")
+    freshness_clicks: int = Field(description="clicks timed from their production to their user's update")
+    freshness_p50_ms: float | None
+    freshness_p99_ms: float | None
+
+
+@router.get("/stream", response_model=StreamOut)
+async def stream(recommender: RecommenderDep) -> StreamOut:
+    """The stream's health: events per topic, dead letters, consumer lag, click → user-state freshness."""
+    return StreamOut(**await recommender.stream_health())
+
+
+class ServingOut(BaseModel):
+    requests: int = Field(description="requests this API process answered (every route)")
+    recommend_requests: int = Field(description="… of them POST /recommend")
+    errors_5xx: int
+    recommend_p50_ms: float | None = Field(description="POST /recommend latency quantiles, from the histogram's "
+                                           "buckets (its bound at or above the quantile)")
+    recommend_p99_ms: float | None
+    impressions_dropped: int = Field(description="impressions dropped: the queue to Kafka was full")
+    impression_queue: int
+
+
+@router.get("/serving", response_model=ServingOut)
+async def serving(request: Request, recommender: RecommenderDep) -> ServingOut:
+    """This API process's load: requests (qps: their change between two reads), /recommend's latency, drops."""
+    metrics: ApiMetrics = request.app.state.metrics
+    requests = errors = 0
+    buckets: dict[float, float] = {}
+    for family in metrics.latency.collect():
+        for s in family.samples:
+            if s.name.endswith("_count"):
+                requests += int(s.value)
+                errors += int(s.value) if s.labels.get("status", "").startswith("5") else 0
+            elif s.name.endswith("_bucket") and s.labels.get("route") == "/recommend":
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    total = buckets.get(float("inf"), 0.0)
+
+    def quantile(q: float) -> float | None:
+        if not total:
+            return None
+        bound = next(le for le in sorted(buckets) if buckets[le] >= q * total)
+        return None if bound == float("inf") else round(bound * 1000.0, 3)
+
+    producer = recommender.producer
+    return ServingOut(requests=requests, recommend_requests=int(total), errors_5xx=errors,
+                      recommend_p50_ms=quantile(0.5), recommend_p99_ms=quantile(0.99),
+                      impressions_dropped=producer.dropped, impression_queue=producer.depth)
