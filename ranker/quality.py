@@ -5,11 +5,18 @@ it learns from it, ``p = σ(u·p(ad) + b)``, then compared with the outcome.
 Rolling AUC and log-loss summarise the last ``window`` examples; an ADWIN
 detector on the per-example log-loss flags a change in the stream (drift), which
 asks the learner for an early cycle.
+
+A click is labelled as soon as it joins its impression, a negative only when its
+attribution window closes (``streams/attribution.py``): for the first window of a
+stream the watch sees clicks only. AUC and log-loss are reported only once the
+rolling window holds both outcomes (None before): a window of positives alone has
+no AUC, and its log-loss would say nothing of the model.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +48,8 @@ class QualityWatch:
         self.adwin = drift.ADWIN(delta=delta)
         self.examples = 0
         self.drifts = 0
+        self._window: deque[bool] = deque(maxlen=window)  # the rolling metrics' outcomes, to know both are there
+        self._positives = 0
 
     def update(self, y: np.ndarray, p: np.ndarray) -> int:
         """Feed outcomes ``y`` (shape (n,)) and predicted click probabilities ``p`` (shape (n,)); returns new drifts."""
@@ -49,6 +58,10 @@ class QualityWatch:
             self.auc.update(yi, pi)
             self.loss.update(yi, pi)
             self.adwin.update(-math.log(pi) if yi else -math.log(1 - pi))
+            if len(self._window) == self._window.maxlen:
+                self._positives -= self._window[0]
+            self._window.append(yi)
+            self._positives += yi
             if self.adwin.drift_detected:
                 found += 1
         self.examples += len(y)
@@ -56,8 +69,8 @@ class QualityWatch:
         return found
 
     def snapshot(self) -> QualitySnapshot:
-        if not self.examples:
-            return QualitySnapshot(0, None, None, 0)
+        if not 0 < self._positives < len(self._window):  # no example yet, or one outcome only (see the docstring)
+            return QualitySnapshot(self.examples, None, None, self.drifts)
         # the wrapped metrics (.obj), typed: Rolling forwards .get to them through a __getattr__ typed as object
         return QualitySnapshot(self.examples, float(self.auc.obj.get()), float(self.loss.obj.get()), self.drifts)
 

@@ -150,7 +150,8 @@ def test_health_model_lift_metrics(client: httpx.Client) -> None:
     # the clicks of this module were scored before they were learned (prequential quality watch)
     quality = wait_until(lambda: (q := client.get("/model").json()["quality"])["examples"] > 0 and q, 20,
                          "the workers to publish prediction quality")
-    assert quality["log_loss"] > 0 and quality["drifts"] >= 0
+    # clicks only so far (negatives settle when their 30-minute window closes): no AUC nor log-loss of one outcome
+    assert quality["auc"] is None and quality["log_loss"] is None and quality["drifts"] >= 0
     lift = client.get("/lift", params={"window": 3600}).json()
     t = lift["arms"]["treatment"]
     assert t["impressions"] > 0 and 0 <= t["ci95"][0] <= t["ctr"] <= t["ci95"][1] <= 1

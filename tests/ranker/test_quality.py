@@ -37,3 +37,16 @@ def test_an_abrupt_change_is_detected():
     assert w.update(y2, p2) >= 1
     assert w.snapshot().log_loss > before + 0.3
     assert QualityWatch().snapshot().auc is None  # nothing seen yet
+
+
+def test_no_auc_nor_log_loss_while_the_window_holds_one_outcome_only():
+    # clicks join at once, negatives at their window's close: a stream's first examples are all positives
+    q = QualityWatch(window=100)
+    q.update(np.ones(30, bool), np.full(30, 0.05))
+    snap = q.snapshot()
+    assert snap.examples == 30 and snap.auc is None and snap.log_loss is None
+    q.update(np.zeros(10, bool), np.full(10, 0.01))  # the negatives arrive: both outcomes in the window
+    snap = q.snapshot()
+    assert snap.auc == pytest.approx(1.0) and snap.log_loss is not None and snap.log_loss > 0
+    q.update(np.zeros(100, bool), np.full(100, 0.01))  # the positives roll out of the window
+    assert q.snapshot().auc is None and q.snapshot().examples == 140
