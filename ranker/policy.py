@@ -275,9 +275,9 @@ def thompson_policy(
     pctr = sigmoid(dot_scale * (ads[shown] @ mean) + _take(bias, shown))
     factor = evidence.take(shown).mean()
     if keep is None:
-        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr, factor)
+        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr, factor, ranked.parts)
     return Ranked(keep[shown], ranked.score, ranked.propensity, None if ranked.lists is None
-                  else keep[ranked.lists], pctr, factor)
+                  else keep[ranked.lists], pctr, factor, ranked.parts)
 
 
 def candidate_logits(ranker: RankerModel, mean: np.ndarray, count: int, ads: np.ndarray, bids: np.ndarray,

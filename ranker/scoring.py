@@ -138,6 +138,8 @@ class Ranked:
         Each shown ad's calibration factor as the policy held it (posterior
         mean): logged with the impression, it offsets the user's learning step
         (``ranker.updates.learn_events``).
+    parts : ScoreParts, optional
+        What each shown ad's ``score`` is made of, under the served draw (Thompson policies).
     """
 
     index: np.ndarray
@@ -146,6 +148,31 @@ class Ranked:
     lists: np.ndarray | None = None
     pctr: np.ndarray | None = None
     factor: np.ndarray | None = None
+    parts: ScoreParts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreParts:
+    """The parts of a Thompson policy's served scores, per shown ad (shape (k,) each).
+
+    ``score = min(σ(dot_scale · user_dot + logit) · factor, 1) · bid`` (``combine``), with
+    ``user_dot`` the served draw of the user's vector against the ad's, ``logit`` the
+    ranker's ``h(x)`` (the global bias without a ranker) and ``factor`` the drawn
+    calibration factor (1 without evidence).
+    """
+
+    user_dot: np.ndarray
+    logit: np.ndarray
+    dot_scale: float
+    factor: np.ndarray
+    bid: np.ndarray
+
+    def combine(self) -> np.ndarray:
+        """The scores these parts make, shape (k,)."""
+        return np.minimum(sigmoid(self.dot_scale * self.user_dot + self.logit) * self.factor, 1.0) * self.bid
+
+    def take(self, rows: np.ndarray) -> ScoreParts:
+        return ScoreParts(self.user_dot[rows], self.logit[rows], self.dot_scale, self.factor[rows], self.bid[rows])
 
 
 def sample_users(
@@ -358,14 +385,20 @@ def thompson_rank(
     Ranked
     """
     users = sample_users(mean, precision, draws, scale, rng)
-    ctr = sigmoid(dot_scale * (users @ ads.T) + bias)
-    if evidence is not None:
-        ctr = calibrated_ctr(ctr, evidence, rng)
+    dots = users @ ads.T
+    ctr = sigmoid(dot_scale * dots + bias)
+    factors = None
+    if evidence is not None:  # as calibrated_ctr, keeping the factors drawn
+        factors = evidence.sample(ctr.shape[0], rng)
+        ctr = np.minimum(ctr * factors, 1.0)
     ev = ctr * bids[None, :]
     lists = top_k(ev, k)
     served = lists[0]
     propensity = (lists == served[None, :]).mean(axis=0)
-    return Ranked(index=served, score=ev[0, served], propensity=propensity, lists=lists)
+    logit = np.broadcast_to(np.asarray(bias, dtype=np.float64), (ads.shape[0],))[served]
+    parts = ScoreParts(dots[0, served], logit, dot_scale,
+                       np.ones(served.shape[0]) if factors is None else factors[0, served], bids[served])
+    return Ranked(index=served, score=ev[0, served], propensity=propensity, lists=lists, parts=parts)
 
 
 def popularity_scores(clicks: np.ndarray, impressions: np.ndarray, bids: np.ndarray, prior_ctr: float,

@@ -79,7 +79,7 @@ from privads.ranker.policy import (
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
 from privads.ranker.quality import histogram_quantile
-from privads.ranker.scoring import AdEvidence, category_factors
+from privads.ranker.scoring import AdEvidence, category_factors, retrieval_keys, retrieval_query
 from privads.ranker.updates import dp_epsilon
 
 log = logging.getLogger(__name__)
@@ -527,8 +527,9 @@ class Recommender:
 
     # --- requests -----------------------------------------------------------------
 
-    async def recommend(self, user_id: str, k: int, context: dict[str, Any] | None) -> Recommendation:
-        """Top-k ads for a user from the policy of the user's arm."""
+    async def _rank(self, user_id: str, k: int, context: dict[str, Any] | None) -> tuple[
+            str, ModelVersion, tuple[np.ndarray, np.ndarray, int], ServingCatalog, np.ndarray, scoring.Ranked]:
+        """The user's arm, the version that serves it, the user as the ranker sees it, and the ranked list."""
         s = self.settings
         arm = experiment.assign_arm(user_id, s.arm_salt, s.control_share)
         version = self.served
@@ -543,6 +544,11 @@ class Recommender:
             cat, rows, ranked = self._popularity(version, k)
         else:
             cat, rows, ranked = self._random(version, k)
+        return arm, version, seen, cat, rows, ranked
+
+    async def recommend(self, user_id: str, k: int, context: dict[str, Any] | None) -> Recommendation:
+        """Top-k ads for a user from the policy of the user's arm."""
+        arm, version, seen, cat, rows, ranked = await self._rank(user_id, k, context)
         request_id, *random_ids = records.new_event_ids(1 + ranked.index.size)
         ad_ids = cat.ids_of(rows[ranked.index])
         # each impression id binds its user and ad: a click can name only an impression served to both
@@ -556,6 +562,39 @@ class Recommender:
         confirmed = self._log_impressions(user_id, arm, version.version, request_id, context, shown, seen)
         await self._await_confirmation(confirmed, len(shown))
         return Recommendation(request_id, arm, version.version, shown)
+
+    async def explain(self, user_id: str, k: int, context: dict[str, Any] | None) -> dict[str, Any]:
+        """What ``recommend`` would serve the user now, each ad's score broken into its parts; logs nothing.
+
+        A learned arm's score is ``min(σ(dot_scale · user_dot + logit) · factor, 1) · bid`` under the
+        served draw (``scoring.ScoreParts``); ``retrieval_score`` is the ad's index key against the
+        user's mean (``scoring.retrieval_keys``), which chose the candidates. The list is a fresh
+        draw of the same policy: another request may show other ads, with the propensities given.
+        """
+        arm, version, seen, cat, rows, ranked = await self._rank(user_id, k, context)
+        mean, _, count = seen
+        shown = rows[ranked.index]
+        learned = self._learned_arm(arm)
+        policy = "thompson" if learned else self.settings.control_policy
+        out: dict[str, Any] = {"user_id": user_id, "arm": arm, "policy": policy, "model_version": version.version,
+                               "user_count": int(count), "logged": False, "ads": []}
+        if learned:
+            out["formula"] = "score = min(σ(dot_scale · user_dot + logit) · factor, 1) · bid"
+        keys = retrieval_keys(cat.vectors[shown], cat.bids[shown], cat.factors[shown]) if learned else None
+        query = retrieval_query(mean)
+        for pos, (ad_id, score, prop) in enumerate(zip(cat.ids_of(shown), ranked.score.tolist(),
+                                                       ranked.propensity.tolist(), strict=True)):
+            ad: dict[str, Any] = {"ad_id": ad_id, "position": pos, "score": float(score), "propensity": float(prop),
+                                  "bid": float(cat.bids[shown[pos]])}
+            parts = ranked.parts
+            if learned and parts is not None and keys is not None:
+                ad.update(retrieval_score=float(keys[pos] @ query), logit=float(parts.logit[pos]),
+                          dot_scale=float(parts.dot_scale), user_dot=float(parts.user_dot[pos]),
+                          user_dot_mean=float(cat.vectors[shown[pos]] @ mean), factor=float(parts.factor[pos]),
+                          factor_mean=None if ranked.factor is None else float(ranked.factor[pos]),
+                          pctr_mean=None if ranked.pctr is None else float(ranked.pctr[pos]))
+            out["ads"].append(ad)
+        return out
 
     async def _await_confirmation(self, confirmed: asyncio.Future[bool] | None, n: int) -> None:
         """Answer once Kafka has the request's impressions, waiting at most ``IMPRESSION_CONFIRM_S``.

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -192,3 +193,32 @@ def test_every_panel_draws_the_apis_numbers_and_a_trained_version_is_marked(
     assert int(_td(dom, "examples").group(3)) == q["examples"] > 0
     assert _td(dom, "auc").group(3) == ("n/a" if q["auc"] is None else f"{q['auc']:.4f}")
     assert _td(dom, "version").group(3) == version
+
+
+def test_the_why_box_breaks_each_score_into_parts_that_combine_to_it(client: httpx.Client, settings: Settings,
+                                                                     tmp_path: Path) -> None:
+    user = next(f"dash-{u}" for u in range(80) if experiment.assign_arm(f"dash-{u}", settings.arm_salt, 0.5)
+                == "treatment")
+    before = client.get("/lift").json()["arms"]["treatment"]["impressions"]
+    body = client.get(f"/users/{user}/explain", params={"k": 3}).json()
+    assert body["arm"] == "treatment" and body["policy"] == "thompson" and not body["logged"]
+    assert body["user_count"] > 0 and len(body["ads"]) == 3
+    for a in body["ads"]:  # the parts make the score the ad was ranked by
+        combined = min(1 / (1 + math.exp(-(a["dot_scale"] * a["user_dot"] + a["logit"]))) * a["factor"], 1) * a["bid"]
+        assert combined == pytest.approx(a["score"], rel=1e-4), a
+        assert 0 < a["propensity"] <= 1 and a["retrieval_score"] is not None
+    scores = [a["score"] for a in body["ads"]]
+    assert scores == sorted(scores, reverse=True)  # served best first
+    # the control arm: its policy's score, without the learned parts
+    control = next(f"dash-{u}" for u in range(80) if experiment.assign_arm(f"dash-{u}", settings.arm_salt, 0.5)
+                   == "control")
+    assert client.get(f"/users/{control}/explain").json()["policy"] == "random"
+    # the box: the same breakdown in the page, its parts combined to the score shown
+    dom = render(f"{settings.api}/dashboard?user={user}", tmp_path / "profile")
+    assert attr(dom, "table", 'id="why"', "data-user") == user
+    rows = re.findall(r'<tr data-ad="([^"]+)" data-score="([^"]+)" data-combined="([^"]*)">', dom)
+    assert len(rows) == 10 and all(float(c) == pytest.approx(float(s), rel=1e-4) for _, s, c in rows)
+    assert "score = min(σ(dot_scale · user_dot + logit) · factor, 1) · bid" in dom
+    # nothing was logged: no impression counted since
+    time.sleep(1.5)
+    assert client.get("/lift").json()["arms"]["treatment"]["impressions"] == before
