@@ -58,8 +58,12 @@ def test_state_changing_endpoints_need_the_key_reads_do_not(settings: Settings, 
         a = served.json()["ads"][0]
         click = {"impression_id": a["impression_id"], "user_id": "reader", "ad_id": a["ad_id"]}
         assert anyone.post("/clicks", json=click).status_code == 401
+        # one user's explanation shows what their state says: behind the key too
+        assert anyone.get("/users/reader/explain").status_code == 401
+        assert client.get("/users/reader/explain").json()["user_id"] == "reader"
         # the reads stay open
-        for path in ("/model", "/healthz", "/lift", "/lift/series", "/metrics"):
+        for path in ("/model", "/healthz", "/lift", "/lift/series", "/metrics", "/stream", "/serving",
+                     "/model/history"):
             assert anyone.get(path).status_code == 200, path
     assert client.put("/ads/key-ad", json=ad).status_code == 200
     assert client.post("/clicks", json=click).status_code == 202
