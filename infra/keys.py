@@ -27,6 +27,7 @@ moves them into the ``{g}`` keys exactly once.
 | ``adstat:{g}:{policy}:{what}`` | hash ad id → clicks / shown / labelled / expected (µ-clicks), in one arm | workers |
 | ``adstat:{g}:log`` | stream: the increments of ``adstat:*`` per batch, kept ``ADSTAT_LOG_HORIZON_S`` | workers |
 | ``folded:{g}`` | hash partition → the last ``out:{p}`` entry folded into the ``{g}`` keys (cluster only) | workers |
+| ``deadletters:recent`` | list: the newest dead letters' topic, offset and reason (no payload) | workers |
 | ``dp:max_updates:{g}`` | zset: the most updates any one user has had (DP accountant) | stream workers |
 | ``fresh:{g}`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats:{g}`` | hash of global counters (unattributed clicks, …) | stream workers |
@@ -174,6 +175,12 @@ def erasing(partition: int) -> str:
     """Zset user id → erased at: erasures whose pending events the partition's owner has yet to scrub."""
     return f"erasing:{tag(partition)}"
 
+
+# the dashboard's "last reasons" of the dead letters: topic, offset and reason of the newest few, never a payload;
+# written beside the dead-letter topic (best effort: observability, not state)
+DEAD_LETTERS_RECENT = "deadletters:recent"
+DEAD_LETTERS_KEPT = 20
+DEAD_LETTER_REASON_CHARS = 200
 
 # an arm bucket's float fields (HINCRBYFLOAT): the sum of its clicks' values and of their squares. Floats, not fixed
 # point: a value has no bound, and a fixed-point square would overflow Redis' 64-bit integers at values of ~3,000

@@ -1165,3 +1165,29 @@ async def refuse_evicting_redis(r: Client) -> MemoryUse | None:
                          "`maxmemory-policy noeviction` (CONFIG SET, and in its configuration) - at the ceiling "
                          "Redis then refuses writes, which PrivAds retries (README: Resource limits)")
     return use
+
+
+# --- the dead letters' last reasons (the dashboard) ------------------------------------------------------------
+
+
+async def note_dead_letters(r: Client, letters: Sequence[bytes], now: float | None = None) -> None:
+    """Keep the newest dead letters' topic, offset and reason (``records.dead_letter``'s records; never their
+    payloads) in ``keys.DEAD_LETTERS_RECENT``, the last ``keys.DEAD_LETTERS_KEPT`` of them."""
+    if not letters:
+        return
+    now = time.time() if now is None else now
+    entries = []
+    for raw in letters:
+        d = orjson.loads(raw)
+        entries.append(orjson.dumps({"ts": now, "topic": d.get("topic"), "partition": d.get("partition"),
+                                     "offset": d.get("offset"),
+                                     "error": str(d.get("error", ""))[:keys.DEAD_LETTER_REASON_CHARS]}))
+    pipe = r.pipeline(transaction=False)
+    pipe.lpush(keys.DEAD_LETTERS_RECENT, *entries[-keys.DEAD_LETTERS_KEPT:])
+    pipe.ltrim(keys.DEAD_LETTERS_RECENT, 0, keys.DEAD_LETTERS_KEPT - 1)
+    await pipe.execute()
+
+
+async def recent_dead_letters(r: Client, n: int = 5) -> list[dict[str, Any]]:
+    """The newest ``n`` dead letters noted by ``note_dead_letters``, newest first."""
+    return [orjson.loads(x) for x in cast(list[bytes], await r.lrange(keys.DEAD_LETTERS_RECENT, 0, n - 1))]

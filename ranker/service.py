@@ -51,6 +51,7 @@ from privads.infra.store import (
     UserStore,
     WorkerRegistry,
     memory_pressure,
+    recent_dead_letters,
 )
 from privads.ranker import experiment, scoring
 from privads.ranker.adcounts import AdCounts, RowCounts
@@ -806,6 +807,7 @@ class Recommender:
         counts = await self.stream_counts()
         hist = counts.freshness_ms
         return {"processed": counts.processed, "dead_letters": counts.dead_letters,
+                "recent_dead_letters": await recent_dead_letters(self.users.r),
                 "lag": await self.consumer_lag(), "freshness_clicks": sum(hist.values()),
                 "freshness_p50_ms": histogram_quantile(hist, 0.5), "freshness_p99_ms": histogram_quantile(hist, 0.99)}
 

@@ -62,6 +62,7 @@ from privads.infra.store import (
     WorkerRegistry,
     connect,
     connect_sync,
+    note_dead_letters,
     refuse_evicting_redis,
 )
 from privads.ranker.artifacts import prior_or
@@ -115,6 +116,7 @@ class EventAgent:
                  ad_vectors: AdVectors) -> None:
         self.s = settings
         self.store = PartitionStore(redis)
+        self.redis = redis
         self.users = UserStore(redis, settings.partitions)
         # on a cluster: per partition, the newest archive / outbox entry a replica is known to hold (``Committed``),
         # up to which the archive drains and the outbox folds
@@ -226,6 +228,7 @@ class EventAgent:
                 await asyncio.gather(*[await self.producer.send(t, value=v, key=k, partition=p, headers=h)
                                        for _, (t, p, k, v, h) in todo])
                 sent.update(src for src, _ in todo)
+                await noted(self.redis, [v for _, (t, _, _, v, _) in todo if t == records.DEAD_LETTER])
             try:
                 await self._apply(by_p, lettered)
                 break
@@ -370,6 +373,7 @@ class EventAgent:
         if letters:
             await asyncio.gather(*[await self.producer.send(records.DEAD_LETTER, value=v) for _, v in letters])
             lettered.update(k for k, _ in letters)
+            await noted(self.redis, [v for _, v in letters])
 
     async def _apply(self, by_p: dict[int, PartitionBatch], lettered: set[tuple[str, int, int, str]]) -> None:
         wall = time.time()
@@ -753,6 +757,16 @@ async def _index_batch(indexer: CatalogIndexer, producer: AIOKafkaProducer, good
                                                        raw))
     if letters:
         await asyncio.gather(*[await producer.send(records.DEAD_LETTER, v) for v in letters])
+        await noted(indexer.catalog.r, letters)
+
+
+async def noted(r: Client, letters: list[bytes]) -> None:
+    """The dead letters' reasons for the dashboard (``infra.store.note_dead_letters``): best effort, after they
+    went to the dead-letter topic; a failure here is logged and loses nothing (the topic has them)."""
+    try:
+        await note_dead_letters(r, letters)
+    except Exception as e:  # noqa: BLE001 - observability only
+        log.debug("could not note %d dead letters' reasons: %s", len(letters), e)
 
 
 # transient failures a loop step rides out: Redis or the broker away, a socket closing

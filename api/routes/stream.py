@@ -11,10 +11,19 @@ from privads.api.metrics import ApiMetrics
 router = APIRouter(tags=["health"])
 
 
+class DeadLetterOut(BaseModel):
+    ts: float = Field(description="when a worker dead-lettered it")
+    topic: str | None = Field(description="the topic the event came from")
+    partition: int | None
+    offset: int | None
+    error: str = Field(description="why (at most 200 characters; the payload is on privads.dead-letters only)")
+
+
 class StreamOut(BaseModel):
     processed: dict[str, int] = Field(description="events the workers processed, per topic, since the state began "
                                       "(the dashboard's events/s: their change between two reads)")
     dead_letters: int = Field(description="events dead-lettered so far")
+    recent_dead_letters: list[DeadLetterOut] = Field(description="the newest few, newest first, with why")
     lag: dict[str, int] = Field(description="records of each topic the live workers have not consumed yet")
     freshness_clicks: int = Field(description="clicks timed from their production to their user's update")
     freshness_p50_ms: float | None

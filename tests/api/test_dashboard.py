@@ -105,6 +105,8 @@ def test_the_dashboard_draws_ctr_per_arm_and_the_lift_with_its_band(client: http
         points = attr(dom, "polyline", f'data-arm="{arm}"', "points")
         assert re.fullmatch(r"[\d.]+,[\d.]+( [\d.]+,[\d.]+)*", points)
     assert int(attr(dom, "svg", 'id="lift-chart"', "data-points")) >= 1
+    for arm in experiment.ARMS:  # each arm's CTR with its interval band
+        assert int(attr(dom, "polygon", f'data-arm="{arm}"', "data-n")) >= 1
     assert int(attr(dom, "polygon", 'class="band"', "data-n")) >= 1
     # the numbers it shows are the API's
     assert float(attr(dom, "div", 'id="summary"', "data-lift")) == pytest.approx(lift["lift"], rel=1e-6)

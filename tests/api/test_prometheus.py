@@ -104,6 +104,10 @@ def test_a_real_prometheus_scrapes_the_stack_and_fires_the_dead_letter_alert(
         produce(infra.kafka, records.IMPRESSIONS, [(f"bad-{i}", b"{not json") for i in range(BURST)])
         wait_until(lambda: f"privads_dead_letters_total {BURST}.0" in c.get("/metrics").text, 60,
                    "the workers to dead-letter the burst")
+        # the dashboard's last reasons: topic, offset and why, never the payload
+        recent = c.get("/stream").json()["recent_dead_letters"]
+        assert len(recent) == 5 and all(d["topic"] == records.IMPRESSIONS for d in recent)
+        assert all("JSON" in d["error"] and "{not json" not in d["error"] for d in recent), recent[0]
         wait_until(lambda: _alert_state(prometheus, "PrivAdsDeadLetters") == "firing", 60,
                    "Prometheus to fire PrivAdsDeadLetters")
         alert = next(a for a in httpx.get(f"{prometheus}/api/v1/alerts", timeout=5).json()["data"]["alerts"]

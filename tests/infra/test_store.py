@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from privads.infra import keys
+from privads.infra import keys, records
 from privads.infra.errors import Conflict
 from privads.infra.processes import Process
 from privads.infra.redis_cluster import start_redis_cluster, stop_processes
@@ -26,6 +26,8 @@ from privads.infra.store import (
     _write_partition,
     ad_count_deltas,
     connect,
+    note_dead_letters,
+    recent_dead_letters,
 )
 from privads.ranker.adcounts import AdCounts
 from privads.ranker.scoring import AdEvidence
@@ -253,3 +255,24 @@ def test_the_archive_entry_id_is_read_from_its_own_reply(infra, fields) -> None:
             await r.aclose()
 
     asyncio.run(go())
+
+
+def test_the_dead_letters_last_reasons_are_kept_newest_first_without_payloads(infra, rds) -> None:
+    rds.delete(keys.DEAD_LETTERS_RECENT)
+    letters = [records.dead_letter("privads.clicks", 1, i, f"reason {i} " + "x" * 300, b"secret payload")
+               for i in range(keys.DEAD_LETTERS_KEPT + 5)]
+
+    async def go() -> list[dict]:
+        r = connect(infra.redis_url)
+        try:
+            await note_dead_letters(r, letters[:3], now=10.0)
+            await note_dead_letters(r, letters[3:], now=20.0)
+            return await recent_dead_letters(r, n=100)
+        finally:
+            await r.aclose()
+
+    got = asyncio.run(go())
+    assert len(got) == keys.DEAD_LETTERS_KEPT  # the newest only
+    assert [d["offset"] for d in got[:2]] == [keys.DEAD_LETTERS_KEPT + 4, keys.DEAD_LETTERS_KEPT + 3]
+    assert all(len(d["error"]) == keys.DEAD_LETTER_REASON_CHARS and d["topic"] == "privads.clicks" for d in got)
+    assert b"secret payload" not in b"".join(rds.lrange(keys.DEAD_LETTERS_RECENT, 0, -1))
