@@ -581,15 +581,15 @@ class Recommender:
                                "user_count": int(count), "logged": False, "ads": []}
         if learned:
             out["formula"] = "score = min(σ(dot_scale · user_dot + logit) · factor, 1) · bid"
-        keys = retrieval_keys(cat.vectors[shown], cat.bids[shown], cat.factors[shown]) if learned else None
+        index_keys = retrieval_keys(cat.vectors[shown], cat.bids[shown], cat.factors[shown]) if learned else None
         query = retrieval_query(mean)
         for pos, (ad_id, score, prop) in enumerate(zip(cat.ids_of(shown), ranked.score.tolist(),
                                                        ranked.propensity.tolist(), strict=True)):
             ad: dict[str, Any] = {"ad_id": ad_id, "position": pos, "score": float(score), "propensity": float(prop),
                                   "bid": float(cat.bids[shown[pos]])}
             parts = ranked.parts
-            if learned and parts is not None and keys is not None:
-                ad.update(retrieval_score=float(keys[pos] @ query), logit=float(parts.logit[pos]),
+            if learned and parts is not None and index_keys is not None:
+                ad.update(retrieval_score=float(index_keys[pos] @ query), logit=float(parts.logit[pos]),
                           dot_scale=float(parts.dot_scale), user_dot=float(parts.user_dot[pos]),
                           user_dot_mean=float(cat.vectors[shown[pos]] @ mean), factor=float(parts.factor[pos]),
                           factor_mean=None if ranked.factor is None else float(ranked.factor[pos]),
