@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Metric
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from redis.exceptions import NoPermissionError
 
 from privads.infra.store import UserStore, memory_use
+from privads.ranker.quality import histogram_quantile
 
 
 class Mirrored:
@@ -64,6 +66,17 @@ class Mirrored:
 FRESHNESS_INF_MS = 10**9
 
 
+@dataclass(frozen=True, slots=True)
+class ServingLoad:
+    """What this process's latency histogram says of its load (``ApiMetrics.serving``)."""
+
+    requests: int  # every route
+    recommend_requests: int
+    errors_5xx: int
+    recommend_p50_ms: float | None  # the histogram's bound at or above the quantile (None: none, or beyond the last)
+    recommend_p99_ms: float | None
+
+
 class ApiMetrics:
     """One registry per app, so several apps (tests) never collide.
 
@@ -105,6 +118,29 @@ class ApiMetrics:
         self.archive_pending_age = Gauge(
             "privads_archive_oldest_pending_seconds", "age of the oldest committed batch still waiting in Redis "
             "for the Parquet archive (grows while the drain cannot write, e.g. a full disk; 0: none)", registry=r)
+
+
+    def serving(self) -> ServingLoad:
+        """Requests and 5xx answered by this process, and ``POST /recommend``'s latency quantiles."""
+        requests = errors = 0
+        cumulative: dict[float, float] = {}  # /recommend's buckets: upper bound (s) → requests within it
+        for family in self.latency.collect():
+            for s in family.samples:
+                if s.name.endswith("_count"):
+                    requests += int(s.value)
+                    errors += int(s.value) if s.labels.get("status", "").startswith("5") else 0
+                elif s.name.endswith("_bucket") and s.labels.get("route") == "/recommend":
+                    le = float(s.labels["le"])
+                    cumulative[le] = cumulative.get(le, 0.0) + s.value
+        bounds = sorted(cumulative)
+        per_bound = {le: int(cumulative[le] - (cumulative[bounds[i - 1]] if i else 0.0))
+                     for i, le in enumerate(bounds)}
+
+        def ms(q: float) -> float | None:
+            bound = histogram_quantile(per_bound, q)
+            return None if bound is None or bound == float("inf") else round(bound * 1000.0, 3)
+
+        return ServingLoad(requests, int(cumulative.get(float("inf"), 0.0)), errors, ms(0.5), ms(0.99))
 
 
 async def refresh_resources(metrics: ApiMetrics, users: UserStore) -> None:

@@ -116,10 +116,6 @@ class Objects:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    def mtime(self, key: str) -> float | None:
-        info = self.fs.get_file_info(self.path(key))
-        return None if info.mtime is None else info.mtime.timestamp()
-
     def read_table(self, key: str, schema: pa.Schema | None = None) -> pa.Table:
         """A Parquet file as a table (``schema``: the columns to read, and their types)."""
         return pq.read_table(self.path(key), schema=schema, filesystem=self.fs)
@@ -171,9 +167,6 @@ class Objects:
             for key in written:  # all or none
                 self.delete(key, missing_ok=True)
             raise
-
-    def put_table(self, key: str, table: pa.Table) -> None:
-        self.put(key, table_bytes(table))
 
     def delete(self, key: str, missing_ok: bool = True) -> None:
         """Remove a file."""
@@ -308,8 +301,7 @@ def at(target: str | Path, settings: Settings | None = None) -> tuple[Objects, s
         raise ValueError(f"{text}: an s3:// URL of a file names its bucket and key (s3://bucket/key)")
     if settings is None:
         raise ValueError(f"{text}: reaching S3 needs the settings (its endpoint and credentials)")
-    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
-    return s3(parent, settings.aws_endpoint_url, settings.aws_access_key_id, secret, settings.aws_region), name
+    return _s3_with(parent, settings), name
 
 
 @contextlib.contextmanager
@@ -329,8 +321,13 @@ def data_of(settings: Settings) -> Objects:
     """PRIVADS_DATA as ``Objects``: the directory, or the S3 prefix with the AWS_* settings."""
     if not settings.data_on_s3:
         return local(settings.data)
+    return _s3_with(settings.data, settings)
+
+
+def _s3_with(url: str, settings: Settings) -> Objects:
+    """``s3(url)`` with the endpoint, credentials and region of the AWS_* settings."""
     secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
-    return s3(settings.data, settings.aws_endpoint_url, settings.aws_access_key_id, secret, settings.aws_region)
+    return s3(url, settings.aws_endpoint_url, settings.aws_access_key_id, secret, settings.aws_region)
 
 
 def archive_of(settings: Settings) -> Objects:

@@ -963,6 +963,10 @@ class Counters:
         return {a: ArmBucket(sum(x.impressions for x in read[a]), sum(x.clicks for x in read[a]),
                              sum(x.value for x in read[a]), sum(x.value_sq for x in read[a])) for a in arms}
 
+    async def recent_dead_letters(self, n: int = 5) -> list[dict[str, Any]]:
+        """The newest ``n`` dead letters noted by ``note_dead_letters``, newest first."""
+        return [orjson.loads(x) for x in cast(list[bytes], await self.r.lrange(keys.DEAD_LETTERS_RECENT, 0, n - 1))]
+
     async def max_user_updates(self) -> int:
         """The most labelled impressions applied to any one user (for the DP accountant)."""
         return int(await self.r.zscore(keys.DP_MAX_UPDATES, "max") or 0)
@@ -1187,7 +1191,3 @@ async def note_dead_letters(r: Client, letters: Sequence[bytes], now: float | No
     pipe.ltrim(keys.DEAD_LETTERS_RECENT, 0, keys.DEAD_LETTERS_KEPT - 1)
     await pipe.execute()
 
-
-async def recent_dead_letters(r: Client, n: int = 5) -> list[dict[str, Any]]:
-    """The newest ``n`` dead letters noted by ``note_dead_letters``, newest first."""
-    return [orjson.loads(x) for x in cast(list[bytes], await r.lrange(keys.DEAD_LETTERS_RECENT, 0, n - 1))]

@@ -485,7 +485,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             **({"recovered": {"from": parent, "unreadable": unreadable}} if unreadable else {})},
             ranker, prior, fit, evidence)
         if examples is not None:  # on the version as written (re-ranking re-keys a catalog: not the one saved)
-            manifest["evaluation"]["off_policy"] = await _off_policy(settings, snapshot, examples,
+            manifest["evaluation"]["off_policy"] = await _off_policy(settings, models, snapshot, examples,
                                                                      None if unreadable else current, manifest)
             # not announced yet: nobody reads it before the pointer moves
             await asyncio.to_thread(write_manifest, manifest, models)
@@ -540,13 +540,12 @@ def _read_evidence(current: dict, unreadable: list[str], models: Objects) -> Evi
         return None
 
 
-async def _off_policy(settings: Settings, snapshot: dict[str, dict[str, list[int]]], examples: Examples,
-                      current: dict | None, written: dict) -> dict[str, Any]:
+async def _off_policy(settings: Settings, models: Objects, snapshot: dict[str, dict[str, list[int]]],
+                      examples: Examples, current: dict | None, written: dict) -> dict[str, Any]:
     """``off_policy_values`` of the new version and of the served one; never stops a cycle (a failure is logged)."""
     try:
         counts = AdCounts()
         counts.reset(snapshot)
-        models = models_of(settings)
         versions = {"candidate": await asyncio.to_thread(load_version, written, models)}
         if current is not None:
             versions["served"] = await asyncio.to_thread(load_version, current, models)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from river import drift, metrics, utils
@@ -75,9 +77,12 @@ class QualityWatch:
         return QualitySnapshot(self.examples, float(self.auc.obj.get()), float(self.loss.obj.get()), self.drifts)
 
 
-def histogram_quantile(hist: dict[int, int], q: float) -> float | None:
-    """The ``q`` quantile of a histogram of counts per upper bound (the stream's freshness, ``keys.FRESHNESS``):
-    the smallest bound whose cumulative count reaches ``q`` of the total; None when it is empty."""
+Bound = TypeVar("Bound", int, float)
+
+
+def histogram_quantile(hist: Mapping[Bound, int], q: float) -> float | None:
+    """The ``q`` quantile of a histogram of counts per upper bound (the stream's freshness, ``keys.FRESHNESS``; the
+    API's request latency): the smallest bound whose cumulative count reaches ``q`` of the total; None when empty."""
     total = sum(hist.values())
     if not total:
         return None

@@ -51,7 +51,6 @@ from privads.infra.store import (
     UserStore,
     WorkerRegistry,
     memory_pressure,
-    recent_dead_letters,
 )
 from privads.ranker import experiment, scoring
 from privads.ranker.adcounts import AdCounts, RowCounts
@@ -237,6 +236,7 @@ class Recommender:
         self.counters = Counters(redis)
         self.quality_board = QualityBoard(redis)
         self.swaps: OrderedDict[str, float] = OrderedDict()  # version → when this process started serving it
+        self.models = models_of(settings)  # where the versions are (on S3: with this host's cache)
         self.workers = WorkerRegistry(redis)
         self.ad_log = AdCountLog(redis)
         self.ad_counts = AdCounts()  # the arms' per-ad counts, followed from the workers' log
@@ -302,9 +302,8 @@ class Recommender:
         """Load the ``pinned`` control's version (its catalog follows the change log like the served one's)."""
         if self.settings.control_policy != "pinned" or self.pinned is not None:
             return
-        models = models_of(self.settings)
-        manifest = await asyncio.to_thread(read_manifest, models, str(self.settings.control_version))
-        pinned = await asyncio.to_thread(load_version, manifest, models)
+        manifest = await asyncio.to_thread(read_manifest, self.models, str(self.settings.control_version))
+        pinned = await asyncio.to_thread(load_version, manifest, self.models)
         await self._catch_up([pinned], manifest.get("catalog_change", "0-0"), None)
         rc = self.row_counts(pinned.catalog, experiment.CONTROL, pinned.evidence)
         self._factors[(id(pinned.catalog), experiment.CONTROL)] = await asyncio.to_thread(
@@ -330,7 +329,7 @@ class Recommender:
         if self._skip_step is not None and not self._skip_step.due():
             return
         try:
-            loaded = await asyncio.to_thread(load_version, manifest, models_of(self.settings))
+            loaded = await asyncio.to_thread(load_version, manifest, self.models)
         except Exception as e:  # noqa: BLE001 - a bad version must not stop serving the good one
             if self._skip_step is None:
                 self._skip_step = Step(f"loading model {version}", log, base_s=2.0, max_s=60.0)
@@ -581,15 +580,15 @@ class Recommender:
                                "user_count": int(count), "logged": False, "ads": []}
         if learned:
             out["formula"] = "score = min(σ(dot_scale · user_dot + logit) · factor, 1) · bid"
-        index_keys = retrieval_keys(cat.vectors[shown], cat.bids[shown], cat.factors[shown]) if learned else None
-        query = retrieval_query(mean)
+        parts = ranked.parts if learned else None
+        retrieval = None if parts is None else retrieval_keys(
+            cat.vectors[shown], cat.bids[shown], cat.factors[shown]) @ retrieval_query(mean)
         for pos, (ad_id, score, prop) in enumerate(zip(cat.ids_of(shown), ranked.score.tolist(),
                                                        ranked.propensity.tolist(), strict=True)):
             ad: dict[str, Any] = {"ad_id": ad_id, "position": pos, "score": float(score), "propensity": float(prop),
                                   "bid": float(cat.bids[shown[pos]])}
-            parts = ranked.parts
-            if learned and parts is not None and index_keys is not None:
-                ad.update(retrieval_score=float(index_keys[pos] @ query), logit=float(parts.logit[pos]),
+            if parts is not None and retrieval is not None:
+                ad.update(retrieval_score=float(retrieval[pos]), logit=float(parts.logit[pos]),
                           dot_scale=float(parts.dot_scale), user_dot=float(parts.user_dot[pos]),
                           user_dot_mean=float(cat.vectors[shown[pos]] @ mean), factor=float(parts.factor[pos]),
                           factor_mean=None if ranked.factor is None else float(ranked.factor[pos]),
@@ -799,7 +798,7 @@ class Recommender:
     async def model_history(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest ``limit`` model versions, oldest first: when built, why, what changed, the gates' verdicts
         and figures, and when this API process swapped to it (None: never served here)."""
-        manifests = await asyncio.to_thread(recent_manifests, models_of(self.settings), limit)
+        manifests = await asyncio.to_thread(recent_manifests, self.models, limit)
         return [version_summary(m, self.swaps.get(m["version"])) for m in manifests]
 
     async def stream_health(self) -> dict[str, Any]:
@@ -807,7 +806,7 @@ class Recommender:
         counts = await self.stream_counts()
         hist = counts.freshness_ms
         return {"processed": counts.processed, "dead_letters": counts.dead_letters,
-                "recent_dead_letters": await recent_dead_letters(self.users.r),
+                "recent_dead_letters": await self.counters.recent_dead_letters(),
                 "lag": await self.consumer_lag(), "freshness_clicks": sum(hist.values()),
                 "freshness_p50_ms": histogram_quantile(hist, 0.5), "freshness_p99_ms": histogram_quantile(hist, 0.99)}
 

@@ -304,7 +304,7 @@ def _schema(kind: str) -> pa.Schema:
 def _first_entry_ms(key: str) -> int:
     """When a file's chunk was committed: the Redis entry id in its name (``p{p}-{ms}_{seq}.parquet``)."""
     try:
-        return int(key.rsplit("/", 1)[-1].split("-", 1)[1].split("_", 1)[0].removesuffix(".parquet"))
+        return int(key.rsplit("/", 1)[-1].split("-", 1)[1].split("_", 1)[0])
     except (IndexError, ValueError):
         return 0
 

@@ -52,6 +52,7 @@ class AdVectors:
         self.settings = settings
         self.catalog = catalog
         self.pointer = pointer
+        self.models = models_of(settings)  # where the versions are (on S3: with this host's cache)
         self.version: str | None = None
         self.projector: Projector = initial_projector(settings.d_ad, settings.d_user, settings.seed)
         self.prior: np.ndarray | None = None  # the served version's population prior
@@ -76,10 +77,8 @@ class AdVectors:
             self.skipped, self._skip_step = None, None  # another version now: try it at once
         if self._skip_step is not None and not self._skip_step.due():
             return
-        models = models_of(self.settings)
-
         def load() -> tuple[Projector, np.ndarray | None]:
-            path = version_dir(manifest, models)  # on S3: this host's copy, fetched once
+            path = version_dir(manifest, self.models)  # on S3: this host's copy, fetched once
             return Projector.load(path / "projector.npz"), load_prior(path)
 
         try:

@@ -51,25 +51,9 @@ class ServingOut(BaseModel):
 async def serving(request: Request, recommender: RecommenderDep) -> ServingOut:
     """This API process's load: requests (qps: their change between two reads), /recommend's latency, drops."""
     metrics: ApiMetrics = request.app.state.metrics
-    requests = errors = 0
-    buckets: dict[float, float] = {}
-    for family in metrics.latency.collect():
-        for s in family.samples:
-            if s.name.endswith("_count"):
-                requests += int(s.value)
-                errors += int(s.value) if s.labels.get("status", "").startswith("5") else 0
-            elif s.name.endswith("_bucket") and s.labels.get("route") == "/recommend":
-                le = float(s.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + s.value
-    total = buckets.get(float("inf"), 0.0)
-
-    def quantile(q: float) -> float | None:
-        if not total:
-            return None
-        bound = next(le for le in sorted(buckets) if buckets[le] >= q * total)
-        return None if bound == float("inf") else round(bound * 1000.0, 3)
-
+    load = metrics.serving()
     producer = recommender.producer
-    return ServingOut(requests=requests, recommend_requests=int(total), errors_5xx=errors,
-                      recommend_p50_ms=quantile(0.5), recommend_p99_ms=quantile(0.99),
-                      impressions_dropped=producer.dropped, impression_queue=producer.depth)
+    return ServingOut(requests=load.requests, recommend_requests=load.recommend_requests,
+                      errors_5xx=load.errors_5xx, recommend_p50_ms=load.recommend_p50_ms,
+                      recommend_p99_ms=load.recommend_p99_ms, impressions_dropped=producer.dropped,
+                      impression_queue=producer.depth)

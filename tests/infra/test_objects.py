@@ -138,5 +138,5 @@ def test_data_of_settings(s3: S3, tmp_path: Path) -> None:
     assert objects.archive_of(local).local_path() == (tmp_path / "d" / "archive").resolve()
     assert objects.models_of(local).local_path() == (tmp_path / "d" / "models").resolve()
     table = pa.table({"a": [1, 2]})
-    objects.archive_of(local).put_table("t.parquet", table)
+    objects.archive_of(local).put("t.parquet", objects.table_bytes(table))
     assert objects.archive_of(local).read_table("t.parquet").equals(table)

@@ -27,7 +27,6 @@ from privads.infra.store import (
     ad_count_deltas,
     connect,
     note_dead_letters,
-    recent_dead_letters,
 )
 from privads.ranker.adcounts import AdCounts
 from privads.ranker.scoring import AdEvidence
@@ -267,7 +266,7 @@ def test_the_dead_letters_last_reasons_are_kept_newest_first_without_payloads(in
         try:
             await note_dead_letters(r, letters[:3], now=10.0)
             await note_dead_letters(r, letters[3:], now=20.0)
-            return await recent_dead_letters(r, n=100)
+            return await Counters(r).recent_dead_letters(n=100)
         finally:
             await r.aclose()
 
