@@ -215,27 +215,44 @@ def test_every_panel_draws_the_apis_numbers_and_a_trained_version_is_marked(
     for topic in ("privads.impressions", "privads.clicks"):
         cell = _td(dom, f"rate:{topic}")
         assert between(int(cell.group(2)), "/stream", "processed", topic), topic
-    assert float(_td(dom, "rate:privads.impressions").group(3)) > 0
-    for q in ("freshness_p50_ms", "freshness_p99_ms"):
-        assert _td(dom, q).group(3) in {f"{before['/stream'][q]:g} ms", f"{after['/stream'][q]:g} ms"}, q
+    # a rate once read twice (its value is the change over the page's own clock: Chromium's virtual time runs its
+    # 2 s refreshes in a few real milliseconds, so whether the workers moved in between is luck, not the page's)
+    assert float(_td(dom, "rate:privads.impressions").group(3)) >= 0
     assert _td(dom, "dead_letters").group(3) == str(after["/stream"]["dead_letters"]) == "0"
     assert _td(dom, "dead_letters_per_min").group(3) == "0.0"
     # serving: this process's /recommend count and latency, and a request rate
     assert between(int(_td(dom, "recommend_requests").group(3)), "/serving", "recommend_requests")
-    p99 = _td(dom, "recommend_p99_ms").group(3)
-    assert p99 in {f"{before['/serving']['recommend_p99_ms']:g} ms", f"{after['/serving']['recommend_p99_ms']:g} ms"}
     assert float(_td(dom, "qps").group(3)) > 0
     # online quality: the workers' rolling figures
     assert between(int(_td(dom, "examples").group(3)), "/model", "quality", "examples")
     assert re.fullmatch(r"n/a|0\.\d{4}|1\.0000", _td(dom, "auc").group(3))
     assert _td(dom, "version").group(3) == version
 
+    # the quantiles (freshness, latency) are not monotone while traffic flows: checked once it has stopped, exactly
+    def quiet() -> tuple[dict, dict] | None:
+        first = (client.get("/stream").json(), client.get("/serving").json())
+        time.sleep(1.5)
+        again = (client.get("/stream").json(), client.get("/serving").json())
+        same = first[0] == again[0] and first[1]["recommend_p99_ms"] == again[1]["recommend_p99_ms"]
+        return again if same else None
+
+    stream, serving = wait_until(quiet, 30, "the stream to settle")
+    dom = render(f"{settings.api}/dashboard", tmp_path / "profile-settled")
+    for q in ("freshness_p50_ms", "freshness_p99_ms"):
+        assert _td(dom, q).group(3) == f"{stream[q]:g} ms", q
+    assert _td(dom, "recommend_p99_ms").group(3) == f"{serving['recommend_p99_ms']:g} ms"
+
 
 def test_the_why_box_breaks_each_score_into_parts_that_combine_to_it(client: httpx.Client, settings: Settings,
                                                                      tmp_path: Path) -> None:
     user = next(f"dash-{u}" for u in range(80) if experiment.assign_arm(f"dash-{u}", settings.arm_salt, 0.5)
                 == "treatment")
-    before = client.get("/lift").json()["arms"]["treatment"]["impressions"]
+    def settled() -> tuple[int] | None:  # the previous test's last impressions still reaching the counters
+        first = client.get("/lift").json()["arms"]["treatment"]["impressions"]
+        time.sleep(1.5)
+        return (first,) if client.get("/lift").json()["arms"]["treatment"]["impressions"] == first else None
+
+    (before,) = wait_until(settled, 30, "the treatment's impressions to settle")
     body = client.get(f"/users/{user}/explain", params={"k": 3}).json()
     assert body["arm"] == "treatment" and body["policy"] == "thompson" and not body["logged"]
     assert body["user_count"] > 0 and len(body["ads"]) == 3
