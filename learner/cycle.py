@@ -25,7 +25,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -307,6 +307,36 @@ def click_recall(catalog: ServingCatalog, hold: Examples, k: int = 500, limit: i
 EVIDENCE_CHUNK = 65_536  # rows scored at once by evidence_offsets
 
 
+def predicted_counts(ex: Examples | None, projector: Projector, ranker: RankerModel | None,
+                     settings: Settings) -> dict[str, dict[str, list[float]]]:
+    """Per arm and ad: the rows' clicks, impressions and the clicks a model predicts for them.
+
+    Each row is predicted by ``projector`` and ``ranker`` from the features it logged at
+    serving (the user as served), so the sums are that model's view of the ads'
+    evidence over these rows (``ranker.scoring.AdEvidence``).
+
+    Returns
+    -------
+    dict
+        arm → ad id → [clicks, impressions, expected clicks].
+    """
+    out: dict[str, dict[str, list[float]]] = {}
+    n = 0 if ex is None else len(ex.clicked)
+    for start in range(0, n, EVIDENCE_CHUNK):  # in chunks: the features of 1M rows at once cost gigabytes
+        assert ex is not None
+        part = ex.take(slice(start, start + EVIDENCE_CHUNK))
+        rows = ranker_data(part, projector).rows
+        logits = ranker.click_logits(rows) if ranker is not None else rows.dot + logit(settings.base_rate)
+        pctr = sigmoid(logits)
+        for arm, ad, y, p in zip(part.policy.tolist(), part.ad_ids.tolist(), part.clicked.tolist(), pctr.tolist(),
+                                 strict=True):
+            b = out.setdefault(arm, {}).setdefault(ad, [0.0, 0.0, 0.0])
+            b[0] += y
+            b[1] += 1.0
+            b[2] += p
+    return out
+
+
 def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerModel | None, settings: Settings,
                      live: dict[str, dict[str, list[int]]]) -> EvidenceOffsets:
     """Each ad's evidence as a newly promoted model sees it, as offsets to the live counts.
@@ -316,9 +346,10 @@ def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerMo
     predictions were the previous model's: under a new projector or ranker they are
     on another scale. So the new version's evidence is rebuilt from the training
     window's logged impressions, each predicted by the *new* model from the features
-    logged at serving, and only the counts that come after it are added live:
-    ``effective = base + (live − live at this cycle)``. Impressions between the end of
-    the window (the attribution window ago) and this cycle are in neither.
+    logged at serving (``predicted_counts``), and only the counts that come after it
+    are added live: ``effective = base + (live − live at this cycle)``. Impressions
+    between the end of the window (the attribution window ago) and this cycle are in
+    neither.
 
     Parameters
     ----------
@@ -332,42 +363,49 @@ def evidence_offsets(ex: Examples | None, projector: Projector, ranker: RankerMo
     EvidenceOffsets
         arm → ad id → (clicks, expected clicks) to add to the live counts.
     """
-    base: dict[str, dict[str, list[float]]] = {}
-    n = 0 if ex is None else len(ex.clicked)
-    for start in range(0, n, EVIDENCE_CHUNK):  # in chunks: the features of 1M rows at once cost gigabytes
-        assert ex is not None
-        part = ex.take(slice(start, start + EVIDENCE_CHUNK))
-        rows = ranker_data(part, projector).rows
-        logits = ranker.click_logits(rows) if ranker is not None else rows.dot + logit(settings.base_rate)
-        pctr = sigmoid(logits)
-        for arm, ad, y, p in zip(part.policy.tolist(), part.ad_ids.tolist(), part.clicked.tolist(), pctr.tolist(),
-                                 strict=True):
-            b = base.setdefault(arm, {}).setdefault(ad, [0.0, 0.0])
-            b[0] += y
-            b[1] += p
+    base = predicted_counts(ex, projector, ranker, settings)
     out: EvidenceOffsets = {}
     for arm in live.keys() | base.keys():
         now, new = live.get(arm, {}), base.get(arm, {})
-        out[arm] = {ad: (new.get(ad, [0.0, 0.0])[0] - now.get(ad, [0, 0, 0])[0],
-                         new.get(ad, [0.0, 0.0])[1] - now.get(ad, [0, 0, 0])[2] / EXPECTED_SCALE)
+        out[arm] = {ad: (new.get(ad, [0.0, 0.0, 0.0])[0] - now.get(ad, [0, 0, 0])[0],
+                         new.get(ad, [0.0, 0.0, 0.0])[2] - now.get(ad, [0, 0, 0])[2] / EXPECTED_SCALE)
                     for ad in now.keys() | new.keys()}
     return out
 
 
 OPE_REQUESTS = 500  # the newest held-out treatment requests re-ranked for the off-policy estimates
 OPE_DRAWS = 32
+OPE_EVIDENCE_ROWS = 200_000  # the newest training rows each version's evidence is rebuilt from, for the estimates
 
 
-def off_policy_values(hold: Examples, versions: dict[str, ModelVersion], counts: AdCounts,
-                      settings: Settings) -> dict[str, Any]:
+def counts_before(train: Examples, version: ModelVersion, settings: Settings) -> AdCounts:
+    """The per-ad counts as ``version`` would have held them when the held-out requests were served.
+
+    Today's counts in Redis hold the held-out impressions' own clicks: a policy
+    re-ranked with them would have its calibration factors and popularity already
+    knowing which held-out ads were clicked. These are rebuilt from the training
+    rows alone (the newest ``OPE_EVIDENCE_ROWS``, all of them older than every
+    held-out row), each predicted by ``version``'s own model (``predicted_counts``),
+    the way a promotion rebuilds a version's evidence.
+    """
+    part = train.take(slice(max(0, len(train.clicked) - OPE_EVIDENCE_ROWS), None))
+    counts = AdCounts()
+    counts.reset({arm: {ad: [round(c), round(s), round(e * EXPECTED_SCALE)] for ad, (c, s, e) in ads.items()}
+                  for arm, ads in predicted_counts(part, version.projector, version.ranker, settings).items()})
+    return counts
+
+
+def off_policy_values(examples: Examples, versions: dict[str, ModelVersion], settings: Settings) -> dict[str, Any]:
     """SNIPS and DR estimates of each version's CTR on the held-out treatment requests, beside the on-policy CTR.
 
-    Only whole requests of the treatment arm with logged propensities enter (the
-    newest ``OPE_REQUESTS``). Each version re-ranks them with the slates
-    ``/recommend`` would build (``learner.replay.rerank``) from the user as served
-    (the logged ``user_mean``/``user_count``; the prior precision, which is not
-    logged); ``π_e`` is the share of ``OPE_DRAWS`` Monte-Carlo lists. The served
-    policy's on-policy value is the held-out requests' observed CTR.
+    The held-out part is ``split(examples)[1]``. Only whole requests of the treatment
+    arm with logged propensities enter (the newest ``OPE_REQUESTS``). Each version
+    re-ranks them with the slates ``/recommend`` would build (``learner.replay.rerank``)
+    from the user as served (the logged ``user_mean``/``user_count``; the prior
+    precision, which is not logged) and with the ads' evidence as it stood before the
+    held-out part, in that version's terms (``counts_before``); ``π_e`` is the share
+    of ``OPE_DRAWS`` Monte-Carlo lists. The served policy's on-policy value is the
+    held-out requests' observed CTR.
 
     Returns
     -------
@@ -376,6 +414,7 @@ def off_policy_values(hold: Examples, versions: dict[str, ModelVersion], counts:
         estimator's ``OPEResult.to_dict()``; ``skipped`` with the reason when too few
         requests qualify.
     """
+    train, hold = split(examples)
     ok = (hold.policy == TREATMENT) & np.isfinite(hold.propensity)
     bad = np.unique(hold.group[~ok])
     groups = np.unique(hold.group[ok])
@@ -390,10 +429,12 @@ def off_policy_values(hold: Examples, versions: dict[str, ModelVersion], counts:
     log = rows.to_log("clicked")
     served = request_states(log, list(hold.users[idx]), hold.counts[idx].tolist(), settings)
     out: dict[str, Any] = {"requests": int(groups.size), "rows": len(log), "draws": OPE_DRAWS,
-                           "on_policy_ctr": float(log.reward.mean())}
+                           "on_policy_ctr": float(log.reward.mean()),
+                           "evidence": f"rebuilt per version from the newest {OPE_EVIDENCE_ROWS} training rows"}
     for name, version in versions.items():
-        pol = rerank(version, rows, log, {}, counts, settings, seed=settings.seed, draws=OPE_DRAWS, name=name,
-                     request_states=served)
+        # the version's evidence is the counts before the held-out part, not today's counts plus its offsets
+        pol = rerank(replace(version, evidence=None), rows, log, {}, counts_before(train, version, settings),
+                     settings, seed=settings.seed, draws=OPE_DRAWS, name=name, request_states=served)
         out[name] = {k: r.to_dict() for k, r in evaluate(pol, log, ("snips", "dr"), seed=settings.seed).items()}
     return out
 
@@ -467,11 +508,11 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
                                            ("ranker", ranker is served_ranker)) if not same] + ["index"]
         evidence: EvidenceOffsets | None
         rebuild = "projector" in changed or "ranker" in changed
-        # the per-ad counts now, read once: for the evidence a new model rebuilds and for the off-policy estimates
-        snapshot = (await AdCountLog(r).snapshot(ARMS))[0] if rebuild or examples is not None else {}
-        if rebuild:  # another model: its own view of the ads' evidence
-            evidence = await asyncio.to_thread(evidence_offsets, examples, projector, ranker, settings, snapshot)
-            evaluation["evidence"] = {"rebuilt": True, "ads": sum(len(v) for v in evidence.values()),
+        if rebuild:  # another model: its own view of the ads' evidence, as offsets to the per-ad counts now
+            snapshot = (await AdCountLog(r).snapshot(ARMS))[0]
+            rebuilt = await asyncio.to_thread(evidence_offsets, examples, projector, ranker, settings, snapshot)
+            evidence = rebuilt
+            evaluation["evidence"] = {"rebuilt": True, "ads": sum(len(v) for v in rebuilt.values()),
                                       "from_examples": 0 if examples is None else len(examples.clicked)}
         else:  # the same model: the served version's evidence goes on (none if it cannot be read)
             evidence = None if current is None else _read_evidence(current, unreadable, models)
@@ -485,7 +526,7 @@ async def run_cycle(settings: Settings, reason: str = "scheduled",
             **({"recovered": {"from": parent, "unreadable": unreadable}} if unreadable else {})},
             ranker, prior, fit, evidence)
         if examples is not None:  # on the version as written (re-ranking re-keys a catalog: not the one saved)
-            manifest["evaluation"]["off_policy"] = await _off_policy(settings, models, snapshot, examples,
+            manifest["evaluation"]["off_policy"] = await _off_policy(settings, models, examples,
                                                                      None if unreadable else current, manifest)
             # not announced yet: nobody reads it before the pointer moves
             await asyncio.to_thread(write_manifest, manifest, models)
@@ -540,16 +581,14 @@ def _read_evidence(current: dict, unreadable: list[str], models: Objects) -> Evi
         return None
 
 
-async def _off_policy(settings: Settings, models: Objects, snapshot: dict[str, dict[str, list[int]]],
-                      examples: Examples, current: dict | None, written: dict) -> dict[str, Any]:
+async def _off_policy(settings: Settings, models: Objects, examples: Examples, current: dict | None,
+                      written: dict) -> dict[str, Any]:
     """``off_policy_values`` of the new version and of the served one; never stops a cycle (a failure is logged)."""
     try:
-        counts = AdCounts()
-        counts.reset(snapshot)
         versions = {"candidate": await asyncio.to_thread(load_version, written, models)}
         if current is not None:
             versions["served"] = await asyncio.to_thread(load_version, current, models)
-        return await asyncio.to_thread(off_policy_values, split(examples)[1], versions, counts, settings)
+        return await asyncio.to_thread(off_policy_values, examples, versions, settings)
     except Exception as e:  # noqa: BLE001 - an estimate, not a reason to keep the catalog or the users waiting
         log.warning("off-policy estimates failed: %s: %s", type(e).__name__, e)
         return {"skipped": f"failed: {type(e).__name__}: {e}"}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
 from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.settings import Settings
-from privads.learner.cycle import Examples, evidence_offsets
+from privads.learner.cycle import Examples, counts_before, evidence_offsets, split
 from privads.ranker.adcounts import AdCounts, RowCounts
-from privads.ranker.artifacts import load_evidence, save_evidence
+from privads.ranker.artifacts import ModelVersion, load_evidence, save_evidence
 from privads.ranker.features import MAX_CONTEXT_TOKENS
 from privads.ranker.projector import Projector
 from privads.ranker.scoring import AdEvidence
@@ -104,3 +105,26 @@ def test_evidence_is_the_same_scored_in_chunks(monkeypatch) -> None:
         assert whole[arm].keys() == chunked[arm].keys()
         for ad in whole[arm]:
             np.testing.assert_allclose(chunked[arm][ad], whole[arm][ad], rtol=1e-9)
+
+
+def test_the_off_policy_estimates_see_the_evidence_from_before_the_held_out_rows_only() -> None:
+    """Today's counts hold the held-out impressions' own clicks; the estimates' counts are rebuilt without them."""
+    ex, settings = examples(seed=3, n=500), Settings(seed=0)
+    train, hold = split(ex)
+    projector = Projector(np.eye(D, dtype=np.float32) * 0.3, np.zeros(D, np.float32))
+    version = ModelVersion({}, projector, cast(Any, None))
+    counts = counts_before(train, version, settings)
+    p = sigmoid((train.users * projector.project(train.ads)).sum(1) + logit(settings.base_rate))
+    for arm in ("treatment", "control"):
+        for ad in ("a0", "a1", "a2"):
+            mine = (train.ad_ids == ad) & (train.policy == arm)
+            clicks, shown, expected = counts.get(arm, ad)
+            assert (clicks, shown) == (train.clicked[mine].sum(), mine.sum())
+            assert abs(expected - p[mine].sum() * EXPECTED_SCALE) <= 1  # the version's own predictions, µ-clicks
+    # flipping every held-out label changes nothing the estimates' policies are given
+    flipped = Examples(**{**{f: getattr(ex, f) for f in ex.__dataclass_fields__},
+                          "clicked": np.r_[train.clicked, 1.0 - hold.clicked].astype(np.float32)})
+    again = counts_before(split(flipped)[0], version, settings)
+    assert again.of_arm("treatment") == counts.of_arm("treatment")
+    # and the rows it reads are all older than every held-out row
+    assert train.ts.max() < hold.ts.min()
