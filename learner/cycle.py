@@ -313,7 +313,11 @@ def predicted_counts(ex: Examples | None, projector: Projector, ranker: RankerMo
 
     Each row is predicted by ``projector`` and ``ranker`` from the features it logged at
     serving (the user as served), so the sums are that model's view of the ads'
-    evidence over these rows (``ranker.scoring.AdEvidence``).
+    evidence over these rows (``ranker.scoring.AdEvidence``). A ranker predicts at the
+    top position, whatever the row's: that is the pCTR ``/recommend`` logs with every
+    impression and the live counts add up (``RankerModel.request_logits``), so the two
+    parts of a version's evidence are on one scale and the factor absorbs the
+    position effect the same way in both.
 
     Returns
     -------
@@ -325,7 +329,7 @@ def predicted_counts(ex: Examples | None, projector: Projector, ranker: RankerMo
     for start in range(0, n, EVIDENCE_CHUNK):  # in chunks: the features of 1M rows at once cost gigabytes
         assert ex is not None
         part = ex.take(slice(start, start + EVIDENCE_CHUNK))
-        rows = ranker_data(part, projector).rows
+        rows = ranker_data(replace(part, position=np.zeros_like(part.position)), projector).rows
         logits = ranker.click_logits(rows) if ranker is not None else rows.dot + logit(settings.base_rate)
         pctr = sigmoid(logits)
         for arm, ad, y, p in zip(part.policy.tolist(), part.ad_ids.tolist(), part.clicked.tolist(), pctr.tolist(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from privads.infra.keys import EXPECTED_SCALE
 from privads.infra.settings import Settings
-from privads.learner.cycle import Examples, counts_before, evidence_offsets, split
+from privads.learner import ranking
+from privads.learner.cycle import Examples, counts_before, evidence_offsets, predicted_counts, ranker_data, split
 from privads.ranker.adcounts import AdCounts, RowCounts
 from privads.ranker.artifacts import ModelVersion, load_evidence, save_evidence
 from privads.ranker.features import MAX_CONTEXT_TOKENS
@@ -128,3 +130,24 @@ def test_the_off_policy_estimates_see_the_evidence_from_before_the_held_out_rows
     assert again.of_arm("treatment") == counts.of_arm("treatment")
     # and the rows it reads are all older than every held-out row
     assert train.ts.max() < hold.ts.min()
+
+
+def test_a_rankers_evidence_is_predicted_as_serving_logs_it_at_the_top_position() -> None:
+    """The live counts add the pCTR /recommend logs (the ranker at position 0); a rebuilt base must match it."""
+    ex, settings = examples(seed=4, n=300), Settings(seed=0)
+    ex = Examples(**{**{f: getattr(ex, f) for f in ex.__dataclass_fields__}, "position": np.arange(300) % 10})
+    projector = Projector(np.eye(D, dtype=np.float32) * 0.4, np.zeros(D, np.float32))
+    model = ranking.export(ranking.fit(ranker_data(ex, projector), "logistic", epochs=1, seed=0))
+    # a steep position effect, so that predicting at the logged positions would be far off
+    model = replace(model, position_bias=np.linspace(0.0, -3.0, model.position_bias.shape[0]).astype(np.float32))
+    got = predicted_counts(ex, projector, model, settings)
+    p = projector.project(ex.ads)
+    served = np.array([sigmoid(model.dot_weight * float(ex.users[i] @ p[i]) + model.request_logits(
+        ex.users[i], int(ex.counts[i]), p[i:i + 1], ex.bids[i:i + 1], ex.category[i:i + 1], ex.context[i])[0])
+        for i in range(len(ex.clicked))])
+    for arm in ("treatment", "control"):
+        for ad in ("a0", "a1", "a2"):
+            mine = (ex.ad_ids == ad) & (ex.policy == arm)
+            clicks, shown, expected = got[arm][ad]
+            assert (clicks, shown) == (ex.clicked[mine].sum(), mine.sum())
+            np.testing.assert_allclose(expected, served[mine].sum(), rtol=1e-4)
