@@ -77,6 +77,7 @@ from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id,
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
 from privads.ranker.projector import Projector, initial_projector
+from privads.ranker.scoring import AdEvidence, category_factors
 from privads.ranker.updates import logit, population_prior, sigmoid
 from privads.streams import archive
 
@@ -259,9 +260,51 @@ def _scores(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> Scores:
     return Scores(auc=auc(y, p), log_loss=log_loss(y, p), ndcg_at_10=ndcg_at_k(group, y, p, 10))
 
 
+def served_factors(train: Examples, hold: Examples, train_pctr: np.ndarray, settings: Settings) -> np.ndarray:
+    """The calibration factor serving would multiply into each held-out row's pCTR, from the training rows alone.
+
+    Serving never ranks by a model's pCTR alone: it multiplies in each ad's factor, the
+    posterior mean of ``AdEvidence`` from the ad's clicks against the clicks the model
+    predicted for it, with its category's pooled factor as the prior (``ranker.scoring``).
+    Here the counts are the training rows' (every arm's), predicted by the model being
+    judged, and the categories are the ranker's hashed buckets (the rows do not carry the
+    exact ones serving pools over).
+
+    Parameters
+    ----------
+    train, hold : Examples
+    train_pctr : ndarray, shape (n_train,)
+        The model's top-position pCTR of each training row.
+
+    Returns
+    -------
+    ndarray, shape (n_hold,)
+    """
+    ads, inverse = np.unique(np.r_[train.ad_ids, hold.ad_ids].astype(str), return_inverse=True)
+    inverse = inverse.ravel()
+    n_train = len(train.clicked)
+    seen, hold_of = inverse[:n_train], inverse[n_train:]
+    clicks = np.bincount(seen, weights=train.clicked.astype(np.float64), minlength=ads.size)
+    expected = np.bincount(seen, weights=np.asarray(train_pctr, np.float64), minlength=ads.size)
+    group_of = np.zeros(ads.size, np.int64)
+    group_of[inverse] = np.r_[train.category, hold.category]
+    buckets, groups = np.unique(group_of, return_inverse=True)
+    prior = category_factors(clicks, expected, groups, buckets.size, settings.category_strength)[groups]
+    return AdEvidence(clicks, expected, settings.calibration_strength, prior).mean()[hold_of]
+
+
 def choose_ranker(served: RankerModel | None, ex: Examples | None, projector: Projector, settings: Settings,
                   fitter: Callable[..., ranking.Fitted] = ranking.fit) -> tuple[RankerModel | None, dict]:
-    """Train the ranker and the logistic baseline; serve the better if it is not worse than the served one."""
+    """Train the ranker and the logistic baseline; serve the better if it is not worse than the served policy.
+
+    The gate judges each model as serving uses it: its pCTR at the top position (what
+    ``/recommend`` ranks by) times each ad's calibration factor from the training rows
+    (``served_factors``), on the held-out rows. Judged without the factors, a ranker
+    that only learns which ads are clicked (what the factors already hold) would look
+    far better than the stream's ``σ(u·p + b)``, and be promoted for it. The scores
+    without the factors, at the logged positions, are reported beside
+    (``uncalibrated``).
+    """
     if ex is None or len(ex.clicked) < MIN_EXAMPLES:
         return served, {"trained": False, "reason": f"fewer than {MIN_EXAMPLES} labelled impressions"}
     train_ex, hold_ex = split(ex)
@@ -274,15 +317,25 @@ def choose_ranker(served: RankerModel | None, ex: Examples | None, projector: Pr
     models = {kind: ranking.export(f) for kind, f in fitted.items()}
     scores = {kind: _scores(y, sigmoid(m.click_logits(hold.rows)), g) for kind, m in models.items()}
     scores["popularity"] = _scores(y, popularity_scores(train_ex, hold_ex, float(train.clicked.mean())), g)
+    bias = logit(settings.base_rate)
     if served is not None:
         base = _scores(y, sigmoid(served.click_logits(hold.rows)), g)
     else:  # what is served without a ranker: the stream's own σ(u·p + b)
-        base = _scores(y, sigmoid(hold.rows.dot + logit(settings.base_rate)), g)
+        base = _scores(y, sigmoid(hold.rows.dot + bias), g)
     kind = max(("dcn", "logistic"), key=lambda k: (scores[k].auc, -scores[k].log_loss))
-    verdict = gate(scores[kind], base)
+    # as served: every candidate at the top position, times its ad's factor
+    top = [ranker_data(replace(e, position=np.zeros_like(e.position)), projector).rows for e in (train_ex, hold_ex)]
+
+    def as_served(model: RankerModel | None) -> Scores:
+        train_p, hold_p = (sigmoid(model.click_logits(r) if model is not None else r.dot + bias) for r in top)
+        return _scores(y, np.minimum(hold_p * served_factors(train_ex, hold_ex, train_p, settings), 1.0), g)
+
+    cand_served, base_served = as_served(models[kind]), as_served(served)
+    verdict = gate(cand_served, base_served)
     info = {"trained": True, "kind": kind, "holdout": len(y),
             "train_examples_per_s": round(fitted[kind].examples_per_s),
-            "candidate": asdict(scores[kind]), "served": asdict(base),
+            "candidate": asdict(cand_served), "served": asdict(base_served),
+            "uncalibrated": {"candidate": asdict(scores[kind]), "served": asdict(base)},
             "baselines": {k: asdict(scores[k]) for k in ("logistic", "popularity")},
             "promoted": verdict.promote, "reason": verdict.reason}
     if kind != "dcn":
