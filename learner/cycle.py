@@ -51,7 +51,7 @@ from privads.infra.store import (
 )
 from privads.learner import ranking
 from privads.learner.erasure import compact_archive, without_erased
-from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
+from privads.learner.evaluation import Scores, auc, auc_difference, gate, log_loss, ndcg_at_k
 from privads.learner.logs import Rows
 from privads.learner.offline import evaluate
 from privads.learner.replay import request_states, rerank
@@ -208,9 +208,14 @@ def served_users(ex: Examples | None, d_user: int) -> np.ndarray | None:
     return np.vstack([np.unique(ex.users, axis=0), np.zeros((1, d_user), np.float32)])
 
 
+def holdout_pctr(projector: Projector, ex: Examples, bias: float) -> np.ndarray:
+    """``σ(u · p(ad) + b)`` of each row under ``projector``, shape (n,)."""
+    return sigmoid((ex.users * projector.project(ex.ads)).sum(1) + bias)
+
+
 def holdout_scores(projector: Projector, ex: Examples, bias: float) -> Scores:
     """How well ``σ(u · p(ad) + b)`` under ``projector`` predicts the held-out clicks."""
-    p = sigmoid((ex.users * projector.project(ex.ads)).sum(1) + bias)
+    p = holdout_pctr(projector, ex, bias)
     return Scores(auc=auc(ex.clicked, p), log_loss=log_loss(ex.clicked, p))
 
 
@@ -230,10 +235,14 @@ def choose_projector(served: Projector, ex: Examples | None, settings: Settings,
         return served, {"trained": False, "reason": "training examples have a single class"}
     bias = logit(settings.base_rate)
     candidate = trainer(train.ads, train.users, train.clicked, served, bias=bias, seed=settings.seed)
-    cand, base = holdout_scores(candidate, hold, bias), holdout_scores(served, hold, bias)
-    verdict = gate(cand, base)
+    p_cand, p_base = holdout_pctr(candidate, hold, bias), holdout_pctr(served, hold, bias)
+    cand = Scores(auc=auc(hold.clicked, p_cand), log_loss=log_loss(hold.clicked, p_cand))
+    base = Scores(auc=auc(hold.clicked, p_base), log_loss=log_loss(hold.clicked, p_base))
+    _, se = auc_difference(hold.clicked, p_cand, p_base)
+    verdict = gate(cand, base, auc_se=se)
     info = {"trained": True, "examples": len(ex.clicked), "holdout": len(hold.clicked),
-            "candidate": asdict(cand), "served": asdict(base), "promoted": verdict.promote, "reason": verdict.reason}
+            "candidate": asdict(cand), "served": asdict(base), "auc_gain_se": se,
+            "promoted": verdict.promote, "reason": verdict.reason}
     if not verdict.promote:
         log.warning("candidate projector rejected: %s", verdict.reason)
         return served, info
@@ -326,15 +335,17 @@ def choose_ranker(served: RankerModel | None, ex: Examples | None, projector: Pr
     # as served: every candidate at the top position, times its ad's factor
     top = [ranker_data(replace(e, position=np.zeros_like(e.position)), projector).rows for e in (train_ex, hold_ex)]
 
-    def as_served(model: RankerModel | None) -> Scores:
+    def as_served(model: RankerModel | None) -> np.ndarray:
         train_p, hold_p = (sigmoid(model.click_logits(r) if model is not None else r.dot + bias) for r in top)
-        return _scores(y, np.minimum(hold_p * served_factors(train_ex, hold_ex, train_p, settings), 1.0), g)
+        return np.minimum(hold_p * served_factors(train_ex, hold_ex, train_p, settings), 1.0)
 
-    cand_served, base_served = as_served(models[kind]), as_served(served)
-    verdict = gate(cand_served, base_served)
+    p_cand, p_base = as_served(models[kind]), as_served(served)
+    cand_served, base_served = _scores(y, p_cand, g), _scores(y, p_base, g)
+    _, se = auc_difference(y, p_cand, p_base)
+    verdict = gate(cand_served, base_served, auc_se=se)
     info = {"trained": True, "kind": kind, "holdout": len(y),
             "train_examples_per_s": round(fitted[kind].examples_per_s),
-            "candidate": asdict(cand_served), "served": asdict(base_served),
+            "candidate": asdict(cand_served), "served": asdict(base_served), "auc_gain_se": se,
             "uncalibrated": {"candidate": asdict(scores[kind]), "served": asdict(base)},
             "baselines": {k: asdict(scores[k]) for k in ("logistic", "popularity")},
             "promoted": verdict.promote, "reason": verdict.reason}

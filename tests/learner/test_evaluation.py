@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from privads.learner.evaluation import Scores, auc, gate, log_loss, ndcg_at_k
+from privads.learner.evaluation import Scores, auc, auc_difference, gate, log_loss, ndcg_at_k
 
 
 # y = [0,0,1,1], s = [.1,.4,.35,.8]: pairs (pos, neg) correctly ordered: (.35>.1), (.8>.1), (.8>.4) = 3 of 4
@@ -74,3 +74,38 @@ def test_ndcg_matches_a_per_group_loop_with_ties() -> None:
         ideal = np.sort(rel)[::-1][:10]
         values.append((ranked * discounts[:len(ranked)]).sum() / (ideal * discounts[:len(ideal)]).sum())
     assert ndcg_at_k(groups, y, s, k=10) == pytest.approx(np.mean(values), abs=1e-12)
+
+
+def _psi(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mann–Whitney kernel, shape (len(x), len(y)): 1 where x > y, ½ on ties."""
+    return (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+
+
+def test_auc_difference_is_delongs_paired_estimate_computed_by_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.3).astype(np.float32)
+    a = y * 0.8 + rng.normal(size=300)
+    b = np.round(y * 0.5 + rng.normal(size=300), 1)  # with ties
+    diff, se = auc_difference(y, a, b)
+    pos, neg = y > 0.5, y < 0.5
+    comps = []
+    for s in (a, b):
+        k = _psi(s[pos], s[neg])
+        comps.append((k.mean(), k.mean(axis=1), k.mean(axis=0)))
+    assert diff == pytest.approx(comps[0][0] - comps[1][0], abs=1e-12)
+    assert comps[0][0] == pytest.approx(auc(y, a), abs=1e-12)
+    v10 = np.cov(np.vstack([comps[0][1], comps[1][1]]))
+    v01 = np.cov(np.vstack([comps[0][2], comps[1][2]]))
+    var = (v10[0, 0] + v10[1, 1] - 2 * v10[0, 1]) / pos.sum() + (v01[0, 0] + v01[1, 1] - 2 * v01[0, 1]) / neg.sum()
+    assert se == pytest.approx(np.sqrt(var), rel=1e-9)
+    assert auc_difference(y, a, a) == (0.0, 0.0)  # a model against itself: no gain, no noise
+    assert all(np.isnan(auc_difference(np.zeros(5), a[:5], b[:5])))
+
+
+def test_the_gate_asks_a_gain_beyond_the_holdouts_noise_when_it_knows_it() -> None:
+    served = Scores(0.70, 0.20)
+    assert gate(Scores(0.707, 0.20), served).promote  # not worse: promoted without a standard error
+    noisy = gate(Scores(0.707, 0.20), served, auc_se=0.01)
+    assert not noisy.promote and "noise" in noisy.reason
+    assert gate(Scores(0.72, 0.20), served, auc_se=0.01).promote  # 2 SE
+    assert gate(Scores(0.6, 0.3), None, auc_se=0.5).promote  # nothing served: nothing to keep
