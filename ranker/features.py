@@ -2,9 +2,14 @@
 
 A row is one (user, ad) pair in one request:
 
-- ``dense``: ``[u ⊙ p, u, p, u·p, log bid, log(1 + n)]``, shape ``(3D + 3,)``, where
+- ``dense``: ``[u ⊙ p, u, p, u·p, 0, log(1 + n)]``, shape ``(3D + 3,)``, where
   ``u`` is the user's posterior mean (the stream owns it), ``p`` the projected ad
-  vector and ``n`` the number of labelled impressions the user has been updated with;
+  vector and ``n`` the number of labelled impressions the user has been updated with.
+  The column that held ``log bid`` is 0: a click model must not see the bid. Ads
+  are ranked by ``pCTR × bid``; a pCTR that falls with the bid (learned where high
+  bids belong to ads few click, as the sample catalog's do beside an audience's)
+  damps every bid in the ranking, and lets an advertiser's bid change its predicted
+  quality. The column is kept so that the layout and saved rankers stay the same;
 - ``dot``: ``u · p``, kept apart because serving replaces it with a Thompson draw;
 - ``category``: the ad's category hashed into ``CATEGORY_BUCKETS``;
 - ``context``: up to ``MAX_CONTEXT_TOKENS`` ``key=value`` tokens of the request
@@ -26,7 +31,6 @@ CATEGORY_BUCKETS = 64
 CONTEXT_BUCKETS = 256
 MAX_CONTEXT_TOKENS = 8
 MAX_POSITION = 20
-MIN_BID = 1e-6
 
 
 def bucket(token: str, buckets: int) -> int:
@@ -97,6 +101,8 @@ def build_rows(users: np.ndarray, counts: np.ndarray, ads: np.ndarray, bids: np.
     ads : ndarray, shape (n, D)
         Projected ad vectors.
     bids : ndarray, shape (n,)
+        Not a feature (the click model does not see the bid); accepted so that every
+        caller passes a request's candidates the same way.
     category : ndarray of int, shape (n,)
         From ``category_id``.
     context : ndarray of int, shape (n, MAX_CONTEXT_TOKENS)
@@ -116,7 +122,7 @@ def build_rows(users: np.ndarray, counts: np.ndarray, ads: np.ndarray, bids: np.
     dense[:, 2 * d:3 * d] = ads
     dot = dense[:, :d].sum(axis=1)
     dense[:, 3 * d] = dot
-    dense[:, 3 * d + 1] = np.log(np.maximum(bids, MIN_BID))
+    dense[:, 3 * d + 1] = 0.0  # not the bid: see the module docstring
     dense[:, 3 * d + 2] = np.log1p(np.maximum(counts, 0))
     return Rows(dense, dot, np.asarray(category, dtype=np.int64), np.asarray(context, dtype=np.int64),
                 np.minimum(np.asarray(position, dtype=np.int64), MAX_POSITION - 1))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
-from privads.ranker.features import CONTEXT_BUCKETS, MIN_BID, Rows
+from privads.ranker.features import CONTEXT_BUCKETS, Rows
 
 
 @dataclass
@@ -133,7 +133,7 @@ class RankerModel:
         np.multiply(ads[:, None, :], scale, out=blocks)
         blocks += shift
         x0[:, 3 * d] = (ads @ user - mean[3 * d]) / std[3 * d]
-        x0[:, 3 * d + 1] = (np.log(np.maximum(bids, MIN_BID)) - mean[3 * d + 1]) / std[3 * d + 1]
+        x0[:, 3 * d + 1] = (0.0 - mean[3 * d + 1]) / std[3 * d + 1]  # not the bid (ranker.features)
         x0[:, 3 * d + 2] = (np.float32(np.log1p(max(count, 0))) - mean[3 * d + 2]) / std[3 * d + 2]
         x0[:, f:f + e] = self.category_emb[category]
         x0[:, f + e:] = self.context_emb[context].sum(axis=0)

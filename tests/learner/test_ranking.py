@@ -88,5 +88,7 @@ def test_dcn_beats_logistic_regression_on_held_out_traffic(traffic: ranking.Labe
     train, hold = traffic.take(slice(0, cut)), traffic.take(slice(cut, None))
     scores = {kind: auc(hold.clicked, ranking.predict_logits(ranking.fit(train, kind, epochs=3), hold.rows))
               for kind in ("dcn", "logistic")}
-    assert scores["dcn"] > scores["logistic"] + 0.01, scores
+    # seeded, so exact: +0.0093 here (it was +0.015 while the bid was a feature, which in logged traffic says how
+    # an ad won its slot, not whether it is clicked; `privads bench learn`, on 480,000 rows, has the margin at +0.03)
+    assert scores["dcn"] > scores["logistic"] + 0.005, scores
     assert scores["logistic"] > 0.6, scores  # both learned something

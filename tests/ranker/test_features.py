@@ -16,14 +16,18 @@ from privads.ranker.features import (
 )
 
 
-def test_dense_layout_is_interaction_user_ad_dot_bid_count() -> None:
+def test_dense_layout_is_interaction_user_ad_dot_reserved_count() -> None:
     u = np.array([[1.0, 2.0]], np.float32)
     p = np.array([[0.5, -1.0]], np.float32)
     rows = build_rows(u, np.array([3]), p, np.array([2.0]), np.array([5]), context_ids({"a": "b"})[None, :],
                       np.array([1]))
     assert rows.dense.shape == (1, dense_width(2)) == (1, 9)
-    np.testing.assert_allclose(rows.dense[0], [0.5, -2.0, 1.0, 2.0, 0.5, -1.0, -1.5, np.log(2.0), np.log(4.0)],
+    np.testing.assert_allclose(rows.dense[0], [0.5, -2.0, 1.0, 2.0, 0.5, -1.0, -1.5, 0.0, np.log(4.0)],
                                rtol=1e-6)
+    # the click model never sees the bid: another bid, the same features
+    other = build_rows(u, np.array([3]), p, np.array([50.0]), np.array([5]), context_ids({"a": "b"})[None, :],
+                       np.array([1]))
+    np.testing.assert_array_equal(other.dense, rows.dense)
     assert rows.dot[0] == np.float32(-1.5)
     assert rows.category[0] == 5 and rows.position[0] == 1
 
