@@ -213,12 +213,6 @@ def holdout_pctr(projector: Projector, ex: Examples, bias: float) -> np.ndarray:
     return sigmoid((ex.users * projector.project(ex.ads)).sum(1) + bias)
 
 
-def holdout_scores(projector: Projector, ex: Examples, bias: float) -> Scores:
-    """How well ``σ(u · p(ad) + b)`` under ``projector`` predicts the held-out clicks."""
-    p = holdout_pctr(projector, ex, bias)
-    return Scores(auc=auc(ex.clicked, p), log_loss=log_loss(ex.clicked, p))
-
-
 def split(ex: Examples) -> tuple[Examples, Examples]:
     """Older ``1 − HOLDOUT`` for training, the newest ``HOLDOUT`` for the gate."""
     cut = int(len(ex.clicked) * (1 - HOLDOUT))
@@ -332,8 +326,8 @@ def choose_ranker(served: RankerModel | None, ex: Examples | None, projector: Pr
     else:  # what is served without a ranker: the stream's own σ(u·p + b)
         base = _scores(y, sigmoid(hold.rows.dot + bias), g)
     kind = max(("dcn", "logistic"), key=lambda k: (scores[k].auc, -scores[k].log_loss))
-    # as served: every candidate at the top position, times its ad's factor
-    top = [ranker_data(replace(e, position=np.zeros_like(e.position)), projector).rows for e in (train_ex, hold_ex)]
+    # as served: every candidate at the top position (the same features, another position), times its ad's factor
+    top = [replace(d.rows, position=np.zeros_like(d.rows.position)) for d in (train, hold)]
 
     def as_served(model: RankerModel | None) -> np.ndarray:
         train_p, hold_p = (sigmoid(model.click_logits(r) if model is not None else r.dot + bias) for r in top)
