@@ -77,7 +77,7 @@ from privads.ranker.features import MAX_CONTEXT_TOKENS, build_rows, category_id,
 from privads.ranker.index import ServingCatalog
 from privads.ranker.model import RankerModel
 from privads.ranker.projector import Projector, initial_projector
-from privads.ranker.scoring import AdEvidence, category_factors
+from privads.ranker.scoring import pooled_factors
 from privads.ranker.updates import logit, population_prior, sigmoid
 from privads.streams import archive
 
@@ -292,8 +292,9 @@ def served_factors(train: Examples, hold: Examples, train_pctr: np.ndarray, sett
     group_of = np.zeros(ads.size, np.int64)
     group_of[inverse] = np.r_[train.category, hold.category]
     buckets, groups = np.unique(group_of, return_inverse=True)
-    prior = category_factors(clicks, expected, groups, buckets.size, settings.category_strength)[groups]
-    return AdEvidence(clicks, expected, settings.calibration_strength, prior).mean()[hold_of]
+    _, means = pooled_factors(clicks, expected, groups, buckets.size, settings.category_strength,
+                              settings.calibration_strength)
+    return means[hold_of]
 
 
 def choose_ranker(served: RankerModel | None, ex: Examples | None, projector: Projector, settings: Settings,

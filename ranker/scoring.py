@@ -117,6 +117,28 @@ class AdEvidence:
         return rng.standard_gamma(shape, size=(draws, shape.shape[0])) / rate
 
 
+def pooled_factors(clicks: np.ndarray, expected: np.ndarray, groups: np.ndarray, n_groups: int,
+                   category_strength: float, calibration_strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each category's pooled factor and each ad's factor under it: ``category_factors``, then ``AdEvidence.mean``.
+
+    Parameters
+    ----------
+    clicks, expected : ndarray, shape (N,)
+    groups : ndarray of int, shape (N,)
+        Each ad's category id, in [0, n_groups).
+    n_groups : int
+    category_strength, calibration_strength : float
+        The category prior's and each ad's prior weight, in clicks.
+
+    Returns
+    -------
+    factors : ndarray, shape (n_groups,)
+    means : ndarray, shape (N,)
+    """
+    factors = category_factors(clicks, expected, groups, n_groups, category_strength)
+    return factors, AdEvidence(clicks, expected, calibration_strength, factors[groups]).mean()
+
+
 @dataclass(frozen=True, slots=True)
 class Ranked:
     """One ranked list.

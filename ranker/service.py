@@ -79,7 +79,7 @@ from privads.ranker.policy import (
 from privads.ranker.policy import describe as describe_params
 from privads.ranker.projector import initial_projector
 from privads.ranker.quality import histogram_quantile
-from privads.ranker.scoring import AdEvidence, category_factors, retrieval_keys, retrieval_query
+from privads.ranker.scoring import pooled_factors, retrieval_keys, retrieval_query
 from privads.ranker.updates import dp_epsilon
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ def catalog_evidence(cat: ServingCatalog, clicks: np.ndarray, expected: np.ndarr
     """
     n = len(cat.ad_ids)
     m = min(n, clicks.shape[0])
-    groups = cat.group_ids[:m]
-    factors = category_factors(clicks[:m], expected[:m], groups, len(cat.groups), category_strength)
+    factors, known = pooled_factors(clicks[:m], expected[:m], cat.group_ids[:m], len(cat.groups), category_strength,
+                                    calibration_strength)
     means = np.ones(n)
-    means[:m] = AdEvidence(clicks[:m], expected[:m], calibration_strength, prior_of(factors, groups)).mean()
+    means[:m] = known
     return factors, means
 
 
