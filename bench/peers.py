@@ -22,7 +22,7 @@ the same click model (``bench.audience``); each is seeded.
 - ``RiverThompson`` — river's ``bandit.ThompsonSampling`` with Beta rewards, one
   arm per ad, non-contextual; a list is k pulls without replacement.
 - ``VowpalPolicy`` — Vowpal Wabbit's ``--cb_explore_adf`` (SquareCB exploration)
-  with the user id as the shared feature, each ad's id and text words as its
+  with the user id as the shared feature, each ad's id, category and text words as its
   action features and their interactions (``-q UA``); a list is k draws without
   replacement from its action distribution; every shown ad is one bandit example,
   whose cost is minus its value (the bid) when clicked: it optimises what is ranked.
@@ -189,10 +189,15 @@ class VowpalPolicy(Policy):
 
     name = "vowpalwabbit"
 
-    def __init__(self, texts: list[str], seed: int, args: str = "--squarecb") -> None:
+    def __init__(self, texts: list[str], seed: int, args: str = "--squarecb",
+                 categories: list[str | None] | None = None) -> None:
         vowpalwabbit = optional("vowpalwabbit")
         self.vw = vowpalwabbit.Workspace(f"--cb_explore_adf {args} -q UA --quiet --random_seed {seed}")
-        self.actions = [f"|A ad{i} " + " ".join(_token(w) for w in t.split()) for i, t in enumerate(texts)]
+        cats = categories if categories is not None else [None] * len(texts)
+        # the ad's category too, as PrivAds' encoder reads it (ranker.encoder.encoder_input)
+        self.actions = [f"|A ad{i} " + (f"category_{_token(c.replace(' ', '_'))} " if c else "")
+                        + " ".join(_token(w) for w in t.split())
+                        for i, (t, c) in enumerate(zip(texts, cats, strict=True))]
         self.rng = np.random.default_rng(seed)
         # the action distributions of the lists served and not yet learned from, in serving order (labels come
         # back in that order, possibly after the same user was served again)

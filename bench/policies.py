@@ -56,7 +56,8 @@ class World:
     texts : list of str, length M + O
     categories : list of str or None, length M + O
     vectors : ndarray, shape (M + O, D)
-        The ads as the treatment serves them before any trained projector: MiniLM, then the initial
+        The ads as the treatment serves them before any trained projector: MiniLM of each ad's category and
+        text (``ranker.encoder.encoder_input``), then the initial
         projector fitted to the catalog's ads (``ranker.projector.initial_projector``).
     """
 
@@ -79,7 +80,7 @@ def _catalog_ads(path: Path | None) -> list[dict[str, Any]]:
 
 def make_world(aud: Audience, settings: Settings, catalog: Path | None, bid: float | None, seed: int) -> World:
     """The audience at ordinary bids beside the catalog's ads, all encoded as the treatment serves them."""
-    from privads.ranker.encoder import AdEncoder
+    from privads.ranker.encoder import AdEncoder, encoder_input
     from privads.ranker.projector import initial_projector
 
     others = _catalog_ads(catalog)
@@ -89,7 +90,8 @@ def make_world(aud: Audience, settings: Settings, catalog: Path | None, bid: flo
     texts = aud.ad_texts + [str(a["text"]) for a in others]
     categories: list[str | None] = [aud.topics[t] for t in aud.ad_topic.tolist()]
     categories += [a.get("category") for a in others]
-    x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(texts)
+    x = AdEncoder(settings.encoder_backend, settings.models_dir / "encoder").encode(
+        [encoder_input(t, c) for t, c in zip(texts, categories, strict=True)])
     # the projector the first learner cycle fits to the catalog loaded before any user (the audience's ads not
     # among them: they come later, through PUT /ads)
     vectors = initial_projector(settings.d_ad, settings.d_user, settings.seed, x[len(aud.ad_ids):]).project(x)
@@ -121,7 +123,7 @@ def make_policies(names: tuple[str, ...], world: World, settings: Settings, seed
         elif name == "river-thompson":
             out.append(RiverThompson(seed))
         else:  # "vowpalwabbit", the last of PEERS
-            out.append(VowpalPolicy(world.texts, seed))
+            out.append(VowpalPolicy(world.texts, seed, categories=world.categories))
     return out
 
 

@@ -32,7 +32,7 @@ moves them into the ``{g}`` keys exactly once.
 | ``fresh:{g}`` | hash histogram of click → user-state latency (ms bucket → count) | stream workers |
 | ``stats:{g}`` | hash of global counters (unattributed clicks, …) | stream workers |
 | ``ad:{c}:{ad_id}`` | hash text/bid/category/active/text_hash/ts | catalog agent |
-| ``emb:{c}:{text_hash}`` | float32 MiniLM embedding, the text-hash cache | catalog agent; the learner drops it |
+| ``emb:{c}:{text_hash}`` | float32 MiniLM embedding of an ``encoder_input`` | catalog agent; the learner drops it |
 | ``embunused:{c}`` | zset text hash → first seen unused by any ad (``CatalogStore.drop_unused_embeddings``) | learner |
 | ``ads:{c}`` | set of all ad ids | catalog agent |
 | ``catalog:log:{c}`` | stream of catalog changes (``ad_id``) | catalog agent |

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     # serving
     candidates: int = Field(500, ge=1, le=10000)
     propensity_draws: int = Field(64, ge=1, le=4096)
-    exploration: float = Field(1.0, ge=0, description="scale of Thompson-sampling noise")
+    exploration: float = Field(0.5, ge=0, description="scale of Thompson-sampling noise")
     control_share: float = Field(0.1, ge=0, le=1, description="share of users in the control arm")
     control_policy: Literal["popularity", "random", "pinned"] = Field(
         "popularity", description="the control arm: non-personalised popularity, uniform random, or a pinned version")

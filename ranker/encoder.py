@@ -63,6 +63,19 @@ _PROBES = ("Handmade leather boots, free shipping", "Cheap flights to Lisbon thi
            "Learn Python online: 50% off all courses today " * 40)  # the last one is cut at max_seq_length
 
 
+def encoder_input(text: str, category: str | None) -> str:
+    """What the encoder reads of an ad: its category, when it has one, then its text (``"gaming: rgb gaming chair"``).
+
+    The advertiser's category is the one word every ad of a kind shares; read
+    with the text, it pulls that kind's ads together in the embedding, where the
+    text alone shares its generic words ("for families", "on sale") across kinds.
+    In process, with the same audience and ``--bid 1``, it lifted the treatment's
+    last-quarter clicks efficiency by about 0.1 once exploration was halved
+    (``BENCHMARKS.md``). An ad without a category is read as its text alone.
+    """
+    return f"{category}: {text}" if category else text
+
+
 def text_hash(text: str, backend: str = "onnx-int8") -> str:
     """Cache key of a text's embedding (changes with the encoder and its backend)."""
     tag = f"{backend}:{ONNX_GRAPH}" if backend == "onnx-int8" else backend

@@ -14,14 +14,14 @@ from privads.infra.records import Ad
 from privads.infra.settings import Settings
 from privads.infra.store import CatalogStore, ModelPointer
 from privads.ranker.artifacts import load_prior, version_dir
-from privads.ranker.encoder import AdEncoder
+from privads.ranker.encoder import AdEncoder, encoder_input
 from privads.ranker.projector import Projector, initial_projector
 
 log = logging.getLogger(__name__)
 
 
 class CatalogIndexer:
-    """Encode ad texts (cached by text hash) and store the ads."""
+    """Encode ads (their category and text, ``encoder_input``; cached by its hash) and store them."""
 
     def __init__(self, catalog: CatalogStore, encoder: AdEncoder) -> None:
         self.catalog = catalog
@@ -31,9 +31,10 @@ class CatalogIndexer:
         """Store ads; returns how many texts had to be encoded."""
         latest = {a.ad_id: a for a in ads}  # within a batch the last upsert wins
         ads = list(latest.values())
-        hashes = [self.encoder.hash(a.text) for a in ads]
+        inputs = [encoder_input(a.text, a.category) for a in ads]
+        hashes = [self.encoder.hash(t) for t in inputs]
         cached = await self.catalog.cached_embeddings(hashes)
-        todo = {h: a.text for a, h, c in zip(ads, hashes, cached, strict=True) if c is None}
+        todo = {h: t for t, h, c in zip(inputs, hashes, cached, strict=True) if c is None}
         new: dict[str, np.ndarray] = {}
         if todo:
             loop = asyncio.get_running_loop()

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from helpers import SAMPLE_CATALOG
-from privads.ranker.encoder import ONNX_FILE, AdEncoder, _build_graph, _sentence_transformer, _session, text_hash
+from privads.ranker.encoder import (
+    ONNX_FILE,
+    AdEncoder,
+    _build_graph,
+    _sentence_transformer,
+    _session,
+    encoder_input,
+    text_hash,
+)
 
 TEXTS = [json.loads(line)["text"] for line in SAMPLE_CATALOG.read_text().splitlines()[:200]]
 CATS = [json.loads(line)["category"] for line in SAMPLE_CATALOG.read_text().splitlines()[:200]]
@@ -80,3 +88,23 @@ def test_backends_hash_apart_and_bad_backend_is_refused() -> None:
         AdEncoder("tensorrt")
     with pytest.raises(ValueError, match="cache_dir"):
         AdEncoder("onnx-int8")
+
+
+def test_the_encoder_reads_an_ads_category_then_its_text() -> None:
+    assert encoder_input("rgb gaming chair", "gaming") == "gaming: rgb gaming chair"
+    # no category (None, or empty as the store keeps a missing one): the text alone, as before categories were read
+    assert encoder_input("rgb gaming chair", None) == "rgb gaming chair"
+    assert encoder_input("rgb gaming chair", "") == "rgb gaming chair"
+    # so the same text under two categories is two cache entries
+    assert text_hash(encoder_input("gift card", "gaming")) != text_hash(encoder_input("gift card", "coffee & tea"))
+
+
+def test_a_shared_category_pulls_ads_of_a_kind_together() -> None:
+    """Text alone puts the head torch nearer a coffee ad (a shared suffix) than the sleeping bag; its category not."""
+    enc = AdEncoder("torch")
+    a, b, other = ("insulated sleeping bag best seller", "lightweight head torch for families",
+                   "freshly roasted french press for families")
+    plain = enc.encode([a, b, other])
+    read = enc.encode([encoder_input(a, "hiking"), encoder_input(b, "hiking"), encoder_input(other, "coffee")])
+    assert plain[1] @ plain[0] < plain[1] @ plain[2]  # text alone: the suffix "for families" wins (0.10 < 0.18)
+    assert read[1] @ read[0] > read[1] @ read[2]  # the category read: the kind wins (0.34 > 0.17)

@@ -22,6 +22,7 @@ from privads.infra import keys, records
 from privads.infra.processes import free_port
 from privads.infra.settings import Settings
 from privads.infra.store import UserStore
+from privads.ranker.encoder import encoder_input, text_hash
 from privads.ranker.projector import initial_projector
 from privads.ranker.updates import UpdateParams, logit, update_user
 
@@ -61,11 +62,14 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def test_catalog_agent_stores_ads_with_text_embeddings(catalog, rds: redis.Redis) -> None:
+def test_catalog_agent_stores_ads_with_text_embeddings(settings: Settings, catalog, rds: redis.Redis) -> None:
     for ad in catalog:
         h = rds.hgetall(keys.ad(ad["ad_id"]))
         assert h[b"text"].decode() == ad["text"]
         assert float(h[b"bid"]) == pytest.approx(ad["bid"])
+        # the embedding is of what the encoder reads: the ad's category, then its text
+        assert h[b"text_hash"].decode() == text_hash(encoder_input(ad["text"], ad.get("category")),
+                                                     settings.encoder_backend)
         emb = np.frombuffer(rds.get(keys.embedding(h[b"text_hash"].decode())), dtype="<f4")
         assert emb.shape == (384,) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-4)
     assert rds.xlen(keys.CATALOG_LOG) >= len(catalog)
