@@ -17,7 +17,9 @@ Efficiency is ``Σ(E − random) / Σ(oracle − random)`` over the requests so 
 lists shown, not the sampled clicks: in clicks (oracle: the user's best
 audience ads) and in value, clicks × bid, since ads are ranked by expected value
 (oracle: the k best ads of the whole world by P(click) × bid). Random shows the
-audience's ads uniformly.
+audience's ads uniformly. The last quarter's click efficiency is also split by
+each request's user's strongest topic (``by_top_topic``): an average can hide a
+whole audience segment a policy never learns.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def run_policies(world: World, policies: list[Policy], requests: int, k: int, se
     per_user = np.array([[aud.oracle_ctr(u, k), aud.random_ctr(u, k), aud.oracle_value(u, k), aud.random_value(u, k)]
                          for u in range(aud.users)])[users]
     oracle, random, oracle_value, random_value = per_user.T
+    top_topic = aud.interest.argmax(axis=1)[users]  # each request's user's strongest topic
     marks = np.unique(np.linspace(requests / points, requests, points).astype(int))
     ads, bids = np.arange(len(world.texts)), world.bids
     report: dict[str, Any] = {}
@@ -167,6 +170,7 @@ def run_policies(world: World, policies: list[Policy], requests: int, k: int, se
             "efficiency_last_quarter": round(efficiency(expected[-q:], oracle[-q:], random[-q:]), 4),
             "value_efficiency": round(efficiency(value, oracle_value, random_value), 4),
             "value_efficiency_last_quarter": round(efficiency(value[-q:], oracle_value[-q:], random_value[-q:]), 4),
+            "by_top_topic": by_top_topic(aud.topics, top_topic[-q:], expected[-q:], oracle[-q:], random[-q:]),
             "expected_ctr": round(float(expected.mean()), 5), "clicks": clicks,
             "seconds": round(seconds, 1),
             "curve": [round(efficiency(expected[:m], oracle[:m], random[:m]), 4) for m in marks.tolist()],
@@ -175,6 +179,35 @@ def run_policies(world: World, policies: list[Policy], requests: int, k: int, se
     return {"requests_at": marks.tolist(), "policies": report, "label_delay": label_delay,
             "oracle_ctr": round(float(oracle.mean()), 5), "random_ctr": round(float(random.mean()), 5),
             "oracle_value": round(float(oracle_value.mean()), 5), "random_value": round(float(random_value.mean()), 5)}
+
+
+def by_top_topic(topics: list[str], top: np.ndarray, expected: np.ndarray, oracle: np.ndarray,
+                 random: np.ndarray) -> dict[str, dict[str, float | int]]:
+    """Click efficiency of the requests whose user's strongest topic is each topic.
+
+    Parameters
+    ----------
+    topics : list of str, length T
+    top : ndarray of int, shape (n,)
+        Each request's user's strongest topic.
+    expected, oracle, random : ndarray, shape (n,)
+        Each request's true expected CTR under the policy, the oracle and random.
+
+    Returns
+    -------
+    dict
+        Topic → its requests, its share of ``Σ(oracle − random)`` (how much of the
+        efficiency it can move) and its efficiency; topics with no request are left out.
+    """
+    span = float(np.sum(oracle - random))
+    out: dict[str, dict[str, float | int]] = {}
+    for t, name in enumerate(topics):
+        m = top == t
+        if m.any():
+            out[name] = {"requests": int(m.sum()),
+                         "span_share": round(float(np.sum(oracle[m] - random[m])) / span, 4) if span > 0 else 0.0,
+                         "efficiency": round(efficiency(expected[m], oracle[m], random[m]), 4)}
+    return out
 
 
 def plot(result: dict[str, Any], path: Path, title: str) -> None:

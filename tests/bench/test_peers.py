@@ -106,6 +106,31 @@ def test_privads_beats_every_peer_in_a_world_where_the_catalog_outbids_the_audie
     assert out["label_delay"] == 100 and out["oracle_value"] > out["random_value"] > 0
 
 
+def test_the_last_quarter_is_split_by_each_users_strongest_topic(world) -> None:
+    out = run_policies(world, make_policies(("random", "privads"), world, _settings(), seed=0), 400, 10, seed=0)
+    aud = world.audience
+    users = np.random.default_rng([0, 7]).integers(aud.users, size=400)[-100:]  # run_policies' requests
+    want = {aud.topics[t]: n for t, n in zip(*np.unique(aud.interest[users].argmax(axis=1), return_counts=True),
+                                              strict=True)}
+    for name in ("random", "privads"):
+        split = out["policies"][name]["by_top_topic"]
+        assert {t: v["requests"] for t, v in split.items()} == want
+        assert sum(v["span_share"] for v in split.values()) == pytest.approx(1.0, abs=1e-3)
+        # the whole quarter's efficiency is the span-weighted mean of the topics'
+        assert sum(v["span_share"] * v["efficiency"] for v in split.values()) == pytest.approx(
+            out["policies"][name]["efficiency_last_quarter"], abs=2e-3)
+
+
+def test_by_top_topic_on_a_hand_made_quarter() -> None:
+    from privads.bench.policies import by_top_topic
+
+    top = np.array([0, 0, 2, 2])
+    expected, oracle, random = np.array([0.3, 0.1, 0.1, 0.1]), np.full(4, 0.3), np.full(4, 0.1)
+    got = by_top_topic(["a", "b", "c"], top, expected, oracle, random)
+    assert got == {"a": {"requests": 2, "span_share": 0.5, "efficiency": 0.5},
+                   "c": {"requests": 2, "span_share": 0.5, "efficiency": 0.0}}  # "b": no request, left out
+
+
 def test_common_random_numbers_give_the_same_clicks_to_the_same_lists(world) -> None:
     a, b = make_policies(("random", "random"), world, _settings(), seed=5)
     out = run_policies(world, [a], 500, 10, seed=1)["policies"]["random"]
