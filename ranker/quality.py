@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-from river import drift, metrics, utils
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,10 @@ class QualityWatch:
     """
 
     def __init__(self, window: int = 10_000, delta: float = 0.002) -> None:
+        # imported here, not with the module: river's drift package loads its datasets, and with them scikit-learn,
+        # scipy and pandas (1.3 s of every process start here); the API only needs histogram_quantile
+        from river import drift, metrics, utils
+
         self.auc = utils.Rolling(metrics.ROCAUC, window_size=window, n_thresholds=50)
         self.loss = utils.Rolling(metrics.LogLoss, window_size=window)
         self.adwin = drift.ADWIN(delta=delta)
