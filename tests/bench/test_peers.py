@@ -8,7 +8,7 @@ from policy_checks import CHECKS
 
 from privads.bench.audience import make_audience
 from privads.bench.peers import PrivAdsPolicy
-from privads.bench.policies import World, make_policies, run_policies
+from privads.bench.policies import World, by_top_topic, make_policies, run_policies
 from privads.infra.settings import Settings
 from privads.ranker.policy import Slate
 from privads.ranker.updates import update_many
@@ -122,8 +122,6 @@ def test_the_last_quarter_is_split_by_each_users_strongest_topic(world) -> None:
 
 
 def test_by_top_topic_on_a_hand_made_quarter() -> None:
-    from privads.bench.policies import by_top_topic
-
     top = np.array([0, 0, 2, 2])
     expected, oracle, random = np.array([0.3, 0.1, 0.1, 0.1]), np.full(4, 0.3), np.full(4, 0.1)
     got = by_top_topic(["a", "b", "c"], top, expected, oracle, random)
