@@ -43,7 +43,7 @@ import numpy as np
 from privads.bench import optional
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
-from privads.ranker.scoring import Ranked
+from privads.ranker.scoring import Ranked, user_factors
 from privads.ranker.service import catalog_evidence, prior_of, retrieve
 from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, population_prior
 
@@ -86,7 +86,8 @@ class PrivAdsPolicy(Policy):
     def __init__(self, vectors: np.ndarray, bids: np.ndarray, categories: list[str | None], users: int,
                  thompson: ThompsonParams, update: UpdateParams, prior_precision: float, seed: int,
                  *, candidates: int = 500, category_strength: float = 5.0,
-                 rekey_tolerance: float = 0.1, evidence_every: int = 100, population_strength: float = 10.0) -> None:
+                 rekey_tolerance: float = 0.1, evidence_every: int = 100, population_strength: float = 10.0,
+                 taste_strength: float = 0.0) -> None:
         n, d = vectors.shape
         self.vectors = vectors
         self.catalog = ServingCatalog.build(d, [str(i) for i in range(n)], vectors, bids, np.ones(n, bool), categories)
@@ -107,19 +108,29 @@ class PrivAdsPolicy(Policy):
         self.thompson = ThompsonPolicy(thompson, None, np.random.default_rng(seed))
         self.update = update
         self.requests = 0
+        # each user's tastes (the workers keep them per category hash in the user state; here per exact category,
+        # the same counts): clicks and the clicks the population-level factor expected, per (user, category)
+        self.taste_strength = taste_strength
+        self.taste_clicks = np.zeros((users, len(self.catalog.groups)))
+        self.taste_expected = np.zeros((users, len(self.catalog.groups)))
 
     def _rank(self, slate: Slate, k: int) -> Ranked:
         """Retrieve from the catalog (the slate's rows are its rows), then the Thompson policy over them."""
         u, cat = int(slate.user), self.catalog
         mean = self.mean[u] if self.known[u] else self.prior
         rows = retrieve(cat, mean, self.candidates)
+        groups = cat.group_ids[rows]
+        user = None
+        if self.taste_strength > 0:
+            user = user_factors(self.taste_clicks[u, groups], self.taste_expected[u, groups], self.taste_strength)
         inner = Slate(rows, u, mean, self.precision[u], int(self.count[u]), cat.vectors[rows],
                       cat.bids[rows], cat.category_ids[rows], clicks=self.clicks[rows], shown=self.shown[rows],
-                      expected=self.expected[rows], prior_factor=prior_of(self.factors, cat.group_ids[rows]))
+                      expected=self.expected[rows], prior_factor=prior_of(self.factors, groups), user_factor=user)
         ranked = self.thompson.rank(inner, k)
         # positions in the slate's rows (every ad, in row order) of what the inner slate ranked
         position = np.searchsorted(slate.rows, rows[ranked.index])
-        return Ranked(position, ranked.score, ranked.propensity, None, ranked.pctr, ranked.factor)
+        return Ranked(position, ranked.score, ranked.propensity, None, ranked.pctr, ranked.factor,
+                      user_factor=ranked.user_factor)
 
     def _follow_evidence(self) -> None:
         """The categories' factors and the retrieval keys, from the counts so far (the API's ``follow_counts``)."""
@@ -143,6 +154,11 @@ class PrivAdsPolicy(Policy):
         self.expected[ads] += ranked.pctr
         self.shown[ads] += 1
         self.clicks[ads] += clicked.astype(np.int64)
+        # the user's tastes, as the workers count them: expected clicks without the user's own factor
+        groups = self.catalog.group_ids[ads]
+        own = np.ones(ads.size) if ranked.user_factor is None else ranked.user_factor
+        np.add.at(self.taste_expected[user], groups, ranked.pctr * ranked.factor / own)
+        np.add.at(self.taste_clicks[user], groups, clicked.astype(np.float64))
         # the stream's fast negatives: every shown ad's label-free half, then each click's half
         kinds = np.r_[np.full(ads.size, IMPRESSION), np.full(int(clicked.sum()), CLICK)]
         events = np.r_[ads, ads[clicked]]

@@ -117,7 +117,8 @@ def make_policies(names: tuple[str, ...], world: World, settings: Settings, seed
                                      ThompsonParams.from_settings(settings), UpdateParams.from_settings(settings),
                                      settings.prior_precision, seed,
                                      candidates=settings.candidates, category_strength=settings.category_strength,
-                                     rekey_tolerance=settings.rekey_tolerance))
+                                     rekey_tolerance=settings.rekey_tolerance,
+                                     taste_strength=settings.taste_strength))
         elif name == "random":
             out.append(RandomPolicy(np.random.default_rng(seed)))
         elif name == "popularity":

@@ -85,14 +85,25 @@ def build_model(ads: int, settings: Settings) -> tuple[dict, np.ndarray, np.ndar
     return manifest, users, counts
 
 
+TASTES = 32  # categories in each warm user's tastes (``keys.pack_user``; the workers keep at most 64)
+
+
 def seed_users(r: redis.Redis, users: np.ndarray, counts: np.ndarray, prior_precision: float,
-               partitions: int) -> list[str]:
-    """Write warm user posteriors the way the workers do; returns their ids."""
+               partitions: int, seed: int = 0) -> list[str]:
+    """Write warm user posteriors and tastes the way the workers do; returns their ids."""
     ids = [f"bench-user-{i}" for i in range(users.shape[0])]
+    rng = np.random.default_rng([seed, 5])
     pipe = r.pipeline(transaction=False)
     for i, uid in enumerate(ids):
         precision = np.full(users.shape[1], prior_precision + counts[i], dtype=np.float32)
-        pipe.set(keys.user(uid, partitions), keys.pack_user(users[i].astype(np.float32), precision, int(counts[i])))
+        # tastes on 32 of the catalog's categories, as a user shown them and clicking some would have
+        hashes = np.array([keys.category_hash(f"cat-{c}") for c in rng.choice(CATEGORIES, TASTES, replace=False)],
+                          np.uint32)
+        shown = rng.integers(1, 40, TASTES).astype(np.float64)
+        tastes = keys.merge_tastes(keys.no_tastes(), hashes, rng.binomial(shown.astype(np.int64), 0.05),
+                                   0.05 * shown, shown)
+        pipe.set(keys.user(uid, partitions), keys.pack_user(users[i].astype(np.float32), precision, int(counts[i]),
+                                                            tastes))
         if i % 5000 == 4999:
             pipe.execute()
     pipe.execute()
@@ -179,7 +190,7 @@ def bench_serve(settings: Settings, ads: int, concurrency: int, duration_s: floa
             progress.stage(f"bench serve: building a model version over {ads} ads")
             manifest, users, counts = build_model(ads, s)
             r.set(keys.MODEL_CURRENT, json.dumps(manifest))
-            warm = seed_users(r, users, counts, s.prior_precision, s.partitions)
+            warm = seed_users(r, users, counts, s.prior_precision, s.partitions, s.seed)
             pool = tmp / "requests.jsonl"
             from privads.bench.loadgen_http import write_requests
 

@@ -9,7 +9,7 @@ moves them into the ``{g}`` keys exactly once.
 
 | key | type | owner |
 | --- | --- | --- |
-| ``u:{p}:{user_id}`` | packed user state (see ``pack_user``) | stream workers |
+| ``u:{p}:{user_id}`` | packed user state: posterior and per-category tastes (see ``pack_user``) | stream workers |
 | ``seen:{p}`` | zset user id → when its state last changed: idle users expire (``USER_IDLE_S``) | owner of p |
 | ``pop:{p}`` | float64: Σ of partition p's learned users' means, then their number | owner of p; erasure subtracts |
 | ``ckpt:{p}`` | hash: offset per topic, ``seq`` (bumped by each writer), clock, closed buckets, fence | owner of p |
@@ -271,16 +271,151 @@ def embedding(text_hash: str) -> str:
 # --- user state ---------------------------------------------------------------
 
 _HEADER = struct.Struct("<I")  # count of labelled impressions applied
+_TASTES_N = struct.Struct("<I")  # the number of taste entries, last in a blob that has them
+# one entry per category the user was shown: its stable hash (``category_hash``), the user's clicks on its ads,
+# the clicks the population-level model expected of those impressions, and the impressions
+TASTE_DTYPE = np.dtype([("hash", "<u4"), ("clicks", "<f4"), ("expected", "<f4"), ("shown", "<f4")])
 
 
-def pack_user(mean: np.ndarray, precision: np.ndarray, count: int) -> bytes:
-    """Pack a user's posterior: header + mean (float32, D) + precision (float32, D)."""
-    return _HEADER.pack(count) + mean.astype("<f4").tobytes() + precision.astype("<f4").tobytes()
+def category_hash(category: str | None) -> int:
+    """A category's stable 32-bit id in the user state (0: no category; never Python's salted ``hash``)."""
+    if not category:
+        return 0
+    return int.from_bytes(hashlib.blake2b(category.encode(), digest_size=4).digest(), "little") or 1
+
+
+def no_tastes() -> np.ndarray:
+    """An empty taste table (``TASTE_DTYPE``, shape (0,))."""
+    return np.zeros(0, TASTE_DTYPE)
+
+
+def pack_user(mean: np.ndarray, precision: np.ndarray, count: int, tastes: np.ndarray | None = None) -> bytes:
+    """Pack a user's posterior: header + mean (float32, D) + precision (float32, D) [+ tastes].
+
+    ``tastes`` (``TASTE_DTYPE``, sorted by hash) follow as 16-byte entries, then their
+    number as a uint32. A blob without them is ``4 + 8·D`` bytes, one with them
+    ``4 + 8·D + 16·n + 4``: the length modulo 8 (0 or 4) says which, so states
+    written before tastes existed read as they did.
+    """
+    blob = _HEADER.pack(count) + mean.astype("<f4").tobytes() + precision.astype("<f4").tobytes()
+    if tastes is None or tastes.size == 0:
+        return blob
+    return blob + np.asarray(tastes, TASTE_DTYPE).tobytes() + _TASTES_N.pack(tastes.size)
+
+
+def _tastes_start(blob: bytes) -> tuple[int, int]:
+    """Where the tastes start in a packed state, and how many there are (``len(blob)``, 0 without)."""
+    if (len(blob) - _HEADER.size) % 8 == 0:
+        return len(blob), 0
+    (n,) = _TASTES_N.unpack_from(blob, len(blob) - _TASTES_N.size)
+    return len(blob) - _TASTES_N.size - n * TASTE_DTYPE.itemsize, n
 
 
 def unpack_user(blob: bytes) -> tuple[np.ndarray, np.ndarray, int]:
     """Inverse of ``pack_user``: (mean (D,), precision (D,), count)."""
     (count,) = _HEADER.unpack_from(blob)
-    body = np.frombuffer(blob, dtype="<f4", offset=_HEADER.size)
+    end, _ = _tastes_start(blob)
+    body = np.frombuffer(blob[:end], dtype="<f4", offset=_HEADER.size)
     d = body.size // 2
     return body[:d].copy(), body[d:].copy(), count
+
+
+MAX_TASTES = 64  # categories kept per user: past it, the ones with the least expected clicks make room
+
+
+def merge_tastes(tastes: np.ndarray, hashes: np.ndarray, clicks: np.ndarray, expected: np.ndarray,
+                 shown: np.ndarray, cap: int = MAX_TASTES) -> np.ndarray:
+    """``tastes`` with each event's counts added to its category's entry (new entries for new categories).
+
+    Parameters
+    ----------
+    tastes : ndarray of ``TASTE_DTYPE``, shape (n,)
+        Sorted by hash.
+    hashes : ndarray of uint32, shape (m,)
+        Each event's category (``category_hash``; 0, no category, is skipped).
+    clicks, expected, shown : ndarray, shape (m,)
+        What each event adds.
+    cap : int
+        Entries kept; the ones with the least ``expected`` (the least evidence) go first.
+
+    Returns
+    -------
+    ndarray of ``TASTE_DTYPE``, sorted by hash
+    """
+    return merge_tastes_many([tastes], np.zeros(np.shape(hashes)[0], np.int64), hashes, clicks, expected, shown,
+                             cap)[0]
+
+
+def merge_tastes_many(tastes: list[np.ndarray], user_index: np.ndarray, hashes: np.ndarray, clicks: np.ndarray,
+                      expected: np.ndarray, shown: np.ndarray, cap: int = MAX_TASTES) -> list[np.ndarray]:
+    """``merge_tastes`` for many users at once (one sort for a whole batch, not one per user).
+
+    Parameters
+    ----------
+    tastes : list of ndarray of ``TASTE_DTYPE``, length U
+        Each user's, sorted by hash.
+    user_index : ndarray of int, shape (m,)
+        Which user each event belongs to, in [0, U).
+    hashes, clicks, expected, shown : ndarray, shape (m,)
+        As in ``merge_tastes``.
+    cap : int
+
+    Returns
+    -------
+    list of ndarray of ``TASTE_DTYPE``, length U
+        A user without events gets their tastes back unchanged.
+    """
+    hashes = np.asarray(hashes, np.uint32)
+    keep = hashes != 0
+    user_index = np.asarray(user_index, np.int64)[keep]
+    touched = np.unique(user_index)
+    if touched.size == 0:
+        return list(tastes)
+    old = [tastes[u] for u in touched.tolist()]
+    old_rows = np.repeat(touched, [t.size for t in old])
+    old_all = np.concatenate(old) if old else np.zeros(0, TASTE_DTYPE)
+    # one key per (user, category): the user in the high half, so a sort groups users and orders their hashes
+    key = np.concatenate([(old_rows.astype(np.uint64) << np.uint64(32)) | old_all["hash"].astype(np.uint64),
+                          (user_index.astype(np.uint64) << np.uint64(32)) | hashes[keep].astype(np.uint64)])
+    uniq, inv = np.unique(key, return_inverse=True)
+    merged = np.zeros(uniq.size, TASTE_DTYPE)
+    merged["hash"] = (uniq & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    for name, add in (("clicks", clicks), ("expected", expected), ("shown", shown)):
+        both = np.concatenate([old_all[name].astype(np.float64), np.asarray(add, np.float64)[keep]])
+        merged[name] = np.bincount(inv, weights=both, minlength=uniq.size)
+    owner_of = (uniq >> np.uint64(32)).astype(np.int64)
+    bounds = np.searchsorted(owner_of, touched, side="right")
+    out = list(tastes)
+    for u, part in zip(touched.tolist(), np.split(merged, bounds[:-1]), strict=True):
+        if part.size > cap:
+            part = np.sort(part[np.argsort(-part["expected"], kind="stable")[:cap]], order="hash")
+        out[u] = part
+    return out
+
+
+def taste_counts(tastes: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The user's clicks and expected clicks in each of ``hashes``' categories (0 where it has no entry).
+
+    Parameters
+    ----------
+    tastes : ndarray of ``TASTE_DTYPE``, shape (n,), sorted by hash
+    hashes : ndarray of uint32, shape (C,)
+
+    Returns
+    -------
+    clicks, expected : ndarray, shape (C,)
+    """
+    hashes = np.asarray(hashes, np.uint32)
+    clicks, expected = np.zeros(hashes.shape[0]), np.zeros(hashes.shape[0])
+    if tastes.size == 0 or hashes.size == 0:
+        return clicks, expected
+    at = np.minimum(np.searchsorted(tastes["hash"], hashes), tastes.size - 1)
+    hit = (tastes["hash"][at] == hashes) & (hashes != 0)
+    clicks[hit], expected[hit] = tastes["clicks"][at[hit]], tastes["expected"][at[hit]]
+    return clicks, expected
+
+
+def unpack_tastes(blob: bytes) -> np.ndarray:
+    """The tastes of a packed state (``TASTE_DTYPE``, sorted by hash; empty if it has none), a writable copy."""
+    start, n = _tastes_start(blob)
+    return np.frombuffer(blob, TASTE_DTYPE, count=n, offset=start).copy()

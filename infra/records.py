@@ -73,6 +73,9 @@ class Impression(msgspec.Struct, kw_only=True):
     # likewise: the ad's calibration factor the served policy multiplied in; the stream offsets the user's
     # learning step by its log (ranker.updates.learn_events), so that the update depends on the event alone
     factor: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    # likewise: the user's own factor on the ad's category (ranker.scoring.user_factors), which ``factor``
+    # includes; the stream counts the impression's expected clicks for the user's tastes as pctr · factor / it
+    user_factor: Annotated[float, msgspec.Meta(gt=0)] | None = None
     # likewise: what the ranker saw of the user when it served this impression, the features the learner trains
     # on (never the user's state at training time, which already holds this impression's own click): the
     # posterior mean as base64 of little-endian float16 (``pack_served``), and how many impressions it had learned

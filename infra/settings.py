@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     # serving
     candidates: int = Field(500, ge=1, le=10000)
     propensity_draws: int = Field(64, ge=1, le=4096)
-    exploration: float = Field(0.5, ge=0, description="scale of Thompson-sampling noise")
+    exploration: float = Field(0.3, ge=0, description="scale of Thompson-sampling noise")
     control_share: float = Field(0.1, ge=0, le=1, description="share of users in the control arm")
     control_policy: Literal["popularity", "random", "pinned"] = Field(
         "popularity", description="the control arm: non-personalised popularity, uniform random, or a pinned version")
@@ -127,6 +127,8 @@ class Settings(BaseSettings):
                                         "factor (its clicks over the clicks the served model predicted)")
     category_strength: float = Field(5.0, gt=0, description="prior weight, in clicks, of each category's pooled "
                                      "calibration factor, the prior mean of its ads' factors")
+    taste_strength: float = Field(2.0, ge=0, description="prior weight, in clicks, of each user's own factor on "
+                                  "a category (their clicks on its ads over the clicks expected of them); 0: off")
     rekey_tolerance: float = Field(0.1, ge=0, description="an ad's retrieval key follows its calibration factor "
                                    "once the factor has moved by more than this, in log")
     popularity_prior_strength: float = Field(20.0, gt=0, description="the base rate's weight, in impressions, in "

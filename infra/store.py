@@ -313,6 +313,21 @@ class UserStore:
         blob = cast(bytes | None, await self.r.get(keys.user(user_id, self.partitions)))
         return keys.unpack_user(blob) if blob else None
 
+    async def get_with_tastes(self, user_id: str) -> tuple[tuple[np.ndarray, np.ndarray, int] | None, np.ndarray]:
+        """One user's (mean, precision, count) or None, and their tastes (``keys.unpack_tastes``), in one GET."""
+        blob = cast(bytes | None, await self.r.get(keys.user(user_id, self.partitions)))
+        if not blob:
+            return None, keys.no_tastes()
+        return keys.unpack_user(blob), keys.unpack_tastes(blob)
+
+    async def get_many_with_tastes(self, user_ids: Sequence[str]) -> list[
+            tuple[tuple[np.ndarray, np.ndarray, int], np.ndarray] | None]:
+        """``get_with_tastes`` of many users (None for a user the stream has not learned about)."""
+        if not user_ids:
+            return []
+        blobs = await mget(self.r, [keys.user(u, self.partitions) for u in user_ids])
+        return [(keys.unpack_user(b), keys.unpack_tastes(b)) if b else None for b in blobs]
+
     async def get_many(self, user_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
         if not user_ids:
             return []

@@ -21,6 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from privads.infra.keys import category_hash
 from privads.ranker.features import category_id
 from privads.ranker.scoring import retrieval_keys, retrieval_query
 
@@ -195,6 +196,7 @@ class ServingCatalog:
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(d + 1))
         self.info = info or IndexInfo("Flat", 0, 0.0, 1.0, 500)
         self.mutations = 0  # bumped by every upsert: what was computed from the catalog before is stale
+        self._group_hashes: np.ndarray | None = None  # ``group_hashes``, until a group is added
 
     @property
     def index_type(self) -> str:
@@ -222,6 +224,16 @@ class ServingCatalog:
 
     def _group(self, category: str | None) -> int:
         return self.groups.setdefault(category, len(self.groups))
+
+    def group_hashes(self) -> np.ndarray:
+        """Each group id's category as the user state keys it (``keys.category_hash``), shape (groups,), uint32."""
+        cached = self._group_hashes
+        if cached is None or cached.shape[0] != len(self.groups):
+            cached = np.zeros(len(self.groups), np.uint32)
+            for name, g in self.groups.items():
+                cached[g] = category_hash(name)
+            self._group_hashes = cached
+        return cached
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -85,6 +85,9 @@ class Slate:
     prior_factor : ndarray, shape (C,), optional
         The prior mean of each candidate's calibration factor: its category's pooled
         factor in the arm (``scoring.category_factors``); None: 1.
+    user_factor : ndarray, shape (C,), optional
+        The user's own factor on each candidate's category (``scoring.user_factors``),
+        multiplied into the calibration factor; None: 1.
     """
 
     rows: np.ndarray
@@ -101,6 +104,7 @@ class Slate:
     expected: np.ndarray | None = None
     logits: np.ndarray | None = None
     prior_factor: np.ndarray | None = None
+    user_factor: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -218,6 +222,7 @@ def thompson_policy(
     rng: np.random.Generator,
     logits: np.ndarray | None = None,
     prior_factor: np.ndarray | None = None,
+    user_factor: np.ndarray | None = None,
 ) -> Ranked:
     """Rank retrieved candidates for one request with Thompson sampling.
 
@@ -245,6 +250,8 @@ def thompson_policy(
         ``candidate_logits`` of these inputs, when already computed (they are deterministic).
     prior_factor : ndarray, shape (C,), optional
         The prior mean of each candidate's calibration factor (``AdEvidence.prior``).
+    user_factor : ndarray, shape (C,), optional
+        The user's own factor on each candidate's category (``AdEvidence.scaled``).
 
     Returns
     -------
@@ -258,6 +265,8 @@ def thompson_policy(
                                                                    context)
         dot_scale = ranker.dot_weight
     evidence = AdEvidence(clicks, expected, params.calibration_strength, prior_factor)
+    if user_factor is not None:
+        evidence = evidence.scaled(user_factor)
     shortlist = max(params.shortlist, 3 * k)
     keep = None
     if ads.shape[0] > shortlist:
@@ -269,15 +278,17 @@ def thompson_policy(
         keep = top_k(ucb[None, :], shortlist)[0]
         ads, bias, evidence = ads[keep], _take(bias, keep), evidence.take(keep)
         bids = bids[keep]
+        user_factor = None if user_factor is None else user_factor[keep]
     ranked = thompson_rank(mean, precision, ads, bids, k, bias=bias, draws=params.draws, scale=params.scale,
                            rng=rng, dot_scale=dot_scale, evidence=evidence)
     shown = ranked.index
     pctr = sigmoid(dot_scale * (ads[shown] @ mean) + _take(bias, shown))
     factor = evidence.take(shown).mean()
+    mine = None if user_factor is None else user_factor[shown]
     if keep is None:
-        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr, factor, ranked.parts)
+        return Ranked(shown, ranked.score, ranked.propensity, ranked.lists, pctr, factor, ranked.parts, mine)
     return Ranked(keep[shown], ranked.score, ranked.propensity, None if ranked.lists is None
-                  else keep[ranked.lists], pctr, factor, ranked.parts)
+                  else keep[ranked.lists], pctr, factor, ranked.parts, mine)
 
 
 def candidate_logits(ranker: RankerModel, mean: np.ndarray, count: int, ads: np.ndarray, bids: np.ndarray,
@@ -355,7 +366,7 @@ class ThompsonPolicy(Policy):
             "mean", "precision", "vectors", "bids", "category_ids", "clicks", "expected")
         return thompson_policy(mean, precision, slate.count, ads, bids, categories, slate.context, self.ranker,
                                clicks, expected, k, params, self.rng, logits=slate.logits,
-                               prior_factor=slate.prior_factor)
+                               prior_factor=slate.prior_factor, user_factor=slate.user_factor)
 
     def sample_lists(self, slate: Slate, k: int, draws: int) -> np.ndarray:
         """The Monte-Carlo lists of one call with ``draws`` joint draws (the served one among them)."""

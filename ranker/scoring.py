@@ -96,6 +96,16 @@ class AdEvidence:
         return AdEvidence(self.clicks[keep], self.expected[keep], self.strength,
                           None if self.prior is None else self.prior[keep])
 
+    def scaled(self, user: np.ndarray) -> AdEvidence:
+        """The factors times the user's own ``user`` (``user_factors``, shape (C,)): ψ · Gamma(α, β).
+
+        ``ψ · Gamma(α, β) = Gamma(α, β / ψ)``: the prior mean and the expected clicks are
+        divided through by ψ, so that mean, upper bound and draws all scale by ψ.
+        """
+        user = np.asarray(user, np.float64)
+        prior = user if self.prior is None else self.prior * user
+        return AdEvidence(self.clicks, self.expected / user, self.strength, prior)
+
     def shape_rate(self) -> tuple[np.ndarray, np.ndarray]:
         """The Gamma posterior's shape and rate, shape (C,) each."""
         rate = self.strength if self.prior is None else self.strength / np.maximum(self.prior, MIN_FACTOR)
@@ -115,6 +125,34 @@ class AdEvidence:
         """Factors drawn from the posteriors, shape (draws, C)."""
         shape, rate = self.shape_rate()
         return rng.standard_gamma(shape, size=(draws, shape.shape[0])) / rate
+
+
+def user_factors(clicks: np.ndarray, expected: np.ndarray, strength: float) -> np.ndarray:
+    """The user's own factor on each candidate's category: ``ψ = (b + c) / (b + e)``.
+
+    A user × category random effect on the calibration factor. With ``ψ ~ Gamma(b, b)``
+    (mean 1, worth ``b`` clicks) and the user's clicks ``c ~ Poisson(ψ · e)`` on the
+    category's ads, ``e`` the clicks the population-level model expected of those
+    impressions (pCTR × the ad's factor, without ψ), the posterior mean is the
+    ratio above. An ad's category pooled over every user says how the category
+    does on average; ψ says how this user differs: a category shown to the user
+    and never clicked sinks for them alone, one they click rises for them alone,
+    and a category they were never shown stays at the population's.
+
+    Parameters
+    ----------
+    clicks, expected : ndarray, shape (C,)
+        The user's counts in each candidate's category (``infra.keys.taste_counts``).
+    strength : float
+        ``b``, in clicks; 0 turns ψ off (1 everywhere).
+
+    Returns
+    -------
+    ndarray, shape (C,)
+    """
+    if strength <= 0:
+        return np.ones(np.shape(clicks))
+    return (strength + np.asarray(clicks, np.float64)) / (strength + np.asarray(expected, np.float64))
 
 
 def pooled_factors(clicks: np.ndarray, expected: np.ndarray, groups: np.ndarray, n_groups: int,
@@ -162,6 +200,10 @@ class Ranked:
         (``ranker.updates.learn_events``).
     parts : ScoreParts, optional
         What each shown ad's ``score`` is made of, under the served draw (Thompson policies).
+    user_factor : ndarray, shape (k,), optional
+        The user's own factor on each shown ad's category (``user_factors``), which
+        ``factor`` includes: logged so that the stream can count the impression's
+        expected clicks without it.
     """
 
     index: np.ndarray
@@ -171,6 +213,7 @@ class Ranked:
     pctr: np.ndarray | None = None
     factor: np.ndarray | None = None
     parts: ScoreParts | None = None
+    user_factor: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,17 +133,24 @@ def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
 
 def learned_slate(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray | None, rows: np.ndarray,
                   user_id: str, state: tuple[np.ndarray, np.ndarray, int], context: np.ndarray,
-                  logits: np.ndarray | None) -> Slate:
+                  logits: np.ndarray | None, tastes: np.ndarray | None = None,
+                  taste_strength: float = 0.0) -> Slate:
     """What the learned policy sees of a request: retrieved ``rows`` of ``cat`` with the arm's evidence.
 
+    ``tastes`` (the user's, ``keys.unpack_tastes``) with ``taste_strength`` > 0 give
+    each candidate the user's own factor on its category (``scoring.user_factors``).
     ``/recommend`` and ``privads replay`` build it alike, so that replay re-ranks
     through the same slates.
     """
     mean, precision, count = state
     clicks, shown, expected = rc.take(rows)
+    user = None
+    if tastes is not None and taste_strength > 0:
+        user = scoring.user_factors(*keys.taste_counts(tastes, cat.group_hashes()[cat.group_ids[rows]]),
+                                    taste_strength)
     return Slate(rows, user_id, mean, precision, count, cat.vectors[rows], cat.bids[rows], cat.category_ids[rows],
                  context, clicks, shown, expected, logits,
-                 None if factors is None else prior_of(factors, cat.group_ids[rows]))
+                 None if factors is None else prior_of(factors, cat.group_ids[rows]), user)
 
 
 def rekey_now(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> np.ndarray:
@@ -175,6 +182,7 @@ class ShownAd:
     impression_id: str
     pctr: float | None = None
     factor: float | None = None
+    user_factor: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,10 +544,10 @@ class Recommender:
         if arm == experiment.CONTROL and s.control_policy == "pinned":
             version = self.pinned or version  # not loaded yet: the served model stands in, and says so below
         # what a ranker sees of the user, read for every arm: each impression logs it as the learner's features
-        state = await self.users.get(user_id)
+        state, tastes = await self.users.get_with_tastes(user_id)
         seen = state if state else (prior_or(version.prior, self.prior_mean), self.prior_precision, 0)
         if self._learned_arm(arm):
-            cat, rows, ranked = await self._learned(version, arm, user_id, k, context, seen)
+            cat, rows, ranked = await self._learned(version, arm, user_id, k, context, seen, tastes)
         elif s.control_policy == "popularity":
             cat, rows, ranked = self._popularity(version, k)
         else:
@@ -556,8 +564,10 @@ class Recommender:
         none = [None] * ranked.index.size
         pctr = ranked.pctr.tolist() if ranked.pctr is not None else none
         factor = ranked.factor.tolist() if ranked.factor is not None else none
-        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p, f) for pos, (ad_id, score, prop, p, f) in
-                 enumerate(zip(ad_ids, ranked.score.tolist(), ranked.propensity.tolist(), pctr, factor,
+        mine = ranked.user_factor.tolist() if ranked.user_factor is not None else none
+        shown = [ShownAd(ad_id, pos, score, prop, impression_ids[pos], p, f, u)
+                 for pos, (ad_id, score, prop, p, f, u) in
+                 enumerate(zip(ad_ids, ranked.score.tolist(), ranked.propensity.tolist(), pctr, factor, mine,
                                strict=True))]
         confirmed = self._log_impressions(user_id, arm, version.version, request_id, context, shown, seen)
         await self._await_confirmation(confirmed, len(shown))
@@ -622,7 +632,8 @@ class Recommender:
             log.info("Kafka confirms impressions again: requests wait for it")
 
     async def _learned(self, version: ModelVersion, arm: str, user_id: str, k: int, context: dict[str, Any] | None,
-                       user: tuple[np.ndarray, np.ndarray, int]) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
+                       user: tuple[np.ndarray, np.ndarray, int], tastes: np.ndarray | None = None
+                       ) -> tuple[ServingCatalog, np.ndarray, scoring.Ranked]:
         """Thompson sampling over a model version: retrieve with the posterior mean, rank with draws."""
         cat = version.catalog
         mean, precision, count = user
@@ -639,7 +650,7 @@ class Recommender:
         else:
             self._candidates_lru.move_to_end(key)
         slate = learned_slate(cat, self.row_counts(cat, arm), self._factors.get((id(cat), arm)), rows, user_id,
-                              (mean, precision, count), ctx, cands.logits)
+                              (mean, precision, count), ctx, cands.logits, tastes, self.settings.taste_strength)
         return cat, rows, ThompsonPolicy(self.params, version.ranker, self.rng).rank(slate, k)
 
     def _retrieve(self, cat: ServingCatalog, mean: np.ndarray) -> np.ndarray:
@@ -697,7 +708,7 @@ class Recommender:
                 event_id=a.impression_id, ts=now, user_id=user_id, ad_id=a.ad_id, position=a.position,
                 propensity=a.propensity, policy=policy, model_version=model_version,
                 request_id=request_id, context=context or None, pctr=a.pctr, factor=a.factor,
-                user_mean=user_mean, user_count=user_count)))
+                user_factor=a.user_factor, user_mean=user_mean, user_count=user_count)))
             for a in shown], confirm=confirmed)
         return confirmed
 

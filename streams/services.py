@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from privads.infra.keys import category_hash
 from privads.infra.loops import Step, reason_of
 from privads.infra.objects import models_of
 from privads.infra.records import Ad
@@ -58,6 +59,7 @@ class AdVectors:
         self.projector: Projector = initial_projector(settings.d_ad, settings.d_user, settings.seed)
         self.prior: np.ndarray | None = None  # the served version's population prior
         self.cache: dict[str, np.ndarray] = {}
+        self.category: dict[str, int] = {}  # ad id → its category's hash (``keys.category_hash``), as last read
         self.skipped: tuple[str, str] | None = None  # (version, reason): the pointer's version, unreadable
         self._skip_step: Step | None = None
 
@@ -105,4 +107,9 @@ class AdVectors:
             if entries:
                 for e, v in zip(entries, self.projector.project(emb), strict=True):
                     self.cache[e.ad_id] = v
+                    self.category[e.ad_id] = category_hash(e.category)
         return {a: self.cache[a] for a in ad_ids if a in self.cache}
+
+    def category_hashes(self, ad_ids: Sequence[str]) -> np.ndarray:
+        """The categories (``keys.category_hash``) of ads ``get`` has read, shape (n,), uint32 (0: unknown)."""
+        return np.array([self.category.get(a, 0) for a in ad_ids], dtype=np.uint32)

@@ -540,11 +540,15 @@ class EventAgent:
         # this batch, as they came in when served (a replayed log brings many of a user's impressions at once)
         clicked = {ex.impression_id: ex for ex in labelled if ex.clicked}
         new_ids = {imp.event_id for imp in served}
-        events = [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0) for iid, ex in clicked.items() if iid not in new_ids]
+        # (user, ad, ts, kind, factor served, expected clicks for the user's tastes): an impression expects
+        # pctr · factor / user_factor, its click's probability under the population-level factor
+        events = [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0, 0.0) for iid, ex in clicked.items()
+                  if iid not in new_ids]
         for imp in served:
-            events.append((imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.factor or 1.0))
+            events.append((imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.factor or 1.0,
+                           (imp.pctr or 0.0) * (imp.factor or 1.0) / (imp.user_factor or 1.0)))
             if (ex := clicked.get(imp.event_id)) is not None:
-                events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0))
+                events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0, 0.0))
         if not events and not labelled:
             return {}, out, 0, none, {}, {}, {}
         # the labels only feed the quality watch: a bounded, deterministic sample of them is read
@@ -552,7 +556,7 @@ class EventAgent:
                   .astype(np.int64).tolist()] if labelled else []
         user_ids = list(dict.fromkeys([e[0] for e in events] + [ex.user_id for ex in probes]))
         states, erased, vectors = await asyncio.gather(
-            self.users.get_many(user_ids), self.users.erased_at(user_ids),
+            self.users.get_many_with_tastes(user_ids), self.users.erased_at(user_ids),
             self.ad_vectors.get(list(dict.fromkeys([e[1] for e in events] + [ex.ad_id for ex in probes]))))
         row = {u: i for i, u in enumerate(user_ids)}
         # each user's partition, once per user: stats are counted per partition (each commits on its own on a cluster)
@@ -579,9 +583,11 @@ class EventAgent:
         precision = np.full((len(user_ids), d), self.s.prior_precision, dtype=np.float32)
         counts = np.zeros(len(user_ids), dtype=np.int64)
         known = np.zeros(len(user_ids), bool)
-        for i, st in enumerate(states):
-            if st is not None and st[0].shape[0] == d:
-                mean[i], precision[i], counts[i] = st
+        tastes = [keys.no_tastes()] * len(user_ids)
+        for i, full in enumerate(states):
+            if full is not None and full[0][0].shape[0] == d:
+                mean[i], precision[i], counts[i] = full[0]
+                tastes[i] = full[1]
                 known[i] = True
         before = mean.astype(np.float64)
         sample = none
@@ -603,13 +609,18 @@ class EventAgent:
                                        offset=offset)
         counts += np.bincount(idx[kinds == IMPRESSION], minlength=len(user_ids))
         touched = np.unique(idx)
+        # each user's tastes (``scoring.user_factors``): clicks and expected clicks per category of the ads
+        cats = self.ad_vectors.category_hashes([e[1] for e in keep])
+        shown = (kinds == IMPRESSION).astype(np.float64)
+        expected = np.array([e[5] for e in keep], np.float64)
+        tastes = keys.merge_tastes_many(tastes, idx, cats, 1.0 - shown, expected, shown)
         # counted per partition: on a cluster each partition commits (and counts) on its own
         event_home = home[idx]
         for h in np.unique(event_home).tolist():
             mine = kinds[event_home == h]
             out[(h, "learned_impressions")] += int((mine == IMPRESSION).sum())
             out[(h, "learned_clicks")] += int((mine == CLICK).sum())
-        packed = {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i])) for i in touched}
+        packed = {user_ids[i]: keys.pack_user(mean[i], precision[i], int(counts[i]), tastes[i]) for i in touched}
         # what each partition's population sum gains: the touched users' moves, and the new users whole
         homes = home[touched]
         change = mean[touched].astype(np.float64) - np.where(known[touched, None], before[touched], 0.0)

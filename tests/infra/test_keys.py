@@ -154,3 +154,97 @@ def test_the_global_counters_share_one_slot_and_the_catalog_another():
     assert keys.parse_adstat(keys.adstat("a:b", "shown")) == ("a:b", "shown")
     assert keys.parse_adstat(keys.ADSTAT_LOG) is None and keys.parse_adstat(keys.STATS) is None
     assert keys.arm_ttl(keys.arm("x", 1, 3600)) == keys.ARM_SPANS[3600][1]
+
+
+def _tastes(rows: list[tuple[int, float, float, float]]) -> np.ndarray:
+    t = np.zeros(len(rows), keys.TASTE_DTYPE)
+    for i, r in enumerate(rows):
+        t[i] = r
+    return t
+
+
+def test_a_state_with_tastes_round_trips_and_its_posterior_reads_as_without():
+    mean, prec = np.arange(64, dtype=np.float32) / 7, np.arange(64, dtype=np.float32) + 1
+    tastes = _tastes([(3, 1.0, 0.25, 4.0), (99, 0.0, 1.5, 9.0), (2**32 - 1, 2.0, 0.5, 1.0)])
+    blob = keys.pack_user(mean, prec, 5, tastes)
+    # the posterior's layout is unchanged; 16 bytes per taste and their number follow
+    assert len(blob) == 4 + 2 * 64 * 4 + 16 * 3 + 4
+    assert blob[:516] == keys.pack_user(mean, prec, 5)
+    m, q, c = keys.unpack_user(blob)
+    np.testing.assert_array_equal(m, mean)
+    np.testing.assert_array_equal(q, prec)
+    assert c == 5
+    back = keys.unpack_tastes(blob)
+    assert back.tolist() == tastes.tolist()
+    back["clicks"] += 1  # a writable copy
+    assert keys.unpack_tastes(blob).tolist() == tastes.tolist()
+
+
+def test_a_state_written_before_tastes_reads_with_none():
+    blob = struct.pack("<I", 2) + np.ones(64, "<f4").tobytes() + np.full(64, 3, "<f4").tobytes()
+    assert keys.unpack_tastes(blob).size == 0
+    m, q, c = keys.unpack_user(blob)
+    assert c == 2 and m.shape == q.shape == (64,) and q[0] == 3
+    for d in (1, 2, 3):  # any dimension, any number of tastes: the length modulo 8 tells the layouts apart
+        for n in (1, 2, 3):
+            t = _tastes([(i + 1, 0.0, 1.0, 1.0) for i in range(n)])
+            blob = keys.pack_user(np.ones(d), np.ones(d), 1, t)
+            assert keys.unpack_user(blob)[0].shape == (d,) and keys.unpack_tastes(blob).size == n
+
+
+def test_category_hash_is_stable_and_zero_only_without_a_category():
+    assert keys.category_hash("gaming") == 1015674553  # blake2b: the same in every process and release
+    assert keys.category_hash(None) == keys.category_hash("") == 0
+    assert keys.category_hash("gaming") != keys.category_hash("insurance")
+
+
+def test_merge_tastes_adds_to_entries_creates_new_ones_and_skips_no_category():
+    tastes = _tastes([(5, 1.0, 2.0, 3.0)])
+    out = keys.merge_tastes(tastes, np.array([5, 7, 0, 7], np.uint32), np.array([1.0, 0.0, 1.0, 1.0]),
+                            np.array([0.5, 0.25, 9.0, 0.25]), np.array([1.0, 1.0, 1.0, 0.0]))
+    assert out.tolist() == [(5, 2.0, 2.5, 4.0), (7, 1.0, 0.5, 1.0)]
+    assert tastes.tolist() == [(5, 1.0, 2.0, 3.0)]  # not modified
+
+
+def test_merge_tastes_keeps_the_categories_with_the_most_evidence_sorted_by_hash():
+    hashes = np.array([40, 10, 30, 20], np.uint32)
+    out = keys.merge_tastes(keys.no_tastes(), hashes, np.zeros(4), np.array([4.0, 1.0, 3.0, 2.0]), np.ones(4), cap=2)
+    assert out["hash"].tolist() == [30, 40]
+
+
+def test_taste_counts_reads_each_candidates_category_and_zero_where_unseen():
+    tastes = _tastes([(3, 1.0, 0.5, 2.0), (8, 2.0, 4.0, 9.0)])
+    clicks, expected = keys.taste_counts(tastes, np.array([8, 0, 5, 3, 9], np.uint32))
+    assert clicks.tolist() == [2.0, 0.0, 0.0, 1.0, 0.0]
+    assert expected.tolist() == [4.0, 0.0, 0.0, 0.5, 0.0]
+    assert [a.tolist() for a in keys.taste_counts(keys.no_tastes(), np.array([3], np.uint32))] == [[0.0], [0.0]]
+
+
+def test_merge_tastes_many_is_merge_tastes_per_user():
+    rng = np.random.default_rng(2)
+    users = [keys.no_tastes(), _tastes([(7, 1.0, 2.0, 3.0), (9, 0.0, 1.0, 1.0)]), _tastes([(2, 0.0, 0.5, 1.0)]),
+             _tastes([(4, 1.0, 1.0, 1.0)])]
+    m = 200
+    idx = rng.integers(0, 3, m)  # user 3 has no event
+    hashes = rng.integers(0, 12, m).astype(np.uint32)  # 0 among them: no category
+    clicks, expected, shown = rng.integers(0, 2, m).astype(float), rng.random(m), np.ones(m)
+    got = keys.merge_tastes_many(users, idx, hashes, clicks, expected, shown, cap=6)
+    for u in range(4):
+        mine = idx == u
+        want = keys.merge_tastes(users[u], hashes[mine], clicks[mine], expected[mine], shown[mine], cap=6)
+        assert got[u]["hash"].tolist() == want["hash"].tolist()
+        for f in ("clicks", "expected", "shown"):
+            np.testing.assert_allclose(got[u][f], want[f], rtol=1e-6)
+    assert got[3] is users[3] and got[0].size == 6  # untouched: the same; capped
+    # and merge_tastes itself against a plain dictionary
+    want_d: dict[int, list[float]] = {7: [1.0, 2.0, 3.0], 9: [0.0, 1.0, 1.0]}
+    mine = idx == 1
+    for h, c, e, n in zip(hashes[mine].tolist(), clicks[mine], expected[mine], shown[mine], strict=True):
+        if h:
+            v = want_d.setdefault(h, [0.0, 0.0, 0.0])
+            v[0] += c
+            v[1] += e
+            v[2] += n
+    full = keys.merge_tastes(users[1], hashes[mine], clicks[mine], expected[mine], shown[mine], cap=64)
+    assert full["hash"].tolist() == sorted(want_d)
+    np.testing.assert_allclose(full["expected"], [want_d[h][1] for h in sorted(want_d)], rtol=1e-6)

@@ -96,13 +96,17 @@ def test_the_logged_propensity_is_the_whole_pipelines_probability_retrieval_incl
     mean = (0.6 * rng.standard_normal(cat.d)).astype(np.float32)
     precision = np.full(cat.d, 6.0, np.float32)
     params = ThompsonParams(draws=32, shortlist=9)
+    # the user's tastes are part of the state the propensities are of: "new" was shown to them and half-clicked
+    tastes = keys.merge_tastes(keys.no_tastes(), np.array([keys.category_hash("new")], np.uint32), np.ones(1),
+                               np.array([2.0]), np.array([30.0]))
     k, runs, n = 3, 4000, len(ids)
     freq, logged = np.zeros((n, k)), np.zeros((n, k))
     retrieved = retrieve(cat, mean, 12)  # candidates < catalog: retrieval decides who can be shown
     for run in range(runs):
         policy = ThompsonPolicy(params, None, np.random.default_rng([7, run]))
         rows = retrieve(cat, mean, 12)
-        slate = learned_slate(cat, rc, factors, rows, "u", (mean, precision, 2), np.zeros(0, np.int64), None)
+        slate = learned_slate(cat, rc, factors, rows, "u", (mean, precision, 2), np.zeros(0, np.int64), None,
+                              tastes, 2.0)
         r = policy.rank(slate, k)
         ads = rows[r.index]
         freq[ads, np.arange(k)] += 1
@@ -116,3 +120,29 @@ def test_the_logged_propensity_is_the_whole_pipelines_probability_retrieval_incl
     # Monte-Carlo error of both sides at 4,000 runs: a few hundredths at most
     assert np.abs(mean_logged - want).max() < 0.05, np.abs(mean_logged - want).max()
     assert np.abs(mean_logged - want).mean() < 0.01
+
+
+def test_a_category_shown_to_a_user_and_never_clicked_sinks_for_that_user_alone() -> None:
+    """The user's own factor on a category (``scoring.user_factors``), from the user state's tastes."""
+    cat, ids = _world(n_bad=10)
+    rc = RowCounts(cat, "treatment")
+    rc.sync(AdCounts())
+    rows = np.arange(len(ids))
+    state = (np.zeros(cat.d, np.float32), np.full(cat.d, 4.0, np.float32), 0)
+    ctx = np.zeros(0, np.int64)
+    pricey = keys.category_hash("pricey")
+    # shown the pricey ads 800 times, 40 clicks expected of them, none clicked
+    tastes = keys.merge_tastes(keys.no_tastes(), np.array([pricey], np.uint32), np.zeros(1), np.array([40.0]),
+                               np.array([800.0]))
+    mine = learned_slate(cat, rc, None, rows, "u", state, ctx, None, tastes, 2.0)
+    assert mine.user_factor is not None
+    np.testing.assert_allclose(mine.user_factor, np.r_[np.full(10, 2 / 42), np.ones(6)])
+    assert learned_slate(cat, rc, None, rows, "v", state, ctx, None, keys.no_tastes(), 2.0).user_factor.tolist() \
+        == [1.0] * 16  # another user: the population's
+    assert learned_slate(cat, rc, None, rows, "u", state, ctx, None, tastes, 0.0).user_factor is None  # off
+    params = ThompsonParams(draws=16, shortlist=16)
+    top = ThompsonPolicy(params, None, np.random.default_rng(0)).rank(
+        learned_slate(cat, rc, None, rows, "v", state, ctx, None, keys.no_tastes(), 2.0), 3)
+    assert set(top.index.tolist()) <= set(range(10))  # by bid, the pricey ads for everyone else
+    top = ThompsonPolicy(params, None, np.random.default_rng(0)).rank(mine, 3)
+    assert set(top.index.tolist()) <= set(range(10, 16))  # for this user the cheaper category wins

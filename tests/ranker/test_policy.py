@@ -16,7 +16,7 @@ from privads.ranker.policy import (
     UniformPolicy,
     thompson_policy,
 )
-from privads.ranker.scoring import Ranked
+from privads.ranker.scoring import AdEvidence, Ranked
 
 SERVED = {
     "thompson": lambda seed: ThompsonPolicy(ThompsonParams(draws=32), None, np.random.default_rng(seed)),
@@ -80,3 +80,23 @@ def test_the_uniform_policy_shows_every_candidate_at_every_slot_equally_often() 
 def test_a_missing_field_is_named() -> None:
     with pytest.raises(InvalidInput, match="slate.clicks"):
         PopularityPolicy(0.05, 20.0).rank(Slate(np.arange(3), bids=np.ones(3)), 2)
+
+
+def test_the_users_own_factor_multiplies_each_candidates_calibration_and_is_logged() -> None:
+    s = full_slate(n=30, seed=2)
+    params = ThompsonParams(draws=32, shortlist=30)
+    assert s.mean is not None and s.precision is not None and s.vectors is not None and s.bids is not None
+    assert s.category_ids is not None and s.clicks is not None and s.expected is not None
+    plain = thompson_policy(s.mean, s.precision, s.count, s.vectors, s.bids, s.category_ids, s.context, None,
+                            s.clicks, s.expected, 5, params, np.random.default_rng(4))
+    assert plain.user_factor is None
+    # the user's own factor sinks the five ads shown first, as a category the user never clicks would
+    psi = np.ones(30)
+    psi[plain.index] = 1e-3
+    got = ThompsonPolicy(params, None, np.random.default_rng(4)).rank(
+        Slate(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "user_factor": psi}), 5)
+    assert not set(got.index.tolist()) & set(plain.index.tolist())
+    np.testing.assert_array_equal(got.user_factor, psi[got.index])
+    # the factor logged is ψ times the ad's own posterior mean (the stream divides ψ back out of it)
+    np.testing.assert_allclose(got.factor, got.user_factor * AdEvidence(
+        s.clicks, s.expected, params.calibration_strength).take(got.index).mean())

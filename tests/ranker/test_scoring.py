@@ -19,6 +19,7 @@ from privads.ranker.scoring import (
     thompson_rank,
     top_k,
     uniform_rank,
+    user_factors,
 )
 
 LN3 = math.log(3.0)
@@ -342,6 +343,28 @@ def test_calibrated_ctr_is_the_gamma_posterior_of_clicks_over_expected():
     np.testing.assert_array_equal(p, 0.1)  # the input is not modified
     np.testing.assert_allclose(ev.mean(), [1.0, 11 / 35, 55 / 15])
     np.testing.assert_allclose(ev.upper(2.0), ev.mean() + 2 * np.sqrt([5, 11, 55]) / np.array([5, 35, 15]))
+
+
+def test_user_factors_are_the_gamma_poisson_posterior_mean_of_the_users_own_counts():
+    # ψ ~ Gamma(b, b), c ~ Poisson(ψ e): the posterior mean (b + c) / (b + e)
+    clicks, expected = np.array([0.0, 0.0, 3.0, 1.0]), np.array([0.0, 8.0, 1.0, 1.0])
+    np.testing.assert_allclose(user_factors(clicks, expected, 2.0), [1.0, 2 / 10, 5 / 3, 1.0])
+    np.testing.assert_array_equal(user_factors(clicks, expected, 0.0), np.ones(4))  # off
+
+
+def test_scaled_evidence_is_the_users_factor_times_the_ads():
+    # ψ · Gamma(α, β) is Gamma(α, β / ψ): mean, upper bound and draws all scale by ψ
+    ev = AdEvidence(clicks=np.array([0, 6, 50]), expected=np.array([0.0, 30.0, 10.0]), strength=5.0,
+                    prior=np.array([1.0, 0.5, 2.0]))
+    psi = np.array([0.2, 1.0, 3.0])
+    scaled = ev.scaled(psi)
+    np.testing.assert_allclose(scaled.mean(), psi * ev.mean())
+    np.testing.assert_allclose(scaled.upper(2.0), psi * ev.upper(2.0))
+    draws = scaled.sample(200_000, np.random.default_rng(3))
+    ref = ev.sample(200_000, np.random.default_rng(4))
+    np.testing.assert_allclose(draws.mean(axis=0), psi * ref.mean(axis=0), rtol=0.01)
+    np.testing.assert_allclose(draws.std(axis=0), psi * ref.std(axis=0), rtol=0.02)
+    np.testing.assert_allclose(AdEvidence(np.zeros(2), np.zeros(2)).scaled(np.array([0.5, 2.0])).mean(), [0.5, 2.0])
 
 
 def test_popularity_scores_and_fixed_rank():
