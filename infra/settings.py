@@ -212,6 +212,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def tastes(self) -> float:
+        """The tastes' prior weight as used (``taste_strength``); 0, no tastes kept or read, under differential
+        privacy: they count the user's clicks exactly, and ε covers only what the noised mechanism made of them."""
+        return 0.0 if self.dp_clip is not None else self.taste_strength
+
+    @property
     def api_host(self) -> str:
         return urlparse(self.api).hostname or "127.0.0.1"
 

@@ -650,7 +650,7 @@ class Recommender:
         else:
             self._candidates_lru.move_to_end(key)
         slate = learned_slate(cat, self.row_counts(cat, arm), self._factors.get((id(cat), arm)), rows, user_id,
-                              (mean, precision, count), ctx, cands.logits, tastes, self.settings.taste_strength)
+                              (mean, precision, count), ctx, cands.logits, tastes, self.settings.tastes)
         return cat, rows, ThompsonPolicy(self.params, version.ranker, self.rng).rank(slate, k)
 
     def _retrieve(self, cat: ServingCatalog, mean: np.ndarray) -> np.ndarray:

@@ -613,7 +613,8 @@ class EventAgent:
         cats = self.ad_vectors.category_hashes([e[1] for e in keep])
         shown = (kinds == IMPRESSION).astype(np.float64)
         expected = np.array([e[5] for e in keep], np.float64)
-        tastes = keys.merge_tastes_many(tastes, idx, cats, 1.0 - shown, expected, shown)
+        if self.s.tastes > 0:  # not under differential privacy (``Settings.tastes``)
+            tastes = keys.merge_tastes_many(tastes, idx, cats, 1.0 - shown, expected, shown)
         # counted per partition: on a cluster each partition commits (and counts) on its own
         event_home = home[idx]
         for h in np.unique(event_home).tolist():

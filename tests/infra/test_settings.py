@@ -198,3 +198,10 @@ def test_a_bad_redis_url_is_refused_naming_what_is_wrong(monkeypatch, url, says)
     monkeypatch.setenv("PRIVADS_REDIS", url)
     with pytest.raises(ValidationError, match=says):
         Settings()
+
+
+def test_tastes_are_off_under_differential_privacy() -> None:
+    # they count clicks exactly, outside the noised mechanism that ε covers
+    assert Settings(kafka="unused:1", redis="redis://unused").tastes == 2.0
+    assert Settings(kafka="unused:1", redis="redis://unused", taste_strength=0.5).tastes == 0.5
+    assert Settings(kafka="unused:1", redis="redis://unused", dp_clip=1.0).tastes == 0.0
