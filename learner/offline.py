@@ -440,7 +440,10 @@ def evaluate(policy: PolicyRows, log: Log, estimators: tuple[str, ...] = ESTIMAT
     v_cf, q_cf = _cross_fitted_terms(policy, log, strength, seed)
     for name in estimators:
         if name == "replay":
-            res = replay(reward=log.reward, action=log.action, eval_action=policy.eval_action,
+            # a choice outside the log's action set (-1) matches no logged action: replay rejects its row. The
+            # estimator takes action indices only, so it gets one past the log's last action, which matches none
+            outside = np.where(policy.eval_action < 0, int(log.action.max()) + 1, policy.eval_action)
+            res = replay(reward=log.reward, action=log.action, eval_action=outside,
                          pscore=log.pscore, position=log.position, **common)
             kept = policy.eval_action == log.action
             if ci == "normal" and kept.any() and np.isin(log.reward, (0.0, 1.0)).all():

@@ -71,6 +71,17 @@ def test_monte_carlo_lists_become_per_slot_shares_of_the_draws() -> None:
     np.testing.assert_allclose(np.add.reduceat(pol.prob, pol.ptr[:-1]), 1.0)
 
 
+def test_replay_rejects_the_rows_whose_choice_is_outside_the_action_set() -> None:
+    # the policy's served list puts an ad the log never showed (-1) where request 0's second row was logged
+    log = Log(np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([2, 0, 1]), np.array([1.0, 1.0, 0.0]),
+              np.full(3, 0.5), ["a", "b", "c"])
+    lists = [np.array([[2, -1], [2, 0]]), np.array([[1, 0], [1, 0]])]
+    pol = policy_from_lists("mc", log, np.array([0, 1]), lists, [lists[0][0], lists[1][0]], [])
+    assert pol.eval_action.tolist() == [2, -1, 1]
+    res = evaluate(pol, log, ("replay",))["replay"]
+    assert res.ess == 2 and res.estimate == pytest.approx(0.5)  # rows 0 and 2 kept: rewards 1 and 0
+
+
 def test_reward_table_shrinks_cells_toward_their_slot() -> None:
     log = Log(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1]), np.array([1.0, 0.0, 0.0, 0.0]),
               np.full(4, 0.5), ["a", "b"])
