@@ -308,11 +308,6 @@ class UserStore:
         self.r = r
         self.partitions = partitions
 
-    async def get(self, user_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """One user's (mean, precision, count), or None if the stream has not learned about them."""
-        blob = cast(bytes | None, await self.r.get(keys.user(user_id, self.partitions)))
-        return keys.unpack_user(blob) if blob else None
-
     async def get_with_tastes(self, user_id: str) -> tuple[tuple[np.ndarray, np.ndarray, int] | None, np.ndarray]:
         """One user's (mean, precision, count) or None, and their tastes (``keys.unpack_tastes``), in one GET."""
         blob = cast(bytes | None, await self.r.get(keys.user(user_id, self.partitions)))

@@ -609,12 +609,12 @@ class EventAgent:
                                        offset=offset)
         counts += np.bincount(idx[kinds == IMPRESSION], minlength=len(user_ids))
         touched = np.unique(idx)
-        # each user's tastes (``scoring.user_factors``): clicks and expected clicks per category of the ads
-        cats = self.ad_vectors.category_hashes([e[1] for e in keep])
-        shown = (kinds == IMPRESSION).astype(np.float64)
-        expected = np.array([e[5] for e in keep], np.float64)
-        if self.s.tastes > 0:  # not under differential privacy (``Settings.tastes``)
-            tastes = keys.merge_tastes_many(tastes, idx, cats, 1.0 - shown, expected, shown)
+        # each user's tastes (``scoring.user_factors``): clicks and expected clicks per category of the ads;
+        # none under differential privacy (``Settings.tastes``)
+        if self.s.tastes > 0:
+            shown = (kinds == IMPRESSION).astype(np.float64)
+            tastes = keys.merge_tastes_many(tastes, idx, self.ad_vectors.category_hashes([e[1] for e in keep]),
+                                            1.0 - shown, np.array([e[5] for e in keep], np.float64), shown)
         # counted per partition: on a cluster each partition commits (and counts) on its own
         event_home = home[idx]
         for h in np.unique(event_home).tolist():
