@@ -42,6 +42,15 @@ ARMS = (TREATMENT, CONTROL)
 Z95 = 1.959963984540054
 
 
+def learned_arm(arm: str, control_policy: str) -> bool:
+    """Whether ``arm`` is served by a learned (Thompson) policy: the treatment always, the control when pinned.
+
+    The learned arms log what ranking used (``pctr``, ``factor``, ``user_factor``);
+    the popularity and random controls do not.
+    """
+    return arm == TREATMENT or control_policy == "pinned"
+
+
 def assign_arm(user_id: str, salt: str, control_share: float) -> str:
     """Sticky arm of a user: ``control`` for a ``control_share`` fraction of ids."""
     h = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()

@@ -523,7 +523,7 @@ class Recommender:
         return rc
 
     def _learned_arm(self, arm: str) -> bool:
-        return arm == experiment.TREATMENT or self.settings.control_policy == "pinned"
+        return experiment.learned_arm(arm, self.settings.control_policy)
 
     def _prune_row_counts(self) -> None:
         live = {id(v.catalog) for v in self._versions()}

@@ -67,6 +67,7 @@ from privads.infra.store import (
 )
 from privads.ranker.artifacts import prior_or
 from privads.ranker.encoder import AdEncoder
+from privads.ranker.experiment import learned_arm
 from privads.ranker.quality import QualityWatch
 from privads.ranker.updates import CLICK, IMPRESSION, UpdateParams, learn_events, noise_rng, sigmoid
 from privads.streams import archive
@@ -540,15 +541,19 @@ class EventAgent:
         # this batch, as they came in when served (a replayed log brings many of a user's impressions at once)
         clicked = {ex.impression_id: ex for ex in labelled if ex.clicked}
         new_ids = {imp.event_id for imp in served}
-        # (user, ad, ts, kind, factor served, expected clicks for the user's tastes): an impression expects
-        # pctr · factor / user_factor, its click's probability under the population-level factor
-        events = [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0, 0.0) for iid, ex in clicked.items()
-                  if iid not in new_ids]
+        # (user, ad, ts, kind, factor served, expected clicks for the user's tastes, whether the tastes count it):
+        # an impression expects pctr · factor / user_factor, its click's probability under the population-level
+        # factor; only a learned arm's events count, as only those log what was expected of them
+        def tasted(policy: str) -> bool:
+            return learned_arm(policy, self.s.control_policy)
+
+        events = [(ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0, 0.0, tasted(ex.policy))
+                  for iid, ex in clicked.items() if iid not in new_ids]
         for imp in served:
             events.append((imp.user_id, imp.ad_id, imp.ts, IMPRESSION, imp.factor or 1.0,
-                           (imp.pctr or 0.0) * (imp.factor or 1.0) / (imp.user_factor or 1.0)))
+                           (imp.pctr or 0.0) * (imp.factor or 1.0) / (imp.user_factor or 1.0), tasted(imp.policy)))
             if (ex := clicked.get(imp.event_id)) is not None:
-                events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0, 0.0))
+                events.append((ex.user_id, ex.ad_id, ex.ts, CLICK, 1.0, 0.0, tasted(ex.policy)))
         if not events and not labelled:
             return {}, out, 0, none, {}, {}, {}
         # the labels only feed the quality watch: a bounded, deterministic sample of them is read
@@ -613,8 +618,9 @@ class EventAgent:
         # none under differential privacy (``Settings.tastes``)
         if self.s.tastes > 0:
             shown = (kinds == IMPRESSION).astype(np.float64)
-            tastes = keys.merge_tastes_many(tastes, idx, self.ad_vectors.category_hashes([e[1] for e in keep]),
-                                            1.0 - shown, np.array([e[5] for e in keep], np.float64), shown)
+            hashes = np.where([e[6] for e in keep], self.ad_vectors.category_hashes([e[1] for e in keep]), 0)
+            tastes = keys.merge_tastes_many(tastes, idx, hashes, 1.0 - shown,  # hash 0: not counted
+                                            np.array([e[5] for e in keep], np.float64), shown)
         # counted per partition: on a cluster each partition commits (and counts) on its own
         event_home = home[idx]
         for h in np.unique(event_home).tolist():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from privads.ranker import experiment
-from privads.ranker.experiment import CONTROL, TREATMENT, Z95, assign_arm, lift, wilson
+from privads.ranker.experiment import CONTROL, TREATMENT, Z95, assign_arm, learned_arm, lift, wilson
 
 Z = Z95
 
@@ -123,6 +123,13 @@ def test_assign_arm_is_sticky():
         uid = f"user-{i}"
         assert assign_arm(uid, "salt", 0.5) == assign_arm(uid, "salt", 0.5)
     assert {assign_arm(f"user-{i}", "salt", 0.5) for i in range(200)} == {CONTROL, TREATMENT}
+
+
+@pytest.mark.parametrize(("arm", "control_policy", "learned"), [
+    (TREATMENT, "popularity", True), (TREATMENT, "random", True), (TREATMENT, "pinned", True),
+    (CONTROL, "popularity", False), (CONTROL, "random", False), (CONTROL, "pinned", True)])
+def test_learned_arm_is_the_treatment_and_a_pinned_control(arm, control_policy, learned):
+    assert learned_arm(arm, control_policy) is learned
 
 
 def test_assign_arm_extreme_shares():

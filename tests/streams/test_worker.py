@@ -161,25 +161,25 @@ def test_a_late_click_after_a_fast_negative_completes_the_positive_step(
 
 def test_a_users_tastes_count_their_clicks_and_the_clicks_expected_of_each_category(
         infra, catalog, rds: redis.Redis) -> None:
-    """The user state's tastes (``scoring.user_factors``' counts): per category, exact, from the events alone."""
+    """The user state's tastes (``scoring.user_factors``' counts): per category, exact, from the events alone.
+
+    Only the learned arms' events count: the popularity control logs no expected clicks.
+    """
     user = uid("tastes")
     ins, cof = catalog[0], catalog[5]  # "insurance" and "coffee & tea" (``ADS``)
     served = [  # (ad, pctr, factor served, the user's own factor in it)
         (ins, 0.2, 0.5, 0.25), (ins, 0.1, 2.0, 1.0), (cof, 0.4, 1.5, 3.0)]
     imps = [{**impression(user, a["ad_id"], position=j), "pctr": p, "factor": f, "user_factor": u}
             for j, (a, p, f, u) in enumerate(served)]
-    produce(infra.kafka, records.IMPRESSIONS, [(user, i) for i in imps])
-    clicks = stat(rds, "labelled_clicks")
-    produce(infra.kafka, records.CLICKS, [(user, click(imps[2]))])
-    wait_until(lambda: stat(rds, "labelled_clicks") == clicks + 1, 30, "the click to join its impression")
-
-    def tastes() -> dict[int, tuple[float, float, float]] | None:
-        blob = rds.get(user_key(rds, user))
-        t = keys.unpack_tastes(blob) if blob else keys.no_tastes()
-        got = {int(h): (float(c), float(e), float(n)) for h, c, e, n in t.tolist()}
-        return got if sum(v[2] for v in got.values()) == 3 and sum(v[0] for v in got.values()) == 1 else None
-
-    got = wait_until(tastes, 30, "the impressions and the click in the user's tastes")
+    control = impression(user, catalog[1]["ad_id"], policy="control")  # "insurance", by the popularity control
+    produce(infra.kafka, records.IMPRESSIONS, [(user, i) for i in [*imps, control]])
+    learned = stat(rds, "learned_clicks")
+    produce(infra.kafka, records.CLICKS, [(user, click(imps[2])), (user, click(control))])
+    # both clicks learned, into the posterior, in the same transactions as the tastes
+    wait_until(lambda: stat(rds, "learned_clicks") == learned + 2 and (s := state(rds, user)) and s[2] == 4, 30,
+               "the impressions and both clicks to reach the user")
+    t = keys.unpack_tastes(rds.get(user_key(rds, user)))
+    got = {int(h): (float(c), float(e), float(n)) for h, c, e, n in t.tolist()}
     # expected clicks without the user's own factor: pctr · factor / user_factor
     want = {keys.category_hash("insurance"): (0.0, 0.2 * 0.5 / 0.25 + 0.1 * 2.0 / 1.0, 2.0),
             keys.category_hash("coffee & tea"): (1.0, 0.4 * 1.5 / 3.0, 1.0)}
@@ -187,8 +187,8 @@ def test_a_users_tastes_count_their_clicks_and_the_clicks_expected_of_each_categ
     for h, (c, e, n) in want.items():
         assert got[h][0] == c and got[h][2] == n
         assert got[h][1] == pytest.approx(e, rel=1e-6)
-    mean, _, count = state(rds, user)  # the posterior reads as before beside them
-    assert count == 3 and mean.shape == (64,)
+    mean, _, count = state(rds, user)  # the posterior reads as before beside them, the control's impression in it
+    assert count == 4 and mean.shape == (64,)
 
 
 def test_a_click_after_the_window_is_late_not_learned(infra, catalog, rds: redis.Redis) -> None:
