@@ -41,6 +41,7 @@ from dataclasses import replace
 import numpy as np
 
 from privads.bench import optional
+from privads.infra import keys
 from privads.ranker.index import ServingCatalog
 from privads.ranker.policy import Policy, PopularityPolicy, Slate, ThompsonParams, ThompsonPolicy, UniformPolicy
 from privads.ranker.scoring import Ranked, user_factors
@@ -87,7 +88,7 @@ class PrivAdsPolicy(Policy):
                  thompson: ThompsonParams, update: UpdateParams, prior_precision: float, seed: int,
                  *, candidates: int = 500, category_strength: float = 5.0,
                  rekey_tolerance: float = 0.1, evidence_every: int = 100, population_strength: float = 10.0,
-                 taste_strength: float = 0.0) -> None:
+                 taste_strength: float = 0.0, taste_window: float = 0.0) -> None:
         n, d = vectors.shape
         self.vectors = vectors
         self.catalog = ServingCatalog.build(d, [str(i) for i in range(n)], vectors, bids, np.ones(n, bool), categories)
@@ -110,9 +111,10 @@ class PrivAdsPolicy(Policy):
         self.requests = 0
         # each user's tastes (the workers keep them per category hash in the user state; here per exact category,
         # the same counts): clicks and the clicks the population-level factor expected, per (user, category)
-        self.taste_strength = taste_strength
+        self.taste_strength, self.taste_window = taste_strength, taste_window
         self.taste_clicks = np.zeros((users, len(self.catalog.groups)))
         self.taste_expected = np.zeros((users, len(self.catalog.groups)))
+        self.taste_shown = np.zeros((users, len(self.catalog.groups)))
 
     def _rank(self, slate: Slate, k: int) -> Ranked:
         """Retrieve from the catalog (the slate's rows are its rows), then the Thompson policy over them."""
@@ -159,6 +161,11 @@ class PrivAdsPolicy(Policy):
         own = np.ones(ads.size) if ranked.user_factor is None else ranked.user_factor
         np.add.at(self.taste_expected[user], groups, ranked.pctr * ranked.factor / own)
         np.add.at(self.taste_clicks[user], groups, clicked.astype(np.float64))
+        np.add.at(self.taste_shown[user], groups, 1.0)
+        # and past the window, scaled back as they are (``keys.window_tastes``; once per request here)
+        scale = keys.window_scale(self.taste_shown[user], self.taste_window)
+        for counts in (self.taste_clicks, self.taste_expected, self.taste_shown):
+            counts[user] *= scale
         # the stream's fast negatives: every shown ad's label-free half, then each click's half
         kinds = np.r_[np.full(ads.size, IMPRESSION), np.full(int(clicked.sum()), CLICK)]
         events = np.r_[ads, ads[clicked]]

@@ -118,7 +118,7 @@ def make_policies(names: tuple[str, ...], world: World, settings: Settings, seed
                                      settings.prior_precision, seed,
                                      candidates=settings.candidates, category_strength=settings.category_strength,
                                      rekey_tolerance=settings.rekey_tolerance,
-                                     taste_strength=settings.tastes))
+                                     taste_strength=settings.tastes, taste_window=settings.taste_window))
         elif name == "random":
             out.append(RandomPolicy(np.random.default_rng(seed)))
         elif name == "popularity":

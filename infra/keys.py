@@ -323,8 +323,41 @@ def unpack_user(blob: bytes) -> tuple[np.ndarray, np.ndarray, int]:
 MAX_TASTES = 64  # categories kept per user: past it, the ones with the least expected clicks make room
 
 
+def window_tastes(tastes: np.ndarray, window: float) -> np.ndarray:
+    """``tastes`` with each entry past ``window`` impressions scaled back to ``window`` (in place; returned).
+
+    A category's clicks, expected clicks and impressions are multiplied by
+    ``window / shown`` once it has been shown more than ``window`` times: their
+    ratio (the user's factor on it) is kept, their weight is capped, so a taste
+    that changes is followed within about ``window`` of its impressions. The cap
+    on a Beta's α + β of Dynamic Thompson Sampling (Gupta, Granmo & Agrawala,
+    2011), applied to the Gamma's counts. ``window`` 0: never.
+
+    Parameters
+    ----------
+    tastes : ndarray of ``TASTE_DTYPE``, shape (n,)
+    window : float
+    """
+    scale = window_scale(tastes["shown"], window)
+    if (scale < 1).any():
+        for name in ("clicks", "expected", "shown"):
+            tastes[name] *= scale
+    return tastes
+
+
+def window_scale(shown: np.ndarray, window: float) -> np.ndarray:
+    """What each taste's counts are multiplied by (``window_tastes``): ``min(1, window / shown)``, 1 if ``window``
+    is 0. ``shown``: any shape; the result has its shape and float type (float32 from the tastes' float32)."""
+    shown = np.asarray(shown)
+    shown = shown.astype(np.result_type(shown.dtype, np.float32), copy=False)
+    if window <= 0:
+        return np.ones_like(shown)
+    w = shown.dtype.type(window)
+    return w / np.maximum(shown, w)
+
+
 def merge_tastes(tastes: np.ndarray, hashes: np.ndarray, clicks: np.ndarray, expected: np.ndarray,
-                 shown: np.ndarray, cap: int = MAX_TASTES) -> np.ndarray:
+                 shown: np.ndarray, cap: int = MAX_TASTES, window: float = 0.0) -> np.ndarray:
     """``tastes`` with each event's counts added to its category's entry (new entries for new categories).
 
     Parameters
@@ -337,17 +370,20 @@ def merge_tastes(tastes: np.ndarray, hashes: np.ndarray, clicks: np.ndarray, exp
         What each event adds.
     cap : int
         Entries kept; the ones with the least ``expected`` (the least evidence) go first.
+    window : float
+        Impressions a category's entry weighs at most, after the events are added (``window_tastes``).
 
     Returns
     -------
     ndarray of ``TASTE_DTYPE``, sorted by hash
     """
     return merge_tastes_many([tastes], np.zeros(np.shape(hashes)[0], np.int64), hashes, clicks, expected, shown,
-                             cap)[0]
+                             cap, window)[0]
 
 
 def merge_tastes_many(tastes: list[np.ndarray], user_index: np.ndarray, hashes: np.ndarray, clicks: np.ndarray,
-                      expected: np.ndarray, shown: np.ndarray, cap: int = MAX_TASTES) -> list[np.ndarray]:
+                      expected: np.ndarray, shown: np.ndarray, cap: int = MAX_TASTES,
+                      window: float = 0.0) -> list[np.ndarray]:
     """``merge_tastes`` for many users at once (one sort for a whole batch, not one per user).
 
     Parameters
@@ -359,6 +395,7 @@ def merge_tastes_many(tastes: list[np.ndarray], user_index: np.ndarray, hashes: 
     hashes, clicks, expected, shown : ndarray, shape (m,)
         As in ``merge_tastes``.
     cap : int
+    window : float
 
     Returns
     -------
@@ -383,6 +420,7 @@ def merge_tastes_many(tastes: list[np.ndarray], user_index: np.ndarray, hashes: 
     for name, add in (("clicks", clicks), ("expected", expected), ("shown", shown)):
         both = np.concatenate([old_all[name].astype(np.float64), np.asarray(add, np.float64)[keep]])
         merged[name] = np.bincount(inv, weights=both, minlength=uniq.size)
+    window_tastes(merged, window)
     owner_of = (uniq >> np.uint64(32)).astype(np.int64)
     bounds = np.searchsorted(owner_of, touched, side="right")
     out = list(tastes)

@@ -620,7 +620,8 @@ class EventAgent:
             shown = (kinds == IMPRESSION).astype(np.float64)
             hashes = np.where([e[6] for e in keep], self.ad_vectors.category_hashes([e[1] for e in keep]), 0)
             tastes = keys.merge_tastes_many(tastes, idx, hashes, 1.0 - shown,  # hash 0: not counted
-                                            np.array([e[5] for e in keep], np.float64), shown)
+                                            np.array([e[5] for e in keep], np.float64), shown,
+                                            window=self.s.taste_window)
         # counted per partition: on a cluster each partition commits (and counts) on its own
         event_home = home[idx]
         for h in np.unique(event_home).tolist():

@@ -106,10 +106,22 @@ def test_privads_counts_each_users_tastes_as_the_workers_do(world) -> None:
     np.testing.assert_allclose(p.taste_expected[0], want_e)
     assert p.taste_clicks[0, groups[0]] == 1 and p.taste_clicks[0].sum() == 1
     assert p.taste_clicks[1:].sum() == 0 and p.taste_expected[1:].sum() == 0  # another user's are untouched
+    np.testing.assert_array_equal(p.taste_shown[0], np.bincount(groups, minlength=len(p.catalog.groups)))
     again = p.rank(_slate(world, 0), len(world.texts))  # every ad: each category's ψ is the user's now
     g = p.catalog.group_ids[_slate(world, 0).rows[again.index]]
     b = p.taste_strength
     np.testing.assert_allclose(again.user_factor, (b + p.taste_clicks[0, g]) / (b + p.taste_expected[0, g]))
+    # past the window, the counts are scaled back as the workers' are (``keys.window_tastes``)
+    assert p.taste_window == _settings().taste_window > 0
+    p.taste_window = 1.0
+    before = {name: getattr(p, name)[0].copy() for name in ("taste_clicks", "taste_expected", "taste_shown")}
+    slate = _slate(world, 0)
+    nxt = p.rank(slate, 5)
+    p.learn(slate, nxt, np.zeros(5, bool))
+    assert p.taste_shown[0].max() == 1.0
+    more = np.bincount(p.catalog.group_ids[slate.rows[nxt.index]], minlength=len(p.catalog.groups))
+    scale = 1.0 / np.maximum(before["taste_shown"] + more, 1.0)
+    np.testing.assert_allclose(p.taste_clicks[0], before["taste_clicks"] * scale)
 
 
 def test_privads_beats_every_peer_in_a_world_where_the_catalog_outbids_the_audience(world) -> None:

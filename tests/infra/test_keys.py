@@ -212,6 +212,44 @@ def test_merge_tastes_keeps_the_categories_with_the_most_evidence_sorted_by_hash
     assert out["hash"].tolist() == [30, 40]
 
 
+def test_the_window_scales_a_categorys_counts_back_to_it_and_keeps_their_ratio():
+    tastes = _tastes([(3, 6.0, 3.0, 400.0), (8, 1.0, 2.0, 200.0), (9, 0.0, 1.0, 10.0)])
+    out = keys.merge_tastes(tastes, np.array([8, 9], np.uint32), np.array([0.0, 1.0]), np.array([0.5, 0.5]),
+                            np.ones(2), window=200.0)
+    # 3: over the window, halved; 8: one impression over, scaled by 200/201; 9: under, as merged
+    assert out.tolist()[0] == (3, 3.0, 1.5, 200.0)
+    np.testing.assert_allclose([tuple(out[1])[1:]], [(200 / 201, 2.5 * 200 / 201, 200.0)], rtol=1e-6)
+    assert out.tolist()[2] == (9, 1.0, 1.5, 11.0)
+    # the user's factor on each category, (b + clicks) / (b + expected), moves toward the population's only
+    # through the prior's weight; without a window nothing is scaled
+    assert keys.merge_tastes(tastes, np.array([8], np.uint32), np.zeros(1), np.zeros(1), np.ones(1)).tolist()[0] \
+        == (3, 6.0, 3.0, 400.0)
+    np.testing.assert_array_equal(keys.window_scale(np.array([[0.0, 50.0], [100.0, 400.0]]), 100.0),
+                                  [[1.0, 1.0], [1.0, 0.25]])
+    assert keys.window_scale(np.array([1e9]), 0.0).tolist() == [1.0]
+
+
+def test_a_changed_taste_is_followed_within_the_window():
+    """Clicked at 3× the expected rate for 2,000 impressions, then never: ψ falls below 1 within ~1.5 windows
+    of the new taste; without the window, not in 3,000."""
+    b = 2.0
+
+    def after_the_change(window: float) -> list[float]:
+        tastes, psi = keys.no_tastes(), []
+        for clicks in [0.3] * 20 + [0.0] * 30:  # batches of 100 impressions, 0.1 expected clicks each
+            tastes = keys.merge_tastes(tastes, np.full(100, 5, np.uint32), np.full(100, clicks), np.full(100, 0.1),
+                                       np.ones(100), window=window)
+            if clicks == 0.0:
+                psi.append(float((b + tastes["clicks"][0]) / (b + tastes["expected"][0])))
+        return psi
+
+    windowed, unbounded = after_the_change(200.0), after_the_change(0.0)
+    # (b + 60·(2/3)^k) / (b + 20) per batch k: 1.91, 1.30, 0.90
+    assert [psi < 1 for psi in windowed[:3]] == [False, False, True]
+    np.testing.assert_allclose(windowed[2], (b + 60 * (2 / 3) ** 3) / (b + 20), rtol=1e-5)
+    assert min(unbounded) > 1  # 600 clicks against 200 + 10 per batch expected
+
+
 def test_taste_counts_reads_each_candidates_category_and_zero_where_unseen():
     tastes = _tastes([(3, 1.0, 0.5, 2.0), (8, 2.0, 4.0, 9.0)])
     clicks, expected = keys.taste_counts(tastes, np.array([8, 0, 5, 3, 9], np.uint32))
