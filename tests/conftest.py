@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,8 +139,46 @@ def _worker_ready(r: redis.Redis, since: float) -> bool:
     return any(b["ts"] >= since and b["partitions"] > 0 for b in beats)
 
 
+_ENCODER_EXPORT: list[Path] = []  # the session's directory for the encoder's export (``seed_encoder``)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _encoder_export(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _ENCODER_EXPORT[:] = [tmp_path_factory.mktemp("encoder-export")]
+
+
+def seed_encoder(settings: Settings) -> None:
+    """Put the encoder's int8 ONNX export where ``settings``' worker looks for it, as on a host that has run before.
+
+    The export is made once per session (in a subprocess: the model stays out of
+    this process) and linked into each test's data directory. A fresh export takes
+    ~11 s on 2 cores, and most integration modules and every fault test start a
+    worker in a data directory of their own. Making it is tested where it is the point:
+    ``tests/ranker/test_encoder.py``, and ``tests/cli/test_up.py`` (a first
+    ``privads up``).
+    """
+    if settings.encoder_backend != "onnx-int8" or not _ENCODER_EXPORT:
+        return
+    from privads.ranker.encoder import ONNX_FILE
+
+    made, dest = _ENCODER_EXPORT[0] / ONNX_FILE, settings.models_dir / "encoder" / ONNX_FILE
+    if not made.is_file():
+        make = ("import sys; from pathlib import Path; from privads.ranker.encoder import AdEncoder; "
+                "AdEncoder('onnx-int8', Path(sys.argv[1])).warm()")
+        subprocess.run([sys.executable, "-c", make, str(made.parent)], check=True, timeout=300, capture_output=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(made, dest)  # the encoder replaces its file, never writes into it: a link is a copy here
+    except OSError:
+        shutil.copyfile(made, dest)
+
+
 def start_worker(settings: Settings, r: redis.Redis, name: str = "worker") -> Process:
     """A real stream worker subprocess, returned once it owns partitions."""
+    seed_encoder(settings)
     since = time.time()
     p = python_process(name, ["worker"], settings.local / "logs" / f"{name}.log", settings.child_env(),
                        ready=lambda: _worker_ready(r, since))

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import start_api, start_worker, wait_until
+from conftest import seed_encoder, start_api, start_worker, wait_until
 from helpers import SAMPLE_CATALOG, produce, sample_ads
 from privads.cli.supervisor import READY_LINE, Stack
 from privads.infra import keys, records
@@ -124,6 +124,7 @@ def test_up_prints_the_ready_line_only_when_ready(tmp_path: Path) -> None:
         api = f"http://127.0.0.1:{aport}"
         env = {**os.environ, "PRIVADS_DATA": str(data), "PRIVADS_API": api, "PRIVADS_KAFKA": kafka,
                "PRIVADS_REDIS": redis_url, "PRIVADS_CATALOG": str(catalog), "PRIVADS_CONTROL_SHARE": "0"}
+        seed_encoder(Settings(kafka=kafka, redis=redis_url, data=str(data)))  # a first start is test_up's
         up = subprocess.Popen([sys.executable, "-m", "privads", "up"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
         seen: list[str] = []

@@ -50,6 +50,7 @@ import numpy as np
 import redis
 from kafka import KafkaProducer
 
+from conftest import seed_encoder
 from conftest import wait_until as wait_for  # one polling helper for every test (tests/conftest.py)
 from privads.infra import keys, records
 from privads.infra.kafka import create_topics
@@ -251,6 +252,7 @@ class Fleet:
 
     def worker(self, name: str, timeout: float = 90) -> Process:
         """A stream worker, returned once its heartbeat says it owns partitions."""
+        seed_encoder(self.settings)
         since = time.time()
         r = connect_sync(self.settings.redis_url)
         try:
