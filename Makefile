@@ -9,12 +9,12 @@ install: $(STAMP)
 
 # torch first, pinned: this machine's local CPU wheel; a looser pin pulls GBs of CUDA packages.
 # The checkout is the `privads` package (pyproject.toml: package-dir), installed editable with the bench and
-# test extras. --no-compile: Python compiles what is imported when it first is, not the whole of torch and
-# transformers ahead of time (45 s of a fresh install's 120 on 2 cores).
+# test extras. Not --no-compile: with PYTHONDONTWRITEBYTECODE set (as on this machine) nothing would ever write
+# the .pyc files, and every process the tests start would compile what it imports again.
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --no-compile --disable-pip-version-check torch==2.13.0
-	$(VENV)/bin/python -m pip install --quiet --no-compile --disable-pip-version-check -e '.[bench,test]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[bench,test]'
 	@touch $(STAMP)
 
 run: $(STAMP)
