@@ -129,7 +129,7 @@ class Settings(BaseSettings):
                                      "calibration factor, the prior mean of its ads' factors")
     taste_strength: float = Field(2.0, ge=0, description="prior weight, in clicks, of each user's own factor on "
                                   "a category (their clicks on its ads over the clicks expected of them); 0: off")
-    taste_window: float = Field(200.0, ge=0, description="impressions of a category that a user's taste on it "
+    taste_window: float = Field(0.0, ge=0, description="impressions of a category that a user's taste on it "
                                 "weighs at most: past them its counts are scaled back, so a changed taste is "
                                 "followed (0: never)")
     rekey_tolerance: float = Field(0.1, ge=0, description="an ad's retrieval key follows its calibration factor "

@@ -111,8 +111,10 @@ def test_privads_counts_each_users_tastes_as_the_workers_do(world) -> None:
     g = p.catalog.group_ids[_slate(world, 0).rows[again.index]]
     b = p.taste_strength
     np.testing.assert_allclose(again.user_factor, (b + p.taste_clicks[0, g]) / (b + p.taste_expected[0, g]))
-    # past the window, the counts are scaled back as the workers' are (``keys.window_tastes``)
-    assert p.taste_window == _settings().taste_window > 0
+    # past the window, the counts are scaled back as the workers' are (``keys.window_tastes``); off by default
+    assert p.taste_window == _settings().taste_window == 0
+    (windowed,) = make_policies(("privads",), world, _settings().model_copy(update={"taste_window": 7.0}), seed=0)
+    assert isinstance(windowed, PrivAdsPolicy) and windowed.taste_window == 7.0
     p.taste_window = 1.0
     before = {name: getattr(p, name)[0].copy() for name in ("taste_clicks", "taste_expected", "taste_shown")}
     slate = _slate(world, 0)
