@@ -162,13 +162,13 @@ def seed_encoder(settings: Settings) -> None:
     from privads.ranker.encoder import ONNX_FILE
 
     made, dest = _ENCODER_EXPORT[0] / ONNX_FILE, settings.models_dir / "encoder" / ONNX_FILE
+    if dest.exists():  # a second worker in the same data directory
+        return
     if not made.is_file():
         make = ("import sys; from pathlib import Path; from privads.ranker.encoder import AdEncoder; "
                 "AdEncoder('onnx-int8', Path(sys.argv[1])).warm()")
         subprocess.run([sys.executable, "-c", make, str(made.parent)], check=True, timeout=300, capture_output=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    if dest.exists():
-        return
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(made, dest)  # the encoder replaces its file, never writes into it: a link is a copy here
