@@ -64,7 +64,7 @@ from privads.ranker.artifacts import (
     version_summary,
 )
 from privads.ranker.features import context_ids
-from privads.ranker.index import ServingCatalog
+from privads.ranker.index import CatalogRows, ServingCatalog
 from privads.ranker.policy import (
     EMPTY,
     PopularityPolicy,
@@ -131,26 +131,27 @@ def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
     return cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
 
 
-def learned_slate(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray | None, rows: np.ndarray,
+def learned_slate(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray | None, rows: np.ndarray | CatalogRows,
                   user_id: str, state: tuple[np.ndarray, np.ndarray, int], context: np.ndarray,
                   logits: np.ndarray | None, tastes: np.ndarray | None = None,
                   taste_strength: float = 0.0) -> Slate:
     """What the learned policy sees of a request: retrieved ``rows`` of ``cat`` with the arm's evidence.
 
+    ``rows`` may come already gathered (``ServingCatalog.take``), as ``/recommend`` has them.
     ``tastes`` (the user's, ``keys.unpack_tastes``) with ``taste_strength`` > 0 give
     each candidate the user's own factor on its category (``scoring.user_factors``).
     ``/recommend`` and ``privads replay`` build it alike, so that replay re-ranks
     through the same slates.
     """
+    got = rows if isinstance(rows, CatalogRows) else cat.take(rows)
     mean, precision, count = state
-    clicks, shown, expected = rc.take(rows)
+    clicks, shown, expected = rc.take(got.rows)
     user = None
     if tastes is not None and taste_strength > 0:
-        user = scoring.user_factors(*keys.taste_counts(tastes, cat.group_hashes()[cat.group_ids[rows]]),
-                                    taste_strength)
-    return Slate(rows, user_id, mean, precision, count, cat.vectors[rows], cat.bids[rows], cat.category_ids[rows],
+        user = scoring.user_factors(*keys.taste_counts(tastes, cat.group_hashes()[got.group_ids]), taste_strength)
+    return Slate(got.rows, user_id, mean, precision, count, got.vectors, got.bids, got.category_ids,
                  context, clicks, shown, expected, logits,
-                 None if factors is None else prior_of(factors, cat.group_ids[rows]), user)
+                 None if factors is None else prior_of(factors, got.group_ids), user)
 
 
 def rekey_now(cat: ServingCatalog, rc: RowCounts, settings: Settings) -> np.ndarray:
@@ -643,13 +644,14 @@ class Recommender:
         rows = cands.rows if cands is not None else self._retrieve(cat, mean)
         if rows.size == 0:
             return cat, rows, EMPTY
+        got = cat.take(rows)  # once: each gather from the catalog's arrays misses the cache per candidate
         if cands is None:
             logits = None if version.ranker is None else candidate_logits(
-                version.ranker, mean, count, cat.vectors[rows], cat.bids[rows], cat.category_ids[rows], ctx)
+                version.ranker, mean, count, got.vectors, got.bids, got.category_ids, ctx)
             cands = self._remember(key, Candidates(rows, logits))
         else:
             self._candidates_lru.move_to_end(key)
-        slate = learned_slate(cat, self.row_counts(cat, arm), self._factors.get((id(cat), arm)), rows, user_id,
+        slate = learned_slate(cat, self.row_counts(cat, arm), self._factors.get((id(cat), arm)), got, user_id,
                               (mean, precision, count), ctx, cands.logits, tastes, self.settings.tastes)
         return cat, rows, ThompsonPolicy(self.params, version.ranker, self.rng).rank(slate, k)
 
