@@ -210,8 +210,8 @@ def rerank(version: ModelVersion, rows: Rows, log: Log, states: dict[str, tuple 
         mean, precision, count = state if state else (prior_mean, prior_precision, 0)
         cand = retrieve(cat, mean, settings.candidates)
         arm = experiment.TREATMENT if rows.policy[i] != experiment.CONTROL else experiment.CONTROL
-        slate = learned_slate(cat, row_counts[arm], factors[arm], cand, rows.user_id[i], (mean, precision, count),
-                              context_ids(rows.context[i]), None)
+        slate = learned_slate(cat, row_counts[arm], factors[arm], cat.take(cand), rows.user_id[i],
+                              (mean, precision, count), context_ids(rows.context[i]), None)
         return slate, np.array([action_of.get(a, -1) for a in cat.ids_of(cand)], dtype=np.int64)
 
     with bar:

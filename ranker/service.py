@@ -131,19 +131,19 @@ def retrieve(cat: ServingCatalog, mean: np.ndarray, n: int) -> np.ndarray:
     return cat.active_rows() if len(cat) <= n else cat.retrieve(mean, n)
 
 
-def learned_slate(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray | None, rows: np.ndarray | CatalogRows,
+def learned_slate(cat: ServingCatalog, rc: RowCounts, factors: np.ndarray | None, got: CatalogRows,
                   user_id: str, state: tuple[np.ndarray, np.ndarray, int], context: np.ndarray,
                   logits: np.ndarray | None, tastes: np.ndarray | None = None,
                   taste_strength: float = 0.0) -> Slate:
-    """What the learned policy sees of a request: retrieved ``rows`` of ``cat`` with the arm's evidence.
+    """What the learned policy sees of a request: retrieved rows of ``cat`` with the arm's evidence.
 
-    ``rows`` may come already gathered (``ServingCatalog.take``), as ``/recommend`` has them.
+    ``got`` holds the rows as ``cat.take`` gathered them (``/recommend`` gathers once per request).
+
     ``tastes`` (the user's, ``keys.unpack_tastes``) with ``taste_strength`` > 0 give
     each candidate the user's own factor on its category (``scoring.user_factors``).
     ``/recommend`` and ``privads replay`` build it alike, so that replay re-ranks
     through the same slates.
     """
-    got = rows if isinstance(rows, CatalogRows) else cat.take(rows)
     mean, precision, count = state
     clicks, shown, expected = rc.take(got.rows)
     user = None

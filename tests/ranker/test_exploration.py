@@ -105,7 +105,7 @@ def test_the_logged_propensity_is_the_whole_pipelines_probability_retrieval_incl
     for run in range(runs):
         policy = ThompsonPolicy(params, None, np.random.default_rng([7, run]))
         rows = retrieve(cat, mean, 12)
-        slate = learned_slate(cat, rc, factors, rows, "u", (mean, precision, 2), np.zeros(0, np.int64), None,
+        slate = learned_slate(cat, rc, factors, cat.take(rows), "u", (mean, precision, 2), np.zeros(0, np.int64), None,
                               tastes, 2.0)
         r = policy.rank(slate, k)
         ads = rows[r.index]
@@ -134,15 +134,16 @@ def test_a_category_shown_to_a_user_and_never_clicked_sinks_for_that_user_alone(
     # shown the pricey ads 800 times, 40 clicks expected of them, none clicked
     tastes = keys.merge_tastes(keys.no_tastes(), np.array([pricey], np.uint32), np.zeros(1), np.array([40.0]),
                                np.array([800.0]))
-    mine = learned_slate(cat, rc, None, rows, "u", state, ctx, None, tastes, 2.0)
+    got = cat.take(rows)
+    mine = learned_slate(cat, rc, None, got, "u", state, ctx, None, tastes, 2.0)
     assert mine.user_factor is not None
     np.testing.assert_allclose(mine.user_factor, np.r_[np.full(10, 2 / 42), np.ones(6)])
-    assert learned_slate(cat, rc, None, rows, "v", state, ctx, None, keys.no_tastes(), 2.0).user_factor.tolist() \
+    assert learned_slate(cat, rc, None, got, "v", state, ctx, None, keys.no_tastes(), 2.0).user_factor.tolist() \
         == [1.0] * 16  # another user: the population's
-    assert learned_slate(cat, rc, None, rows, "u", state, ctx, None, tastes, 0.0).user_factor is None  # off
+    assert learned_slate(cat, rc, None, got, "u", state, ctx, None, tastes, 0.0).user_factor is None  # off
     params = ThompsonParams(draws=16, shortlist=16)
     top = ThompsonPolicy(params, None, np.random.default_rng(0)).rank(
-        learned_slate(cat, rc, None, rows, "v", state, ctx, None, keys.no_tastes(), 2.0), 3)
+        learned_slate(cat, rc, None, got, "v", state, ctx, None, keys.no_tastes(), 2.0), 3)
     assert set(top.index.tolist()) <= set(range(10))  # by bid, the pricey ads for everyone else
     top = ThompsonPolicy(params, None, np.random.default_rng(0)).rank(mine, 3)
     assert set(top.index.tolist()) <= set(range(10, 16))  # for this user the cheaper category wins
